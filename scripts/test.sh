@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# The whole test suite: environment setup, lint (ruff), then pytest (unit + integration tests,
+# which start real redis-server, bank shard and model server processes).
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+bash scripts/setup_env.sh
+VENV="${HIERMEM_VENV:-$ROOT/.venv}"
+export PATH="$VENV/bin:$PATH"
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+echo "[test] ruff"
+ruff check .
+echo "[test] pytest"
+exec python -m pytest "$@"

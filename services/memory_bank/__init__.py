@@ -1,0 +1,1 @@
+"""hiermem: services memory_bank."""

@@ -1,0 +1,1 @@
+"""hiermem: services model_server."""
