@@ -1,0 +1,432 @@
+"""`hiermem up`: the whole stack on one machine as supervised child processes.
+
+Starts redis-server when one is installed (static discovery otherwise), every shard of a bank directory
+(with R replicas each) and the model server; waits until each is healthy; prints the URL and a curl
+example; restarts a crashed child with exponential back-off (a shard comes back on its old port, so static
+addresses stay valid); and on Ctrl-C / SIGTERM stops the model server, then the shards, then redis, each
+by its process group, so no child outlives the launcher.
+
+Also registers two small commands the deployment files use: `hiermem probe` (gRPC health / HTTP readiness
+probe for compose healthchecks) and `hiermem ensure-bank` (one-shot: build a bank when it is absent).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import re
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from hiermem.paths import home
+
+log = logging.getLogger("hiermem.up")
+
+_LISTENING = re.compile(r"LISTENING (\S+):(\d+)")
+
+
+class UpSettings(BaseSettings):
+    """Settings of `hiermem up`; every field is also a flag (`--replicas 2` = `HIERMEM_UP_REPLICAS=2`)."""
+
+    model_config = SettingsConfigDict(env_prefix="HIERMEM_UP_", extra="ignore", use_attribute_docstrings=True)
+
+    bank: Path = Field(default_factory=lambda: home() / "banks" / "demo")
+    """Bank directory (manifest.json, tree.safetensors, shards/)."""
+    shards: int | None = Field(None, ge=1)
+    """Number of shards to serve; must equal the bank's shard count (default: the bank's)."""
+    replicas: int = Field(1, ge=1, le=16)
+    """Replicas started per shard."""
+    anchor: str = "smollm2"
+    """Anchor for the model server: smollm2, tiny, or a directory."""
+    host: str = "127.0.0.1"
+    """Interface every child binds."""
+    port: int = Field(8000, ge=0, le=65535)
+    """Model server HTTP port (0 = a free port)."""
+    redis: Literal["auto", "on", "off"] = "auto"
+    """Start redis-server for discovery: auto = when installed, on = required, off = static addresses."""
+    redis_url: str | None = None
+    """Use this running Redis instead of starting one."""
+    startup_timeout_s: float = Field(600.0, gt=0)
+    """How long each stage may take to become healthy (the first SmolLM2 conversion takes a while)."""
+    backoff_initial_s: float = Field(0.5, gt=0)
+    """Delay before the first restart of a crashed child; doubles on each crash in a row."""
+    backoff_max_s: float = Field(30.0, gt=0)
+    """Longest delay between restarts."""
+    stop_timeout_s: float = Field(20.0, gt=0)
+    """Grace period after SIGTERM before children are killed."""
+    model_args: str = ""
+    """Extra arguments for `hiermem serve-model` (shell syntax), e.g. "--api-keys-file keys.json"."""
+    bank_args: str = ""
+    """Extra arguments for every `hiermem serve-bank`."""
+
+    @model_validator(mode="after")
+    def _check(self) -> UpSettings:
+        if self.backoff_max_s < self.backoff_initial_s:
+            raise ValueError("backoff_max_s must be >= backoff_initial_s")
+        if self.redis == "off" and self.redis_url:
+            raise ValueError("redis_url given but redis='off'")
+        return self
+
+
+# ---------------------------------------------------------------- probes
+
+
+def probe_grpc(address: str, timeout: float = 2.0) -> bool:
+    """True when the gRPC server at host:port answers grpc.health.v1 Check("") with SERVING."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(address) as channel:
+        try:
+            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""),
+                                                              timeout=timeout)
+        except grpc.RpcError:
+            return False
+    return reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def probe_http(url: str, timeout: float = 2.0) -> bool:
+    """True when GET url answers 200."""
+    import httpx
+
+    try:
+        return httpx.get(url, timeout=timeout).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def probe_redis(url: str, timeout: float = 2.0) -> bool:
+    """True when Redis at url answers PING."""
+    import redis
+
+    try:
+        return bool(redis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout).ping())
+    except redis.RedisError:
+        return False
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port that was free a moment ago (for redis-server, which cannot report a port it chose)."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+# ---------------------------------------------------------------- supervisor
+
+
+@dataclass
+class ChildSpec:
+    """How to start one child and how to tell it is healthy."""
+
+    name: str
+    argv: Callable[[int], list[str]]
+    """Command line for a port (0 the first time for children that report `LISTENING host:port`)."""
+    probe: Callable[[str], bool]
+    """Health probe, called with the child's host:port."""
+    port: int = 0
+    """Fixed port; 0 = read it from the child's LISTENING line (and keep it across restarts)."""
+
+
+@dataclass
+class Child:
+    spec: ChildSpec
+    proc: subprocess.Popen | None = None
+    address: str | None = None
+    healthy: bool = False
+    started_at: float = 0.0
+    restarts: int = 0
+    backoff: float = 0.0
+    restart_at: float | None = None
+    listening: threading.Event = field(default_factory=threading.Event)
+
+
+def _die_with_parent() -> None:  # runs in the child between fork and exec
+    os.setsid()  # own process group: the launcher signals it as a whole, Ctrl-C on the tty does not
+    try:  # Linux: SIGTERM the child if the launcher dies without cleaning up (e.g. SIGKILL)
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+class Supervisor:
+    """Starts children, restarts crashed ones with back-off, stops them all by process group.
+
+    Children are spawned only from the thread that owns the supervisor (PR_SET_PDEATHSIG follows the
+    spawning thread); one reader thread per child forwards its output with a `[name]` prefix and
+    catches its `LISTENING host:port` line.
+    """
+
+    def __init__(self, *, backoff_initial_s: float = 0.5, backoff_max_s: float = 30.0,
+                 stop_timeout_s: float = 20.0, stop: threading.Event | None = None, out=None):
+        self.children: dict[str, Child] = {}
+        self.backoff_initial_s, self.backoff_max_s = backoff_initial_s, backoff_max_s
+        self.stop_timeout_s = stop_timeout_s
+        self.stop_event = stop or threading.Event()
+        self._out = out or sys.stderr
+        self._out_lock = threading.Lock()
+
+    def start(self, spec: ChildSpec) -> Child:
+        child = self.children.setdefault(spec.name, Child(spec, backoff=self.backoff_initial_s))
+        port = spec.port or (int(child.address.rsplit(":", 1)[1]) if child.address else 0)
+        argv = spec.argv(port)
+        child.listening.clear()
+        child.healthy = False
+        if spec.port:
+            child.address = f"{_host_of(argv)}:{spec.port}"
+            child.listening.set()
+        child.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
+        child.started_at = time.monotonic()
+        child.restart_at = None
+        log.info("started %s (pid %d): %s", spec.name, child.proc.pid, shlex.join(argv))
+        threading.Thread(target=self._pump, args=(child, child.proc), daemon=True,
+                         name=f"out-{spec.name}").start()
+        return child
+
+    def _pump(self, child: Child, proc: subprocess.Popen) -> None:
+        assert proc.stdout is not None
+        for raw in proc.stdout:
+            line = raw.decode(errors="replace").rstrip()
+            if not child.listening.is_set() and (m := _LISTENING.search(line)):
+                child.address = f"{m.group(1)}:{m.group(2)}"
+                child.listening.set()
+            with self._out_lock:
+                print(f"[{child.spec.name}] {line}", file=self._out, flush=True)
+
+    def wait_healthy(self, names: list[str], timeout: float) -> None:
+        """Block until every named child listens and passes its probe; raise if one exits or time runs out."""
+        deadline = time.monotonic() + timeout
+        pending = list(names)
+        while pending:
+            if self.stop_event.is_set():
+                raise InterruptedError("stopping")
+            for name in list(pending):
+                child = self.children[name]
+                if child.proc is not None and child.proc.poll() is not None:
+                    raise RuntimeError(f"{name} exited with code {child.proc.returncode} while starting")
+                if child.listening.is_set() and child.address and child.spec.probe(child.address):
+                    child.healthy = True
+                    pending.remove(name)
+                    log.info("%s healthy at %s", name, child.address)
+            if pending and time.monotonic() > deadline:
+                raise TimeoutError(f"not healthy after {timeout:.0f} s: {', '.join(pending)}")
+            if pending:
+                self.stop_event.wait(0.2)
+
+    def tick(self) -> None:
+        """One round of supervision: notice crashes, restart when their back-off has passed, re-probe."""
+        now = time.monotonic()
+        for child in self.children.values():
+            proc = child.proc
+            if proc is not None and child.restart_at is None and proc.poll() is not None:
+                ran = now - child.started_at
+                _signal_group(proc, signal.SIGKILL)  # whatever the crashed child left in its group
+                if ran > 60.0:  # it had been running fine: this crash starts a new series
+                    child.backoff = self.backoff_initial_s
+                child.restart_at = now + child.backoff
+                log.warning("%s (pid %d) exited with code %s after %.1f s; restarting in %.1f s",
+                            child.spec.name, proc.pid, proc.returncode, ran, child.backoff)
+                child.backoff = min(child.backoff * 2, self.backoff_max_s)
+                child.healthy = False
+            elif child.restart_at is not None and now >= child.restart_at:
+                child.restarts += 1
+                self.start(child.spec)
+            elif not child.healthy and child.listening.is_set() and child.address:
+                if child.spec.probe(child.address):
+                    child.healthy = True
+                    log.info("%s healthy again at %s (restart %d)", child.spec.name, child.address,
+                             child.restarts)
+
+    def run(self, interval: float = 0.25) -> None:
+        """Supervise until the stop event is set."""
+        while not self.stop_event.is_set():
+            self.tick()
+            self.stop_event.wait(interval)
+
+    def stop_all(self, order: list[str] | None = None) -> None:
+        """SIGTERM each child's process group in `order` (then the rest), SIGKILL what outlives the grace."""
+        names = (order or []) + [n for n in reversed(self.children) if n not in (order or [])]
+        for name in names:
+            child = self.children[name]
+            child.restart_at = None
+            proc = child.proc
+            if proc is None:
+                continue
+            if proc.poll() is None:
+                _signal_group(proc, signal.SIGTERM)
+                try:
+                    proc.wait(timeout=self.stop_timeout_s)
+                except subprocess.TimeoutExpired:
+                    log.warning("%s did not stop within %.0f s; killing it", name, self.stop_timeout_s)
+            _signal_group(proc, signal.SIGKILL)  # also reaps grandchildren left in the group
+            proc.wait()
+            log.info("stopped %s (pid %d, code %s)", name, proc.pid, proc.returncode)
+
+
+def _signal_group(proc: subprocess.Popen, sig: signal.Signals) -> None:
+    try:
+        os.killpg(proc.pid, sig)  # the child called setsid(), so its pgid is its pid
+    except ProcessLookupError:
+        pass
+
+
+def _host_of(argv: list[str]) -> str:
+    return argv[argv.index("--host") + 1] if "--host" in argv else "127.0.0.1"
+
+
+# ---------------------------------------------------------------- the stack
+
+
+def _hiermem(*args: str) -> list[str]:
+    return [sys.executable, "-m", "hiermem.cli", *args]
+
+
+def bank_shard_ids(bank_dir: Path) -> list[str]:
+    """Shard ids of a bank directory, through memory_store.Bank (reads manifest.json only)."""
+    from memory_store import Bank
+
+    return [str(s) for s in Bank.open(bank_dir).shard_ids]
+
+
+def plan_stack(s: UpSettings, redis_url: str | None) -> tuple[list[ChildSpec], Callable[[dict], ChildSpec]]:
+    """The shard replica specs, and a factory for the model server spec given {shard: [addresses]}."""
+    shard_ids = bank_shard_ids(s.bank)
+    if s.shards is not None and s.shards != len(shard_ids):
+        raise SystemExit(f"{s.bank} has {len(shard_ids)} shards, --shards asks for {s.shards}: reshard the "
+                         f"bank first (see docs/operating.md)")
+    redis_args = ["--redis-url", redis_url] if redis_url else []
+    shards = []
+    for sid in shard_ids:
+        for r in range(s.replicas):
+            def argv(port: int, sid=sid, r=r) -> list[str]:
+                return _hiermem("serve-bank", "--bank", str(s.bank), "--shard", sid, "--replica-id", f"r{r}",
+                                "--host", s.host, "--port", str(port), *redis_args, *shlex.split(s.bank_args))
+            shards.append(ChildSpec(f"shard-{sid}/r{r}", argv, probe_grpc))
+
+    def model(addresses: dict[str, list[str]]) -> ChildSpec:
+        static = ",".join(f"{sid}={a}" for sid, addrs in addresses.items() for a in addrs)
+
+        def argv(port: int) -> list[str]:
+            return _hiermem("serve-model", "--anchor", s.anchor, "--bank", str(s.bank), "--host", s.host,
+                            "--port", str(port), "--static-addresses", static, *redis_args,
+                            *shlex.split(s.model_args))
+
+        return ChildSpec("model", argv, lambda addr: probe_http(f"http://{addr}/ready"), port=s.port)
+
+    return shards, model
+
+
+def curl_example(url: str) -> str:
+    body = '{"prompt": "The capital of France is", "max_tokens": 16}'
+    return f"curl -s {url}/v1/completions -H 'Content-Type: application/json' -d '{body}'"
+
+
+def up(s: UpSettings, *, stop: threading.Event | None = None, out=None) -> int:
+    """Run the stack until `stop` is set (or SIGINT/SIGTERM when run from the CLI); returns an exit code."""
+    out = out or sys.stdout
+    sup = Supervisor(backoff_initial_s=s.backoff_initial_s, backoff_max_s=s.backoff_max_s,
+                     stop_timeout_s=s.stop_timeout_s, stop=stop)
+    redis_url = s.redis_url
+    try:
+        if redis_url is None and s.redis != "off":
+            if shutil.which("redis-server"):
+                rport = free_port(s.host)
+                redis_url = f"redis://{s.host}:{rport}/0"
+                sup.start(ChildSpec("redis", lambda port: [
+                    "redis-server", "--bind", s.host, "--port", str(port), "--save", "", "--appendonly", "no"],
+                    lambda addr: probe_redis(f"redis://{addr}/0"), port=rport))
+                sup.wait_healthy(["redis"], s.startup_timeout_s)
+            elif s.redis == "on":
+                raise SystemExit("redis='on' but redis-server is not installed")
+            else:
+                log.info("redis-server not installed: the model server uses static shard addresses")
+        shard_specs, model_spec = plan_stack(s, redis_url)
+        for spec in shard_specs:
+            sup.start(spec)
+        sup.wait_healthy([spec.name for spec in shard_specs], s.startup_timeout_s)
+        addresses: dict[str, list[str]] = {}
+        for spec in shard_specs:
+            addresses.setdefault(spec.name.split("/")[0].removeprefix("shard-"), []).append(
+                sup.children[spec.name].address)
+        model = sup.start(model_spec(addresses))
+        sup.wait_healthy(["model"], s.startup_timeout_s)
+        url = f"http://{model.address}"
+        print(f"hiermem is up: {url}  ({len(addresses)} shard(s) x {s.replicas} replica(s), "
+              f"discovery: {'redis ' + redis_url if redis_url else 'static'})", file=out, flush=True)
+        print(f"try:  {curl_example(url)}", file=out, flush=True)
+        print("stop with Ctrl-C", file=out, flush=True)
+        sup.run()
+        return 0
+    except InterruptedError:
+        return 0
+    except (RuntimeError, TimeoutError) as exc:
+        log.error("hiermem up failed: %s", exc)
+        return 1
+    finally:
+        sup.stop_all(order=["model", *[n for n in sup.children if n.startswith("shard-")], "redis"])
+
+
+# ---------------------------------------------------------------- CLI
+
+
+def _add_settings_flags(parser: argparse.ArgumentParser, settings_cls: type[BaseSettings]) -> None:
+    for name, info in settings_cls.model_fields.items():
+        parser.add_argument(f"--{name.replace('_', '-')}", dest=name, default=None,
+                            help=(info.description or "") + f" [env {settings_cls.model_config['env_prefix']}"
+                                                             f"{name.upper()}]")
+
+
+def _cmd_up(args: argparse.Namespace) -> int:
+    overrides = {k: v for k, v in vars(args).items() if k in UpSettings.model_fields and v is not None}
+    settings = UpSettings(**overrides)
+    stop = threading.Event()
+
+    def on_signal(signum, _frame):
+        log.info("received %s: stopping", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    return up(settings, stop=stop)
+
+
+def _cmd_probe(args: argparse.Namespace) -> int:
+    if args.grpc:
+        ok = probe_grpc(args.grpc, args.timeout)
+    elif args.http:
+        ok = probe_http(args.http, args.timeout)
+    else:
+        ok = probe_redis(args.redis, args.timeout)
+    return 0 if ok else 1
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("up", help="run redis, the bank shards and the model server, supervised",
+                              description=__doc__.splitlines()[0])
+    _add_settings_flags(p, UpSettings)
+    p.set_defaults(func=_cmd_up)
+
+    p = subparsers.add_parser("probe", help="health probe: exit 0 when the target is serving")
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--grpc", metavar="HOST:PORT", help="grpc.health.v1 Check must answer SERVING")
+    g.add_argument("--http", metavar="URL", help="GET must answer 200 (e.g. http://127.0.0.1:8000/ready)")
+    g.add_argument("--redis", metavar="URL", help="PING must answer")
+    p.add_argument("--timeout", type=float, default=3.0)
+    p.set_defaults(func=_cmd_probe)

@@ -1,0 +1,122 @@
+"""The launcher's supervisor with stand-in children: real processes serving grpc.health.v1.
+
+These pin the supervision behaviour (LISTENING line, health wait, restart on the same port with back-off,
+stop by process group with no survivor) independently of the real bank and model servers, which
+test_launcher_stack.py exercises end to end.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import textwrap
+import time
+
+import psutil
+import pytest
+
+from hiermem.launcher import ChildSpec, Supervisor, probe_grpc
+
+pytestmark = pytest.mark.integration
+
+# A gRPC server with the health service that binds --port (0 = free), logs LISTENING like the real
+# services, and also forks a grandchild (to prove that stopping kills the whole process group).
+FAKE_SHARD = textwrap.dedent('''
+    import logging, subprocess, sys, time
+    from concurrent import futures
+    import grpc
+    from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    port = int(sys.argv[sys.argv.index("--port") + 1])
+    server = grpc.server(futures.ThreadPoolExecutor(2))
+    servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    port = server.add_insecure_port(f"127.0.0.1:{port}")
+    server.start()
+    servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    subprocess.Popen(["sleep", "300"])
+    logging.info("LISTENING 127.0.0.1:%d", port)
+    server.wait_for_termination()
+''')
+
+
+@pytest.fixture
+def fake_shard(tmp_path):
+    script = tmp_path / "fake_shard.py"
+    script.write_text(FAKE_SHARD)
+    return lambda name: ChildSpec(name, lambda port: [sys.executable, str(script), "--port", str(port)],
+                                  probe_grpc)
+
+
+def _tree(pid: int) -> list[int]:
+    proc = psutil.Process(pid)
+    return [pid] + [c.pid for c in proc.children(recursive=True)]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def test_killed_child_comes_back_on_its_port_and_stop_leaves_no_process(fake_shard):
+    sup = Supervisor(backoff_initial_s=0.2, backoff_max_s=1.0, stop_timeout_s=5.0)
+    try:
+        for name in ("shard-0/r0", "shard-1/r0"):
+            sup.start(fake_shard(name))
+        sup.wait_healthy(["shard-0/r0", "shard-1/r0"], timeout=60)
+        victim = sup.children["shard-0/r0"]
+        address, old_pid = victim.address, victim.proc.pid
+        old_tree = _tree(old_pid)
+        assert probe_grpc(address) and len(old_tree) == 2
+
+        os.kill(old_pid, signal.SIGKILL)
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < 10 and not (victim.proc.pid != old_pid and probe_grpc(address, 0.5)):
+            sup.tick()  # what sup.run() does, in this (the spawning) thread
+            time.sleep(0.1)
+        assert victim.proc.pid != old_pid, "crashed child was not restarted"
+        assert victim.address == address and probe_grpc(address), "restarted child does not serve its port"
+        assert victim.restarts == 1
+        while not victim.healthy and time.monotonic() - t0 < 10:
+            sup.tick()
+            time.sleep(0.1)
+        assert victim.healthy
+        assert not [p for p in old_tree if _alive(p)], "the crashed child's group was not cleaned up"
+        pids = [p for c in sup.children.values() for p in _tree(c.proc.pid)]
+        assert len(pids) >= 4  # two children, each with its grandchild
+    finally:
+        sup.stop_event.set()
+        sup.stop_all()
+    survivors = [psutil.Process(p) for p in pids if _alive(p)]
+    assert not survivors, [(s.pid, s.cmdline(), s.status(), s.ppid()) for s in survivors]
+    assert not probe_grpc(address, 0.5)
+
+
+def test_a_child_that_exits_while_starting_fails_fast(tmp_path):
+    sup = Supervisor()
+    sup.start(ChildSpec("broken", lambda port: [sys.executable, "-c", "raise SystemExit(3)"], probe_grpc))
+    t0 = time.monotonic()
+    with pytest.raises(RuntimeError, match="broken exited with code 3"):
+        sup.wait_healthy(["broken"], timeout=30)
+    assert time.monotonic() - t0 < 15
+    sup.stop_all()
+
+
+def test_backoff_doubles_up_to_its_cap():
+    sup = Supervisor(backoff_initial_s=0.05, backoff_max_s=0.2)
+    spec = ChildSpec("crasher", lambda port: [sys.executable, "-c", "raise SystemExit(1)"], probe_grpc)
+    child = sup.start(spec)
+    delays = []
+    deadline = time.monotonic() + 30
+    while child.restarts < 4 and time.monotonic() < deadline:
+        before = child.restart_at
+        sup.tick()
+        if before is None and child.restart_at is not None:
+            delays.append(round(child.restart_at - time.monotonic(), 2))
+        time.sleep(0.01)
+    sup.stop_all()
+    assert child.restarts == 4
+    assert delays[:4] == pytest.approx([0.05, 0.1, 0.2, 0.2], abs=0.03)
