@@ -1,0 +1,176 @@
+"""The MemoryBank servicer: wire <-> memory_store.Bank for one shard, and nothing else.
+
+Errors are raised as exceptions (memory_store's or ours) and turned into status codes by the interceptor.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import crc32c
+import grpc
+from google.protobuf.message import DecodeError
+
+from memory_store import NodeRef
+from memory_store.errors import BankMismatch, BlockCorrupt, InvalidSpec
+
+from . import errors, metrics, wire
+from ._gen import memory_bank_pb2 as pb
+from .cache import HotCache
+from .settings import BankServerSettings
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["MemoryBank"].full_name  # "hiermem.v1.MemoryBank"
+
+
+@dataclass(frozen=True)
+class Malformed:
+    """What the lenient request deserializer returns for bytes that are not a valid message."""
+
+    reason: str
+
+
+def lenient_deserializer(message_cls):
+    """Deserializer that hands undecodable bytes to the servicer (-> INVALID_ARGUMENT) instead of letting
+    grpc answer INTERNAL."""
+
+    def parse(raw: bytes):
+        try:
+            return message_cls.FromString(raw)
+        except DecodeError as exc:
+            return Malformed(str(exc))
+
+    return parse
+
+
+class MemoryBankServicer:
+    """Serves the blocks of one shard of `bank` (a `memory_store.Bank`).
+
+    Blocks are read from the bank's memory-mapped shard files; crc32c is checked here on every read (the
+    `crc32c` package hashes a memoryview in place), and the verified bytes go to the socket in chunks that
+    are views of the mapping, copied once into the outgoing message."""
+
+    def __init__(self, bank, shard_id: str, replica_id: str, settings: BankServerSettings) -> None:
+        if shard_id not in bank.shard_ids:
+            raise errors.NotInShard(f"bank {bank.bank_id} has no shard {shard_id!r} (has {bank.shard_ids})")
+        self.bank = bank
+        self.spec = bank.spec
+        self.shard_id = shard_id
+        self.replica_id = replica_id
+        self.settings = settings
+        self.owned: list[NodeRef] = [NodeRef(int(r[0]), int(r[1])) for r in bank.owned_subtrees(shard_id)]
+        self.cache = HotCache(settings.hot_cache_bytes, settings.hot_cache_max_level)
+
+    # --- RPCs -------------------------------------------------------------------------------------------
+
+    async def GetInfo(self, request, context: grpc.aio.ServicerContext) -> pb.GetInfoResponse:
+        """Describes the bank and this shard replica."""
+        anchor = self.bank.anchor
+        return pb.GetInfoResponse(
+            bank_id=self.bank.bank_id, spec_json=self.spec.model_dump_json(), shard_id=self.shard_id,
+            replica_id=self.replica_id, owned=[pb.NodeRef(level=r.level, index=r.index) for r in self.owned],
+            max_nodes_per_call=self.settings.max_nodes_per_call,
+            max_bytes_per_call=self.settings.max_bytes_per_call, chunk_bytes=self.settings.chunk_bytes,
+            anchor_arch=getattr(anchor, "arch", "") or "", anchor_hash=getattr(anchor, "hash", "") or "")
+
+    async def FetchBlocks(self, request, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
+        """Streams the requested blocks as pre-encoded BlockChunk messages (see wire.py)."""
+        refs = self._validate(request)
+        step = self.settings.chunk_bytes
+        for ref in refs:
+            # Checked per block, not up front: NOT_FOUND then always concerns the first block not yet sent,
+            # so a client knows which node is missing and keeps the blocks it already has.
+            if not self._owns(ref):
+                raise errors.NotInShard(f"node {ref} is not in shard {self.shard_id}")
+            data, info = await self._read(ref)
+            header = pb.BlockHeader(
+                node=pb.NodeRef(level=ref.level, index=ref.index), shape=list(info.shape),
+                dtype=self.spec.dtype, nbytes=len(data), crc32c=info.crc32c, bank_id=self.bank.bank_id,
+            ).SerializeToString()
+            view = memoryview(data)
+            for offset in range(0, len(view), step):
+                remaining = context.time_remaining()
+                if remaining is not None and remaining <= 0:
+                    raise errors.DeadlineExpired(f"deadline passed while streaming node {ref}")
+                yield wire.encode_chunk(header if offset == 0 else None, offset, view[offset:offset + step])
+            metrics.BYTES_SENT.labels(str(ref.level)).inc(len(view))
+            metrics.BLOCKS_SENT.labels(str(ref.level)).inc()
+
+    # --- helpers ----------------------------------------------------------------------------------------
+
+    def _validate(self, request) -> list[NodeRef]:
+        """Checks a request before anything is streamed; returns its refs in order."""
+        if isinstance(request, Malformed):
+            raise errors.InvalidRequest(f"undecodable FetchBlocksRequest: {request.reason}")
+        if not request.bank_id:
+            raise errors.InvalidRequest("bank_id is required")
+        if request.bank_id != self.bank.bank_id:
+            raise BankMismatch(f"this server serves bank {self.bank.bank_id}, the request is for "
+                               f"{request.bank_id}")
+        if not request.nodes:
+            raise errors.InvalidRequest("no nodes requested")
+        if len(request.nodes) > self.settings.max_nodes_per_call:
+            raise errors.LimitExceeded(f"{len(request.nodes)} nodes requested, at most "
+                                       f"{self.settings.max_nodes_per_call} per call")
+        refs: list[NodeRef] = []
+        seen: set[NodeRef] = set()
+        total = 0
+        for node in request.nodes:
+            try:
+                ref = self.spec.check_ref(NodeRef(node.level, node.index))
+            except InvalidSpec as exc:
+                raise errors.InvalidRequest(str(exc)) from exc
+            if ref in seen:
+                raise errors.InvalidRequest(f"node {ref} requested twice")
+            seen.add(ref)
+            total += self.spec.bytes_per_block(ref.level)
+            refs.append(ref)
+        if total > self.settings.max_bytes_per_call:
+            raise errors.LimitExceeded(f"{total} bytes requested, at most {self.settings.max_bytes_per_call} "
+                                       "per call")
+        return refs
+
+    def _owns(self, ref: NodeRef) -> bool:
+        # Nodes above the shard level are stored in every shard that owns a subtree below them.
+        return self.shard_id in self.bank.shards_of(ref)
+
+    async def _read(self, ref: NodeRef):
+        """Verified bytes of a block (a view of the mapping, or a hot-cache copy) and its block_info."""
+        info = self.bank.block_info(ref)
+        cacheable = self.cache.cacheable(ref.level, info.nbytes)
+        if cacheable:
+            hit = self.cache.get(ref, ref.level)
+            if hit is not None:
+                return hit, info
+        # Page faults of a cold mapping and the checksum run off the event loop, so streams interleave.
+        data = await asyncio.to_thread(self._read_verified, ref, info)
+        if cacheable:
+            data = bytes(data)
+            self.cache.put(ref, data)
+        return data, info
+
+    def _read_verified(self, ref: NodeRef, info) -> memoryview:
+        data = self.bank.read_block_bytes(ref, verify=False, shard=self.shard_id)
+        actual = crc32c.crc32c(data)
+        if actual != info.crc32c:
+            raise BlockCorrupt(f"block {ref} of shard {self.shard_id}: crc32c {actual:#010x} != "
+                               f"{info.crc32c:#010x} in the manifest")
+        return data
+
+
+def method_handlers(servicer: MemoryBankServicer) -> grpc.GenericRpcHandler:
+    """The service's handlers, as the generated `add_MemoryBankServicer_to_server` would register them,
+    except that FetchBlocks sends pre-encoded chunks and both RPCs parse requests leniently."""
+    handlers = {
+        "GetInfo": grpc.unary_unary_rpc_method_handler(
+            servicer.GetInfo, request_deserializer=lenient_deserializer(pb.GetInfoRequest),
+            response_serializer=pb.GetInfoResponse.SerializeToString),
+        "FetchBlocks": grpc.unary_stream_rpc_method_handler(
+            servicer.FetchBlocks, request_deserializer=lenient_deserializer(pb.FetchBlocksRequest),
+            response_serializer=wire.serialize_response),
+    }
+    return grpc.method_handlers_generic_handler(SERVICE_NAME, handlers)
