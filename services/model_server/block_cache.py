@@ -1,0 +1,209 @@
+"""Block cache: pinned shallow levels + a byte-bounded LRU, one in-flight fetch per node.
+
+Blocks enter in the compute dtype (float32 on CPU). Misses are grouped per shard and each group is
+fetched through the fetcher (the bank client) in parallel with the others, so a request costs at most
+one RPC per shard; concurrent requests for a node that is being fetched wait for that fetch instead of
+starting another.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Iterable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+
+from .metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+
+class Fetcher(Protocol):
+    """What the cache needs of the bank client: `fetch(refs)` -> object with `.blocks` and `.failed`."""
+
+    def fetch(self, refs: Sequence[Any]) -> Any: ...
+
+
+@dataclass
+class CacheResult:
+    """Outcome of one `get_many`: the blocks that could be had and why the others could not."""
+
+    blocks: dict[Any, torch.Tensor] = field(default_factory=dict)
+    failed: dict[Any, str] = field(default_factory=dict)
+    hits: int = 0
+    misses: int = 0
+    fetch_ms: float = 0.0
+
+
+class BlockCache:
+    """Pinned + LRU store of memory blocks keyed by NodeRef (anything with `.level`)."""
+
+    def __init__(self, fetcher: Fetcher, *, capacity_bytes: int, pinned_levels: int = 0,
+                 shard_of: Callable[[Any], str] | None = None, metrics: Metrics | None = None,
+                 dtype: torch.dtype = torch.float32, timeout_s: float = 10.0) -> None:
+        self._fetcher = fetcher
+        self.capacity_bytes = capacity_bytes
+        self.pinned_levels = pinned_levels
+        self._shard_of = shard_of or (lambda ref: "bank")
+        self._metrics = metrics
+        self._dtype = dtype
+        self._timeout_s = timeout_s
+        self._lock = threading.Lock()
+        self._pinned: dict[Hashable, torch.Tensor] = {}
+        self._lru: OrderedDict[Hashable, torch.Tensor] = OrderedDict()
+        self._lru_bytes = 0
+        self._inflight: dict[Hashable, Future] = {}
+        self._bytes_per_level: dict[int, int] = {}
+        self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="block-fetch")
+        self.fetched_refs: list[Any] = []  # every ref ever sent to the fetcher (tests, diagnostics)
+
+    # ---- queries -----------------------------------------------------------------------------
+    def __contains__(self, ref: Hashable) -> bool:
+        with self._lock:
+            return ref in self._pinned or ref in self._lru
+
+    @property
+    def lru_bytes(self) -> int:
+        return self._lru_bytes
+
+    def stats(self) -> dict[str, Any]:
+        with self._lock:
+            return {"pinned_blocks": len(self._pinned), "lru_blocks": len(self._lru),
+                    "lru_bytes": self._lru_bytes, "capacity_bytes": self.capacity_bytes,
+                    "bytes_per_level": dict(self._bytes_per_level)}
+
+    # ---- fetching ----------------------------------------------------------------------------
+    def preload(self, refs: Iterable[Any]) -> dict[Any, str]:
+        """Fetch and pin `refs` (the shallow levels) at start-up; returns the ones that failed."""
+        refs = list(refs)
+        result = self.get_many(refs, count=False)
+        if result.failed:
+            log.warning("preload: %d of %d blocks unavailable; they will be fetched on demand",
+                        len(result.failed), len(refs))
+        return result.failed
+
+    def get_many(self, refs: Sequence[Any], *, count: bool = True) -> CacheResult:
+        """Blocks for `refs` (compute dtype), from the cache or one shared fetch per missing node."""
+        out = CacheResult()
+        owned: list[Any] = []
+        waits: dict[Any, Future] = {}
+        with self._lock:
+            for ref in refs:
+                block = self._pinned.get(ref)
+                if block is None:
+                    block = self._lru.get(ref)
+                    if block is not None:
+                        self._lru.move_to_end(ref)
+                if block is not None:
+                    out.blocks[ref] = block
+                    out.hits += 1
+                    self._count(ref, hit=True, enabled=count)
+                    continue
+                out.misses += 1
+                self._count(ref, hit=False, enabled=count)
+                fut = self._inflight.get(ref)
+                if fut is None:
+                    fut = Future()
+                    self._inflight[ref] = fut
+                    owned.append(ref)
+                waits[ref] = fut
+        if not waits:
+            return out
+        t0 = time.perf_counter()
+        if owned:
+            self._fetch_owned(owned)
+        deadline = time.monotonic() + self._timeout_s
+        for ref, fut in waits.items():
+            try:
+                out.blocks[ref] = fut.result(timeout=max(0.0, deadline - time.monotonic()))
+            except FutureTimeout:
+                out.failed[ref] = "fetch timed out"
+            except Exception as exc:  # the reason travels to the response's memory object
+                out.failed[ref] = str(exc) or type(exc).__name__
+        out.fetch_ms = (time.perf_counter() - t0) * 1000.0
+        return out
+
+    def _fetch_owned(self, owned: list[Any]) -> None:
+        groups: dict[str, list[Any]] = {}
+        for ref in owned:
+            groups.setdefault(self._shard_of(ref), []).append(ref)
+        futures = {shard: self._pool.submit(self._fetch_group, shard, group)
+                   for shard, group in groups.items()}
+        for shard, fut in futures.items():
+            try:
+                fut.result()
+            except Exception as exc:  # never leave a waiter hanging
+                log.warning("fetch from shard %s failed: %s", shard, exc)
+                self._resolve_failed(groups[shard], f"shard {shard}: {exc}")
+
+    def _fetch_group(self, shard: str, refs: list[Any]) -> None:
+        t0 = time.perf_counter()
+        self.fetched_refs.extend(refs)
+        try:
+            result = self._fetcher.fetch(refs)
+            blocks, failed = dict(result.blocks), dict(result.failed)
+        except Exception as exc:
+            blocks, failed = {}, {ref: f"shard {shard}: {exc}" for ref in refs}
+        if self._metrics is not None:
+            self._metrics.fetch_latency.labels(shard=shard).observe(time.perf_counter() - t0)
+            if failed:
+                self._metrics.fetch_failures.labels(shard=shard).inc(len(failed))
+        for ref in refs:
+            block = blocks.get(ref)
+            if block is None:
+                self._resolve_failed([ref], failed.get(ref, f"shard {shard}: block not returned"))
+                continue
+            block = block.to(self._dtype).contiguous()
+            with self._lock:
+                self._insert(ref, block)
+                fut = self._inflight.pop(ref, None)
+            if fut is not None:
+                fut.set_result(block)
+
+    def _resolve_failed(self, refs: list[Any], reason: str) -> None:
+        for ref in refs:
+            with self._lock:
+                fut = self._inflight.pop(ref, None)
+            if fut is not None and not fut.done():
+                fut.set_exception(RuntimeError(reason))
+
+    # ---- storage (lock held) -----------------------------------------------------------------
+    def _insert(self, ref: Any, block: torch.Tensor) -> None:
+        nbytes = block.numel() * block.element_size()
+        level = int(getattr(ref, "level", 0))
+        if level <= self.pinned_levels:
+            if ref not in self._pinned:
+                self._pinned[ref] = block
+                self._add_bytes(level, nbytes)
+            return
+        if ref in self._lru or nbytes > self.capacity_bytes:
+            return
+        self._lru[ref] = block
+        self._lru_bytes += nbytes
+        self._add_bytes(level, nbytes)
+        while self._lru_bytes > self.capacity_bytes and self._lru:
+            old_ref, old = self._lru.popitem(last=False)
+            old_bytes = old.numel() * old.element_size()
+            self._lru_bytes -= old_bytes
+            self._add_bytes(int(getattr(old_ref, "level", 0)), -old_bytes)
+
+    def _add_bytes(self, level: int, delta: int) -> None:
+        self._bytes_per_level[level] = self._bytes_per_level.get(level, 0) + delta
+        if self._metrics is not None:
+            self._metrics.cache_bytes.labels(level=str(level)).set(self._bytes_per_level[level])
+
+    def _count(self, ref: Any, *, hit: bool, enabled: bool) -> None:
+        if not enabled or self._metrics is None:
+            return
+        level = str(getattr(ref, "level", 0))
+        (self._metrics.cache_hits if hit else self._metrics.cache_misses).labels(level=level).inc()
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)

@@ -1,0 +1,351 @@
+"""Continuous-batching engine: one background thread owns the model and its KV-cache slots.
+
+Requests join the running batch between decode steps (prefilled a chunk at a time, so running rows
+never wait for a whole prompt) and leave it when they finish or their client goes away. Each row carries
+its own memory blocks; the `MemoryBatch` of the decode step holds every *distinct* block once and is
+rebuilt only when the batch composition changes.
+
+Semantics of one engine iteration:
+
+    take new requests and cancellations from the inbox
+    admit waiting requests into free slots, in the scheduler's order
+    prefill one chunk of the oldest admitted-but-not-prefilled request (its first token when done)
+    decode one token for every running row: logits = model(last_tokens, memory=batch_memory)
+    emit tokens; finished and cancelled rows free their slot
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+
+from .errors import Overloaded
+from .metrics import Metrics
+from .sampling import Sampling, sample
+from .scheduler import Scheduler
+
+log = logging.getLogger(__name__)
+
+
+class Runner(Protocol):
+    """The model as the engine drives it (see runner.py for the `lm` implementation)."""
+
+    n_slots: int
+    max_seq_len: int
+    eos_token_ids: set[int]
+
+    def build_memory(self, blocks: Sequence[torch.Tensor], row_blocks: Sequence[Sequence[int]]) -> Any: ...
+
+    def prefill(self, slot: int, ids: Sequence[int], start: int, memory: Any) -> torch.Tensor: ...
+
+    def decode(self, slots: Sequence[int], tokens: Sequence[int], memory: Any) -> torch.Tensor: ...
+
+    def release(self, slot: int) -> None: ...
+
+    def decode_text(self, ids: Sequence[int]) -> str: ...
+
+
+@dataclass
+class Event:
+    """What the engine tells a request's consumer: a token, the end, or an error."""
+
+    kind: str  # "token" | "done" | "error"
+    token_id: int | None = None
+    text: str = ""
+    finish_reason: str | None = None
+    error: BaseException | None = None
+
+
+@dataclass
+class GenRequest:
+    """One sequence to generate. `memory_keys[i]` names `memory_blocks[i]` (NodeRef or "generic")."""
+
+    prompt_ids: list[int]
+    params: Sampling
+    sink: Callable[[Event], None]
+    memory_keys: list[Hashable] = field(default_factory=list)
+    memory_blocks: list[torch.Tensor] = field(default_factory=list)
+    request_id: str = ""
+    # --- engine state ---
+    enqueued_at: float = 0.0
+    slot: int = -1
+    prefilled: int = 0
+    generated: list[int] = field(default_factory=list)
+    text: str = ""
+    emitted_chars: int = 0
+    cancelled: bool = False
+    finished: bool = False
+    first_token_at: float | None = None
+    _gen: torch.Generator | None = None
+    _single_memory: Any = None
+
+    @property
+    def memory_nodes(self) -> dict[Hashable, int]:
+        return {k: b.numel() * b.element_size() for k, b in zip(self.memory_keys, self.memory_blocks,
+                                                               strict=True)}
+
+
+@dataclass
+class EngineStats:
+    """Counters read by tests, /metrics and the benchmark."""
+
+    decode_steps: int = 0
+    decode_rows: int = 0
+    decode_seconds: float = 0.0
+    prefill_chunks: int = 0
+    distinct_memory_bytes: int = 0  # summed over decode steps
+    memory_rebuilds: int = 0
+    completed: int = 0
+    cancelled: int = 0
+    failed: int = 0
+
+
+class Engine:
+    """Owns the runner in one thread; `submit` and `cancel` are safe from any thread."""
+
+    def __init__(self, runner: Runner, *, scheduler: Scheduler, max_queue: int, prefill_chunk: int = 256,
+                 metrics: Metrics | None = None, retry_after_s: int = 1) -> None:
+        self.runner = runner
+        self.scheduler = scheduler
+        self.max_queue = max_queue
+        self.prefill_chunk = prefill_chunk
+        self.metrics = metrics
+        self.retry_after_s = retry_after_s
+        self.stats = EngineStats()
+        self._cv = threading.Condition()
+        self._inbox: deque[GenRequest] = deque()
+        self._waiting: list[GenRequest] = []
+        self._prefilling: list[GenRequest] = []
+        self._active: list[GenRequest] = []
+        self._free_slots = list(range(runner.n_slots))
+        self._n_waiting = 0  # inbox + waiting, read under _cv
+        self._stop = False
+        self._memory: Any = None
+        self._memory_bytes = 0
+        self._dirty = True
+        self._ids = itertools.count()
+        self._thread = threading.Thread(target=self._run, name="hiermem-engine", daemon=True)
+
+    # ---- public ------------------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        with self._cv:
+            self._stop = True
+            self._cv.notify_all()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def submit(self, req: GenRequest) -> GenRequest:
+        """Queue `req`; raises Overloaded when `max_queue` requests already wait."""
+        with self._cv:
+            if self._stop:
+                raise Overloaded("server is shutting down", self.retry_after_s)
+            if self._n_waiting >= self.max_queue:
+                raise Overloaded(f"queue full ({self.max_queue} waiting); retry later", self.retry_after_s)
+            req.enqueued_at = time.monotonic()
+            req.request_id = req.request_id or f"r{next(self._ids)}"
+            self._n_waiting += 1
+            self._inbox.append(req)
+            self._set_gauges()
+            self._cv.notify_all()
+        return req
+
+    def cancel(self, req: GenRequest) -> None:
+        """Stop `req` (client went away); its slot is freed before the next decode step."""
+        with self._cv:
+            req.cancelled = True
+            self._cv.notify_all()
+
+    def snapshot(self) -> dict[str, int]:
+        """Rows running, prefilling and waiting right now."""
+        with self._cv:
+            return {"active": len(self._active), "prefilling": len(self._prefilling),
+                    "waiting": self._n_waiting, "free_slots": len(self._free_slots)}
+
+    # ---- the loop ----------------------------------------------------------------------------
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                while not self._stop and not (self._inbox or self._waiting or self._prefilling
+                                              or self._active):
+                    self._cv.wait(timeout=0.5)
+                if self._stop:
+                    break
+                self._waiting.extend(self._inbox)
+                self._inbox.clear()
+            try:
+                self._step()
+            except Exception as exc:  # a failing step fails its rows, never the engine
+                log.exception("engine step failed")
+                for req in self._prefilling + self._active:
+                    self._finish(req, error=exc)
+                self._prefilling, self._active, self._dirty = [], [], True
+        for req in self._waiting + list(self._inbox) + self._prefilling + self._active:
+            self._finish(req, error=RuntimeError("server shutting down"))
+
+    def _step(self) -> None:
+        self._drop_cancelled()
+        self._admit()
+        if self._prefilling:
+            self._prefill_one_chunk()
+        if self._active:
+            self._decode()
+        self._set_gauges()
+
+    def _drop_cancelled(self) -> None:
+        for group in (self._waiting, self._prefilling, self._active):
+            for req in [r for r in group if r.cancelled]:
+                group.remove(req)
+                if group is self._waiting:
+                    self._dec_waiting()
+                if group is self._active:
+                    self._dirty = True
+                self.stats.cancelled += 1
+                if self.metrics is not None:
+                    self.metrics.cancelled.inc()
+                self._finish(req, reason="cancelled")
+
+    def _admit(self) -> None:
+        if not self._free_slots or not self._waiting:
+            return
+        running = set().union(*(r.memory_keys for r in self._active + self._prefilling))
+        picks = self.scheduler.pick(self._waiting, running, len(self._free_slots), time.monotonic())
+        for req in picks:
+            self._waiting.remove(req)
+            self._dec_waiting()
+            req.slot = self._free_slots.pop(0)
+            req._gen = req.params.generator()
+            self._prefilling.append(req)
+
+    def _prefill_one_chunk(self) -> None:
+        req = self._prefilling[0]
+        if req._single_memory is None and req.memory_blocks:
+            req._single_memory = self.runner.build_memory(req.memory_blocks,
+                                                          [list(range(len(req.memory_blocks)))])
+        chunk = req.prompt_ids[req.prefilled:req.prefilled + self.prefill_chunk]
+        logits = self.runner.prefill(req.slot, chunk, req.prefilled, req._single_memory)
+        req.prefilled += len(chunk)
+        self.stats.prefill_chunks += 1
+        if req.prefilled < len(req.prompt_ids):
+            return
+        self._prefilling.pop(0)
+        req._single_memory = None
+        self._active.append(req)
+        self._dirty = True
+        self._accept(req, sample(logits, req.params, req._gen))
+
+    def _decode(self) -> None:
+        if self._dirty:
+            self._rebuild_memory()
+        rows = list(self._active)
+        t0 = time.perf_counter()
+        logits = self.runner.decode([r.slot for r in rows], [r.generated[-1] for r in rows], self._memory)
+        self.stats.decode_seconds += time.perf_counter() - t0
+        self.stats.decode_steps += 1
+        self.stats.decode_rows += len(rows)
+        self.stats.distinct_memory_bytes += self._memory_bytes
+        for i, req in enumerate(rows):
+            self._accept(req, sample(logits[i], req.params, req._gen))
+
+    def _rebuild_memory(self) -> None:
+        index: dict[Hashable, int] = {}
+        blocks: list[torch.Tensor] = []
+        row_blocks: list[list[int]] = []
+        for req in self._active:
+            ids = []
+            for key, block in zip(req.memory_keys, req.memory_blocks, strict=True):
+                if key not in index:
+                    index[key] = len(blocks)
+                    blocks.append(block)
+                ids.append(index[key])
+            row_blocks.append(ids)
+        self._memory = self.runner.build_memory(blocks, row_blocks) if blocks else None
+        self._memory_bytes = sum(b.numel() * b.element_size() for b in blocks)
+        self.stats.memory_rebuilds += 1
+        self._dirty = False
+        if self.metrics is not None:
+            self.metrics.distinct_memory_bytes.set(self._memory_bytes)
+
+    # ---- per-token bookkeeping ---------------------------------------------------------------
+    def _accept(self, req: GenRequest, token: int) -> None:
+        """Record `token` for `req`, emit the text that is safe to emit, finish when due."""
+        if req.first_token_at is None:
+            req.first_token_at = time.monotonic()
+            if self.metrics is not None:
+                self.metrics.ttft.observe(req.first_token_at - req.enqueued_at)
+        is_eos = token in self.runner.eos_token_ids and not req.params.ignore_eos
+        if not is_eos:
+            req.generated.append(token)
+            req.text = self.runner.decode_text(req.generated)
+        else:
+            req.generated.append(token)
+        reason = None
+        cut = None
+        for s in req.params.stop:
+            pos = req.text.find(s, max(0, req.emitted_chars - len(s)))
+            if pos >= 0 and (cut is None or pos < cut):
+                cut = pos
+        if cut is not None:
+            req.text, reason = req.text[:cut], "stop_sequence"
+        elif is_eos:
+            reason = "eos_token"
+        elif len(req.generated) >= req.params.max_new_tokens:
+            reason = "length"
+        elif req.slot >= 0 and req.prefilled + len(req.generated) >= self.runner.max_seq_len:
+            reason = "length"
+        hold = 0 if reason else max((len(s) - 1 for s in req.params.stop), default=0)
+        safe = len(req.text) - hold
+        if not reason and req.text.endswith("\ufffd"):
+            safe = min(safe, len(req.text) - 1)  # an incomplete UTF-8 sequence: wait for the rest
+        if safe > req.emitted_chars:
+            req.sink(Event("token", token_id=token, text=req.text[req.emitted_chars:safe]))
+            req.emitted_chars = safe
+        elif not is_eos:
+            req.sink(Event("token", token_id=token, text=""))
+        if self.metrics is not None:
+            self.metrics.tokens.labels(kind="completion").inc()
+        if reason:
+            if req in self._active:
+                self._active.remove(req)
+                self._dirty = True
+            self.stats.completed += 1
+            self._finish(req, reason=reason)
+
+    def _finish(self, req: GenRequest, *, reason: str | None = None, error: BaseException | None = None) -> None:
+        if req.finished:
+            return
+        req.finished = True
+        if req.slot >= 0:
+            try:
+                self.runner.release(req.slot)
+            finally:
+                self._free_slots.append(req.slot)
+                req.slot = -1
+        if error is not None:
+            self.stats.failed += 1
+            req.sink(Event("error", error=error))
+        else:
+            req.sink(Event("done", finish_reason=reason))
+
+    def _dec_waiting(self) -> None:
+        with self._cv:
+            self._n_waiting -= 1
+
+    def _set_gauges(self) -> None:
+        if self.metrics is not None:
+            self.metrics.queue_depth.set(self._n_waiting)
+            self.metrics.batch_rows.set(len(self._active) + len(self._prefilling))

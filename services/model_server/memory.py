@@ -1,0 +1,158 @@
+"""From a request's `memory` field to the blocks it is generated with: route, check access, fetch.
+
+Routing is greedy descent (DESIGN §1) restricted to the level-1 subtrees the caller's key allows, so a
+key limited to subtree 3 never routes, and so never fetches, outside it.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Hashable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from .auth import Principal
+from .block_cache import BlockCache
+from .errors import Forbidden, InvalidRequest, MemoryUnavailable
+from .metrics import Metrics
+from .schemas import MemoryInfo
+
+log = logging.getLogger(__name__)
+
+GENERIC = "generic"
+
+
+def descend(centroids: Sequence[np.ndarray], emb: np.ndarray, allowed: frozenset[int] | None) -> list[int]:
+    """Greedy path of one embedding; level 1 limited to `allowed` (None = all, must not be empty).
+
+    Semantics:
+        node = argmax over allowed level-1 c of <c, emb>
+        for each deeper level with branching k: node = argmax over children node*k..node*k+k-1
+    """
+    e = emb / max(float(np.linalg.norm(emb)), 1e-12)
+    level1 = centroids[0]
+    candidates = np.arange(len(level1)) if allowed is None else np.array(sorted(allowed), dtype=np.int64)
+    node = int(candidates[int(np.argmax(level1[candidates] @ e))])
+    path = [node]
+    for c_prev, c in zip(centroids, centroids[1:], strict=False):
+        k = len(c) // len(c_prev)
+        kids = c[node * k:(node + 1) * k]
+        node = node * k + int(np.argmax(kids @ e))
+        path.append(node)
+    return path
+
+
+class MemoryResolver:
+    """Turns a memory request into (keys, blocks, MemoryInfo). Thread-safe; called off the event loop."""
+
+    def __init__(self, bank: Any, cache: BlockCache, embed: Callable[[list[str]], np.ndarray], *,
+                 strict: bool = False, metrics: Metrics | None = None,
+                 dtype: torch.dtype = torch.float32) -> None:
+        self.bank = bank
+        self.cache = cache
+        self._embed = embed
+        self.strict = strict
+        self.metrics = metrics
+        self._dtype = dtype
+        self._centroids = [np.asarray(c, dtype=np.float32) for c in bank.tree.centroids]
+        self._sizes = [len(c) for c in self._centroids]
+        self._generic: torch.Tensor | None = None
+        self._generic_lock = threading.Lock()
+        self._embed_lock = threading.Lock()
+
+    @property
+    def depth(self) -> int:
+        return len(self._sizes)
+
+    def pinned_refs(self, levels: int) -> list[Any]:
+        from memory_store import NodeRef
+
+        return [NodeRef(lv, i) for lv in range(1, min(levels, self.depth) + 1) for i in range(self._sizes[lv - 1])]
+
+    def route(self, text: str, principal: Principal) -> tuple[list[int] | None, float, str | None]:
+        """Path of `text` within the subtrees `principal` may use: (path or None, route_ms, reason)."""
+        allowed = principal.subtrees
+        if allowed is not None:
+            allowed = frozenset(i for i in allowed if 0 <= i < self._sizes[0])
+            if not allowed:
+                return None, 0.0, "the API key allows no memory subtree"
+        t0 = time.perf_counter()
+        with self._embed_lock:  # the embedder is not guaranteed thread-safe
+            emb = np.asarray(self._embed([text]), dtype=np.float32)[0]
+        path = descend(self._centroids, emb, allowed)
+        dt = time.perf_counter() - t0
+        if self.metrics is not None:
+            self.metrics.route_latency.observe(dt)
+        return path, dt * 1000.0, None
+
+    def check_path(self, path: Sequence[int], principal: Principal) -> list[int]:
+        """Validate an explicit path: one index per level (a prefix is allowed), each a child of the last."""
+        if len(path) > self.depth:
+            raise InvalidRequest(f"memory path has {len(path)} levels, the bank {self.depth}", param="memory")
+        for lv, idx in enumerate(path, start=1):
+            if idx >= self._sizes[lv - 1]:
+                raise InvalidRequest(f"level {lv} has {self._sizes[lv - 1]} nodes, got index {idx}",
+                                     param="memory")
+            if lv > 1:
+                k = self._sizes[lv - 1] // self._sizes[lv - 2]
+                if idx // k != path[lv - 2]:
+                    raise InvalidRequest(f"node {lv}:{idx} is not a child of {lv - 1}:{path[lv - 2]}",
+                                         param="memory")
+        if not principal.allows(path[0]):
+            raise Forbidden(f"this API key may not use memory subtree {path[0]}", param="memory")
+        return list(path)
+
+    def resolve(self, spec: Any, text: str, principal: Principal
+                ) -> tuple[list[Hashable], list[torch.Tensor], MemoryInfo]:
+        """Blocks for one request. `spec` is "auto" | "off" | "generic" | list of node indices."""
+        if spec == "off":
+            return [], [], MemoryInfo(mode="off")
+        if spec == GENERIC:
+            block = self.generic_block()
+            if block is None:
+                raise InvalidRequest("this bank has no generic memory", param="memory", code="no_generic_memory")
+            return [GENERIC], [block], MemoryInfo(mode="generic", levels=list(range(1, self.depth + 1)))
+        route_ms = 0.0
+        if spec == "auto":
+            path, route_ms, reason = self.route(text, principal)
+            if path is None:
+                return [], [], MemoryInfo(mode="auto", reason=reason)
+            mode = "auto"
+        else:
+            path, mode = self.check_path(spec, principal), "path"
+        return self._fetch_path(path, mode, route_ms)
+
+    def _fetch_path(self, path: list[int], mode: str, route_ms: float
+                    ) -> tuple[list[Hashable], list[torch.Tensor], MemoryInfo]:
+        from memory_store import path_refs
+
+        refs = path_refs(path)
+        got = self.cache.get_many(refs)
+        keys = [r for r in refs if r in got.blocks]
+        info = MemoryInfo(mode=mode, path=path, levels=[r.level for r in keys], cache_hits=got.hits,
+                          cache_misses=got.misses, fetch_ms=round(got.fetch_ms, 3), route_ms=round(route_ms, 3))
+        if got.failed:
+            lost = sorted(r.level for r in got.failed)
+            first = got.failed[min(got.failed, key=lambda r: r.level)]
+            info.degraded = True
+            info.reason = f"levels {lost} unavailable: {first}"
+            if self.metrics is not None:
+                self.metrics.degraded.inc()
+            log.warning("memory degraded: levels %s unavailable", lost)
+            if self.strict:
+                raise MemoryUnavailable(f"memory levels {lost} unavailable (strict mode)",
+                                        headers={"Retry-After": "5"})
+        return keys, [got.blocks[r] for r in keys], info
+
+    def generic_block(self) -> torch.Tensor | None:
+        with self._generic_lock:
+            if self._generic is None:
+                block = self.bank.generic_block()
+                if block is None:
+                    return None
+                self._generic = block.to(self._dtype).contiguous()
+            return self._generic

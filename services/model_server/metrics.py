@@ -1,0 +1,41 @@
+"""Prometheus metrics of one model server, in a registry of its own (several apps can live in one test)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+_LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+_FETCH_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+
+
+class Metrics:
+    """All series the model server exports at `/metrics`."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("hiermem_requests", "HTTP requests by endpoint and status",
+                                ["endpoint", "status"], registry=r)
+        self.latency = Histogram("hiermem_request_latency_seconds", "End-to-end request latency",
+                                 ["endpoint"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.ttft = Histogram("hiermem_ttft_seconds", "Time to first generated token",
+                              buckets=_LATENCY_BUCKETS, registry=r)
+        self.tokens = Counter("hiermem_tokens", "Tokens processed", ["kind"], registry=r)
+        self.queue_depth = Gauge("hiermem_queue_depth", "Requests waiting for a batch slot", registry=r)
+        self.batch_rows = Gauge("hiermem_batch_rows", "Sequences in the running batch", registry=r)
+        self.distinct_memory_bytes = Gauge("hiermem_distinct_memory_bytes",
+                                           "Distinct memory bytes read by the last decode step", registry=r)
+        self.cache_hits = Counter("hiermem_block_cache_hits", "Block cache hits", ["level"], registry=r)
+        self.cache_misses = Counter("hiermem_block_cache_misses", "Block cache misses", ["level"], registry=r)
+        self.cache_bytes = Gauge("hiermem_block_cache_bytes", "Bytes held by the block cache",
+                                 ["level"], registry=r)
+        self.fetch_latency = Histogram("hiermem_fetch_seconds", "Block fetch latency per shard", ["shard"],
+                                       buckets=_FETCH_BUCKETS, registry=r)
+        self.fetch_failures = Counter("hiermem_fetch_failures", "Blocks that could not be fetched",
+                                      ["shard"], registry=r)
+        self.degraded = Counter("hiermem_degraded_requests", "Requests served with fewer memory levels",
+                                registry=r)
+        self.route_latency = Histogram("hiermem_route_seconds", "Prompt routing (embed + descend)",
+                                       buckets=_FETCH_BUCKETS, registry=r)
+        self.cancelled = Counter("hiermem_cancelled_requests", "Requests cancelled by their client",
+                                 registry=r)
