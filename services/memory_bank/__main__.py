@@ -1,7 +1,22 @@
-"""`python -m services.memory_bank ...` is `hiermem serve-bank ...`."""
+"""`python -m services.memory_bank ...` is `hiermem serve-bank ...`, without importing the other packages'
+commands (torch, transformers), so a shard replica starts in about a second."""
 
+import argparse
+import logging
 import sys
 
-from hiermem.cli import main
+from .cli import add_serve_bank_arguments
 
-sys.exit(main(["serve-bank", *sys.argv[1:]]))
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m services.memory_bank", description="hiermem serve-bank")
+    parser.add_argument("--log-level", default="INFO", help="logging level (DEBUG, INFO, WARNING, ...)")
+    add_serve_bank_arguments(parser)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.INFO),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -33,14 +33,18 @@ def settings_from_args(settings_cls: Any, args: argparse.Namespace) -> Any:
     return settings_cls(**given)
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
+def add_serve_bank_arguments(parser: argparse.ArgumentParser) -> None:
     from .settings import BankServerSettings
 
+    add_settings_flags(parser, BankServerSettings)
+    parser.set_defaults(func=_serve_bank)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "serve-bank", help="serve one shard of a bank over gRPC (health, reflection, metrics, Redis)",
         description=__doc__)
-    add_settings_flags(p, BankServerSettings)
-    p.set_defaults(func=_serve_bank)
+    add_serve_bank_arguments(p)
 
 
 def _serve_bank(args: argparse.Namespace) -> int:
