@@ -1,0 +1,143 @@
+"""Sampling and single-prompt generation.
+
+`sample_next` is the per-step function a batching engine calls: logits rows + per-row params -> tokens.
+`generate` runs one prompt to completion with a one-slot KV cache (greedy when temperature == 0), stopping
+at EOS, a stop sequence, or max_new_tokens.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from lm.kv_cache import KVCache
+from lm.memory import MemoryBatch
+from lm.model import Transformer
+
+
+@dataclass
+class SamplingParams:
+    max_new_tokens: int = 64
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = no top-k
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 0:
+            raise ValueError("max_new_tokens must be >= 0")
+        if self.temperature < 0:
+            raise ValueError("temperature must be >= 0")
+        if not 0 < self.top_p <= 1:
+            raise ValueError("top_p must be in (0, 1]")
+        if self.top_k < 0:
+            raise ValueError("top_k must be >= 0")
+
+    def make_generator(self) -> torch.Generator | None:
+        """A CPU generator seeded from `seed` (None when unseeded: global RNG)."""
+        return None if self.seed is None else torch.Generator().manual_seed(self.seed)
+
+
+def sample_next(logits: torch.Tensor, params: Sequence[SamplingParams],
+                generators: Sequence[torch.Generator | None] | None = None) -> torch.Tensor:
+    """Next token of every row.
+
+    Args:
+        logits: (B, V) last-position logits.
+        params: one SamplingParams per row.
+        generators: one generator per row (from `SamplingParams.make_generator`, kept for the whole
+            generation so a seeded row is reproducible whatever else is in the batch), or None.
+    Returns:
+        (B,) int64 on the logits' device.
+    """
+    B = logits.shape[0]
+    if len(params) != B:
+        raise ValueError(f"{B} logits rows but {len(params)} params")
+    out = logits.argmax(-1)  # greedy rows keep this
+    for b, p in enumerate(params):
+        if p.temperature == 0:
+            continue
+        row = logits[b].float() / p.temperature  # (V,)
+        if p.top_k:
+            kth = torch.topk(row, min(p.top_k, row.numel())).values[-1]
+            row = row.masked_fill(row < kth, float("-inf"))
+        if p.top_p < 1.0:
+            sorted_logits, idx = torch.sort(row, descending=True)
+            cum = torch.softmax(sorted_logits, -1).cumsum(-1)
+            drop = cum - torch.softmax(sorted_logits, -1) >= p.top_p  # keep the smallest prefix reaching p
+            row = row.scatter(0, idx[drop], float("-inf"))
+        probs = torch.softmax(row, -1).cpu()
+        gen = generators[b] if generators is not None else None
+        out[b] = torch.multinomial(probs, 1, generator=gen).to(out.device)[0]
+    return out
+
+
+@dataclass
+class GenerationResult:
+    token_ids: list[int]  # generated tokens (stop sequence and EOS excluded from `text`, EOS excluded here)
+    text: str
+    finish_reason: str  # "stop" (EOS or stop sequence) or "length"
+    prompt_tokens: int
+    prefill_s: float
+    decode_s: float
+
+    @property
+    def tokens_per_s(self) -> float:
+        n = max(len(self.token_ids) - 1, 0)  # the first token comes from prefill
+        return n / self.decode_s if self.decode_s > 0 else float("nan")
+
+
+def find_stop(text: str, stops: Sequence[str]) -> int | None:
+    """Index where the earliest stop sequence starts in `text`, or None."""
+    hits = [i for i in (text.find(s) for s in stops if s) if i >= 0]
+    return min(hits) if hits else None
+
+
+@torch.no_grad()
+def generate(model: Transformer, tokenizer, prompt_ids: Sequence[int] | torch.Tensor, params: SamplingParams,
+             memory: MemoryBatch | None = None, eos_token_ids: Sequence[int] | None = None) -> GenerationResult:
+    """Generate a completion of one prompt.
+
+    Args:
+        prompt_ids: token ids of the prompt (a list or a 1-D tensor).
+        memory: a MemoryBatch built for one row, or None for the anchor alone.
+        eos_token_ids: default: the model config's EOS ids plus the tokenizer's.
+    """
+    ids = torch.as_tensor(list(prompt_ids), dtype=torch.long, device=model.device)[None]  # (1, T)
+    eos = set(eos_token_ids if eos_token_ids is not None else model.config.eos_token_ids)
+    if eos_token_ids is None and getattr(tokenizer, "eos_token_id", None) is not None:
+        eos.add(tokenizer.eos_token_id)
+    cache = KVCache(model.config, 1, ids.shape[1] + params.max_new_tokens + 1, dtype=model.dtype,
+                    device=model.device)
+    slot = cache.allocate()
+    gen = params.make_generator()
+    out: list[int] = []
+    finish = "length"
+    text: str | None = None  # set when a stop sequence cut it
+    t0 = time.perf_counter()
+    logits = model(ids, cache=cache, slots=[slot], memory=memory, last_only=True)[:, -1]  # (1, V)
+    t_prefill = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    for step in range(params.max_new_tokens):
+        tok = int(sample_next(logits, [params], [gen])[0])
+        if tok in eos:
+            finish = "stop"
+            break
+        out.append(tok)
+        if params.stop:
+            so_far = tokenizer.decode(out, skip_special_tokens=True)
+            cut = find_stop(so_far, params.stop)
+            if cut is not None:
+                text, finish = so_far[:cut], "stop"
+                break
+        if step + 1 < params.max_new_tokens:
+            logits = model(torch.tensor([[tok]], device=model.device), cache=cache, slots=[slot],
+                           memory=memory)[:, -1]
+    decode_s = time.perf_counter() - t1
+    if text is None or finish != "stop":
+        text = tokenizer.decode(out, skip_special_tokens=True)
+    return GenerationResult(out, text, finish, ids.shape[1], t_prefill, decode_s)

@@ -1,0 +1,99 @@
+"""A preallocated KV cache with slots, for continuous batching.
+
+A slot holds one sequence. Sequences join by taking a free slot (`allocate`) and prefilling it
+(`model(ids, cache=cache, slots=[s])`), decode together in one step over any set of active slots, each at its
+own length (`model(next_ids[B, 1], cache=cache, slots=[s0, s1, ...])`), and leave with `free(s)`.
+
+Semantics of one forward with the cache (row b, slot s = slots[b], T new tokens, L = length(s)):
+
+    cache.k[layer, s, :, L:L+T] = k_new[b]           # likewise v
+    row b's queries attend to keys 0 .. their own position (positions beyond L+T are masked)
+    length(s) = L + T                                # after the forward
+
+Inference only: the cache is written in place, so run it under `torch.no_grad()`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lm.errors import CacheFull
+from lm.model import ModelConfig
+
+
+class KVCache:
+    """Keys and values of up to `max_batch` sequences of up to `max_seq_len` tokens.
+
+    Fields:
+        k, v: (n_layers, max_batch, n_kv_heads, max_seq_len, head_dim) preallocated.
+        lengths: (max_batch,) int64 on CPU, tokens stored per slot (0 for a free slot).
+    """
+
+    def __init__(self, config: ModelConfig, max_batch: int, max_seq_len: int | None = None, *,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+        if max_batch < 1:
+            raise ValueError("max_batch must be >= 1")
+        self.max_batch = max_batch
+        self.max_seq_len = int(max_seq_len or config.max_seq_len)
+        shape = (config.n_layers, max_batch, config.n_kv_heads, self.max_seq_len, config.head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.lengths = torch.zeros(max_batch, dtype=torch.long)
+        self._free = list(range(max_batch - 1, -1, -1))  # pop() hands out the lowest slot first
+
+    # ---- slot management ----------------------------------------------------------------------------
+
+    def allocate(self) -> int:
+        """Take a free slot (its length is 0). Raises `CacheFull` when all slots are busy."""
+        if not self._free:
+            raise CacheFull(f"all {self.max_batch} KV-cache slots are in use")
+        slot = self._free.pop()
+        self.lengths[slot] = 0
+        return slot
+
+    def free(self, slot: int) -> None:
+        """Release a slot; its contents become garbage and are overwritten by the next user."""
+        if slot in self._free or not 0 <= slot < self.max_batch:
+            raise ValueError(f"slot {slot} is not in use")
+        self.lengths[slot] = 0
+        self._free.append(slot)
+        self._free.sort(reverse=True)
+
+    @property
+    def active_slots(self) -> list[int]:
+        free = set(self._free)
+        return [s for s in range(self.max_batch) if s not in free]
+
+    @property
+    def n_free(self) -> int:
+        return len(self._free)
+
+    def length(self, slot: int) -> int:
+        return int(self.lengths[slot])
+
+    def lengths_of(self, slots: torch.Tensor) -> torch.Tensor:
+        free = set(self._free)
+        bad = [int(s) for s in slots if int(s) in free]
+        if bad:
+            raise ValueError(f"slots {bad} are not allocated")
+        return self.lengths[slots]
+
+    # ---- used by the model's attention ---------------------------------------------------------------
+
+    def update(self, layer: int, slots: torch.Tensor, positions: torch.Tensor, k_new: torch.Tensor,
+               v_new: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k_new/v_new (B, nkv, T, hd) at `positions` (B, T) of `slots` (B,) in `layer`; return the
+        keys and values (B, nkv, S, hd) of those slots for S = max position + 1."""
+        k_l, v_l = self.k[layer], self.v[layer]  # (max_batch, nkv, max_seq, hd)
+        idx_s = slots[:, None]  # (B, 1) broadcasts against positions (B, T)
+        k_l[idx_s, :, positions] = k_new.transpose(1, 2).to(k_l.dtype)  # indexed view is (B, T, nkv, hd)
+        v_l[idx_s, :, positions] = v_new.transpose(1, 2).to(v_l.dtype)
+        end = int(positions.max()) + 1
+        n = slots.shape[0]
+        first = int(slots[0])
+        if n == 1 or bool((slots == torch.arange(first, first + n, device=slots.device)).all()):
+            return k_l[first:first + n, :, :end], v_l[first:first + n, :, :end]  # contiguous slots: views
+        return k_l[slots, :, :end], v_l[slots, :, :end]
+
+    def advance(self, slots: torch.Tensor, n_tokens: int) -> None:
+        self.lengths[slots] += n_tokens
