@@ -1,0 +1,105 @@
+"""BankClient against in-process shards: sync and async APIs, failover, deadlines, splitting, reasons."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+import time
+
+import pytest
+import torch
+
+from memory_store import NodeRef, path_refs
+from services.memory_bank.client import BankClient
+from tests.integration.procs import free_port
+
+
+def same_as_bank(bank, blocks):
+    return all(torch.equal(t, bank.read_block(r)) for r, t in blocks.items())
+
+
+def test_sync_and_async_fetch_return_the_banks_blocks(shards, bank):
+    addresses, _ = shards
+    refs = path_refs((0, 1, 5)) + path_refs((3, 13, 55))
+    with BankClient(bank, static_addresses=addresses) as client:
+        result = client.fetch(refs)
+        assert result.failed == {} and set(result.blocks) == set(refs) and same_as_bank(bank, result.blocks)
+        assert result.blocks[NodeRef(1, 0)].dtype == torch.float16
+        assert result.blocks[NodeRef(1, 0)].shape == (2, 3, 8, 128)
+        assert result.nbytes == sum(bank.block_info(r).nbytes for r in refs)
+
+        async def from_another_loop():  # e.g. the model server's FastAPI loop
+            return await asyncio.gather(client.afetch(refs[:3]), client.afetch(refs[3:]))
+
+        a, b = asyncio.run(from_another_loop())
+        assert a.failed == b.failed == {} and same_as_bank(bank, {**a.blocks, **b.blocks})
+
+
+def test_fails_over_from_a_dead_replica_and_then_prefers_the_live_one(shards, bank):
+    addresses, _ = shards
+    dead = f"127.0.0.1:{free_port()}"
+    with BankClient(bank, static_addresses={"0": [dead, addresses["0"]]}) as client:
+        results = [client.fetch(path_refs((1, 4, 17))) for _ in range(3)]
+    assert all(r.failed == {} and same_as_bank(bank, r.blocks) for r in results)
+    assert sum(r.failovers for r in results) == 1  # the dead replica is tried last after its failure
+
+
+def test_a_hung_replica_costs_one_attempt_deadline(shards, bank):
+    addresses, _ = shards
+    hung = socket.socket()
+    hung.bind(("127.0.0.1", 0))
+    hung.listen(8)  # accepts TCP connections, never speaks HTTP/2
+    conns = []
+    stop = threading.Event()
+
+    def accept():
+        hung.settimeout(0.1)
+        while not stop.is_set():
+            try:
+                conns.append(hung.accept()[0])
+            except OSError:
+                pass
+
+    t = threading.Thread(target=accept, daemon=True)
+    t.start()
+    try:
+        address = f"127.0.0.1:{hung.getsockname()[1]}"
+        with BankClient(bank, static_addresses={"1": [address, addresses["1"]]}, attempt_timeout_s=0.5) as client:
+            t0 = time.monotonic()
+            # round robin starts with the first address on the first fetch
+            result = client.fetch(path_refs((2, 9, 37)))
+            elapsed = time.monotonic() - t0
+        assert result.failed == {} and same_as_bank(bank, result.blocks)
+        assert result.failovers == 1 and 0.4 < elapsed < 5
+    finally:
+        stop.set()
+        t.join()
+        for c in conns:
+            c.close()
+        hung.close()
+
+
+def test_reasons_for_nodes_that_cannot_be_had(shards, bank):
+    addresses, _ = shards
+    dead = f"127.0.0.1:{free_port()}"
+    with BankClient(bank, static_addresses={"0": [addresses["0"]], "1": [dead]}, timeout_s=3) as client:
+        result = client.fetch([(1, 0), (3, 20), (1, 3), (4, 0)])
+    assert set(result.blocks) == {(1, 0)}
+    assert "absent" in result.failed[(3, 20)]
+    assert "UNAVAILABLE" in result.failed[(1, 3)]
+    assert "invalid node" in result.failed[(4, 0)]
+
+
+def test_unknown_shard_and_splitting_into_calls(shards, bank):
+    addresses, _ = shards
+    with BankClient(bank, static_addresses={"0": [addresses["0"]]}, max_nodes_per_call=2) as client:
+        refs = [(3, i) for i in range(10) if i != 20]
+        result = client.fetch(refs + [(1, 2)])
+    assert set(result.blocks) == set(refs) and same_as_bank(bank, result.blocks)  # 5 calls of <= 2 nodes
+    assert "no replica known for shard 1" in result.failed[(1, 2)]
+
+
+def test_needs_an_address_source(bank):
+    with pytest.raises(ValueError):
+        BankClient(bank)
