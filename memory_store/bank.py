@@ -1,0 +1,189 @@
+"""Bank: a bank directory opened for reading. Blocks are zero-copy views of memory-mapped shard files."""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+
+from memory_store import layout
+from memory_store.errors import BankError, BlockCorrupt, NodeNotFound
+from memory_store.fileformat import MappedFile, crc32c
+from memory_store.spec import AnchorIdentity, BankSpec, NodeRef
+from memory_store.tree import Tree
+
+log = logging.getLogger(__name__)
+
+
+class BlockInfo(NamedTuple):
+    shape: tuple[int, int, int, int]
+    dtype: str
+    nbytes: int
+    crc32c: int
+    present: bool
+
+
+def bytes_to_tensor(buf, dtype: str, shape):
+    """Raw bank-dtype bytes -> a torch tensor of that dtype (a copy, so it outlives the mapping)."""
+    import torch
+
+    if dtype == "bfloat16":
+        arr = np.frombuffer(buf, dtype=np.uint16).copy()
+        return torch.from_numpy(arr).view(torch.bfloat16).reshape(shape)
+    return torch.from_numpy(np.frombuffer(buf, dtype=dtype).copy()).reshape(shape)
+
+
+class Bank:
+    """A bank on disk (DESIGN.md §3). `Bank.open(dir)` reads manifest.json and tree.safetensors only;
+    shard files are memory-mapped on first use. Safe to share between threads."""
+
+    def __init__(self, dir: Path, manifest: dict, tree: Tree):
+        self.dir = dir
+        self.manifest = manifest
+        self.bank_id: str = manifest["bank_id"]
+        self.spec = BankSpec(**manifest["spec"])
+        self.anchor = AnchorIdentity(**manifest["anchor"])
+        self.tree = tree
+        self.shard_ids: list[str] = [s["id"] for s in manifest["shards"]]
+        self._subtrees = {s["id"]: tuple(s["subtrees"]) for s in manifest["shards"]}
+        self._crc = {int(lv): np.asarray(b["crc32c"], dtype=np.int64) for lv, b in manifest["blocks"].items()}
+        self._present = {int(lv): np.asarray(b["present"], dtype=bool) for lv, b in manifest["blocks"].items()}
+        n_sl = self.spec.nodes_at(self.spec.shard_level)
+        self._owner = np.empty(n_sl, dtype=np.int64)  # shard-level index -> position in shard_ids
+        for pos, sid in enumerate(self.shard_ids):
+            a, b = self._subtrees[sid]
+            self._owner[a:b] = pos
+        self._files: dict[tuple[str, int], MappedFile] = {}
+        self._lock = threading.Lock()
+
+    @classmethod
+    def open(cls, dir: str | Path) -> Bank:
+        dir = Path(dir)
+        path = dir / layout.MANIFEST
+        if not path.is_file():
+            raise BankError(f"{dir} is not a bank: no {layout.MANIFEST} (missing, or its write never finished)")
+        try:
+            manifest = json.loads(path.read_text())
+        except ValueError as exc:
+            raise BankError(f"{path}: unreadable manifest ({exc})") from exc
+        if manifest.get("format") != layout.FORMAT:
+            raise BankError(f"{path}: format {manifest.get('format')!r}, expected {layout.FORMAT!r}")
+        tree = Tree.load(dir / manifest["tree"]["file"])
+        from memory_store.writer import tree_content_crc
+
+        if tree_content_crc(tree) != manifest["tree"]["crc32c"]:
+            raise BlockCorrupt(f"{dir}: tree.safetensors does not match its crc32c in the manifest")
+        bank = cls(dir, manifest, tree)
+        log.debug("opened bank %s at %s", bank.bank_id[:12], dir)
+        return bank
+
+    # --- layout -------------------------------------------------------------------------------
+    def _ref(self, ref) -> NodeRef:
+        return layout.check_ref_in(self.spec, ref)
+
+    def shards_of(self, ref) -> list[str]:
+        """Every shard that stores the node (several only for nodes above the shard level)."""
+        ref = self._ref(ref)
+        sl = self.spec.shard_level
+        if ref.level >= sl:
+            return [self.shard_ids[self._owner[self.tree.ancestor(ref.level, ref.index, sl)]]]
+        below = self.tree.descendants(ref, sl)
+        return [self.shard_ids[p] for p in np.unique(self._owner[below.start:below.stop])]
+
+    def shard_of(self, ref) -> str:
+        """The shard that stores the node (the first of them for nodes above the shard level)."""
+        return self.shards_of(ref)[0]
+
+    def owned_subtrees(self, shard_id: str) -> list[NodeRef]:
+        """The shard-level nodes whose subtrees the shard owns."""
+        if shard_id not in self._subtrees:
+            raise NodeNotFound(f"no shard {shard_id!r} in bank {self.bank_id[:12]} (shards {self.shard_ids})")
+        a, b = self._subtrees[shard_id]
+        return [NodeRef(self.spec.shard_level, i) for i in range(a, b)]
+
+    def block_info(self, ref) -> BlockInfo:
+        ref = self._ref(ref)
+        return BlockInfo(self.spec.block_shape(ref.level), self.spec.dtype, self.spec.bytes_per_block(ref.level),
+                         int(self._crc[ref.level][ref.index]), bool(self._present[ref.level][ref.index]))
+
+    def is_present(self, ref) -> bool:
+        ref = self._ref(ref)
+        return bool(self._present[ref.level][ref.index])
+
+    # --- reads --------------------------------------------------------------------------------
+    def _file(self, shard_id: str, level: int) -> MappedFile:
+        key = (shard_id, level)
+        f = self._files.get(key)
+        if f is None:
+            with self._lock:
+                f = self._files.get(key)
+                if f is None:
+                    path = self.dir / layout.level_file(shard_id, level)
+                    if not path.is_file():
+                        raise NodeNotFound(f"shard file {path} is missing")
+                    f = self._files[key] = MappedFile(path)
+        return f
+
+    def read_block_bytes(self, ref, verify: bool = True, shard: str | None = None) -> memoryview:
+        """Zero-copy view of a block's bytes in the memory-mapped shard file.
+
+        Raises NodeNotFound for absent (deleted) nodes or a shard that does not hold the node, and
+        BlockCorrupt when the bytes do not match the manifest's crc32c (checked when `verify`)."""
+        ref = self._ref(ref)
+        if not self._present[ref.level][ref.index]:
+            raise NodeNotFound(f"node {ref} is absent from bank {self.bank_id[:12]} (deleted or never written)")
+        holders = self.shards_of(ref)
+        if shard is None:
+            shard = holders[0]
+        elif shard not in holders:
+            raise NodeNotFound(f"node {ref} is not stored in shard {shard!r} (it is in {holders})")
+        f = self._file(shard, ref.level)
+        name = layout.tensor_name(ref.index)
+        if name not in f:
+            raise NodeNotFound(f"node {ref} is missing from {f.path}")
+        view = f.view(name)
+        if verify:
+            got, want = crc32c(view), int(self._crc[ref.level][ref.index])
+            if got != want:
+                raise BlockCorrupt(f"node {ref} in {f.path}: crc32c {got:#010x} != manifest {want:#010x}")
+        return view
+
+    def read_block(self, ref, verify: bool = True):
+        """The block as a torch tensor `[L_mem, 3, r_l, d]` in the bank dtype (a copy)."""
+        ref = self._ref(ref)
+        return bytes_to_tensor(self.read_block_bytes(ref, verify), self.spec.dtype, self.spec.block_shape(ref.level))
+
+    def generic_block(self, verify: bool = True):
+        """The generic memory `[L_mem, 3, sum(ranks), d]`, or None when the bank has none."""
+        g = self.manifest.get("generic")
+        if not g:
+            return None
+        f = MappedFile(self.dir / g["file"])
+        try:
+            view = f.view("generic")
+            if verify and crc32c(view) != g["crc32c"]:
+                raise BlockCorrupt(f"{f.path}: generic memory does not match its crc32c")
+            out = bytes_to_tensor(view, self.spec.dtype, self.spec.generic_shape)
+            del view
+        finally:
+            f.close()
+        return out
+
+    def close(self) -> None:
+        with self._lock:
+            for f in self._files.values():
+                f.close()
+            self._files.clear()
+
+    def __enter__(self) -> Bank:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Bank({str(self.dir)!r}, bank_id={self.bank_id[:12]}, shards={self.shard_ids})"

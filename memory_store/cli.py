@@ -1,0 +1,190 @@
+"""`hiermem bank synth | inspect | reshard | verify | delete` and `hiermem route`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+log = logging.getLogger(__name__)
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
+def register(subparsers) -> None:
+    bank = subparsers.add_parser("bank", help="build, inspect, verify, reshard and edit memory banks")
+    sub = bank.add_subparsers(dest="bank_command", metavar="ACTION", required=True)
+
+    p = sub.add_parser("synth", help="write a random-weight bank of any layout (streaming, bounded RAM)")
+    p.add_argument("--out", required=True, help="bank directory to create")
+    p.add_argument("--preset", choices=["paper-smollm2", "tiny"], help="start from a preset layout")
+    p.add_argument("--branching", type=_ints, help="children per level, e.g. 16,16,16")
+    p.add_argument("--ranks", type=_ints, help="r per level, e.g. 256,64,16")
+    p.add_argument("--layers", default=None, help="'all' or comma-separated anchor layer indices")
+    p.add_argument("--n-layers", type=int, help="anchor depth")
+    p.add_argument("--d-model", type=int, help="anchor hidden size")
+    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"])
+    p.add_argument("--embedder-dim", type=int, default=384)
+    p.add_argument("--shard-level", type=int, default=1)
+    p.add_argument("--shards", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-generic", action="store_true", help="do not export a generic memory")
+    p.add_argument("--force", action="store_true", help="replace an existing bank at --out")
+    p.set_defaults(func=_synth)
+
+    p = sub.add_parser("inspect", help="print a bank's spec, sizes and shards")
+    p.add_argument("--bank", required=True)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_inspect)
+
+    p = sub.add_parser("verify", help="check every block against its crc32c (exit 1 on any problem)")
+    p.add_argument("--bank", required=True)
+    p.set_defaults(func=_verify)
+
+    p = sub.add_parser("reshard", help="rewrite the shard files for another shard count (same bank_id)")
+    p.add_argument("--bank", required=True)
+    p.add_argument("--shards", type=int, required=True)
+    p.add_argument("--out", help="write a new bank here instead of replacing --bank")
+    p.set_defaults(func=_reshard)
+
+    p = sub.add_parser("delete", help="remove (or zero) the blocks of subtrees and re-publish the bank")
+    p.add_argument("--bank", required=True)
+    p.add_argument("--node", action="append", required=True, help="subtree root LEVEL:INDEX (repeatable)")
+    p.add_argument("--zero", action="store_true", help="zero the blocks instead of removing them")
+    p.add_argument("--out", help="write the edited bank here instead of replacing --bank")
+    p.set_defaults(func=_delete)
+
+    r = subparsers.add_parser("route", help="embed prompts and descend a bank's tree (prints paths and timing)")
+    r.add_argument("text", nargs="*", help="prompt(s)")
+    r.add_argument("--bank", required=True)
+    r.add_argument("--file", help="a file with one prompt per line")
+    r.add_argument("--embedder", help="embedder name (default: the bank's)")
+    r.add_argument("--json", action="store_true", help="one JSON object per prompt, then a summary")
+    r.add_argument("--quiet", action="store_true", help="print only the timing summary")
+    r.set_defaults(func=_route)
+
+
+def _synth(args) -> int:
+    from memory_store.spec import BankSpec
+    from memory_store.synth import PRESETS, synth_bank
+
+    fields = dict(PRESETS[args.preset]) if args.preset else {}
+    for key, val in [("branching", args.branching), ("ranks", args.ranks), ("n_layers", args.n_layers),
+                     ("d_model", args.d_model), ("dtype", args.dtype)]:
+        if val is not None:
+            fields[key] = val
+    if args.layers is not None:
+        fields["memory_layers"] = ("all" if args.layers == "all" else _ints(args.layers))
+    if fields.get("memory_layers", "all") == "all":
+        if "n_layers" not in fields:
+            raise SystemExit("--n-layers is needed with --layers all")
+        fields["memory_layers"] = list(range(fields["n_layers"]))
+    missing = [k for k in ("branching", "ranks", "n_layers", "d_model") if k not in fields]
+    if missing:
+        raise SystemExit(f"missing {', '.join('--' + m.replace('_', '-') for m in missing)} (or use --preset)")
+    fields.setdefault("dtype", "float16")
+    spec = BankSpec(**fields, embedder_dim=args.embedder_dim, shard_level=args.shard_level)
+    print(f"bank: {spec.bank_params / 1e9:.3f}B params, {spec.bank_bytes / 1e9:.2f} GB; "
+          f"path: {spec.fetched_params / 1e6:.2f}M params")
+    bank_id = synth_bank(args.out, spec, args.shards, seed=args.seed, generic=not args.no_generic,
+                         overwrite=args.force, progress=True)
+    print(f"bank_id {bank_id}")
+    return 0
+
+
+def _inspect(args) -> int:
+    from memory_store.ops import inspect_bank
+
+    info = inspect_bank(args.bank)
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    s = info["spec"]
+    print(f"bank {info['dir']}\n  bank_id   {info['bank_id']}\n  anchor    {info['anchor']['arch']} "
+          f"{info['anchor']['hash'][:16]}\n  dtype     {s['dtype']}  d_model {s['d_model']}  "
+          f"memory layers {len(s['memory_layers'])}/{s['n_layers']}\n  embedder  {s['embedder_name']} "
+          f"({s['embedder_dim']})\n  size      {info['bank_params'] / 1e9:.3f}B params, "
+          f"{info['bank_bytes'] / 1e9:.2f} GB; path {info['fetched_params'] / 1e6:.2f}M params "
+          f"({info['fetched_bytes'] / 1e6:.1f} MB)\n  generic   {'yes' if info['generic'] else 'no'}")
+    for lv in info["levels"]:
+        print(f"  level {lv['level']}: {lv['nodes']} nodes ({lv['present']} present), r={lv['rank']}, "
+              f"block {lv['block_bytes'] / 1e6:.2f} MB, level {lv['level_bytes'] / 1e9:.3f} GB")
+    for sh in info["shards"]:
+        owned = sh["owned_subtrees"]
+        print(f"  shard {sh['id']}: {len(owned)} subtrees ({owned[0]} .. {owned[-1]})")
+    return 0
+
+
+def _verify(args) -> int:
+    from memory_store.ops import verify_bank
+
+    report = verify_bank(args.bank, progress=True)
+    for problem in report.problems:
+        print(f"CORRUPT {problem}")
+    print(f"{'OK' if report.ok else 'FAILED'}: {report.blocks_checked} blocks, "
+          f"{report.bytes_checked / 1e9:.3f} GB checked, {report.absent} absent, "
+          f"{len(report.problems)} problems (bank_id {report.bank_id[:12]})")
+    return 0 if report.ok else 1
+
+
+def _reshard(args) -> int:
+    from memory_store.ops import reshard
+
+    bank_id = reshard(args.bank, args.shards, out=args.out, progress=True)
+    print(f"bank_id {bank_id}")
+    return 0
+
+
+def _delete(args) -> int:
+    from memory_store.ops import delete_subtrees
+    from memory_store.spec import NodeRef
+
+    refs = [NodeRef.parse(n) for n in args.node]
+    bank_id = delete_subtrees(args.bank, refs, zero=args.zero, out=args.out, progress=True)
+    print(f"{'zeroed' if args.zero else 'deleted'} {', '.join(map(str, refs))}; new bank_id {bank_id}")
+    return 0
+
+
+def _route(args) -> int:
+    import time
+
+    import numpy as np
+
+    from memory_store.bank import Bank
+    from memory_store.embed import load_embedder
+
+    prompts = list(args.text)
+    if args.file:
+        with open(args.file) as f:
+            prompts += [line.rstrip("\n") for line in f if line.strip()]
+    if not prompts:
+        raise SystemExit("give prompts as arguments or with --file")
+    bank = Bank.open(args.bank)
+    embedder = load_embedder(args.embedder or bank.spec.embedder_name)
+    embedder.embed(["warm-up"])  # first call pays one-off allocation costs
+    times = np.empty(len(prompts))
+    for i, prompt in enumerate(prompts):
+        t0 = time.perf_counter()
+        path = bank.tree.route(embedder.embed([prompt]))[0]
+        times[i] = time.perf_counter() - t0
+        if args.json:
+            print(json.dumps({"prompt": prompt, "path": path.tolist(), "ms": round(times[i] * 1e3, 3)}))
+        elif not args.quiet:
+            print(f"{'/'.join(map(str, path.tolist())):>16}  {times[i] * 1e3:7.2f} ms  {prompt[:70]}")
+    summary = {"prompts": len(prompts), "p50_ms": float(np.percentile(times, 50) * 1e3),
+               "p99_ms": float(np.percentile(times, 99) * 1e3), "mean_ms": float(times.mean() * 1e3)}
+    if args.json:
+        print(json.dumps({"summary": summary}))
+    else:
+        print(f"{summary['prompts']} prompts: p50 {summary['p50_ms']:.2f} ms, p99 {summary['p99_ms']:.2f} ms, "
+              f"mean {summary['mean_ms']:.2f} ms per prompt (embed + descent)", file=sys.stdout)
+    return 0
+
+
+def add_argument_parser_for_docs() -> argparse.ArgumentParser:  # pragma: no cover - used by docs only
+    parser = argparse.ArgumentParser(prog="hiermem")
+    register(parser.add_subparsers())
+    return parser

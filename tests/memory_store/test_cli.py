@@ -1,0 +1,50 @@
+import json
+
+import numpy as np
+
+from hiermem.cli import main
+from memory_store import Bank
+
+
+def test_synth_inspect_verify_delete_reshard(tmp_path, capsys):
+    out = tmp_path / "bank"
+    assert main(["bank", "synth", "--out", str(out), "--branching", "2,4", "--ranks", "8,4", "--layers", "all",
+                 "--n-layers", "3", "--d-model", "16", "--dtype", "bfloat16", "--shards", "2", "--seed", "5"]) == 0
+    bank = Bank.open(out)
+    assert bank.spec.memory_layers == [0, 1, 2] and bank.spec.dtype == "bfloat16"
+    assert len(bank.shard_ids) == 2 and bank.generic_block() is not None
+    first_id = bank.bank_id
+    assert bank.read_block((2, 3)).float().abs().max() > 0
+    capsys.readouterr()
+
+    assert main(["bank", "inspect", "--bank", str(out), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["bank_id"] == first_id and [lv["nodes"] for lv in info["levels"]] == [2, 8]
+
+    assert main(["bank", "verify", "--bank", str(out)]) == 0
+    assert main(["bank", "delete", "--bank", str(out), "--node", "2:3"]) == 0
+    deleted = Bank.open(out)
+    assert deleted.bank_id != first_id and not deleted.is_present((2, 3))
+    assert main(["bank", "reshard", "--bank", str(out), "--shards", "1"]) == 0
+    assert Bank.open(out).bank_id == deleted.bank_id
+    assert main(["bank", "inspect", "--bank", str(out)]) == 0
+    assert "7 present" in capsys.readouterr().out
+
+
+def test_route_prints_paths_and_timing(tmp_path, capsys):
+    out = tmp_path / "bank"
+    assert main(["bank", "synth", "--out", str(out), "--preset", "tiny"]) == 0
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("the atomic number of gold\n\nthe capital of France\n")
+    capsys.readouterr()
+    assert main(["route", "hello", "--file", str(prompts), "--bank", str(out), "--embedder", "hash-trigram",
+                 "--json"]) == 0
+    lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert [x["prompt"] for x in lines[:-1]] == ["hello", "the atomic number of gold", "the capital of France"]
+    tree = Bank.open(out).tree
+    from memory_store.embed import load_embedder
+
+    emb = load_embedder("hash-trigram").embed(["hello"])
+    assert lines[0]["path"] == tree.route(emb)[0].tolist()
+    assert lines[-1]["summary"]["prompts"] == 3 and lines[-1]["summary"]["p50_ms"] > 0
+    assert np.all([len(x["path"]) == 2 for x in lines[:-1]])
