@@ -7,7 +7,7 @@
 #   serve-model   the model server (HTTP, OpenAI-compatible)    hiermem serve-model ...
 #   build         train a bank                                  hiermem build ...
 #   ensure-bank   one-shot: make sure a bank exists in $HIERMEM_INIT_BANK_DIR, build it when absent
-#   probe         health probe for compose healthchecks         hiermem probe ...
+#   probe         health probe for compose healthchecks         python -m hiermem.launcher probe ...
 #   anything else is executed as given (e.g. `hiermem --help`, `sh`).
 set -eu
 
@@ -15,11 +15,12 @@ role="${1:-serve-model}"
 [ "$#" -gt 0 ] && shift
 
 case "$role" in
-  serve-bank|serve-model|build|probe|up)
+  serve-bank|serve-model|build|up|ensure-bank)
     exec hiermem "$role" "$@"
     ;;
-  ensure-bank)
-    exec hiermem ensure-bank "$@"
+  probe)
+    # without the other commands' imports (torch): a healthcheck answers in well under a second
+    exec python -m hiermem.launcher probe "$@"
     ;;
   *)
     exec "$role" "$@"

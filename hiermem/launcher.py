@@ -316,8 +316,9 @@ def plan_stack(s: UpSettings, redis_url: str | None) -> tuple[list[ChildSpec], C
     for sid in shard_ids:
         for r in range(s.replicas):
             def argv(port: int, sid=sid, r=r) -> list[str]:
-                return _hiermem("serve-bank", "--bank", str(s.bank), "--shard", sid, "--replica-id", f"r{r}",
-                                "--host", s.host, "--port", str(port), *redis_args, *shlex.split(s.bank_args))
+                # `python -m services.memory_bank` is serve-bank without the other packages' imports (torch)
+                return [sys.executable, "-m", "services.memory_bank", "--bank", str(s.bank), "--shard", sid, "--replica-id", f"r{r}",
+                                "--host", s.host, "--port", str(port), *redis_args, *shlex.split(s.bank_args)]
             shards.append(ChildSpec(f"shard-{sid}/r{r}", argv, probe_grpc))
 
     def model(addresses: dict[str, list[str]]) -> ChildSpec:
@@ -499,3 +500,20 @@ def register(subparsers) -> None:
     g.add_argument("--redis", metavar="URL", help="PING must answer")
     p.add_argument("--timeout", type=float, default=3.0)
     p.set_defaults(func=_cmd_probe)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m hiermem.launcher probe|up|ensure-bank ...`: these commands without importing the other
+    packages' commands (torch), so a healthcheck answers in well under a second."""
+    parser = argparse.ArgumentParser(prog="python -m hiermem.launcher")
+    parser.add_argument("--log-level", default="INFO")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    register(sub)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.INFO),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

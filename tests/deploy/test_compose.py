@@ -74,7 +74,8 @@ def test_start_order_waits_for_health_and_the_bank(config):
     for name in ("shard-0", "shard-1"):
         assert svcs[name]["depends_on"]["redis"]["condition"] == "service_healthy"
         assert svcs[name]["depends_on"]["bank-init"]["condition"] == "service_completed_successfully"
-        assert svcs[name]["healthcheck"]["test"][1:] == ["hiermem", "probe", "--grpc", "127.0.0.1:50051"]
+        assert svcs[name]["healthcheck"]["test"][1:] == [
+            "python", "-m", "hiermem.launcher", "probe", "--grpc", "127.0.0.1:50051"]
     assert {k: v["condition"] for k, v in svcs["model"]["depends_on"].items()} == {
         "shard-0": "service_healthy", "shard-1": "service_healthy"}
     assert svcs["model"]["healthcheck"]["test"][-1].endswith("/ready")

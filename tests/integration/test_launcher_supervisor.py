@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import sys
 import textwrap
 import time
@@ -71,6 +72,7 @@ def test_killed_child_comes_back_on_its_port_and_stop_leaves_no_process(fake_sha
         address, old_pid = victim.address, victim.proc.pid
         old_tree = _tree(old_pid)
         assert probe_grpc(address) and len(old_tree) == 2
+        assert _probe_cli("--grpc", address) == 0  # what the compose healthcheck runs
 
         os.kill(old_pid, signal.SIGKILL)
         t0 = time.monotonic()
@@ -93,6 +95,12 @@ def test_killed_child_comes_back_on_its_port_and_stop_leaves_no_process(fake_sha
     survivors = [psutil.Process(p) for p in pids if _alive(p)]
     assert not survivors, [(s.pid, s.cmdline(), s.status(), s.ppid()) for s in survivors]
     assert not probe_grpc(address, 0.5)
+    assert _probe_cli("--grpc", address) == 1
+
+
+def _probe_cli(*args: str) -> int:
+    return subprocess.run([sys.executable, "-m", "hiermem.launcher", "probe", *args, "--timeout", "1"],
+                          capture_output=True, timeout=60).returncode
 
 
 def test_a_child_that_exits_while_starting_fails_fast(tmp_path):
