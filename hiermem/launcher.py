@@ -456,6 +456,7 @@ def _add_settings_flags(parser: argparse.ArgumentParser, settings_cls: type[Base
 def _cmd_up(args: argparse.Namespace) -> int:
     overrides = {k: v for k, v in vars(args).items() if k in UpSettings.model_fields and v is not None}
     settings = UpSettings(**overrides)
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per readiness poll otherwise
     stop = threading.Event()
 
     def on_signal(signum, _frame):

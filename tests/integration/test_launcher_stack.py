@@ -1,0 +1,111 @@
+"""`hiermem up` end to end: redis-server (when installed), two real bank shards and the real model server
+with the tiny anchor and a synthetic bank built for it; a completion, a shard killed and back within 10 s,
+and SIGTERM leaving no process behind."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import psutil
+import pytest
+
+from hiermem.launcher import EnsureBankSettings, ensure_bank, probe_grpc
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def bank(tmp_path_factory):
+    out = tmp_path_factory.mktemp("up") / "bank"
+    return ensure_bank(EnsureBankSettings(bank=out, anchor="tiny", shards=2, branching=[2, 2], ranks=[4, 2],
+                                          dtype="float32"))
+
+
+class Launcher:
+    def __init__(self, *args: str):
+        self.proc = subprocess.Popen([sys.executable, "-m", "hiermem.cli", "up", *args], stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True, start_new_session=True)
+        self.out: list[str] = []
+        self.err: list[str] = []
+        for stream, sink in ((self.proc.stdout, self.out), (self.proc.stderr, self.err)):
+            threading.Thread(target=lambda s=stream, k=sink: k.extend(iter(s.readline, "")), daemon=True).start()
+
+    def wait_for(self, pattern: str, lines: list[str], timeout: float) -> re.Match:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for line in list(lines):
+                if m := re.search(pattern, line):
+                    return m
+            assert self.proc.poll() is None, "launcher exited:\n" + "".join(self.err[-50:])
+            time.sleep(0.1)
+        raise AssertionError(f"no {pattern!r} after {timeout} s:\n" + "".join(self.err[-50:]))
+
+    def descendants(self) -> list[psutil.Process]:
+        return psutil.Process(self.proc.pid).children(recursive=True)
+
+
+def _alive(p: psutil.Process) -> bool:
+    try:
+        return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def _complete(url: str, prompt: str) -> dict:
+    reply = httpx.post(f"{url}/v1/completions", json={"prompt": prompt, "max_tokens": 4}, timeout=60)
+    assert reply.status_code == 200, reply.text
+    return reply.json()
+
+
+def test_up_serves_restarts_a_killed_shard_and_stops_clean(bank):
+    launcher = Launcher("--bank", str(bank), "--anchor", "tiny", "--port", "0", "--backoff-initial-s", "0.5")
+    try:
+        url = launcher.wait_for(r"hiermem is up: (http://\S+)", launcher.out, timeout=240).group(1)
+        assert any("curl" in line and url in line for line in launcher.out)
+        answer = _complete(url, "The capital of France is")
+        assert answer["choices"][0]["text"]
+        assert len(answer["memory"]["path"]) == 2 and answer["memory"]["degraded"] is False
+
+        children = launcher.descendants()
+        shard0 = [p for p in children if "--shard" in p.cmdline() and p.cmdline()[p.cmdline().index("--shard") + 1] == "0"]
+        assert len(shard0) == 1
+        address = launcher.wait_for(r"shard-0/r0 healthy at (\S+)", launcher.err, timeout=5).group(1)
+        assert probe_grpc(address)
+
+        shard0[0].kill()
+        t0 = time.monotonic()
+        launcher.wait_for(r"shard-0/r0 healthy again at " + re.escape(address), launcher.err, timeout=10)
+        assert probe_grpc(address)
+        restarted_in = time.monotonic() - t0
+        assert restarted_in < 10, restarted_in
+        assert [p for p in launcher.descendants() if p.pid not in {c.pid for c in children}], "no new process"
+        assert _complete(url, "Paris is a city in")["memory"]["degraded"] is False
+
+        everyone = launcher.descendants()
+        assert len(everyone) >= 3
+        model_port = int(url.rsplit(":", 1)[1])
+    finally:
+        launcher.proc.send_signal(signal.SIGTERM)
+        code = launcher.proc.wait(timeout=90)
+    assert code == 0, "".join(launcher.err[-30:])
+    assert not [p for p in everyone if _alive(p)], "children outlived the launcher"
+    assert not probe_grpc(address, 0.5)
+    with socket.socket() as s:
+        assert s.connect_ex(("127.0.0.1", model_port)) != 0, "model server port still open"
+    assert any("stopped model" in line for line in launcher.err)
+
+
+def test_up_refuses_a_shard_count_the_bank_does_not_have(bank):
+    out = subprocess.run([sys.executable, "-m", "hiermem.cli", "up", "--bank", str(bank), "--shards", "3",
+                          "--redis", "off"], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "HIERMEM_UP_ANCHOR": "tiny"})
+    assert out.returncode != 0
+    assert "has 2 shards" in out.stderr and "reshard" in out.stderr
