@@ -36,9 +36,12 @@ log = logging.getLogger(__name__)
 
 ARCH = "llama"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# Untied, std 0.1: a tied tiny random model collapses into repeating one token, which makes poor tests.
 TINY_CONFIG = dict(d_model=64, n_layers=4, n_heads=4, n_kv_heads=2, head_dim=16, ffn_dim=128,
-                   rope_theta=100000.0, max_seq_len=2048, tie_embeddings=True)
-TINY_SEED = 1234
+                   rope_theta=100000.0, max_seq_len=2048, tie_embeddings=False)
+TINY_SEED, TINY_STD = 1234, 0.1
+# Bumped whenever a named anchor's recipe changes, so stale caches are converted again.
+RECIPES = {"smollm2": "smollm2-gguf-v1", "tiny": "tiny-v2"}
 _IGNORED_KEYS = ("rotary_emb.inv_freq",)
 
 
@@ -67,7 +70,8 @@ def load_anchor(name: str | os.PathLike = "smollm2", dtype: torch.dtype = torch.
     """
     if str(name) in ("smollm2", "tiny"):
         target = anchors_dir() / str(name)
-        if not (target / "hiermem.json").exists():
+        meta = _read_meta(target)
+        if meta is None or meta.get("recipe") != RECIPES[str(name)]:
             _convert(str(name), target)
         return _load_dir(target, dtype, device, name=str(name))
     path = Path(name).expanduser()
@@ -195,16 +199,18 @@ def _convert(name: str, target: Path) -> None:
         tokenizer = _smollm2_tokenizer()
         config = ModelConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
                              eos_token_ids=[tokenizer.eos_token_id], **TINY_CONFIG)
-        model = Transformer(config).init_weights(seed=TINY_SEED)
-        source = f"random init, seed {TINY_SEED}, SmolLM2 tokenizer"
+        model = Transformer(config).init_weights(seed=TINY_SEED, std=TINY_STD)
+        source = f"random init, seed {TINY_SEED}, std {TINY_STD}, SmolLM2 tokenizer"
     else:  # pragma: no cover - guarded by load_anchor
         raise AnchorNotFound(name)
-    save_anchor_dir(model, tokenizer, target, name=name, source=source)
+    save_anchor_dir(model, tokenizer, target, name=name, source=source, recipe=RECIPES[name])
     log.info("converted anchor %s in %.1fs", name, time.perf_counter() - t0)
 
 
-def save_anchor_dir(model: Transformer, tokenizer, target: Path, *, name: str, source: str) -> dict[str, str]:
-    """Write `model` + `tokenizer` as a cache/HF directory at `target`, atomically; returns the identity."""
+def save_anchor_dir(model: Transformer, tokenizer, target: Path, *, name: str, source: str,
+                    recipe: str | None = None) -> dict[str, str]:
+    """Write `model` + `tokenizer` as a cache/HF directory at `target`, atomically; returns the identity.
+    An existing `target` of another recipe is replaced (renamed away, then deleted)."""
     from safetensors.torch import save_file
 
     config = model.config
@@ -217,16 +223,21 @@ def save_anchor_dir(model: Transformer, tokenizer, target: Path, *, name: str, s
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(config.to_hf(), indent=2) + "\n")
         tokenizer.save_pretrained(str(tmp))
-        meta = {"name": name, "source": source, "identity": identity}
+        meta = {"name": name, "source": source, "recipe": recipe, "identity": identity}
         (tmp / "hiermem.json").write_text(json.dumps(meta, indent=2) + "\n")
         for f in tmp.iterdir():
             f.chmod(0o644)
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
         tmp.chmod(0o755)
-        if target.exists():  # someone else finished first; theirs is equivalent
+        old = _read_meta(target) if target.exists() else None
+        if old is not None and old.get("recipe") == recipe:  # someone else finished first; same recipe
             shutil.rmtree(tmp)
         else:
+            if target.exists():
+                stale = Path(tempfile.mkdtemp(prefix=f".old-{target.name}-", dir=target.parent))
+                os.rename(target, stale / "x")
+                shutil.rmtree(stale, ignore_errors=True)
             os.rename(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
