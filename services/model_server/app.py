@@ -98,15 +98,22 @@ def create_app(settings: ModelServerSettings, components: Components | None = No
 
     comps = components or build_components(settings)
 
+    users = 0  # test clients may enter the lifespan more than once, nested: start once, stop at the last
+
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        comps.engine.start()
-        log.info("model server ready: models %s, bank %s, scheduler %s", comps.model_ids, comps.bank_id,
-                 settings.scheduler)
+        nonlocal users
+        users += 1
+        if users == 1:
+            comps.engine.start()
+            log.info("model server ready: models %s, bank %s, scheduler %s", comps.model_ids, comps.bank_id,
+                     settings.scheduler)
         try:
             yield
         finally:
-            comps.close()
+            users -= 1
+            if users == 0:
+                comps.close()
 
     app = FastAPI(title="hiermem model server", version="0.1.0", lifespan=lifespan,
                   summary="OpenAI- and TGI-compatible generation with hierarchical parametric memory",

@@ -98,28 +98,35 @@ def build_memory_side(settings: ModelServerSettings, bank: Any, fetcher: Any, em
 
 
 def build_components(settings: ModelServerSettings) -> Components:
-    """Load the anchor, open the bank, connect the bank client, start nothing yet."""
-    from .runner import LmRunner, load_codec_and_runner
+    """Load the anchor, open the bank (refusing one built for another anchor), connect the bank client,
+    preload the pinned levels; the engine is started by the app's lifespan."""
+    from .runner import load_codec_and_runner
 
     if settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)
     metrics = Metrics()
     keys = KeyStore.load(settings.api_keys_file)
-    anchor, codec, runner = load_codec_and_runner(settings.anchor, n_slots=settings.max_batch)
-    assert isinstance(runner, LmRunner)
-    closers: list[Callable[[], Any]] = []
-    resolver, bank_id, ready_check = None, None, (lambda: (True, "ok"))
+    bank = None
     if settings.bank is not None:
-        from memory_store import Bank, load_embedder
+        from memory_store import Bank
 
         bank = Bank.open(settings.bank)
+    anchor, codec, runner = load_codec_and_runner(
+        settings.anchor, n_slots=settings.max_batch, max_seq_len=settings.max_seq_len,
+        memory_layers=bank.spec.memory_layers if bank is not None else None)
+    closers: list[Callable[[], Any]] = []
+    resolver, bank_id, ready_check = None, None, (lambda: (True, "ok"))
+    if bank is not None:
+        from memory_store import load_embedder
+
         check_identity(bank.anchor, anchor.identity)
         bank_id = bank.bank_id
         if settings.redis_url or settings.static_addresses:
             from services.memory_bank.client import BankClient
 
             fetcher = BankClient(bank, redis_url=settings.redis_url,
-                                 static_addresses=settings.static_addresses or None)
+                                 static_addresses=settings.static_addresses or None,
+                                 timeout_s=settings.fetch_timeout_s)
             if hasattr(fetcher, "close"):
                 closers.append(fetcher.close)
         else:
@@ -138,15 +145,16 @@ def build_components(settings: ModelServerSettings) -> Components:
 
 
 def _bank_ready_check(fetcher: Any) -> Callable[[], tuple[bool, str]]:
-    probe = getattr(fetcher, "reachable", None) or getattr(fetcher, "healthy", None)
-    if probe is None:
+    """Ready when the bank client knows at least one replica of some shard (local files: always)."""
+    replicas = getattr(fetcher, "replicas", None)
+    if replicas is None:
         return lambda: (True, "ok")
 
     def check() -> tuple[bool, str]:
         try:
-            ok = bool(probe())
+            known = {shard: addrs for shard, addrs in replicas().items() if addrs}
         except Exception as exc:  # a probe that fails means not ready
-            return False, f"bank unreachable: {exc}"
-        return (True, "ok") if ok else (False, "no bank shard reachable")
+            return False, f"bank client unavailable: {exc}"
+        return (True, "ok") if known else (False, "no bank shard replica known")
 
     return check

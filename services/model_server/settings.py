@@ -33,7 +33,7 @@ def parse_static_addresses(value: object) -> dict[str, list[str]]:
 class ModelServerSettings(BaseSettings):
     """Everything the model server is configured with; built once at start-up and passed down."""
 
-    model_config = SettingsConfigDict(env_prefix="HIERMEM_MODEL_", extra="forbid")
+    model_config = SettingsConfigDict(env_prefix="HIERMEM_MODEL_", extra="forbid", use_attribute_docstrings=True)
 
     anchor: str = "smollm2"
     """Anchor to load: `smollm2`, `tiny`, or a directory of an HF checkpoint."""
@@ -63,6 +63,8 @@ class ModelServerSettings(BaseSettings):
     """Aging bound of the subtree scheduler: a request waiting this long is admitted first."""
     prefill_chunk: int = Field(256, ge=1)
     """Prompt tokens prefilled per engine step, so running sequences never stall for a whole prompt."""
+    max_seq_len: int = Field(2048, ge=8)
+    """KV-cache length per slot (prompt + generated tokens), capped by the anchor's context."""
     max_prompt_tokens: int = Field(2048, ge=1)
     """Longest prompt accepted (tokens)."""
     max_tokens_limit: int = Field(512, ge=1)

@@ -1,0 +1,38 @@
+"""Run the app under uvicorn; log `LISTENING host:port` once it serves; drain on SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from .errors import BankIdentityMismatch
+from .settings import ModelServerSettings
+
+log = logging.getLogger(__name__)
+
+
+async def serve(settings: ModelServerSettings) -> None:
+    import uvicorn
+
+    from .app import create_app
+
+    app = create_app(settings)
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, lifespan="on", log_config=None,
+                            access_log=False, timeout_graceful_shutdown=30)
+    server = uvicorn.Server(config)
+    task = asyncio.create_task(server.serve())
+    while not server.started and not task.done():
+        await asyncio.sleep(0.05)
+    if server.started:
+        host, port = server.servers[0].sockets[0].getsockname()[:2]
+        log.info("LISTENING %s:%d", host, port)
+    await task
+
+
+def run(settings: ModelServerSettings) -> int:
+    try:
+        asyncio.run(serve(settings))
+    except BankIdentityMismatch as exc:
+        log.error("%s", exc)
+        raise SystemExit(f"hiermem serve-model: {exc}") from None
+    return 0

@@ -1,0 +1,88 @@
+"""Subtree-aware vs FIFO admission, aging; block cache LRU, pinning, single-flight, per-shard groups."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+
+import torch
+
+from memory_store import NodeRef
+from services.model_server.block_cache import BlockCache
+from services.model_server.metrics import Metrics
+from services.model_server.scheduler import Scheduler
+
+from .fakes import FakeFetcher
+
+
+@dataclass
+class W:
+    name: str
+    enqueued_at: float
+    memory_nodes: dict = field(default_factory=dict)
+
+
+def test_subtree_scheduler_prefers_sharing_fifo_does_not():
+    running = {("L1", 0), ("L2", 0)}
+    waiting = [W("far", 0.0, {("L1", 1): 100, ("L2", 5): 10}),
+               W("sibling", 0.1, {("L1", 0): 100, ("L2", 1): 10}),
+               W("same", 0.2, {("L1", 0): 100, ("L2", 0): 10})]
+    picked = Scheduler("subtree", 10).pick(waiting, running, 2, now=1.0)
+    assert [w.name for w in picked] == ["same", "sibling"]
+    assert [w.name for w in Scheduler("fifo").pick(waiting, running, 2, now=1.0)] == ["far", "sibling"]
+    # aging: once "far" waited past the bound it goes first
+    assert Scheduler("subtree", 0.5).pick(waiting, running, 1, now=1.0)[0].name == "far"
+
+
+def test_subtree_scheduler_groups_when_batch_is_empty():
+    waiting = [W("a0", 0.0, {"A": 1}), W("b0", 0.1, {"B": 1}), W("a1", 0.2, {"A": 1})]
+    assert [w.name for w in Scheduler("subtree", 10).pick(waiting, set(), 2, now=0.3)] == ["a0", "a1"]
+
+
+def _block_bytes():
+    return torch.full((1, 3, 2, 4), 1.0).numel() * 4  # float32 in the cache
+
+
+def test_lru_is_byte_bounded_and_pinned_levels_stay():
+    fetcher = FakeFetcher()
+    metrics = Metrics()
+    cache = BlockCache(fetcher, capacity_bytes=2 * _block_bytes(), pinned_levels=1, metrics=metrics)
+    cache.preload([NodeRef(1, i) for i in range(4)])
+    refs = [NodeRef(2, i) for i in range(3)]
+    for r in refs:
+        got = cache.get_many([r])
+        assert got.blocks[r].dtype == torch.float32 and got.misses == 1
+    assert cache.lru_bytes == 2 * _block_bytes()
+    assert refs[0] not in cache and refs[2] in cache and NodeRef(1, 3) in cache
+    got = cache.get_many([NodeRef(1, 2), refs[2]])
+    assert got.hits == 2 and got.misses == 0
+    assert cache.stats()["bytes_per_level"] == {1: 4 * _block_bytes(), 2: 2 * _block_bytes()}
+    text = metrics.registry.get_sample_value("hiermem_block_cache_hits_total", {"level": "1"})
+    assert text == 1.0
+
+
+def test_concurrent_requests_share_one_fetch_and_group_per_shard():
+    fetcher = FakeFetcher(delay=0.2)
+    cache = BlockCache(fetcher, capacity_bytes=1 << 20, shard_of=fetcher.bank.shard_of)
+    path = [NodeRef(1, 2), NodeRef(2, 4)]
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(cache.get_many(path))) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(fetcher.calls) == 1 and sorted(fetcher.calls[0]) == sorted(path)
+    assert all(set(r.blocks) == set(path) for r in results)
+    fetcher.delay = 0
+    cache.get_many([NodeRef(1, 0), NodeRef(1, 1), NodeRef(2, 2)])  # shard s0, s1, s1
+    assert sorted(len(c) for c in fetcher.calls[1:]) == [1, 2]
+
+
+def test_failed_fetch_is_reported_and_retried_later():
+    fetcher = FakeFetcher()
+    fetcher.down.add("s1")
+    cache = BlockCache(fetcher, capacity_bytes=1 << 20, shard_of=fetcher.bank.shard_of)
+    got = cache.get_many([NodeRef(1, 1)])
+    assert NodeRef(1, 1) in got.failed and not got.blocks
+    fetcher.down.clear()
+    assert NodeRef(1, 1) in cache.get_many([NodeRef(1, 1)]).blocks
