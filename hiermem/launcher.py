@@ -425,7 +425,7 @@ def ensure_bank(s: EnsureBankSettings) -> Path:
         log.info("bank present at %s: nothing to do", s.bank)
         return s.bank
     if s.source == "demo":
-        argv = _hiermem("build", "--preset", "demo", "--out", str(s.bank), "--anchor", s.anchor)
+        argv = _hiermem("build", "--preset", "demo", "--out", str(s.bank))  # trains on the smollm2 anchor
         log.info("building the demo bank: %s", shlex.join(argv))
         subprocess.run(argv, check=True)
         return s.bank
