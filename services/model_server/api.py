@@ -62,7 +62,7 @@ def _check_model(c: Components, model: str | None) -> str:
 def _sampling(c: Components, body: Any, stop: list[str]) -> Sampling:
     max_new = body.max_tokens if body.max_tokens is not None else c.settings.default_max_tokens
     return Sampling(max_new_tokens=max_new, temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
-                    seed=body.seed, stop=stop)
+                    seed=body.seed, stop=stop, ignore_eos=body.ignore_eos)
 
 
 async def _begin(request: Request, c: Components, prompt_ids: list[int], route_text: str, sampling: Sampling,

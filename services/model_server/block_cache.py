@@ -46,12 +46,14 @@ class BlockCache:
     """Pinned + LRU store of memory blocks keyed by NodeRef (anything with `.level`)."""
 
     def __init__(self, fetcher: Fetcher, *, capacity_bytes: int, pinned_levels: int = 0,
-                 shard_of: Callable[[Any], str] | None = None, metrics: Metrics | None = None,
+                 shard_of: Callable[[Any], str] | None = None, subtree_of: Callable[[Any], int] | None = None,
+                 metrics: Metrics | None = None,
                  dtype: torch.dtype = torch.float32, timeout_s: float = 10.0) -> None:
         self._fetcher = fetcher
         self.capacity_bytes = capacity_bytes
         self.pinned_levels = pinned_levels
         self._shard_of = shard_of or (lambda ref: "bank")
+        self._subtree_of = subtree_of
         self._metrics = metrics
         self._dtype = dtype
         self._timeout_s = timeout_s
@@ -62,7 +64,6 @@ class BlockCache:
         self._inflight: dict[Hashable, Future] = {}
         self._bytes_per_level: dict[int, int] = {}
         self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="block-fetch")
-        self.fetched_refs: list[Any] = []  # every ref ever sent to the fetcher (tests, diagnostics)
 
     # ---- queries -----------------------------------------------------------------------------
     def __contains__(self, ref: Hashable) -> bool:
@@ -145,7 +146,6 @@ class BlockCache:
 
     def _fetch_group(self, shard: str, refs: list[Any]) -> None:
         t0 = time.perf_counter()
-        self.fetched_refs.extend(refs)
         try:
             result = self._fetcher.fetch(refs)
             blocks, failed = dict(result.blocks), dict(result.failed)
@@ -153,6 +153,9 @@ class BlockCache:
             blocks, failed = {}, {ref: f"shard {shard}: {exc}" for ref in refs}
         if self._metrics is not None:
             self._metrics.fetch_latency.labels(shard=shard).observe(time.perf_counter() - t0)
+            for ref in refs:
+                subtree = str(self._subtree_of(ref)) if self._subtree_of is not None else "?"
+                self._metrics.fetched_blocks.labels(shard=shard, subtree=subtree).inc()
             if failed:
                 self._metrics.fetch_failures.labels(shard=shard).inc(len(failed))
         for ref in refs:

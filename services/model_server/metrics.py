@@ -31,6 +31,8 @@ class Metrics:
                                  ["level"], registry=r)
         self.fetch_latency = Histogram("hiermem_fetch_seconds", "Block fetch latency per shard", ["shard"],
                                        buckets=_FETCH_BUCKETS, registry=r)
+        self.fetched_blocks = Counter("hiermem_fetched_blocks", "Blocks requested from the bank, per shard and "
+                                      "level-1 subtree", ["shard", "subtree"], registry=r)
         self.fetch_failures = Counter("hiermem_fetch_failures", "Blocks that could not be fetched",
                                       ["shard"], registry=r)
         self.degraded = Counter("hiermem_degraded_requests", "Requests served with fewer memory levels",

@@ -28,6 +28,7 @@ class SamplingFields(_Request):
     stop: StopSpec = None
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
     user: str | None = None
+    ignore_eos: bool = Field(False, description="extension: keep generating past the end-of-sequence token")
     memory: MemorySpec = Field("auto", description=_MEMORY_DOC)
 
     def stop_list(self) -> list[str]:

@@ -86,8 +86,10 @@ class LocalFetcher:
 def build_memory_side(settings: ModelServerSettings, bank: Any, fetcher: Any, embed: Callable,
                       metrics: Metrics) -> tuple[MemoryResolver, BlockCache]:
     """Block cache (shallow levels preloaded) and the resolver over it."""
+    sizes = [len(c) for c in bank.tree.centroids]
     cache = BlockCache(fetcher, capacity_bytes=settings.cache_bytes, pinned_levels=settings.pinned_levels,
-                       shard_of=lambda ref: str(bank.shard_of(ref)), metrics=metrics,
+                       shard_of=lambda ref: str(bank.shard_of(ref)),
+                       subtree_of=lambda ref: ref.index // (sizes[ref.level - 1] // sizes[0]), metrics=metrics,
                        timeout_s=settings.fetch_timeout_s)
     resolver = MemoryResolver(bank, cache, embed, strict=settings.strict, metrics=metrics)
     if settings.pinned_levels:
