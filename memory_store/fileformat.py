@@ -133,6 +133,13 @@ class MappedFile:
             self.mm.madvise(mmap.MADV_WILLNEED, page, end - page)
         return memoryview(self.mm)[start:end]
 
+    def release(self) -> None:
+        """Drop this process's page-table entries for the whole file (MADV_DONTNEED). The mapping is a
+        shared read-only file mapping, so live views stay valid: a later access faults the page back in
+        from the page cache. This is what keeps RSS bounded when many blocks are read over time."""
+        if len(self.mm):
+            self.mm.madvise(mmap.MADV_DONTNEED)
+
     def close(self) -> None:
         try:
             self.mm.close()

@@ -242,3 +242,35 @@ def test_no_generic_memory_gives_none(tmp_path, spec):
 
 def test_random_blocks_helper_covers_every_node(spec):
     assert len(random_blocks(spec)) == spec.nodes_at(1) + spec.nodes_at(2)
+
+
+def test_rss_stays_bounded_when_reading_many_blocks(tmp_path):
+    spec = tiny_spec(branching=[2, 64], ranks=[64, 64], memory_layers=list(range(8)), n_layers=8,
+                     d_model=512, dtype="float16")  # level 2: 128 blocks of 1.5 MiB = 192 MiB
+    rng = np.random.default_rng(0)
+    with BankWriter(tmp_path / "b", spec, ANCHOR, random_tree([2, 64], 16), 1) as w:
+        for lv in (1, 2):
+            for i in range(spec.nodes_at(lv)):
+                w.write_block(NodeRef(lv, i), rng.standard_normal(spec.block_shape(lv), dtype=np.float32))
+
+    def file_rss_growth(budget):
+        import psutil
+
+        bank = Bank.open(tmp_path / "b", mapped_budget_bytes=budget)
+        before = psutil.Process().memory_full_info().rss
+        views = [bank.read_block_bytes(NodeRef(2, i)) for i in range(128)]
+        grown = psutil.Process().memory_full_info().rss - before
+        # views taken before a release still read the right bytes
+        assert crc_ok(bank, views[3], NodeRef(2, 3))
+        del views
+        bank.close()
+        return grown
+
+    assert file_rss_growth(0) > 150 * 2**20  # without a budget every touched page stays mapped
+    assert file_rss_growth(32 * 2**20) < 64 * 2**20
+
+
+def crc_ok(bank, view, ref):
+    from memory_store.fileformat import crc32c
+
+    return crc32c(view) == bank.block_info(ref).crc32c

@@ -1,9 +1,18 @@
+import argparse
 import json
 
 import numpy as np
 
-from hiermem.cli import main
 from memory_store import Bank
+from memory_store.cli import register
+
+
+def main(argv: list[str]) -> int:
+    """Our subcommands alone (as hiermem.cli wires them), so other packages' CLIs cannot break these tests."""
+    parser = argparse.ArgumentParser(prog="hiermem")
+    register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(argv)
+    return int(args.func(args) or 0)
 
 
 def test_synth_inspect_verify_delete_reshard(tmp_path, capsys):
