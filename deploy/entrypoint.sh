@@ -15,7 +15,18 @@ role="${1:-serve-model}"
 [ "$#" -gt 0 ] && shift
 
 case "$role" in
-  serve-bank|serve-model|build|up|ensure-bank)
+  serve-bank)
+    # Replicas register in Redis with the address others should dial: with a wildcard bind and no
+    # explicit address, advertise this container's IP (unique per replica, so `--scale` just works).
+    if [ -z "${HIERMEM_BANK_ADVERTISE_ADDRESS:-}" ] && [ "${HIERMEM_BANK_HOST:-}" = "0.0.0.0" ] \
+       && [ "${HIERMEM_BANK_PORT:-0}" != "0" ]; then
+      ip="$(python -c 'import socket; print(socket.gethostbyname(socket.gethostname()))')"
+      HIERMEM_BANK_ADVERTISE_ADDRESS="$ip:$HIERMEM_BANK_PORT"
+      export HIERMEM_BANK_ADVERTISE_ADDRESS
+    fi
+    exec hiermem serve-bank "$@"
+    ;;
+  serve-model|build|up|ensure-bank)
     exec hiermem "$role" "$@"
     ;;
   probe)

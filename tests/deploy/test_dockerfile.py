@@ -3,6 +3,7 @@ that everything it copies exists and survives .dockerignore, and its entrypoint 
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import shutil
@@ -18,7 +19,7 @@ from dockerfile_parse import DockerfileParser
 ROOT = Path(__file__).resolve().parents[2]
 DOCKERFILE = ROOT / "deploy" / "Dockerfile"
 ENTRYPOINT = ROOT / "deploy" / "entrypoint.sh"
-ROLES = ["serve-bank", "probe", "up", "ensure-bank"]  # + serve-model and build once they land
+ROLES = ["serve-bank", "serve-model", "build", "probe", "up", "ensure-bank"]
 
 
 @pytest.fixture(scope="module")
@@ -96,3 +97,22 @@ def test_entrypoint_roles_start(role):
                          timeout=120, cwd=ROOT)
     assert out.returncode == 0, out.stderr[-2000:]
     assert f"usage: hiermem {role}" in out.stdout or f"usage: python -m hiermem.launcher {role}" in out.stdout
+
+
+def test_entrypoint_advertises_the_container_ip_for_a_wildcard_bind(tmp_path):
+    """serve-bank replicas must register a dialable, per-replica address (compose --scale)."""
+    fake = tmp_path / "hiermem"
+    fake.write_text('#!/bin/sh\necho "$@|$HIERMEM_BANK_ADVERTISE_ADDRESS"\n')
+    fake.chmod(0o755)
+    path = f"{tmp_path}{os.pathsep}{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    base = {k: v for k, v in os.environ.items() if not k.startswith("HIERMEM_")} | {"PATH": path}
+    out = subprocess.run([str(ENTRYPOINT), "serve-bank", "--shard", "1"], capture_output=True, text=True,
+                         env=base | {"HIERMEM_BANK_HOST": "0.0.0.0", "HIERMEM_BANK_PORT": "50051"})
+    args, address = out.stdout.strip().split("|")
+    assert args == "serve-bank --shard 1"
+    host, port = address.rsplit(":", 1)
+    assert port == "50051" and ipaddress.ip_address(host) and not host.startswith("0.")
+    explicit = subprocess.run([str(ENTRYPOINT), "serve-bank"], capture_output=True, text=True,
+                              env=base | {"HIERMEM_BANK_HOST": "0.0.0.0", "HIERMEM_BANK_PORT": "50051",
+                                          "HIERMEM_BANK_ADVERTISE_ADDRESS": "shard-0:50051"})
+    assert explicit.stdout.strip() == "serve-bank|shard-0:50051"
