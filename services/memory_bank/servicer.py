@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -80,24 +81,22 @@ class MemoryBankServicer:
     async def FetchBlocks(self, request, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
         """Streams the requested blocks as pre-encoded BlockChunk messages (see wire.py)."""
         refs = self._validate(request)
-        step = self.settings.chunk_bytes
         for ref in refs:
             # Checked per block, not up front: NOT_FOUND then always concerns the first block not yet sent,
             # so a client knows which node is missing and keeps the blocks it already has.
             if not self._owns(ref):
                 raise errors.NotInShard(f"node {ref} is not in shard {self.shard_id}")
-            data, info = await self._read(ref)
+            info = self.bank.block_info(ref)
             header = pb.BlockHeader(
                 node=pb.NodeRef(level=ref.level, index=ref.index), shape=list(info.shape),
-                dtype=self.spec.dtype, nbytes=len(data), crc32c=info.crc32c, bank_id=self.bank.bank_id,
+                dtype=self.spec.dtype, nbytes=info.nbytes, crc32c=info.crc32c, bank_id=self.bank.bank_id,
             ).SerializeToString()
-            view = memoryview(data)
-            for offset in range(0, len(view), step):
+            async for offset, piece in self._block_chunks(ref, info):
                 remaining = context.time_remaining()
                 if remaining is not None and remaining <= 0:
                     raise errors.DeadlineExpired(f"deadline passed while streaming node {ref}")
-                yield wire.encode_chunk(header if offset == 0 else None, offset, view[offset:offset + step])
-            metrics.BYTES_SENT.labels(str(ref.level)).inc(len(view))
+                yield wire.encode_chunk(header if offset == 0 else None, offset, piece)
+            metrics.BYTES_SENT.labels(str(ref.level)).inc(info.nbytes)
             metrics.BLOCKS_SENT.labels(str(ref.level)).inc()
 
     # --- helpers ----------------------------------------------------------------------------------------
@@ -138,28 +137,65 @@ class MemoryBankServicer:
         # Nodes above the shard level are stored in every shard that owns a subtree below them.
         return self.shard_id in self.bank.shards_of(ref)
 
-    async def _read(self, ref: NodeRef):
-        """Verified bytes of a block (a view of the mapping, or a hot-cache copy) and its block_info."""
-        info = self.bank.block_info(ref)
+    async def _block_chunks(self, ref: NodeRef, info) -> AsyncIterator[tuple[int, memoryview]]:
+        """(offset, bytes) of a block's chunks: from the hot cache (verified when cached), or from the
+        mapped file through `_verified_chunks`; fills the hot cache on the way."""
         cacheable = self.cache.cacheable(ref.level, info.nbytes)
+        hit = self.cache.get(ref, ref.level) if cacheable else None
+        step = self.settings.chunk_bytes
+        if hit is not None:
+            view = memoryview(hit)
+            for offset in range(0, len(view), step):
+                yield offset, view[offset:offset + step]
+            return
+        view = self.bank.read_block_bytes(ref, verify=False, shard=self.shard_id)
+        async for offset, piece in self._verified_chunks(ref, view, info.crc32c):
+            yield offset, piece
         if cacheable:
-            hit = self.cache.get(ref, ref.level)
-            if hit is not None:
-                return hit, info
-        # Page faults of a cold mapping and the checksum run off the event loop, so streams interleave.
-        data = await asyncio.to_thread(self._read_verified, ref, info)
-        if cacheable:
-            data = bytes(data)
-            self.cache.put(ref, data)
-        return data, info
+            self.cache.put(ref, bytes(view))
 
-    def _read_verified(self, ref: NodeRef, info) -> memoryview:
-        data = self.bank.read_block_bytes(ref, verify=False, shard=self.shard_id)
-        actual = crc32c.crc32c(data)
-        if actual != info.crc32c:
-            raise BlockCorrupt(f"block {ref} of shard {self.shard_id}: crc32c {actual:#010x} != "
-                               f"{info.crc32c:#010x} in the manifest")
-        return data
+    async def _verified_chunks(self, ref: NodeRef, view: memoryview,
+                               crc_want: int) -> AsyncIterator[tuple[int, memoryview]]:
+        """Chunks of a mapped block, read and checksummed by a worker thread ahead of the socket, so disk
+        reads (page faults) overlap sending; one thread hand-off per block, one loop wake-up per chunk.
+        The last chunk is held back until the whole block's crc32c matches: a corrupt block never reaches
+        a client whole (DATA_LOSS instead)."""
+        step = self.settings.chunk_bytes
+        offsets = list(range(0, len(view), step))
+        loop = asyncio.get_running_loop()
+        ready: asyncio.Queue[int] = asyncio.Queue()
+        stop = threading.Event()
+
+        def checksum() -> int:
+            crc = 0
+            for offset in offsets:
+                if stop.is_set():
+                    break
+                # crc32c touches every page (faulting it in from disk) and releases the GIL while it runs.
+                crc = crc32c.crc32c(view[offset:offset + step], crc)
+                loop.call_soon_threadsafe(ready.put_nowait, offset)
+            return crc
+
+        worker = loop.run_in_executor(None, checksum)
+        try:
+            for i in range(len(offsets)):
+                if ready.empty():
+                    getter = asyncio.ensure_future(ready.get())
+                    await asyncio.wait({getter, worker}, return_when=asyncio.FIRST_COMPLETED)
+                    if not getter.done():  # the worker failed before delivering this chunk
+                        getter.cancel()
+                        worker.result()
+                    offset = getter.result()
+                else:
+                    offset = ready.get_nowait()
+                if i == len(offsets) - 1:
+                    crc = await worker
+                    if crc != crc_want:
+                        raise BlockCorrupt(f"block {ref} of shard {self.shard_id}: crc32c {crc:#010x} != "
+                                           f"{crc_want:#010x} in the manifest")
+                yield offset, view[offset:offset + step]
+        finally:
+            stop.set()
 
 
 def method_handlers(servicer: MemoryBankServicer) -> grpc.GenericRpcHandler:

@@ -115,3 +115,28 @@ def test_undecodable_request_is_invalid_argument(shards):
     _, servers = shards
     with pytest.raises(errors.InvalidRequest):
         servers["0"].servicer._validate(Malformed("bad varint"))
+
+
+def test_a_corrupt_block_is_never_delivered_whole(bank_dir, bank, tmp_path):
+    import shutil
+
+    from tests.integration.procs import corrupt_block
+
+    copy = tmp_path / "bank"
+    shutil.copytree(bank_dir, copy)
+    corrupt_block(copy, "0", 1, 0, byte=100)  # in the first of the block's three 4 KiB chunks
+    with running_shards(copy, shards=("0",), chunk_bytes=4096) as (addresses, _):
+        req = pb.FetchBlocksRequest(bank_id=bank.bank_id, nodes=[pb.NodeRef(level=2, index=0),
+                                                                 pb.NodeRef(level=1, index=0)])
+        received = []
+        with grpc.insecure_channel(addresses["0"]) as ch:
+            call = ch.unary_stream(FETCH, request_serializer=pb.FetchBlocksRequest.SerializeToString,
+                                   response_deserializer=wire.decode_chunk)
+            with pytest.raises(grpc.RpcError) as err:
+                for chunk in call(req, timeout=10):
+                    received.append(chunk)
+    assert err.value.code() == grpc.StatusCode.DATA_LOSS
+    starts = [i for i, c in enumerate(received) if c.header is not None]
+    assert len(starts) == 2  # block (2, 0) whole, then part of (1, 0)
+    corrupt_bytes = sum(len(c.data) for c in received[starts[1]:])
+    assert 0 < corrupt_bytes < bank.block_info((1, 0)).nbytes  # the last chunk was held back

@@ -1,0 +1,273 @@
+"""Fetch latency and bandwidth of whole paths from bank shard servers on loopback (issue 4, DESIGN.md §8).
+
+Starts one `serve-bank` subprocess per shard of the paper-scale synthetic bank, then measures with the real
+BankClient:
+
+* whole paths (levels 1+2+3) and paths with level 1 resident client-side (levels 2+3), each
+  - cold: the blocks' pages dropped from the OS page cache first (posix_fadvise DONTNEED), so the server
+    reads them from disk, and
+  - warm: the same paths again, served from the page cache;
+* next to a raw loopback TCP transfer of the same number of bytes (another process sending from RAM into
+  `recv_into`) and a numpy memcpy of them, measured in the same run;
+* N concurrent clients (processes) fetching random whole paths for S seconds: throughput, p50/p99, errors.
+
+    python -m bench.fetch [--bank DIR] [--paths 20] [--clients 8] [--seconds 30]
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import multiprocessing as mp
+import os
+import socket
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from bench.common import markdown_table, memcpy_bandwidth, target, write_results
+
+log = logging.getLogger("bench.fetch")
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _pct(values: list[float], q: float) -> float:
+    return float(np.percentile(np.asarray(values), q)) if values else float("nan")
+
+
+def _summary(name: str, nbytes: list[int], seconds: list[float]) -> dict:
+    lat_ms = [s * 1e3 for s in seconds]
+    return {"case": name, "n": len(seconds), "MB/fetch": statistics.mean(nbytes) / 1e6,
+            "p50_ms": _pct(lat_ms, 50), "p99_ms": _pct(lat_ms, 99), "mean_ms": statistics.mean(lat_ms),
+            "GB/s_p50": statistics.mean(nbytes) / (_pct(seconds, 50) * 1e9),
+            "GB/s_mean": sum(nbytes) / (sum(seconds) * 1e9)}
+
+
+def drop_page_cache(bank_dir: Path) -> None:
+    """Evict the bank's shard files from the OS page cache (clean pages; no root needed)."""
+    for path in (bank_dir / "shards").rglob("*.safetensors"):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+# --- raw loopback socket baseline -----------------------------------------------------------------------
+
+def _socket_sender(port_q, max_bytes: int) -> None:
+    payload = np.random.default_rng(0).integers(0, 255, max_bytes, dtype=np.uint8).tobytes()
+    view = memoryview(payload)
+    with socket.socket() as srv:
+        srv.bind(("127.0.0.1", 0))
+        srv.listen(1)
+        port_q.put(srv.getsockname()[1])
+        conn, _ = srv.accept()
+        with conn:
+            while True:
+                ask = conn.recv(8)
+                if len(ask) < 8:
+                    return
+                conn.sendall(view[:int.from_bytes(ask, "little")])
+
+
+class LoopbackSocket:
+    """Raw TCP on loopback from another process's RAM into `recv_into`: the transport floor."""
+
+    def __init__(self, max_bytes: int) -> None:
+        ctx = mp.get_context("fork")
+        q = ctx.Queue()
+        self.proc = ctx.Process(target=_socket_sender, args=(q, max_bytes), daemon=True)
+        self.proc.start()
+        self.sock = socket.create_connection(("127.0.0.1", q.get(timeout=30)))
+        self.buf = memoryview(bytearray(max_bytes))
+
+    def transfer(self, nbytes: int) -> float:
+        t0 = time.perf_counter()
+        self.sock.sendall(nbytes.to_bytes(8, "little"))
+        got = 0
+        while got < nbytes:
+            n = self.sock.recv_into(self.buf[got:nbytes], nbytes - got)
+            if not n:
+                raise RuntimeError("sender closed early")
+            got += n
+        return time.perf_counter() - t0
+
+    def close(self) -> None:
+        self.sock.close()
+        self.proc.join(10)
+
+
+# --- shard servers ----------------------------------------------------------------------------------------
+
+def start_shards(bank_dir: Path, shard_ids: list[str], extra: list[str]):
+    sys.path.insert(0, str(REPO))
+    from tests.integration import procs
+
+    started = [procs.ManagedProcess(procs.bank_shard_cmd(bank_dir, sid, extra_args=extra), f"shard {sid}")
+               for sid in shard_ids]
+    for p in started:
+        p.wait_listening(120)
+    return started
+
+
+def _random_paths(bank, n: int, seed: int) -> list[tuple[int, ...]]:
+    emb = np.random.default_rng(seed).standard_normal((n, bank.tree.dim)).astype(np.float32)
+    return [tuple(int(i) for i in p) for p in bank.tree.route(emb)]
+
+
+def _timed_fetches(client, ref_lists) -> tuple[list[int], list[float], int]:
+    nbytes, seconds, errors = [], [], 0
+    for refs in ref_lists:
+        t0 = time.perf_counter()
+        r = client.fetch(refs, timeout_s=30)
+        seconds.append(time.perf_counter() - t0)
+        nbytes.append(r.nbytes)
+        errors += len(r.failed)
+    return nbytes, seconds, errors
+
+
+# --- concurrency ------------------------------------------------------------------------------------------
+
+def _client_worker(bank_dir: str, addresses: dict, seconds: float, seed: int, start_at: float, out: mp.Queue):
+    from memory_store import Bank, path_refs
+    from services.memory_bank.client import BankClient
+
+    bank = Bank.open(bank_dir)
+    paths = _random_paths(bank, 10_000, seed)
+    lat, nbytes, errors, i = [], 0, 0, 0
+    with BankClient(bank, static_addresses=addresses) as client:
+        while time.time() < start_at:
+            time.sleep(0.01)
+        end = start_at + seconds
+        while time.time() < end:
+            t0 = time.perf_counter()
+            r = client.fetch(path_refs(paths[i % len(paths)]), timeout_s=30)
+            lat.append(time.perf_counter() - t0)
+            nbytes += r.nbytes
+            errors += len(r.failed)
+            i += 1
+    out.put({"latencies": lat, "nbytes": nbytes, "errors": errors})
+
+
+def concurrent_clients(bank_dir: Path, addresses: dict, n_clients: int, seconds: float) -> dict:
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    start_at = time.time() + 15  # every client imported and connected before the clock starts
+    workers = [ctx.Process(target=_client_worker, args=(str(bank_dir), addresses, seconds, 100 + k, start_at, q))
+               for k in range(n_clients)]
+    for w in workers:
+        w.start()
+    parts = [q.get(timeout=seconds + 120) for _ in workers]
+    for w in workers:
+        w.join(30)
+    lat = [x for p in parts for x in p["latencies"]]
+    total = sum(p["nbytes"] for p in parts)
+    return {"clients": n_clients, "seconds": seconds, "fetches": len(lat),
+            "fetches_per_s": len(lat) / seconds, "GB/s": total / seconds / 1e9,
+            "p50_ms": _pct([x * 1e3 for x in lat], 50), "p99_ms": _pct([x * 1e3 for x in lat], 99),
+            "errors": sum(p["errors"] for p in parts)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    from hiermem.paths import home
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--bank", type=Path, default=home() / "banks" / "paper-smollm2")
+    ap.add_argument("--paths", type=int, default=20, help="paths per single-client case")
+    ap.add_argument("--clients", type=int, default=8)
+    ap.add_argument("--seconds", type=float, default=30.0)
+    ap.add_argument("--server-args", default="", help="extra serve-bank flags, e.g. '--hot-cache-bytes 0'")
+    ap.add_argument("--results-dir", type=Path, default=None)
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    from memory_store import Bank, path_refs
+    from services.memory_bank.client import BankClient
+
+    bank = Bank.open(args.bank)
+    spec = bank.spec
+    path_bytes = sum(spec.bytes_per_block(lv) for lv in range(1, spec.depth + 1))
+    deep_bytes = path_bytes - spec.bytes_per_block(1)
+    log.info("bank %s: %s, path %.1f MB (levels 2+3: %.1f MB)", bank.bank_id[:12], spec.dtype, path_bytes / 1e6,
+             deep_bytes / 1e6)
+
+    servers = start_shards(args.bank, bank.shard_ids, args.server_args.split())
+    addresses = {sid: [p.address] for sid, p in zip(bank.shard_ids, servers, strict=True)}
+    rows, figures = [], {"bank": str(args.bank), "bank_id": bank.bank_id, "spec": spec.model_dump(),
+                         "path_bytes": path_bytes, "deep_bytes": deep_bytes}
+    try:
+        # Cases are interleaved round by round so that load from other processes hits them alike.
+        sock = LoopbackSocket(path_bytes)
+        samples: dict[str, tuple[list[int], list[float], list[int]]] = {}
+
+        def record(case: str, nbytes: int, seconds: float, errors: int = 0) -> None:
+            b, s, e = samples.setdefault(case, ([], [], []))
+            b.append(nbytes)
+            s.append(seconds)
+            e.append(errors)
+
+        with BankClient(bank, static_addresses=addresses) as client:
+            client.fetch(path_refs(_random_paths(bank, 1, 999)[0]))  # connect both channels
+            for i, path in enumerate(_random_paths(bank, args.paths, seed=1)):
+                whole = path_refs(path)
+                deep = path_refs(_random_paths(bank, args.paths, seed=2)[i])[1:]
+                for name, refs in (("whole path 1+2+3", whole), ("levels 2+3 (level 1 resident)", deep)):
+                    drop_page_cache(args.bank)
+                    (b,), (s,), e = _timed_fetches(client, [refs])
+                    record(f"{name}, cold", b, s, e)
+                    (b,), (s,), e = _timed_fetches(client, [refs])  # the same blocks again: page cache
+                    record(f"{name}, warm", b, s, e)
+                record("raw loopback TCP, path bytes", path_bytes, sock.transfer(path_bytes))
+                record("raw loopback TCP, level 2+3 bytes", deep_bytes, sock.transfer(deep_bytes))
+        sock.close()
+        mem_bw = memcpy_bandwidth(path_bytes)
+        for case, (b, s, e) in samples.items():
+            row = _summary(case, b, s)
+            if not case.startswith("raw"):
+                row["errors"] = sum(e)
+            rows.append(row)
+        rows.append({"case": "numpy memcpy, path bytes", "n": 5, "MB/fetch": path_bytes / 1e6,
+                     "p50_ms": path_bytes / mem_bw * 1e3, "GB/s_p50": mem_bw / 1e9, "GB/s_mean": mem_bw / 1e9})
+        figures["single_client"] = {k: {"nbytes": v[0], "seconds": v[1], "errors": sum(v[2])}
+                                    for k, v in samples.items()}
+        figures["memcpy_bytes_per_s"] = mem_bw
+
+        conc = concurrent_clients(args.bank, addresses, args.clients, args.seconds) if args.clients else None
+        figures["concurrent"] = conc
+    finally:
+        for p in servers:
+            p.terminate(20)
+
+    by_case = {r["case"]: r for r in rows}
+    cold_whole = by_case["whole path 1+2+3, cold"]
+    warm_whole = by_case["whole path 1+2+3, warm"]
+    deep_cold = by_case["levels 2+3 (level 1 resident), cold"]
+    deep_warm = by_case["levels 2+3 (level 1 resident), warm"]
+    targets = [
+        target("whole path, cold: effective GB/s (p50)", cold_whole["GB/s_p50"], ">=", 0.8),
+        target("whole path, warm: effective GB/s (p50)", warm_whole["GB/s_p50"], ">=", 0.8),
+        target("level 1 resident, cold: p50 ms", deep_cold["p50_ms"], "<=", 15.0),
+        target("level 1 resident, warm: p50 ms", deep_warm["p50_ms"], "<=", 15.0),
+    ]
+    if conc:
+        targets.append(target(f"{conc['clients']} clients x {conc['seconds']:.0f}s: errors", conc["errors"], "<=", 0))
+    sock_gbs = by_case["raw loopback TCP, path bytes"]["GB/s_p50"]
+    figures["ratios"] = {"warm_whole_vs_raw_socket": warm_whole["GB/s_p50"] / sock_gbs,
+                         "warm_whole_vs_memcpy": warm_whole["GB/s_p50"] / (mem_bw / 1e9)}
+    cols = ["case", "n", "MB/fetch", "p50_ms", "p99_ms", "mean_ms", "GB/s_p50", "GB/s_mean", "errors"]
+    md = "## Single client\n\n" + markdown_table(rows, cols)
+    md += (f"\nwarm whole path / raw loopback TCP = {figures['ratios']['warm_whole_vs_raw_socket']:.2f}; "
+           f"/ memcpy = {figures['ratios']['warm_whole_vs_memcpy']:.2f}\n")
+    if conc:
+        md += "\n## Concurrent clients (random whole paths, both shards)\n\n" + markdown_table([conc])
+    out = write_results("fetch", figures, targets, md, results_dir=args.results_dir)
+    print(out.with_suffix(".md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
