@@ -1,10 +1,82 @@
 #!/usr/bin/env bash
-# The main job: set up the environment, then run one real generation with the SmolLM2 anchor plus a
-# memory block (until the model server lands, this is the command-line generator; it grows into the stack).
+# The main job: set up the environment, make sure a bank exists, start the whole stack with `hiermem up`
+# (redis + bank shards + model server, SmolLM2 anchor), send one real completion and print the answer with
+# its `memory` object, then stop the stack.
+#
+#   bash scripts/run.sh                        # default prompt
+#   bash scripts/run.sh "Marie Curie was born in"
+#   bash scripts/run.sh --keep "..."           # leave the stack running afterwards (stop: kill <pid shown>)
+#
+# Bank: the trained demo bank ($HIERMEM_HOME/banks/demo, built by `hiermem build --preset demo`) when the
+# training package is installed, else a small synthetic bank for SmolLM2 ($HIERMEM_HOME/banks/synth-smollm2).
+# (the demo build trains, once; if it fails the synthetic bank is used). Override with HIERMEM_RUN_SOURCE=
+# synth|demo, or HIERMEM_RUN_BANK=DIR (built with that source when absent, synth by default).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
+KEEP=0
+if [ "${1:-}" = "--keep" ]; then KEEP=1; shift; fi
+PROMPT="${1:-The capital of France is}"
+
 bash scripts/setup_env.sh
 VENV="${HIERMEM_VENV:-$ROOT/.venv}"
 export PATH="$VENV/bin:$PATH" HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-exec hiermem generate "${@:-The capital of France is}" --max-new-tokens 16 --synthetic-memory
+HOME_DIR="${HIERMEM_HOME:-$HOME/.cache/hiermem}"
+PORT="${HIERMEM_UP_PORT:-8000}"
+
+# 1. a bank
+SOURCE="${HIERMEM_RUN_SOURCE:-auto}"
+DEMO="$HOME_DIR/banks/demo"
+SYNTH="$HOME_DIR/banks/synth-smollm2"
+BANK="${HIERMEM_RUN_BANK:-}"
+ensure() { python -m hiermem.launcher --log-level WARNING ensure-bank --anchor smollm2 --bank "$1" --source "$2" >/dev/null; }
+if [ -n "$BANK" ]; then
+  ensure "$BANK" "${SOURCE/auto/synth}"
+elif [ "$SOURCE" != synth ] && { [ -f "$DEMO/manifest.json" ] || hiermem build --help >/dev/null 2>&1; }; then
+  [ -f "$DEMO/manifest.json" ] || echo "[run] building the demo bank at $DEMO (trains memories: a while, once)"
+  if ensure "$DEMO" demo; then BANK="$DEMO"
+  elif [ "$SOURCE" = demo ]; then echo "[run] the demo build failed"; exit 1
+  else echo "[run] WARNING: the demo build failed; using a synthetic bank instead"; fi
+fi
+if [ -z "$BANK" ]; then
+  [ -f "$SYNTH/manifest.json" ] || echo "[run] writing a small synthetic bank for SmolLM2 at $SYNTH"
+  ensure "$SYNTH" synth
+  BANK="$SYNTH"
+fi
+echo "[run] bank: $BANK"
+
+# 2. the stack, in the background; its log goes to a file
+LOG="$(mktemp -t hiermem-up.XXXXXX.log)"
+echo "[run] starting the stack on port $PORT (log: $LOG)"
+hiermem up --bank "$BANK" --anchor smollm2 --port "$PORT" >"$LOG" 2>&1 &
+UP_PID=$!
+stop_stack() {
+  if kill -0 "$UP_PID" 2>/dev/null; then
+    echo "[run] stopping the stack"
+    kill -TERM "$UP_PID" 2>/dev/null || true
+    wait "$UP_PID" 2>/dev/null || true
+  fi
+}
+trap stop_stack EXIT INT TERM
+for _ in $(seq 1 900); do
+  grep -q "hiermem is up" "$LOG" && break
+  if ! kill -0 "$UP_PID" 2>/dev/null; then echo "[run] hiermem up failed:"; tail -40 "$LOG"; exit 1; fi
+  sleep 1
+done
+grep -q "hiermem is up" "$LOG" || { echo "[run] the stack did not come up in 15 min"; tail -40 "$LOG"; exit 1; }
+grep -E "^(hiermem is up|try:)" "$LOG"
+
+# 3. one real completion, printed with its memory object
+BODY=$(python -c 'import json, sys; print(json.dumps({"prompt": sys.argv[1], "max_tokens": 24, "temperature": 0}))' "$PROMPT")
+echo "[run] POST /v1/completions $BODY"
+curl -sS --fail-with-body "http://127.0.0.1:$PORT/v1/completions" -H 'Content-Type: application/json' -d "$BODY" \
+  | python -c 'import json, sys
+reply = json.load(sys.stdin)
+print("prompt:  ", sys.argv[1])
+print("answer:  ", reply["choices"][0]["text"].strip())
+print("memory:  ", json.dumps(reply["memory"]))' "$PROMPT"
+
+if [ "$KEEP" = 1 ]; then
+  trap - EXIT INT TERM
+  echo "[run] the stack keeps running (pid $UP_PID, log $LOG); stop it with: kill $UP_PID"
+fi
