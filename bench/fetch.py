@@ -9,7 +9,8 @@ BankClient:
   - warm: the same paths again, served from the page cache;
 * next to a raw loopback TCP transfer of the same number of bytes (another process sending from RAM into
   `recv_into`) and a numpy memcpy of them, measured in the same run;
-* N concurrent clients (processes) fetching random whole paths for S seconds: throughput, p50/p99, errors.
+* N concurrent clients (processes) fetching random whole paths for S seconds, starting from a cold page
+  cache: throughput, p50/p99, errors.
 
     python -m bench.fetch [--bank DIR] [--paths 20] [--clients 8] [--seconds 30]
 """
@@ -132,7 +133,7 @@ def _timed_fetches(client, ref_lists) -> tuple[list[int], list[float], int]:
 
 # --- concurrency ------------------------------------------------------------------------------------------
 
-def _client_worker(bank_dir: str, addresses: dict, seconds: float, seed: int, start_at: float, out: mp.Queue):
+def _client_worker(bank_dir: str, addresses: dict, seconds: float, seed: int, barrier, out) -> None:
     from memory_store import Bank, path_refs
     from services.memory_bank.client import BankClient
 
@@ -140,34 +141,36 @@ def _client_worker(bank_dir: str, addresses: dict, seconds: float, seed: int, st
     paths = _random_paths(bank, 10_000, seed)
     lat, nbytes, errors, i = [], 0, 0, 0
     with BankClient(bank, static_addresses=addresses) as client:
-        while time.time() < start_at:
-            time.sleep(0.01)
-        end = start_at + seconds
-        while time.time() < end:
-            t0 = time.perf_counter()
+        barrier.wait()  # every client imported and connected before any clock starts
+        t0 = time.perf_counter()
+        while time.perf_counter() - t0 < seconds:
+            t = time.perf_counter()
             r = client.fetch(path_refs(paths[i % len(paths)]), timeout_s=30)
-            lat.append(time.perf_counter() - t0)
+            lat.append(time.perf_counter() - t)
             nbytes += r.nbytes
             errors += len(r.failed)
             i += 1
-    out.put({"latencies": lat, "nbytes": nbytes, "errors": errors})
+        active = time.perf_counter() - t0
+    out.put({"latencies": lat, "nbytes": nbytes, "errors": errors, "active_s": active})
 
 
 def concurrent_clients(bank_dir: Path, addresses: dict, n_clients: int, seconds: float) -> dict:
+    """N client processes, each fetching random whole paths back to back for `seconds`."""
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
-    start_at = time.time() + 15  # every client imported and connected before the clock starts
-    workers = [ctx.Process(target=_client_worker, args=(str(bank_dir), addresses, seconds, 100 + k, start_at, q))
+    barrier = ctx.Barrier(n_clients)
+    workers = [ctx.Process(target=_client_worker, args=(str(bank_dir), addresses, seconds, 100 + k, barrier, q))
                for k in range(n_clients)]
     for w in workers:
         w.start()
-    parts = [q.get(timeout=seconds + 120) for _ in workers]
+    parts = [q.get(timeout=seconds + 300) for _ in workers]
     for w in workers:
         w.join(30)
     lat = [x for p in parts for x in p["latencies"]]
     total = sum(p["nbytes"] for p in parts)
-    return {"clients": n_clients, "seconds": seconds, "fetches": len(lat),
-            "fetches_per_s": len(lat) / seconds, "GB/s": total / seconds / 1e9,
+    wall = max(p["active_s"] for p in parts)
+    return {"clients": n_clients, "seconds": wall, "fetches": len(lat),
+            "fetches_per_s": len(lat) / wall, "GB/s": total / wall / 1e9,
             "p50_ms": _pct([x * 1e3 for x in lat], 50), "p99_ms": _pct([x * 1e3 for x in lat], 99),
             "errors": sum(p["errors"] for p in parts)}
 
@@ -236,7 +239,10 @@ def main(argv: list[str] | None = None) -> int:
                                     for k, v in samples.items()}
         figures["memcpy_bytes_per_s"] = mem_bw
 
-        conc = concurrent_clients(args.bank, addresses, args.clients, args.seconds) if args.clients else None
+        conc = None
+        if args.clients:
+            drop_page_cache(args.bank)  # start cold: random paths fault their blocks in from disk
+            conc = concurrent_clients(args.bank, addresses, args.clients, args.seconds)
         figures["concurrent"] = conc
     finally:
         for p in servers:
