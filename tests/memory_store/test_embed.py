@@ -20,6 +20,14 @@ def test_minilm_matches_sentence_transformers_and_is_normalised(minilm):
     np.testing.assert_allclose(np.vstack([minilm.embed([t]) for t in texts]), got, atol=1e-5)
 
 
+def test_traced_single_text_path_matches_eager(minilm):
+    assert minilm._traced is not None
+    eager = MiniLMEmbedder.__new__(MiniLMEmbedder)
+    eager.__dict__.update(minilm.__dict__, _traced=None)
+    for text in ["x", "What is the atomic number of gold?", " ".join(["long prompt"] * 120)]:
+        np.testing.assert_allclose(minilm.embed([text]), eager.embed([text]), atol=1e-5)
+
+
 def test_similar_texts_are_closer(minilm):
     a, b, c = minilm.embed(["the atomic number of gold", "gold has atomic number 79", "a recipe for pancakes"])
     assert a @ b > a @ c + 0.2
