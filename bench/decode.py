@@ -1,0 +1,221 @@
+"""Decode speed of SmolLM2 anchor-only vs with hierarchical memory, against the memory-bandwidth floor.
+
+DESIGN.md §8: the extra time per decode step that memory costs must be <= 1.25 x (distinct memory bytes read
+per step / memcpy bandwidth measured in the same run), at batch 1 and batch 16. Per-path memory of the
+paper's proportion: r = (256, 64, 16) units on all 30 layers (17.4M params, 69.7 MB float32).
+
+Batches:
+  * b1: one path.
+  * b16-tree: 16 paths drawn as leaves of a 16/256/4096 tree (uniform leaves, so level-1 nodes repeat).
+  * b16-l1=K (sharing sweep): 16 distinct paths whose level-1 nodes take K distinct values (K = 1, 4, 16).
+
+Measurement: both conditions are prefilled once into their own KV caches; then rounds alternate anchor-only
+and memory-on (A/B/A/B...), each round resetting the caches to the prefill length and timing `--steps`
+decode steps; figures are medians over all steps of all rounds, because the machine is shared.
+memcpy bandwidth (bench.common.memcpy_bandwidth over buffers of one path's bytes) is measured inside every
+round too, and its median is used.
+
+Run: python -m bench.decode [--rounds 5 --steps 6 --quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import statistics
+import time
+import zlib
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from bench.common import RESULTS_DIR, markdown_table, memcpy_bandwidth, target, write_results
+
+log = logging.getLogger("bench.decode")
+RANKS = (256, 64, 16)
+BRANCHING = 16
+PROMPT_LEN = 16
+
+
+def tree_rows(kind: str, n_rows: int, rng: np.random.Generator) -> list[tuple[int, int, int]]:
+    """Paths (i1, i2, i3) with global indices per level (level-l index in 0..16^l - 1)."""
+    if kind == "tree":
+        leaves = rng.choice(BRANCHING ** 3, size=n_rows, replace=False)
+        return [(int(x) // BRANCHING ** 2, int(x) // BRANCHING, int(x)) for x in leaves]
+    k = int(kind)  # distinct level-1 nodes; rows spread round-robin over them; deeper nodes distinct
+    l1 = rng.choice(BRANCHING, size=k, replace=False)
+    paths = []
+    for b in range(n_rows):
+        i1 = int(l1[b % k])
+        i2 = i1 * BRANCHING + (b // k) % BRANCHING
+        i3 = i2 * BRANCHING + int(rng.integers(BRANCHING))
+        paths.append((i1, i2, i3))
+    return paths
+
+
+def blocks_for(paths, n_layers: int, d: int, seed: int):
+    """Distinct blocks of the batch (random, small norm) and each row's block indices."""
+    from lm.synthetic import random_block
+
+    index: dict[tuple[int, int], int] = {}
+    blocks, row_blocks = [], []
+    for path in paths:
+        row = []
+        for level, node in enumerate(path):
+            key = (level, node)
+            if key not in index:
+                index[key] = len(blocks)
+                blocks.append(random_block(n_layers, RANKS[level], d, seed=seed + 7919 * level + node))
+            row.append(index[key])
+        row_blocks.append(row)
+    return blocks, row_blocks
+
+
+class Runner:
+    """One condition: its KV cache prefilled to PROMPT_LEN; `steps(n)` times n decode steps."""
+
+    def __init__(self, model, batch: int, memory, steps: int):
+        from lm import KVCache
+
+        self.model, self.memory, self.batch = model, memory, batch
+        self.cache = KVCache(model.config, batch, PROMPT_LEN + steps + 1)
+        self.slots = [self.cache.allocate() for _ in range(batch)]
+        g = torch.Generator().manual_seed(0)
+        ids = torch.randint(0, model.config.vocab_size, (batch, PROMPT_LEN), generator=g)
+        with torch.inference_mode():
+            self.first = model(ids, cache=self.cache, slots=self.slots, memory=memory, last_only=True)[:, -1]
+
+    def steps(self, n: int) -> list[float]:
+        self.cache.lengths[self.slots] = PROMPT_LEN
+        tok = self.first.argmax(-1)[:, None]
+        times = []
+        with torch.inference_mode():
+            for _ in range(n):
+                t0 = time.perf_counter()
+                logits = self.model(tok, cache=self.cache, slots=self.slots, memory=self.memory)
+                tok = logits[:, -1].argmax(-1)[:, None]
+                times.append(time.perf_counter() - t0)
+        return times
+
+
+def measure(model, name: str, paths, strategies, rounds: int, steps: int, path_bytes: int) -> list[dict]:
+    from lm import MemoryBatch
+
+    cfg = model.config
+    blocks, row_blocks = blocks_for(paths, cfg.n_layers, cfg.d_model, seed=zlib.crc32(name.encode()) % 10_000)
+    layers = list(range(cfg.n_layers))
+    B = len(paths)
+    runners = {"anchor": Runner(model, B, None, steps)}
+    builds = {}
+    for s in strategies:
+        t0 = time.perf_counter()
+        mb = MemoryBatch.build(blocks, row_blocks, layers, strategy=s)
+        builds[s] = time.perf_counter() - t0
+        runners[s] = Runner(model, B, mb, steps)
+    distinct_bytes = runners[strategies[0]].memory.distinct_nbytes
+    del blocks
+    times: dict[str, list[float]] = {k: [] for k in runners}
+    bws = []
+    for _ in range(rounds):
+        bws.append(memcpy_bandwidth(path_bytes, repeats=2))
+        for k, r in runners.items():  # A/B/A/B: every condition once per round
+            times[k] += r.steps(steps)
+    bw = statistics.median(bws)
+    t_anchor = statistics.median(times["anchor"])
+    floor = distinct_bytes / bw
+    rows = []
+    for s in strategies:
+        t_mem = statistics.median(times[s])
+        extra = t_mem - t_anchor
+        rows.append({
+            "batch": name, "rows": B, "strategy": s,
+            "distinct_l1": len({p[0] for p in paths}), "distinct_blocks": len({(lv, n) for p in paths
+                                                                                for lv, n in enumerate(p)}),
+            "distinct_MB": distinct_bytes / 1e6, "memcpy_GBps": bw / 1e9,
+            "anchor_ms": t_anchor * 1e3, "memory_ms": t_mem * 1e3, "extra_ms": extra * 1e3,
+            "floor_ms": floor * 1e3, "extra_over_floor": extra / floor,
+            "ratio_tps": t_anchor / t_mem, "best_ratio": t_anchor / (t_anchor + floor),
+            "anchor_tok_s": B / t_anchor, "memory_tok_s": B / t_mem, "build_s": builds[s],
+            "steps_each": len(times[s]),
+        })
+        log.info("%s %s: anchor %.1f ms, memory %.1f ms, extra %.1f ms vs floor %.1f ms (%.2fx), ratio %.3f",
+                 name, s, t_anchor * 1e3, t_mem * 1e3, extra * 1e3, floor * 1e3, extra / floor, t_anchor / t_mem)
+    return rows
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [f"{r['batch']}\n{r['strategy']}" for r in rows]
+    x = np.arange(len(rows))
+    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(rows)), 4))
+    ax.bar(x - 0.2, [r["extra_ms"] for r in rows], 0.4, label="extra time per step (memory - anchor)")
+    ax.bar(x + 0.2, [r["floor_ms"] for r in rows], 0.4, label="floor: distinct bytes / memcpy bandwidth")
+    ax.plot(x + 0.2, [1.25 * r["floor_ms"] for r in rows], "r_", markersize=20, label="target 1.25 x floor")
+    ax.set_xticks(x, labels, fontsize=8)
+    ax.set_ylabel("ms per decode step")
+    ax.set_title("SmolLM2 decode: cost of memory r=(256,64,16) on 30 layers")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--steps", type=int, default=6, help="decode steps per condition per round")
+    ap.add_argument("--quick", action="store_true", help="batch 1 and b16-tree only, grouped strategy only")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    ap.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from lm import load_anchor
+
+    anchor = load_anchor("smollm2")
+    model, cfg = anchor.model, anchor.config
+    path_bytes = sum(3 * r * cfg.d_model * cfg.n_layers for r in RANKS) * 4
+    rng = np.random.default_rng(0)
+    all_strategies = ["grouped"] if args.quick else ["grouped", "single", "per_row"]
+    plan = [("b1", [(3, 3 * 16 + 5, (3 * 16 + 5) * 16 + 9)], ["grouped"]),
+            ("b16-tree", tree_rows("tree", 16, rng), all_strategies)]
+    if not args.quick:
+        plan += [(f"b16-l1={k}", tree_rows(str(k), 16, rng), ["grouped"]) for k in (1, 4, 16)]
+    rows = []
+    for name, paths, strategies in plan:
+        rows += measure(model, name, paths, strategies, args.rounds, args.steps, path_bytes)
+
+    def pick(batch):
+        return next(r for r in rows if r["batch"] == batch and r["strategy"] == "grouped")
+
+    targets = []
+    for batch in ("b1", "b16-tree"):
+        r = pick(batch)
+        targets.append(target(f"{batch}: extra ms per step / (distinct bytes / memcpy bw)",
+                              round(r["extra_over_floor"], 3), "<=", 1.25))
+    cols = ["batch", "strategy", "rows", "distinct_l1", "distinct_MB", "anchor_ms", "memory_ms", "extra_ms",
+            "floor_ms", "extra_over_floor", "ratio_tps", "best_ratio", "memcpy_GBps", "build_s"]
+    md = ("Per decode step, medians over interleaved rounds (A/B/A/B). `extra_over_floor` = (memory_ms - "
+          "anchor_ms) / floor_ms, floor = distinct memory bytes / memcpy bandwidth measured in the same run; "
+          "`ratio_tps` = memory-on tokens/s / anchor-only tokens/s; `best_ratio` = what the floor allows.\n\n"
+          + markdown_table(rows, cols) + "\n![decode](decode.png)\n")
+    args.results_dir.mkdir(parents=True, exist_ok=True)
+    plot(rows, args.results_dir / "decode.png")
+    figures = {"rows": rows, "ranks": list(RANKS), "memory_layers": cfg.n_layers, "d_model": cfg.d_model,
+               "path_params": path_bytes // 4, "prompt_len": PROMPT_LEN, "rounds": args.rounds,
+               "steps": args.steps, "torch_threads": torch.get_num_threads()}
+    write_results("decode", figures, targets, md, results_dir=args.results_dir)
+    print(markdown_table(rows, cols))
+    for t in targets:
+        print(f"{t['name']}: {t['value']} {t['op']} {t['target']} -> {'met' if t['met'] else 'MISSED'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
