@@ -1,0 +1,102 @@
+"""`hiermem corpus facts`, `hiermem train`, `hiermem train merge`, `hiermem eval longtail`, `hiermem build`.
+
+Heavy modules (torch, the anchor, memory_store) are imported inside the command functions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+
+def cmd_corpus_facts(args: argparse.Namespace) -> int:
+    from training.corpus import DEFAULT_SIZES, build_facts_corpus, corpus_summary
+
+    sizes = dict(DEFAULT_SIZES)
+    for item in args.size or []:
+        name, _, n = item.partition("=")
+        if name not in sizes:
+            raise SystemExit(f"unknown relation {name!r}; known: {', '.join(sizes)}")
+        sizes[name] = int(n)
+    corpus = build_facts_corpus(sizes, heldout_fraction=args.heldout_fraction, n_buckets=args.buckets,
+                                seed=args.seed)
+    corpus.save(Path(args.out))
+    print(json.dumps(corpus_summary(corpus), indent=2))
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from training.config import TrainConfig
+    from training.trainer import run_train_command
+
+    return run_train_command(TrainConfig.from_args(args))
+
+
+def cmd_train_merge(args: argparse.Namespace) -> int:
+    from training.export import merge_subtree_jobs
+
+    merge_subtree_jobs([Path(p) for p in args.jobs], Path(args.out), n_shards=args.shards)
+    print(args.out)
+    return 0
+
+
+def cmd_eval_longtail(args: argparse.Namespace) -> int:
+    from training.evaluate import run_eval_command
+
+    return run_eval_command(args)
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    from training.pipeline import run_build_command
+
+    return run_build_command(args)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    corpus = sub.add_parser("corpus", help="build a training corpus")
+    csub = corpus.add_subparsers(dest="corpus_command", metavar="KIND", required=True)
+    facts = csub.add_parser("facts", help="the built-in long-tail facts corpus (cities, capitals, elements)")
+    facts.add_argument("--out", required=True, help="output directory (docs.jsonl + probes.jsonl)")
+    facts.add_argument("--size", action="append", metavar="RELATION=N",
+                       help="facts per relation (0 = all), e.g. city_country=1800; repeatable")
+    facts.add_argument("--heldout-fraction", type=float, default=0.15)
+    facts.add_argument("--buckets", type=int, default=5)
+    facts.add_argument("--seed", type=int, default=0)
+    facts.set_defaults(func=cmd_corpus_facts)
+
+    from training.config import add_train_arguments
+
+    train = sub.add_parser("train", help="train memories (post-hoc on a frozen anchor by default)")
+    add_train_arguments(train)
+    train.set_defaults(func=cmd_train)
+    tsub = train.add_subparsers(dest="train_command", metavar="SUBCOMMAND")
+    merge = tsub.add_parser("merge", help="merge per-subtree jobs (hiermem train --subtree I) into one bank")
+    merge.add_argument("jobs", nargs="+", help="the --out directories of the subtree jobs")
+    merge.add_argument("--out", required=True, help="bank directory to write")
+    merge.add_argument("--shards", type=int, default=1)
+    merge.set_defaults(func=cmd_train_merge)
+
+    ev = sub.add_parser("eval", help="evaluate a bank")
+    esub = ev.add_subparsers(dest="eval_command", metavar="KIND", required=True)
+    lt = esub.add_parser("longtail", help="exact match per bucket: anchor / generic / hierarchical, deletion")
+    lt.add_argument("--bank", required=True)
+    lt.add_argument("--corpus", required=True)
+    lt.add_argument("--anchor", default=None, help="smollm2 | tiny | DIR (default: the one the bank names)")
+    lt.add_argument("--out", default=None, help="directory for longtail.json/.md/.png (default: BANK/eval)")
+    lt.add_argument("--delete", type=int, default=None, help="level-1 subtree to delete (default: busiest)")
+    lt.add_argument("--batch-size", type=int, default=64)
+    lt.add_argument("--limit", type=int, default=0, help="evaluate at most this many probes (0 = all)")
+    lt.set_defaults(func=cmd_eval_longtail)
+
+    build = sub.add_parser("build", help="corpus -> tree -> train -> export -> eval in one resumable command")
+    build.add_argument("--preset", default="demo", choices=["demo", "tiny"])
+    build.add_argument("--out", default=None, help="bank directory (default: $HIERMEM_HOME/banks/<preset>)")
+    build.add_argument("--work", default=None, help="work directory (default: $HIERMEM_HOME/work/<preset>)")
+    build.add_argument("--epochs", type=int, default=None, help="override the preset's epochs")
+    build.add_argument("--no-eval", action="store_true")
+    build.set_defaults(func=cmd_build)

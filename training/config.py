@@ -1,0 +1,113 @@
+"""Training settings (no torch import here: the CLI builds its parser from this module)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+
+@dataclass
+class TrainConfig:
+    """What `hiermem train` does. Defaults are the paper's post-hoc memory settings scaled to this CPU."""
+
+    corpus: str = ""
+    """corpus directory (docs.jsonl [+ probes.jsonl])"""
+    out: str = ""
+    """job directory: tree, routes, checkpoint, trained memories (and the bank unless --subtree)"""
+    bank: str | None = None
+    """where to export the bank (default OUT/bank; a subtree job exports nothing, see `train merge`)"""
+    anchor: str = "smollm2"
+    """frozen anchor: smollm2 | tiny | HF Llama directory"""
+    branching: list[int] = field(default_factory=lambda: [8, 8])
+    ranks: list[int] = field(default_factory=lambda: [64, 32])
+    memory_layers: list[int] | None = None
+    """anchor layers with memory (default: the last `mem_layers`)"""
+    mem_layers: int = 4
+    epochs: int = 10
+    batch_size: int = 16
+    """documents per step; a step's documents share one leaf (packed by leaf)"""
+    lr: float = 3e-3
+    weight_decay: float = 1e-3
+    beta1: float = 0.9
+    beta2: float = 0.95
+    warmup_steps: int = 20
+    min_lr_ratio: float = 0.1
+    """cosine decay to lr * min_lr_ratio"""
+    generic_prob: float = 1.0
+    """chance that a step also trains the generic memory on its documents (1.0: the same-epochs control)"""
+    loss: str = "all"
+    """"all": next-token loss on every token; "continuation": only on tokens after a document's route_text
+    (the fact's object in the built-in corpus), which skips most of the LM head's work"""
+    seed: int = 0
+    subtree: int | None = None
+    """train only level-1 subtree I (an independent job; merge jobs with `hiermem train merge`)"""
+    tree: str | None = None
+    """reuse this tree.safetensors instead of building one (subtree jobs must share one tree)"""
+    train_anchor: bool = False
+    """co-train the anchor with the memories (no prefix cache then)"""
+    init_anchor: str | None = None
+    """JSON ModelConfig fields: pretrain a new anchor from scratch together with its memories"""
+    anchor_lr: float = 1e-3
+    dtype: str = "float32"
+    """bank dtype on export"""
+    shards: int = 1
+    checkpoint_every: int = 200
+    """steps between checkpoints (and one at every epoch end)"""
+    no_prefix_cache: bool = False
+    """run every step through the whole anchor (for checks; slower)"""
+    max_docs: int = 0
+    """use at most this many documents (0 = all)"""
+    progress: bool = True
+
+    def first_memory_layer(self) -> int:
+        return min(self.memory_layers) if self.memory_layers else -1
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> TrainConfig:
+        values = {f.name: getattr(args, f.name) for f in fields(cls) if getattr(args, f.name, None) is not None}
+        return cls(**values)
+
+    @classmethod
+    def load(cls, path: Path) -> TrainConfig:
+        return cls(**json.loads(Path(path).read_text()))
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in str(text).replace("x", ",").split(",") if x.strip()]
+
+
+def add_train_arguments(p: argparse.ArgumentParser) -> None:
+    d = TrainConfig()
+    p.add_argument("--corpus", help="corpus directory (docs.jsonl)")
+    p.add_argument("--out", help="job directory")
+    p.add_argument("--bank", help="bank directory to export (default OUT/bank)")
+    p.add_argument("--anchor", default=d.anchor)
+    p.add_argument("--branching", type=_ints, default=d.branching, help="e.g. 8,8 or 16x16")
+    p.add_argument("--ranks", type=_ints, default=d.ranks, help="memory units per level, e.g. 64,32")
+    p.add_argument("--memory-layers", type=_ints, default=None, help="anchor layer indices (default: last N)")
+    p.add_argument("--mem-layers", type=int, default=d.mem_layers, help="N for the default memory layers")
+    p.add_argument("--epochs", type=int, default=d.epochs)
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    p.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
+    p.add_argument("--generic-prob", type=float, default=d.generic_prob)
+    p.add_argument("--loss", default=d.loss, choices=["all", "continuation"])
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--subtree", type=int, default=None, help="train only this level-1 subtree")
+    p.add_argument("--tree", default=None, help="reuse this tree.safetensors")
+    p.add_argument("--train-anchor", action="store_true", help="co-train the anchor with the memories")
+    p.add_argument("--init-anchor", default=None, metavar="CONFIG",
+                   help="JSON file of ModelConfig fields: pretrain a new anchor from scratch with memories")
+    p.add_argument("--anchor-lr", type=float, default=d.anchor_lr)
+    p.add_argument("--dtype", default=d.dtype, choices=["float32", "float16", "bfloat16"])
+    p.add_argument("--shards", type=int, default=d.shards)
+    p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)
+    p.add_argument("--no-prefix-cache", action="store_true")
+    p.add_argument("--max-docs", type=int, default=0)
+    p.add_argument("--no-progress", dest="progress", action="store_false")

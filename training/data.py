@@ -1,0 +1,155 @@
+"""Documents as training batches: tokenise, route, cache the frozen prefix, pack by leaf.
+
+The prefix cache: with a frozen anchor and memory only in layers >= L0, the residual stream entering layer
+L0 does not depend on anything we train, so it is computed once per document (``Transformer.hidden_at``)
+and every step runs only layers L0.. and the head (``Transformer.forward_from``). Exact, not approximate:
+tests/training/test_trainer.py checks loss and gradients against the uncached model.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+MAX_DOC_TOKENS = 256
+
+
+@dataclass
+class Batch:
+    doc_index: list[int]  # into the document list
+    path: tuple[int, ...]  # the leaf path all of its documents share
+
+
+def tokenize_docs(tokenizer, texts: Sequence[str], max_tokens: int = MAX_DOC_TOKENS) -> list[list[int]]:
+    """Token ids of each document (no special tokens: prompts at query time are tokenised the same way)."""
+    out = []
+    for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"]:
+        if len(ids) < 2:
+            ids = list(ids) + [tokenizer.eos_token_id]
+        out.append(list(ids[:max_tokens]))
+    return out
+
+
+def pad_ids(seqs: Sequence[Sequence[int]], pad: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded ids (B, T) and mask (B, T) (1 = real token). Right padding keeps every real position
+    exact under causal attention, so no attention mask is needed."""
+    T = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), T), pad, dtype=torch.long)
+    mask = torch.zeros((len(seqs), T), dtype=torch.bool)
+    for b, s in enumerate(seqs):
+        ids[b, :len(s)] = torch.as_tensor(s, dtype=torch.long)
+        mask[b, :len(s)] = True
+    return ids, mask
+
+
+@torch.no_grad()
+def prefix_hidden(model, token_ids: Sequence[Sequence[int]], layer: int, batch_size: int = 64,
+                  progress: bool = False) -> list[torch.Tensor]:
+    """Residual stream entering `layer` for each sequence, unpadded: list of (T_i, d) float32 tensors."""
+    order = sorted(range(len(token_ids)), key=lambda i: len(token_ids[i]))
+    out: list[torch.Tensor | None] = [None] * len(token_ids)
+    starts = range(0, len(order), batch_size)
+    if progress:
+        from tqdm import tqdm
+
+        starts = tqdm(starts, desc=f"prefix cache (layers 0..{layer - 1})", unit="batch")
+    for s in starts:
+        idx = order[s:s + batch_size]
+        ids, _ = pad_ids([token_ids[i] for i in idx])
+        h = model.hidden_at(ids, layer)  # (B, T, d)
+        for b, i in enumerate(idx):
+            out[i] = h[b, :len(token_ids[i])].clone()
+    return out  # type: ignore[return-value]
+
+
+def pad_hidden(hs: Sequence[torch.Tensor]) -> torch.Tensor:
+    """(B, T, d) right-padded with zeros."""
+    T = max(h.shape[0] for h in hs)
+    out = hs[0].new_zeros(len(hs), T, hs[0].shape[1])
+    for b, h in enumerate(hs):
+        out[b, :h.shape[0]] = h
+    return out
+
+
+def leaf_batches(paths: np.ndarray, batch_size: int, seed: int, subtree: int | None = None) -> list[Batch]:
+    """Documents packed by leaf: every batch holds documents of one leaf only, in a seeded random order.
+
+    Args:
+        paths: (N, depth) route of every document.
+        subtree: keep only documents under this level-1 node.
+    """
+    rng = random.Random(seed)
+    by_leaf: dict[tuple[int, ...], list[int]] = defaultdict(list)
+    for i, p in enumerate(paths):
+        if subtree is None or int(p[0]) == subtree:
+            by_leaf[tuple(int(x) for x in p)].append(i)
+    batches = []
+    for leaf in sorted(by_leaf):
+        docs = by_leaf[leaf]
+        rng.shuffle(docs)
+        n = max(1, -(-len(docs) // batch_size))  # equal-size chunks, none tiny
+        for c in range(n):
+            batches.append(Batch(docs[c::n], leaf))
+    rng.shuffle(batches)
+    return batches
+
+
+def loss_starts(tokenizer, docs: Sequence[dict], token_ids: Sequence[Sequence[int]], mode: str) -> list[int]:
+    """Index of the first token each document's loss covers: 1 (every next token) for mode "all"; for
+    "continuation", the first token after the document's ``route_text`` when the text starts with it (the
+    fact's object in the built-in corpus), else 1."""
+    if mode == "all":
+        return [1] * len(docs)
+    if mode != "continuation":
+        raise ValueError(f"loss mode must be 'all' or 'continuation', got {mode!r}")
+    out = []
+    for d, ids in zip(docs, token_ids, strict=True):
+        start = 1
+        rt = d.get("route_text")
+        if rt and d["text"].startswith(rt):
+            pre = tokenizer(rt, add_special_tokens=False)["input_ids"]
+            if list(ids[:len(pre)]) == list(pre) and len(pre) < len(ids):
+                start = max(1, len(pre))
+        out.append(start)
+    return out
+
+
+def run_from(model, hidden: torch.Tensor, start_layer: int, memory=None,
+             select: torch.Tensor | None = None) -> torch.Tensor:
+    """Logits from the residual stream entering `start_layer`, the LM head applied only where `select`
+    (B, T) bool is True: (N, V) rows in row-major order; (B, T, V) without `select`.
+
+    Same layers and math as `Transformer.forward_from`; the head is the single most expensive matmul here
+    (V = 49,152), so skipping it at positions without a loss saves most of a training step.
+    """
+    from lm.model import _StepContext
+
+    B, T, _ = hidden.shape
+    positions = torch.arange(T, device=hidden.device).expand(B, T)
+    ctx = _StepContext(positions=positions, memory=memory)
+    x = model.model.norm(model._run_layers(hidden, ctx, start_layer, None))  # (B, T, d)
+    if select is not None:
+        x = x[select]  # (N, d)
+    return model.lm_head(x)
+
+
+def loss_targets(ids: torch.Tensor, mask: torch.Tensor, starts: Sequence[int]):
+    """(select (B, T) bool, targets (N,)): the positions whose next token is a loss target, and that token.
+    Position t predicts token t+1; a row's loss covers tokens starts[b] .. its last real token."""
+    B, T = ids.shape
+    t = torch.arange(T)
+    first = torch.as_tensor(list(starts), dtype=torch.long)[:, None] - 1  # (B, 1)
+    nxt_real = torch.zeros_like(mask)
+    nxt_real[:, :-1] = mask[:, 1:]
+    select = nxt_real & (t[None, :] >= first)  # (B, T)
+    nxt = torch.zeros_like(ids)
+    nxt[:, :-1] = ids[:, 1:]
+    return select, nxt[select]

@@ -1,0 +1,355 @@
+"""`hiermem eval longtail`: exact match by greedy generation, per popularity bucket and split, for the anchor
+alone, the generic memory, the hierarchical memory, and the hierarchical memory with one level-1 subtree
+deleted (memory_store.ops.delete_subtrees).
+
+How greedy generation is run cheaply and still exactly. Greedy decoding is deterministic, so "the greedy
+continuation of the prompt starts with the answer's tokens a_1..a_A followed by a word boundary" holds iff
+the argmax after prompt + a_<j is a_j for every j, and the argmax after prompt + answer is not a letter or
+digit gluing onto the answer. One forward pass over prompt + answer gives all of these argmaxes at once
+(teacher forcing), for every system, from one shared prefix cache (layers below the first memory layer
+see no memory). The one case this cannot decide -- greedy picks a different tokenisation of the same text
+(argmax is a prefix of the remaining answer) -- is settled by real token-by-token generation
+(`lm.generate`) with the row's memory; tests check both paths against `lm.generate`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from training.corpus import Corpus, Probe
+from training.data import pad_hidden, pad_ids, prefix_hidden, run_from
+
+log = logging.getLogger(__name__)
+
+SYSTEMS = ("anchor", "generic", "hierarchical", "hierarchical_deleted")
+
+
+@dataclass
+class Item:
+    probe: Probe
+    ids: list[int]  # prompt + answer tokens
+    n_prompt: int
+    n_answer: int
+    path: tuple[int, ...]
+
+
+def prepare_items(tokenizer, probes: list[Probe], paths: np.ndarray) -> list[Item]:
+    items = []
+    for p, path in zip(probes, paths, strict=True):
+        pre = tokenizer(p.prompt, add_special_tokens=False)["input_ids"]
+        full = tokenizer(p.prompt + p.answer, add_special_tokens=False)["input_ids"]
+        if list(full[:len(pre)]) != list(pre) or len(full) == len(pre):
+            full = list(pre) + list(tokenizer(p.answer, add_special_tokens=False)["input_ids"])
+        items.append(Item(p, list(full), len(pre), len(full) - len(pre), tuple(int(x) for x in path)))
+    return items
+
+
+def _is_boundary(tokenizer, tok: int, eos: set[int]) -> bool:
+    if tok in eos:
+        return True
+    text = tokenizer.decode([tok])
+    return not text or not text[0].isalnum()
+
+
+def text_match(generated: str, answer: str) -> bool:
+    """Exact match: the generation starts with the answer (leading spaces ignored), then a word boundary."""
+    g, a = generated.lstrip(), answer.strip()
+    return g.startswith(a) and (len(g) == len(a) or not g[len(a)].isalnum())
+
+
+class BlockSource:
+    """Blocks of a (possibly pruned) bank as float32 tensors, read once; absent nodes are skipped."""
+
+    def __init__(self, bank):
+        self.bank = bank
+        self.cache: dict = {}
+
+    def path_blocks(self, path) -> list[torch.Tensor]:
+        from memory_store import NodeNotFound, NodeRef
+
+        out = []
+        for level, index in enumerate(path, start=1):
+            ref = NodeRef(level, int(index))
+            if ref not in self.cache:
+                try:
+                    self.cache[ref] = self.bank.read_block(ref).float()
+                except NodeNotFound:
+                    self.cache[ref] = None
+            if self.cache[ref] is not None:
+                out.append(self.cache[ref])
+        return out
+
+
+def _memory_for(rows: list[Item], system: str, sources: dict, layers: list[int]):
+    from lm import MemoryBatch
+
+    if system == "anchor":
+        return None
+    if system == "generic":
+        return MemoryBatch.build([sources["generic"]], [[0]] * len(rows), layers)
+    src = sources[system]
+    blocks, index, row_blocks = [], {}, []
+    for it in rows:
+        ks = []
+        for level, b in enumerate(src.path_blocks(it.path)):
+            key = (level, id(b))
+            if key not in index:
+                index[key] = len(blocks)
+                blocks.append(b)
+            ks.append(index[key])
+        row_blocks.append(ks)
+    if not blocks:
+        return None
+    return MemoryBatch.build(blocks, row_blocks, layers)
+
+
+def greedy_correct(model, tokenizer, items: list[Item], hidden: list[torch.Tensor], l0: int, system: str,
+                   sources: dict, layers: list[int], batch_size: int = 64) -> tuple[np.ndarray, int]:
+    """(correct[N] bool, number of rows settled by real generation) for one system."""
+    from lm import MemoryBatch, SamplingParams, generate
+
+    eos = set(model.config.eos_token_ids) | ({tokenizer.eos_token_id} if tokenizer.eos_token_id is not None
+                                             else set())
+    correct = np.zeros(len(items), dtype=bool)
+    order = sorted(range(len(items)), key=lambda i: (items[i].path, len(items[i].ids)))
+    fallbacks = 0
+    for s in range(0, len(order), batch_size):
+        idx = order[s:s + batch_size]
+        rows = [items[i] for i in idx]
+        ids, _ = pad_ids([r.ids for r in rows])
+        select = torch.zeros(ids.shape, dtype=torch.bool)
+        for b, r in enumerate(rows):
+            select[b, r.n_prompt - 1:r.n_prompt + r.n_answer] = True  # A answer predictions + the boundary
+        memory = _memory_for(rows, system, sources, layers)
+        with torch.no_grad():
+            pred = run_from(model, pad_hidden([hidden[i] for i in idx]), l0, memory, select).argmax(-1)
+        pos = 0
+        for i, r in zip(idx, rows, strict=True):
+            p = pred[pos:pos + r.n_answer + 1].tolist()
+            pos += r.n_answer + 1
+            answer = r.ids[r.n_prompt:]
+            j = next((k for k in range(r.n_answer) if p[k] != answer[k]), None)
+            if j is None:
+                correct[i] = _is_boundary(tokenizer, p[-1], eos)
+                continue
+            rest = tokenizer.decode(answer[j:])
+            alt = tokenizer.decode([p[j]])
+            if not alt.strip() or not rest.startswith(alt):
+                continue  # greedy leaves the answer here: wrong
+            # greedy spells the answer with other tokens: generate for real to settle it
+            fallbacks += 1
+            mem1 = None
+            if memory is not None:
+                blocks = (_memory_for([r], system, sources, layers))
+                mem1 = blocks if isinstance(blocks, MemoryBatch) else None
+            params = SamplingParams(max_new_tokens=r.n_answer + 4, temperature=0.0)
+            out = generate(model, tokenizer, r.ids[:r.n_prompt], params, memory=mem1)
+            correct[i] = text_match(out.text, r.probe.answer)
+    return correct, fallbacks
+
+
+def _acc(mask: np.ndarray, correct: np.ndarray) -> float | None:
+    return float(correct[mask].mean()) if mask.any() else None
+
+
+def summarize(items: list[Item], correct: dict[str, np.ndarray], deleted_subtree: int | None) -> dict:
+    split = np.array([it.probe.split for it in items])
+    bucket = np.array([it.probe.bucket for it in items])
+    buckets = sorted(set(bucket.tolist()))
+    out: dict = {"n": {"train": int((split == "train").sum()), "heldout": int((split == "heldout").sum())},
+                 "accuracy": {}}
+    for sys_name, c in correct.items():
+        acc: dict = {}
+        for sp in ("train", "heldout"):
+            m = split == sp
+            acc[sp] = {"all": _acc(m, c), **{str(b): _acc(m & (bucket == b), c) for b in buckets}}
+        out["accuracy"][sys_name] = acc
+    held = split == "heldout"
+    known = held & correct["anchor"]
+    out["heldout_anchor_known"] = int(known.sum())
+    out["broken"] = {}
+    for sys_name in ("generic", "hierarchical"):
+        if sys_name in correct:
+            broken = int((known & ~correct[sys_name]).sum())
+            out["broken"][sys_name] = {"count": broken, "fraction": broken / max(1, int(known.sum()))}
+    if deleted_subtree is not None and "hierarchical_deleted" in correct:
+        inside = np.array([it.path[0] == deleted_subtree for it in items]) & (split == "train")
+        rest = ~inside & (split == "train")
+        out["deletion"] = {
+            "subtree": int(deleted_subtree), "n_inside": int(inside.sum()), "n_rest": int(rest.sum()),
+            "inside": {s: _acc(inside, correct[s]) for s in ("anchor", "hierarchical", "hierarchical_deleted")},
+            "rest": {s: _acc(rest, correct[s]) for s in ("anchor", "hierarchical", "hierarchical_deleted")},
+        }
+    out["buckets"] = buckets
+    return out
+
+
+def evaluate_longtail(bank_dir: Path, corpus_dir: Path, anchor: str | None = None, out_dir: Path | None = None,
+                      delete: int | None = None, batch_size: int = 64, limit: int = 0,
+                      hidden_lookup=None, progress: bool = True) -> dict:
+    """Run the long-tail evaluation and write longtail.json / .md / .png into `out_dir` (default BANK/eval).
+
+    Args:
+        delete: level-1 subtree to delete for the deletion test (default: the one most trained facts route to).
+        hidden_lookup: optional callable(list[Item], layer) -> list[tensor | None], prefix states already
+            computed (the training job's cache); None entries are computed here.
+    """
+    from lm import load_anchor
+    from memory_store import Bank, NodeRef
+    from memory_store.ops import delete_subtrees
+    from training.routing import embed
+
+    t_start = time.perf_counter()
+    bank_dir = Path(bank_dir)
+    out_dir = Path(out_dir) if out_dir else bank_dir.parent / f"{bank_dir.name}-eval"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    bank = Bank.open(bank_dir)
+    spec = bank.spec
+    a = load_anchor(anchor or resolve_anchor(bank.anchor))
+    if dict(a.identity) != bank.anchor.model_dump():
+        raise ValueError(f"bank {bank_dir} was built for anchor {bank.anchor.hash[:12]}, "
+                         f"{a.name} is {a.identity['hash'][:12]}")
+    model, tok = a.model, a.tokenizer
+    layers = list(spec.memory_layers)
+    l0 = min(layers)
+    probes = Corpus.load(Path(corpus_dir)).probes
+    if limit:
+        probes = probes[:limit]
+    paths = bank.tree.route(embed([p.prompt for p in probes]))
+    items = prepare_items(tok, probes, paths)
+    hidden = hidden_lookup(items, l0) if hidden_lookup else [None] * len(items)
+    todo = [i for i, h in enumerate(hidden) if h is None]
+    t0 = time.perf_counter()
+    for i, h in zip(todo, prefix_hidden(model, [items[i].ids for i in todo], l0, progress=progress),
+                    strict=True):
+        hidden[i] = h
+    log.info("eval prefix states: %d computed in %.1fs, %d reused", len(todo), time.perf_counter() - t0,
+             len(items) - len(todo))
+
+    train_paths = [it.path[0] for it in items if it.probe.split == "train"]
+    if delete is None and train_paths:
+        delete = int(np.bincount(train_paths).argmax())
+    sources: dict = {"hierarchical": BlockSource(bank)}
+    generic = bank.generic_block()
+    if generic is not None:
+        sources["generic"] = generic.float()
+    tmp = Path(tempfile.mkdtemp(prefix="deleted-", dir=out_dir))
+    try:
+        if delete is not None:
+            delete_subtrees(bank_dir, [NodeRef(1, delete)], out=tmp / "bank")
+            sources["hierarchical_deleted"] = BlockSource(Bank.open(tmp / "bank"))
+        correct, fallbacks, seconds = {}, {}, {}
+        systems = [s for s in SYSTEMS if s == "anchor" or s in sources]
+        for s in systems:
+            t0 = time.perf_counter()
+            correct[s], fallbacks[s] = greedy_correct(model, tok, items, hidden, l0, s, sources, layers,
+                                                      batch_size)
+            seconds[s] = time.perf_counter() - t0
+            log.info("eval %s: train %.3f heldout %.3f (%.1fs)", s,
+                     correct[s][[it.probe.split == "train" for it in items]].mean(),
+                     correct[s][[it.probe.split == "heldout" for it in items]].mean()
+                     if any(it.probe.split == "heldout" for it in items) else float("nan"), seconds[s])
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    result = summarize(items, correct, delete)
+    result.update({"bank": str(bank_dir), "bank_id": bank.bank_id, "corpus": str(corpus_dir),
+                   "anchor": a.name, "memory_layers": layers, "branching": spec.branching,
+                   "ranks": spec.ranks, "generation_fallbacks": fallbacks, "seconds": seconds,
+                   "wall_seconds": time.perf_counter() - t_start,
+                   "fetched_params": spec.fetched_params, "bank_params": spec.bank_params,
+                   "anchor_params": model.config.n_params})
+    write_reports(result, out_dir)
+    bank.close()
+    return result
+
+
+def resolve_anchor(identity) -> str:
+    """The cached anchor (`$HIERMEM_HOME/anchors/*`) whose identity a bank names."""
+    from lm.weights import anchors_dir
+
+    for meta in sorted(anchors_dir().glob("*/hiermem.json")):
+        if json.loads(meta.read_text()).get("identity", {}).get("hash") == identity.hash:
+            return meta.parent.name if meta.parent.name in ("smollm2", "tiny") else str(meta.parent)
+    raise ValueError(f"no cached anchor has identity {identity.hash[:12]}; pass --anchor")
+
+
+# ---- reports --------------------------------------------------------------------------------------------------
+
+
+def _pct(x) -> str:
+    return "-" if x is None else f"{100 * x:.1f}"
+
+
+def markdown(result: dict) -> str:
+    buckets = [str(b) for b in result["buckets"]]
+    lines = []
+    for sp in ("train", "heldout"):
+        lines += [f"### {sp} facts (n = {result['n'][sp]}), exact match %, bucket 1 = most popular", "",
+                  "| system | all | " + " | ".join(f"bucket {b}" for b in buckets) + " |",
+                  "|---|---|" + "---|" * len(buckets)]
+        for s, acc in result["accuracy"].items():
+            lines.append(f"| {s} | {_pct(acc[sp]['all'])} | " + " | ".join(_pct(acc[sp][b]) for b in buckets)
+                         + " |")
+        lines.append("")
+    lines.append(f"Held-out facts the anchor knew: {result['heldout_anchor_known']}; broken by memory: "
+                 + ", ".join(f"{s} {v['count']} ({_pct(v['fraction'])}%)" for s, v in result["broken"].items()))
+    d = result.get("deletion")
+    if d:
+        lines += ["", f"Deletion of level-1 subtree {d['subtree']}: trained facts routed there "
+                      f"(n = {d['n_inside']}) vs the rest (n = {d['n_rest']}), exact match %", "",
+                  "| facts | anchor | hierarchical | after deletion |", "|---|---|---|---|"]
+        for k in ("inside", "rest"):
+            lines.append(f"| {k} | {_pct(d[k]['anchor'])} | {_pct(d[k]['hierarchical'])} | "
+                         f"{_pct(d[k]['hierarchical_deleted'])} |")
+    return "\n".join(lines) + "\n"
+
+
+def bar_chart(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    buckets = [str(b) for b in result["buckets"]]
+    systems = [s for s in ("anchor", "generic", "hierarchical") if s in result["accuracy"]]
+    fig, ax = plt.subplots(figsize=(8, 4))
+    w = 0.8 / len(systems)
+    x = np.arange(len(buckets) + 1)
+    for k, s in enumerate(systems):
+        acc = result["accuracy"][s]["train"]
+        vals = [100 * (acc[b] or 0) for b in buckets] + [100 * (acc["all"] or 0)]
+        ax.bar(x + (k - (len(systems) - 1) / 2) * w, vals, w, label=s)
+    ax.set_xticks(x, [f"bucket {b}" for b in buckets] + ["all"])
+    ax.set_ylabel("exact match on trained facts (%)")
+    ax.set_ylim(0, 100)
+    ax.set_title("Long-tail facts by popularity bucket (1 = most popular)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_reports(result: dict, out_dir: Path) -> None:
+    (out_dir / "longtail.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out_dir / "longtail.md").write_text("# Long-tail evaluation\n\n" + markdown(result))
+    bar_chart(result, out_dir / "longtail.png")
+
+
+def run_eval_command(args) -> int:
+    result = evaluate_longtail(Path(args.bank), Path(args.corpus), anchor=args.anchor,
+                               out_dir=Path(args.out) if args.out else None, delete=args.delete,
+                               batch_size=args.batch_size, limit=args.limit)
+    print(markdown(result))
+    return 0
+
+
+__all__ = ["evaluate_longtail", "greedy_correct", "prepare_items", "summarize", "text_match"]

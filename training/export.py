@@ -1,0 +1,101 @@
+"""Export trained memories as a memory_store bank, and merge per-subtree jobs into one bank."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from training.routing import EMBEDDER_DIM
+
+log = logging.getLogger(__name__)
+
+EMBEDDER_NAME = "all-MiniLM-L6-v2"  # memory_store.load_embedder's name for the MiniLM the tree was built with
+
+
+def _job(job_dir: Path) -> dict:
+    f = Path(job_dir) / "job.json"
+    if not f.exists():
+        raise FileNotFoundError(f"{job_dir} has no job.json: the training job has not finished")
+    return json.loads(f.read_text())
+
+
+def bank_spec(job: dict, dtype: str):
+    from memory_store import BankSpec
+
+    return BankSpec(branching=job["branching"], ranks=job["ranks"], memory_layers=job["memory_layers"],
+                    n_layers=job["n_layers"], d_model=job["d_model"], dtype=dtype,
+                    embedder_name=EMBEDDER_NAME, embedder_dim=EMBEDDER_DIM, allow_increasing_ranks=True)
+
+
+def _write_bank(bank_dir: Path, job: dict, tree, tensors: dict[str, torch.Tensor], generic: torch.Tensor,
+                n_shards: int, dtype: str) -> str:
+    """Every node's block (zeros for a node no job trained: a zero block changes nothing) + the generic."""
+    from memory_store import BankWriter, NodeRef
+
+    spec = bank_spec(job, dtype)
+    with BankWriter(bank_dir, spec, job["anchor_identity"], tree, n_shards, overwrite=True) as w:
+        for level in range(1, spec.depth + 1):
+            shape = spec.block_shape(level)
+            for index in range(spec.nodes_at(level)):
+                block = tensors.get(f"{level}_{index}")
+                w.write_block(NodeRef(level, index), block if block is not None else torch.zeros(shape))
+        w.write_generic(generic)
+    log.info("exported bank %s (%d shard(s), %s) to %s", w.bank_id[:12], n_shards, dtype, bank_dir)
+    return w.bank_id
+
+
+def export_job(job_dir: Path, bank_dir: Path, n_shards: int = 1, dtype: str = "float32") -> str:
+    """Write the bank of one finished (whole-tree) job. Returns its bank_id."""
+    from safetensors.torch import load_file
+
+    from memory_store import Tree
+
+    job_dir = Path(job_dir)
+    job = _job(job_dir)
+    tensors = load_file(str(job_dir / "memory.safetensors"))
+    generic = tensors.pop("generic")
+    return _write_bank(Path(bank_dir), job, Tree.load(job_dir / "tree.safetensors"), tensors, generic,
+                       n_shards, dtype)
+
+
+def merge_subtree_jobs(job_dirs: list[Path], bank_dir: Path, n_shards: int = 1, dtype: str = "float32") -> str:
+    """One bank from independent per-level-1-subtree jobs (`hiermem train --subtree I`).
+
+    The jobs must share the tree, the spec and the anchor. Each subtree's blocks come from the job that
+    trained it (two jobs of the same subtree are an error); the generic memory is the average of the jobs'
+    generic memories weighted by their documents (each job trained it on its own subtree's documents only).
+    """
+    from safetensors.torch import load_file
+
+    from memory_store import Tree
+
+    jobs = [_job(Path(j)) for j in job_dirs]
+    trees = [Tree.load(Path(j) / "tree.safetensors") for j in job_dirs]
+    for j, t, path in zip(jobs[1:], trees[1:], job_dirs[1:], strict=True):
+        same_tree = all(np.array_equal(a, b) for a, b in zip(t.centroids, trees[0].centroids, strict=True))
+        if not same_tree:
+            raise ValueError(f"{path}: tree differs from {job_dirs[0]}'s (build the tree once, pass --tree)")
+        for key in ("branching", "ranks", "memory_layers", "d_model", "anchor_identity"):
+            if j[key] != jobs[0][key]:
+                raise ValueError(f"{path}: {key} {j[key]} differs from {jobs[0][key]}")
+    seen: dict[int, Path] = {}
+    tensors: dict[str, torch.Tensor] = {}
+    generic, weight = None, 0
+    for job, path in zip(jobs, job_dirs, strict=True):
+        if job.get("subtree") is None:
+            raise ValueError(f"{path} is not a subtree job (it was trained with the whole tree)")
+        if job["subtree"] in seen:
+            raise ValueError(f"subtree {job['subtree']} trained twice: {seen[job['subtree']]} and {path}")
+        seen[job["subtree"]] = Path(path)
+        t = load_file(str(Path(path) / "memory.safetensors"))
+        g = t.pop("generic")
+        n = max(1, int(job.get("n_docs_trained", 1)))
+        generic = g * n if generic is None else generic + g * n
+        weight += n
+        tensors.update(t)
+    log.info("merging subtrees %s", sorted(seen))
+    return _write_bank(Path(bank_dir), jobs[0], trees[0], tensors, generic / weight, n_shards, dtype)

@@ -1,0 +1,82 @@
+"""The trainable memory bank: one parameter per tree node (and one generic memory), in block layout.
+
+Every node's block is its own ``nn.Parameter`` of shape ``[L_mem, 3, r_l, d]`` (slot 0 = M_gate, 1 = M_up,
+2 = M_down transposed: the bank's block layout, so export is a plain copy). Keeping nodes separate means a
+training step only produces gradients for the nodes on the paths it used; with ``zero_grad(set_to_none=True)``
+AdamW then skips every other node (no weight decay, no stale momentum), as if each node were trained only on
+its own cluster's documents -- which is what the paper's per-cluster memory training does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+INIT_STD = 0.02
+
+
+def init_block(shape: Sequence[int], generator: torch.Generator, std: float = INIT_STD) -> torch.Tensor:
+    """Gate and up: truncated normal (std, cut at 2 std); down: zero, so a fresh memory changes nothing."""
+    block = torch.zeros(*shape)
+    gu = torch.empty(shape[0], 2, *shape[2:])
+    nn.init.trunc_normal_(gu, std=std, a=-2 * std, b=2 * std, generator=generator)
+    block[:, :2] = gu
+    return block
+
+
+class MemoryBank(nn.Module):
+    """Trainable blocks for the nodes of a tree (optionally only one level-1 subtree's) + the generic memory.
+
+    Args:
+        branching: children per node per level (the tree's).
+        ranks: r_l per level.
+        n_mem_layers: L_mem.
+        d_model: d.
+        subtree: if given, only blocks of level-1 node `subtree` and its descendants exist.
+        parents: per level, the parent index of every node (tree.parents), needed with `subtree`.
+    """
+
+    def __init__(self, branching: Sequence[int], ranks: Sequence[int], n_mem_layers: int, d_model: int,
+                 seed: int = 0, subtree: int | None = None, parents: Sequence | None = None):
+        super().__init__()
+        self.branching, self.ranks = list(branching), list(ranks)
+        self.n_mem_layers, self.d_model = n_mem_layers, d_model
+        self.subtree = subtree
+        g = torch.Generator().manual_seed(seed)
+        self.nodes = nn.ParameterDict()
+        n = 1
+        owned = None
+        for level, (k, r) in enumerate(zip(self.branching, self.ranks, strict=True), start=1):
+            n *= k
+            if subtree is None:
+                indices = range(n)
+            elif level == 1:
+                indices = [subtree]
+            else:
+                par = parents[level - 1]
+                indices = [i for i in range(n) if int(par[i]) in owned]
+            owned = set(indices)
+            for i in indices:
+                self.nodes[self.key(level, i)] = nn.Parameter(init_block((n_mem_layers, 3, r, d_model), g))
+        self.generic = nn.Parameter(init_block((n_mem_layers, 3, sum(self.ranks), d_model), g))
+
+    @staticmethod
+    def key(level: int, index: int) -> str:
+        return f"{level}_{index}"
+
+    def has(self, level: int, index: int) -> bool:
+        return self.key(level, index) in self.nodes
+
+    def block(self, level: int, index: int) -> nn.Parameter:
+        return self.nodes[self.key(level, index)]
+
+    def path_blocks(self, path: Sequence[int]) -> list[nn.Parameter]:
+        return [self.block(level, int(i)) for level, i in enumerate(path, start=1)]
+
+    def node_items(self):
+        """(level, index, parameter) for every node held."""
+        for key, p in self.nodes.items():
+            level, index = key.split("_")
+            yield int(level), int(index), p

@@ -1,0 +1,418 @@
+"""`hiermem train`: memories on a frozen anchor (or co-trained with it), one code path for 1 or N processes.
+
+A job directory (``--out``) holds everything a run needs to resume and to export:
+
+    config.json          the TrainConfig
+    tree.safetensors     the cluster tree (built from the documents, or copied from --tree)
+    doc_emb.npy          the documents' routing embeddings; doc_paths.npy their routes
+    prefix.pt            the prefix cache (frozen anchor only)
+    checkpoint.pt        memories + optimizer + schedule + position in the epoch (atomic writes)
+    memory.safetensors   the trained blocks ("<level>_<index>") and "generic", when training ended
+    anchor/              the trained anchor, with --train-anchor / --init-anchor
+    job.json             what export needs: spec fields, anchor identity and where to load it, counts, timings
+
+Under ``torchrun --nproc_per_node N`` every process takes every N-th batch and the memory gradients are
+all-reduced (gloo on CPU, nccl on GPUs) before each AdamW step; rank 0 writes checkpoints and the bank.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from training.config import TrainConfig
+from training.corpus import Corpus
+from training.data import (
+    MAX_DOC_TOKENS,
+    Batch,
+    leaf_batches,
+    loss_starts,
+    loss_targets,
+    pad_hidden,
+    pad_ids,
+    prefix_hidden,
+    run_from,
+    tokenize_docs,
+)
+from training.memory import MemoryBank
+
+log = logging.getLogger(__name__)
+
+
+# ---- distributed -----------------------------------------------------------------------------------------
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed() -> Dist:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Dist()
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return Dist(dist.get_rank(), dist.get_world_size())
+
+
+def _barrier(d: Dist) -> None:
+    if d.world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def sync_gradients(params: list[torch.nn.Parameter], d: Dist) -> None:
+    """Average gradients over processes. A parameter no process touched keeps grad None (AdamW skips it);
+    one touched elsewhere gets a zero local gradient first, so every process steps the same parameters."""
+    if d.world <= 1:
+        return
+    import torch.distributed as dist
+
+    touched = torch.tensor([p.grad is not None for p in params], dtype=torch.float32)
+    dist.all_reduce(touched)
+    for p, t in zip(params, touched.tolist(), strict=True):
+        if t == 0:
+            continue
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        dist.all_reduce(p.grad)
+        p.grad.div_(d.world)
+
+
+# ---- setup --------------------------------------------------------------------------------------------------
+
+
+def load_model_for(cfg: TrainConfig):
+    """(model, tokenizer, anchor name or None when the anchor is new)."""
+    from lm import ModelConfig, Transformer, load_anchor
+
+    anchor = load_anchor(cfg.anchor)
+    if cfg.init_anchor:
+        fields = json.loads(Path(cfg.init_anchor).read_text())
+        fields.setdefault("vocab_size", len(anchor.tokenizer))
+        fields.setdefault("bos_token_id", anchor.tokenizer.bos_token_id)
+        fields.setdefault("eos_token_ids", [anchor.tokenizer.eos_token_id])
+        model = Transformer(ModelConfig(**fields)).init_weights(seed=cfg.seed)
+        return model, anchor.tokenizer, None
+    return anchor.model, anchor.tokenizer, anchor.name if cfg.anchor in ("smollm2", "tiny") else cfg.anchor
+
+
+def route_documents(cfg: TrainConfig, docs: list[dict], out: Path, d: Dist):
+    """The tree and every document's path, built once by rank 0 and cached in the job directory."""
+    from memory_store import Tree
+    from training.routing import build_corpus_tree, doc_route_texts, embed
+
+    tree_file, paths_file, emb_file = out / "tree.safetensors", out / "doc_paths.npy", out / "doc_emb.npy"
+    if d.main and not paths_file.exists():
+        if emb_file.exists() and len(np.load(emb_file)) == len(docs):
+            emb = np.load(emb_file)
+        else:
+            t0 = time.perf_counter()
+            emb = embed(doc_route_texts(docs))
+            np.save(emb_file, emb)
+            log.info("embedded %d documents in %.1fs", len(docs), time.perf_counter() - t0)
+        if cfg.tree:
+            tree = Tree.load(cfg.tree)
+        elif tree_file.exists():
+            tree = Tree.load(tree_file)
+        else:
+            tree = build_corpus_tree(emb, cfg.branching, seed=cfg.seed)
+        if tree.branching != list(cfg.branching):
+            raise ValueError(f"tree branching {tree.branching} != --branching {cfg.branching}")
+        tree.save(tree_file)
+        np.save(paths_file, tree.route(emb))
+    _barrier(d)
+    return Tree.load(tree_file), np.load(paths_file)
+
+
+def _lr_lambda(cfg: TrainConfig, total: int):
+    def f(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        t = min(1.0, (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps))
+        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t))
+    return f
+
+
+def _atomic_save(obj, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+# ---- the trainer -------------------------------------------------------------------------------------------
+
+
+class Trainer:
+    """Holds the model, the memories, the data and the optimizer of one job (one process of it)."""
+
+    def __init__(self, cfg: TrainConfig, dist: Dist | None = None):
+        self.cfg = cfg
+        self.dist = dist or Dist()
+        self.out = Path(cfg.out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        torch.manual_seed(cfg.seed)
+        corpus = Corpus.load(Path(cfg.corpus))
+        self.docs = corpus.docs[: cfg.max_docs] if cfg.max_docs else corpus.docs
+        self.model, self.tokenizer, self.anchor_name = load_model_for(cfg)
+        mc = self.model.config
+        if cfg.memory_layers is None:
+            cfg.memory_layers = list(range(mc.n_layers - min(cfg.mem_layers, mc.n_layers), mc.n_layers))
+        self.layers = list(cfg.memory_layers)
+        self.l0 = min(self.layers)
+        self.train_anchor = bool(cfg.train_anchor or cfg.init_anchor)
+        self.use_prefix = not (self.train_anchor or cfg.no_prefix_cache)
+        self.tree, self.paths = route_documents(cfg, self.docs, self.out, self.dist)
+        self.memory = MemoryBank(cfg.branching, cfg.ranks, len(self.layers), mc.d_model, seed=cfg.seed,
+                                 subtree=cfg.subtree, parents=self.tree.parents)
+        self.token_ids = tokenize_docs(self.tokenizer, [d["text"] for d in self.docs], MAX_DOC_TOKENS)
+        self.loss_start = loss_starts(self.tokenizer, self.docs, self.token_ids, cfg.loss)
+        self.prefix: list[torch.Tensor] | None = None
+        params = [{"params": list(self.memory.parameters()), "lr": cfg.lr}]
+        if self.train_anchor:
+            self.model.train().requires_grad_(True)
+            params.append({"params": list(self.model.parameters()), "lr": cfg.anchor_lr})
+        else:
+            self.model.eval().requires_grad_(False)
+        self.params = [p for g in params for p in g["params"]]
+        self.opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+                                     weight_decay=cfg.weight_decay)
+        self.batches_per_epoch = len(leaf_batches(self.paths, cfg.batch_size, cfg.seed, cfg.subtree))
+        if self.batches_per_epoch == 0:
+            raise ValueError(f"no documents to train (subtree={cfg.subtree})")
+        self.steps_per_epoch = -(-self.batches_per_epoch // self.dist.world)
+        self.total_steps = self.steps_per_epoch * cfg.epochs
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, _lr_lambda(cfg, self.total_steps))
+        self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
+        self.rng = random.Random(cfg.seed * 1000 + self.dist.rank)
+        self.train_seconds = 0.0
+        self.tokens_seen = 0
+
+    # -- prefix cache ------------------------------------------------------------------------------------
+
+    def build_prefix_cache(self) -> None:
+        if not self.use_prefix:
+            return
+        f = self.out / f"prefix-rank{self.dist.rank}.pt"
+        if f.exists():
+            self.prefix = torch.load(f)
+            if len(self.prefix) == len(self.docs):
+                return
+        if self.dist.world > 1:
+            # each process sees other documents every epoch: fill its cache lazily, as batches come
+            self.prefix = [None] * len(self.docs)  # type: ignore[list-item]
+            return
+        need = list(range(len(self.docs)))
+        t0 = time.perf_counter()
+        hs = prefix_hidden(self.model, [self.token_ids[i] for i in need], self.l0,
+                           progress=self.cfg.progress and self.dist.main)
+        cache: list[torch.Tensor] = [torch.empty(0)] * len(self.docs)
+        for i, h in zip(need, hs, strict=True):
+            cache[i] = h
+        self.prefix = cache
+        log.info("prefix cache of %d documents (layers 0..%d) in %.1fs", len(need), self.l0 - 1,
+                 time.perf_counter() - t0)
+        _atomic_save(self.prefix, f)
+
+    def _prefix_of(self, idx: list[int]) -> list[torch.Tensor]:
+        missing = [i for i in idx if self.prefix[i] is None]
+        if missing:
+            for i, h in zip(missing, prefix_hidden(self.model, [self.token_ids[i] for i in missing], self.l0),
+                            strict=True):
+                self.prefix[i] = h
+        return [self.prefix[i] for i in idx]
+
+    # -- one step --------------------------------------------------------------------------------------------
+
+    def _my_batches(self, epoch: int) -> list[Batch]:
+        batches = leaf_batches(self.paths, self.cfg.batch_size, self.cfg.seed * 7919 + epoch, self.cfg.subtree)
+        return batches[self.dist.rank::self.dist.world]
+
+    def batch_loss(self, batch: Batch, blocks: list[torch.Tensor]) -> torch.Tensor:
+        """Next-token loss of the batch's documents through anchor + `blocks` (all rows share them)."""
+        from lm import MemoryBatch
+
+        seqs = [self.token_ids[i] for i in batch.doc_index]
+        ids, mask = pad_ids(seqs)
+        select, targets = loss_targets(ids, mask, [self.loss_start[i] for i in batch.doc_index])
+        memory = MemoryBatch.build(blocks, [list(range(len(blocks)))] * len(seqs), self.layers)
+        if self.use_prefix:
+            logits = run_from(self.model, pad_hidden(self._prefix_of(batch.doc_index)), self.l0, memory, select)
+        else:
+            logits = run_from(self.model, self.model.model.embed_tokens(ids), 0, memory, select)
+        return torch.nn.functional.cross_entropy(logits.float(), targets)
+
+    def step(self, batch: Batch | None) -> dict[str, float]:
+        self.opt.zero_grad(set_to_none=True)
+        stats: dict[str, float] = {}
+        if batch is not None:
+            loss = self.batch_loss(batch, self.memory.path_blocks(batch.path))
+            total = loss
+            stats["loss"] = float(loss.detach())
+            if self.rng.random() < self.cfg.generic_prob:
+                loss_g = self.batch_loss(batch, [self.memory.generic])
+                total = total + loss_g
+                stats["loss_generic"] = float(loss_g.detach())
+            total.backward()
+            self.tokens_seen += sum(len(self.token_ids[i]) for i in batch.doc_index)
+        sync_gradients(self.params, self.dist)
+        if self.train_anchor:
+            torch.nn.utils.clip_grad_norm_([p for p in self.params if p.grad is not None], 1.0)
+        self.opt.step()
+        self.sched.step()
+        return stats
+
+    # -- checkpoints -----------------------------------------------------------------------------------------
+
+    def checkpoint(self) -> None:
+        if not self.dist.main:
+            return
+        state = {"memory": self.memory.state_dict(), "optim": self.opt.state_dict(),
+                 "sched": self.sched.state_dict(), "epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
+                 "global_step": self.global_step, "train_seconds": self.train_seconds,
+                 "tokens_seen": self.tokens_seen, "rng": self.rng.getstate(), "config": asdict(self.cfg)}
+        if self.train_anchor:
+            state["anchor"] = self.model.state_dict()
+        _atomic_save(state, self.out / "checkpoint.pt")
+
+    def resume(self) -> bool:
+        f = self.out / "checkpoint.pt"
+        if not f.exists():
+            return False
+        state = torch.load(f, weights_only=False)
+        self.memory.load_state_dict(state["memory"])
+        if self.train_anchor and "anchor" in state:
+            self.model.load_state_dict(state["anchor"])
+        self.opt.load_state_dict(state["optim"])
+        self.sched.load_state_dict(state["sched"])
+        self.epoch, self.step_in_epoch = state["epoch"], state["step_in_epoch"]
+        self.global_step, self.train_seconds = state["global_step"], state["train_seconds"]
+        self.tokens_seen = state.get("tokens_seen", 0)
+        if self.dist.world == 1:
+            self.rng.setstate(state["rng"])
+        log.info("resumed from %s at epoch %d step %d", f, self.epoch, self.step_in_epoch)
+        return True
+
+    # -- the loop --------------------------------------------------------------------------------------------
+
+    def train(self) -> dict:
+        self.resume()
+        self.build_prefix_cache()
+        bar = None
+        if self.cfg.progress and self.dist.main:
+            from tqdm import tqdm
+
+            bar = tqdm(total=self.total_steps, initial=self.global_step, desc="train", unit="step")
+        while self.epoch < self.cfg.epochs:
+            batches = self._my_batches(self.epoch)
+            while self.step_in_epoch < self.steps_per_epoch:
+                batch = batches[self.step_in_epoch] if self.step_in_epoch < len(batches) else None
+                t0 = time.perf_counter()
+                stats = self.step(batch)
+                self.train_seconds += time.perf_counter() - t0
+                self.step_in_epoch += 1
+                self.global_step += 1
+                if bar is not None:
+                    bar.update(1)
+                    tok_s = self.tokens_seen * self.dist.world / max(self.train_seconds, 1e-9)
+                    bar.set_postfix(epoch=self.epoch, loss=f"{stats.get('loss', float('nan')):.3f}",
+                                    generic=f"{stats.get('loss_generic', float('nan')):.3f}",
+                                    tok_s=f"{tok_s:.0f}")
+                if self.global_step % self.cfg.checkpoint_every == 0:
+                    self.checkpoint()
+            self.epoch += 1
+            self.step_in_epoch = 0
+            self.checkpoint()
+        if bar is not None:
+            bar.close()
+        return self.finish()
+
+    def finish(self) -> dict:
+        """Write memory.safetensors, the trained anchor (if any) and job.json (rank 0)."""
+        from safetensors.torch import save_file
+
+        _barrier(self.dist)
+        info: dict = {}
+        if self.dist.main:
+            tensors = {k: v.detach().contiguous() for k, v in self.memory.nodes.items()}
+            tensors["generic"] = self.memory.generic.detach().contiguous()
+            save_file(tensors, str(self.out / "memory.safetensors.tmp"))
+            os.replace(self.out / "memory.safetensors.tmp", self.out / "memory.safetensors")
+            identity, anchor_ref = self._anchor_identity()
+            mc = self.model.config
+            info = {
+                "branching": list(self.cfg.branching), "ranks": list(self.cfg.ranks),
+                "memory_layers": self.layers, "n_layers": mc.n_layers, "d_model": mc.d_model,
+                "anchor": anchor_ref, "anchor_identity": identity, "subtree": self.cfg.subtree,
+                "n_docs": len(self.docs),
+                "n_docs_trained": int(sum(len(b.doc_index) for b in
+                                          leaf_batches(self.paths, self.cfg.batch_size, 0, self.cfg.subtree))),
+                "epochs": self.cfg.epochs, "steps": self.global_step, "train_seconds": self.train_seconds,
+                "tokens_seen": self.tokens_seen * self.dist.world, "world_size": self.dist.world,
+                "prefix_cache": self.use_prefix, "done": True,
+            }
+            (self.out / "job.json").write_text(json.dumps(info, indent=2) + "\n")
+        _barrier(self.dist)
+        return info
+
+    def _anchor_identity(self) -> tuple[dict, str]:
+        if not self.train_anchor:
+            from lm import load_anchor
+
+            return load_anchor(self.cfg.anchor).identity, self.anchor_name
+        from lm.weights import save_anchor_dir
+
+        self.model.eval()
+        source = "pretrained from scratch with memories" if self.cfg.init_anchor else "co-trained with memories"
+        identity = save_anchor_dir(self.model, self.tokenizer, self.out / "anchor", name="trained",
+                                   source=f"hiermem train: {source}")
+        return identity, str((self.out / "anchor").resolve())
+
+
+def train(cfg: TrainConfig) -> dict:
+    """Run (or resume) a training job; export the bank unless it is a subtree job. Returns job.json's dict."""
+    d = init_distributed()
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if d.main:
+        (out / "config.json").write_text(cfg.to_json() + "\n")
+    trainer = Trainer(cfg, d)
+    info = trainer.train()
+    if d.main and cfg.subtree is None:
+        from training.export import export_job
+
+        bank_dir = Path(cfg.bank) if cfg.bank else out / "bank"
+        info["bank_id"] = export_job(out, bank_dir, n_shards=cfg.shards, dtype=cfg.dtype)
+        info["bank"] = str(bank_dir)
+        (out / "job.json").write_text(json.dumps(info, indent=2) + "\n")
+    _barrier(d)
+    return info
+
+
+def run_train_command(cfg: TrainConfig) -> int:
+    if not cfg.corpus or not cfg.out:
+        raise SystemExit("hiermem train needs --corpus and --out")
+    info = train(cfg)
+    if init_distributed().main:
+        print(json.dumps({k: info[k] for k in ("steps", "train_seconds", "bank") if k in info}))
+    return 0
