@@ -198,6 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     log.info("bank %s: %s, path %.1f MB (levels 2+3: %.1f MB)", bank.bank_id[:12], spec.dtype, path_bytes / 1e6,
              deep_bytes / 1e6)
 
+    load_start = os.getloadavg()
     servers = start_shards(args.bank, bank.shard_ids, args.server_args.split())
     addresses = {sid: [p.address] for sid, p in zip(bank.shard_ids, servers, strict=True)}
     rows, figures = [], {"bank": str(args.bank), "bank_id": bank.bank_id, "spec": spec.model_dump(),
@@ -248,6 +249,8 @@ def main(argv: list[str] | None = None) -> int:
         for p in servers:
             p.terminate(20)
 
+    # The machine is shared: the load average says how much other work ran beside the benchmark.
+    figures["loadavg_1m"] = {"start": load_start[0], "end": os.getloadavg()[0], "cores": os.cpu_count()}
     by_case = {r["case"]: r for r in rows}
     cold_whole = by_case["whole path 1+2+3, cold"]
     warm_whole = by_case["whole path 1+2+3, warm"]
@@ -265,7 +268,9 @@ def main(argv: list[str] | None = None) -> int:
     figures["ratios"] = {"warm_whole_vs_raw_socket": warm_whole["GB/s_p50"] / sock_gbs,
                          "warm_whole_vs_memcpy": warm_whole["GB/s_p50"] / (mem_bw / 1e9)}
     cols = ["case", "n", "MB/fetch", "p50_ms", "p99_ms", "mean_ms", "GB/s_p50", "GB/s_mean", "errors"]
-    md = "## Single client\n\n" + markdown_table(rows, cols)
+    md = (f"Load average (1 min) at start / end: {figures['loadavg_1m']['start']:.1f} / "
+          f"{figures['loadavg_1m']['end']:.1f} on {os.cpu_count()} cores (shared machine).\n\n")
+    md += "## Single client\n\n" + markdown_table(rows, cols)
     md += (f"\nwarm whole path / raw loopback TCP = {figures['ratios']['warm_whole_vs_raw_socket']:.2f}; "
            f"/ memcpy = {figures['ratios']['warm_whole_vs_memcpy']:.2f}\n")
     if conc:
