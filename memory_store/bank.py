@@ -11,7 +11,7 @@ from typing import NamedTuple
 import numpy as np
 
 from memory_store import layout
-from memory_store.errors import BankError, BlockCorrupt, NodeNotFound
+from memory_store.errors import BankError, BankMismatch, BlockCorrupt, NodeNotFound
 from memory_store.fileformat import MappedFile, crc32c
 from memory_store.spec import AnchorIdentity, BankSpec, NodeRef
 from memory_store.tree import Tree
@@ -99,6 +99,24 @@ class Bank:
         bank = cls(dir, manifest, tree, readahead, mapped_budget_bytes)
         log.debug("opened bank %s at %s", bank.bank_id[:12], dir)
         return bank
+
+    # --- compatibility ------------------------------------------------------------------------
+    def check_anchor(self, anchor: AnchorIdentity | dict) -> None:
+        """Raise BankMismatch unless the bank was built for this anchor (architecture and hash)."""
+        got = AnchorIdentity.model_validate(anchor if isinstance(anchor, dict) else anchor.model_dump())
+        if got != self.anchor:
+            raise BankMismatch(f"bank {self.bank_id[:12]} at {self.dir} was built for anchor "
+                               f"{self.anchor.arch} ({self.anchor.hash[:16]}), not {got.arch} ({got.hash[:16]})")
+
+    def check_embedder(self, name: str, dim: int) -> None:
+        """Raise BankMismatch unless the tree was built in this embedder's space."""
+        if (name, dim) != (self.spec.embedder_name, self.spec.embedder_dim):
+            raise BankMismatch(f"bank {self.bank_id[:12]} routes with {self.spec.embedder_name} "
+                               f"({self.spec.embedder_dim}-d), not {name} ({dim}-d)")
+
+    def check_bank_id(self, bank_id: str) -> None:
+        if bank_id != self.bank_id:
+            raise BankMismatch(f"bank_id {bank_id[:12]} does not match {self.bank_id[:12]} at {self.dir}")
 
     # --- layout -------------------------------------------------------------------------------
     def _ref(self, ref) -> NodeRef:

@@ -274,3 +274,19 @@ def crc_ok(bank, view, ref):
     from memory_store.fileformat import crc32c
 
     return crc32c(view) == bank.block_info(ref).crc32c
+
+
+def test_bank_refuses_another_anchor_or_embedder(tmp_path, spec):
+    from memory_store import AnchorIdentity, BankMismatch
+
+    write_bank(tmp_path / "b", spec)
+    bank = Bank.open(tmp_path / "b")
+    bank.check_anchor(ANCHOR)
+    bank.check_anchor(ANCHOR.model_dump())
+    with pytest.raises(BankMismatch, match="built for anchor test-anchor"):
+        bank.check_anchor(AnchorIdentity(arch="llama", hash="f" * 16))
+    bank.check_embedder(spec.embedder_name, spec.embedder_dim)
+    with pytest.raises(BankMismatch, match="routes with"):
+        bank.check_embedder("other", 768)
+    with pytest.raises(BankMismatch):
+        bank.check_bank_id("0" * 64)
