@@ -8,7 +8,8 @@ BankClient:
     reads them from disk, and
   - warm: the same paths again, served from the page cache;
 * next to a raw loopback TCP transfer of the same number of bytes (another process sending from RAM into
-  `recv_into`) and a numpy memcpy of them, measured in the same run;
+  `recv_into`), the grpc.aio floor (a trivial server streaming the same bytes as 1 MiB messages that the
+  client drops) and a numpy memcpy of them, measured in the same run;
 * N concurrent clients (processes) fetching random whole paths for S seconds, starting from a cold page
   cache: throughput, p50/p99, errors.
 
@@ -100,6 +101,73 @@ class LoopbackSocket:
     def close(self) -> None:
         self.sock.close()
         self.proc.join(10)
+
+
+# --- grpc floor: a trivial grpc.aio server streaming pre-built 1 MiB messages -------------------------------
+
+def _grpc_floor_server(port_q, chunk_bytes: int) -> None:
+    import asyncio
+
+    import grpc
+
+    async def serve() -> None:
+        payload = np.random.default_rng(0).integers(0, 255, chunk_bytes, dtype=np.uint8).tobytes()
+
+        async def stream(request: bytes, context):
+            for _ in range(int.from_bytes(request, "little")):
+                yield payload
+
+        handler = grpc.method_handlers_generic_handler("floor.Floor", {"Stream": grpc.unary_stream_rpc_method_handler(
+            stream, request_deserializer=lambda b: b, response_serializer=lambda b: b)})
+        server = grpc.aio.server(options=[("grpc.max_send_message_length", 8 << 20)])
+        server.add_generic_rpc_handlers((handler,))
+        port_q.put(server.add_insecure_port("127.0.0.1:0"))
+        await server.start()
+        await server.wait_for_termination()
+
+    asyncio.run(serve())
+
+
+class GrpcFloor:
+    """What grpc.aio itself costs: N messages of `chunk_bytes` from another process, received and dropped
+    (no disk, no checksum, no copy into a tensor)."""
+
+    def __init__(self, chunk_bytes: int = 2**20) -> None:
+        import asyncio
+
+        import grpc
+
+        ctx = mp.get_context("fork")
+        q = ctx.Queue()
+        self.proc = ctx.Process(target=_grpc_floor_server, args=(q, chunk_bytes), daemon=True)
+        self.proc.start()
+        self.chunk_bytes = chunk_bytes
+        self.loop = asyncio.new_event_loop()
+        port = q.get(timeout=60)
+
+        async def connect():
+            self.channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}",
+                                                     options=[("grpc.max_receive_message_length", 8 << 20)])
+            return self.channel.unary_stream("/floor.Floor/Stream", request_serializer=lambda b: b,
+                                             response_deserializer=lambda b: b)
+
+        self.call = self.loop.run_until_complete(connect())
+
+    def transfer(self, nbytes: int) -> float:
+        n = -(-nbytes // self.chunk_bytes)
+
+        async def go():
+            async for _ in self.call(n.to_bytes(4, "little")):
+                pass
+
+        t0 = time.perf_counter()
+        self.loop.run_until_complete(go())
+        return time.perf_counter() - t0
+
+    def close(self) -> None:
+        self.loop.run_until_complete(self.channel.close())
+        self.loop.close()
+        self.proc.kill()
 
 
 # --- shard servers ----------------------------------------------------------------------------------------
@@ -206,6 +274,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         # Cases are interleaved round by round so that load from other processes hits them alike.
         sock = LoopbackSocket(path_bytes)
+        floor = GrpcFloor()
         samples: dict[str, tuple[list[int], list[float], list[int]]] = {}
 
         def record(case: str, nbytes: int, seconds: float, errors: int = 0) -> None:
@@ -227,7 +296,10 @@ def main(argv: list[str] | None = None) -> int:
                     record(f"{name}, warm", b, s, e)
                 record("raw loopback TCP, path bytes", path_bytes, sock.transfer(path_bytes))
                 record("raw loopback TCP, level 2+3 bytes", deep_bytes, sock.transfer(deep_bytes))
+                record("grpc.aio floor (1 MiB messages, dropped), path bytes", path_bytes,
+                       floor.transfer(path_bytes))
         sock.close()
+        floor.close()
         mem_bw = memcpy_bandwidth(path_bytes)
         for case, (b, s, e) in samples.items():
             row = _summary(case, b, s)
@@ -265,13 +337,16 @@ def main(argv: list[str] | None = None) -> int:
     if conc:
         targets.append(target(f"{conc['clients']} clients x {conc['seconds']:.0f}s: errors", conc["errors"], "<=", 0))
     sock_gbs = by_case["raw loopback TCP, path bytes"]["GB/s_p50"]
+    floor_gbs = by_case["grpc.aio floor (1 MiB messages, dropped), path bytes"]["GB/s_p50"]
     figures["ratios"] = {"warm_whole_vs_raw_socket": warm_whole["GB/s_p50"] / sock_gbs,
+                         "warm_whole_vs_grpc_floor": warm_whole["GB/s_p50"] / floor_gbs,
                          "warm_whole_vs_memcpy": warm_whole["GB/s_p50"] / (mem_bw / 1e9)}
     cols = ["case", "n", "MB/fetch", "p50_ms", "p99_ms", "mean_ms", "GB/s_p50", "GB/s_mean", "errors"]
     md = (f"Load average (1 min) at start / end: {figures['loadavg_1m']['start']:.1f} / "
           f"{figures['loadavg_1m']['end']:.1f} on {os.cpu_count()} cores (shared machine).\n\n")
     md += "## Single client\n\n" + markdown_table(rows, cols)
     md += (f"\nwarm whole path / raw loopback TCP = {figures['ratios']['warm_whole_vs_raw_socket']:.2f}; "
+           f"/ grpc.aio floor = {figures['ratios']['warm_whole_vs_grpc_floor']:.2f}; "
            f"/ memcpy = {figures['ratios']['warm_whole_vs_memcpy']:.2f}\n")
     if conc:
         md += "\n## Concurrent clients (random whole paths, both shards)\n\n" + markdown_table([conc])
