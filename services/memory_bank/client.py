@@ -20,6 +20,7 @@ import threading
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import crc32c
 import grpc
@@ -53,6 +54,10 @@ class FetchResult:
     failovers: int = 0  # replicas given up on during this fetch
 
 
+def _read(path: str | Path | None) -> bytes | None:
+    return Path(path).read_bytes() if path is not None else None
+
+
 class _AttemptFailed(Exception):
     def __init__(self, code: grpc.StatusCode, detail: str) -> None:
         super().__init__(f"{code.name}: {detail}")
@@ -71,13 +76,19 @@ class BankClient:
         attempt_timeout_s: deadline of one call to one replica, so a hung replica leaves time to fail over.
         max_nodes_per_call / max_bytes_per_call: split a shard's nodes into calls within the server limits.
         failure_memory_s: how long a replica that failed is tried after the others.
+        tls_ca_file: PEM CA bundle to verify the servers by: dial over TLS (else plaintext).
+        tls_cert_file / tls_key_file: this client's certificate and key, for servers that require
+            mutual TLS.
+        tls_server_name: the name to expect in the servers' certificates, when it is not the dialled host.
     """
 
     def __init__(self, bank, redis_url: str | None = None,
                  static_addresses: Mapping[str, Sequence[str] | str] | None = None, *,
                  timeout_s: float = 10.0, attempt_timeout_s: float = 5.0, refresh_s: float = 2.0,
                  max_nodes_per_call: int = 64, max_bytes_per_call: int = 512 * 2**20,
-                 failure_memory_s: float = 30.0) -> None:
+                 failure_memory_s: float = 30.0, tls_ca_file: str | Path | None = None,
+                 tls_cert_file: str | Path | None = None, tls_key_file: str | Path | None = None,
+                 tls_server_name: str | None = None) -> None:
         if redis_url is None and not static_addresses:
             raise ValueError("BankClient needs redis_url or static_addresses")
         self.bank = bank
@@ -90,6 +101,17 @@ class BankClient:
         self.max_bytes_per_call = max_bytes_per_call
         self.failure_memory_s = failure_memory_s
         self._torch_dtype = TORCH_DTYPES[bank.spec.dtype]
+        self._credentials = None
+        if tls_ca_file is not None:
+            self._credentials = grpc.ssl_channel_credentials(
+                root_certificates=_read(tls_ca_file), private_key=_read(tls_key_file),
+                certificate_chain=_read(tls_cert_file))
+        elif tls_cert_file is not None or tls_key_file is not None:
+            raise ValueError("a client certificate needs tls_ca_file (TLS) as well")
+        self._channel_options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                                 ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
+        if tls_server_name:
+            self._channel_options.append(("grpc.ssl_target_name_override", tls_server_name))
         self._static = {str(s): [a] if isinstance(a, str) else list(a) for s, a in (static_addresses or {}).items()}
         self._discovered: dict[str, list[str]] = {}
         self._failed_at: dict[str, float] = {}
@@ -267,9 +289,10 @@ class BankClient:
     def _stub(self, addr: str) -> grpc.aio.UnaryStreamMultiCallable:
         entry = self._channels.get(addr)
         if entry is None:
-            channel = grpc.aio.insecure_channel(addr, options=[
-                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)])
+            if self._credentials is not None:
+                channel = grpc.aio.secure_channel(addr, self._credentials, options=self._channel_options)
+            else:
+                channel = grpc.aio.insecure_channel(addr, options=self._channel_options)
             call = channel.unary_stream(FETCH_METHOD, request_serializer=pb.FetchBlocksRequest.SerializeToString,
                                         response_deserializer=wire.decode_chunk)
             entry = self._channels[addr] = (channel, call)

@@ -94,12 +94,24 @@ def create_server(settings: BankServerSettings, bank=None) -> tuple[BankShardSer
     reflection.enable_server_reflection(
         (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
         server)
-    port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+    address = f"{settings.host}:{settings.port}"
+    credentials = server_credentials(settings)
+    port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
     if port == 0:
         raise OSError(f"could not bind {settings.host}:{settings.port}")
     for service in ("", SERVICE_NAME):  # NOT_SERVING until start()
         health_servicer.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
     return BankShardServer(settings, bank, server, port, servicer, health_servicer), port
+
+
+def server_credentials(settings: BankServerSettings) -> grpc.ServerCredentials | None:
+    """TLS credentials when a certificate is configured; mutual TLS when a client CA is too."""
+    if settings.tls_cert_file is None or settings.tls_key_file is None:
+        return None
+    client_ca = settings.tls_client_ca_file.read_bytes() if settings.tls_client_ca_file else None
+    return grpc.ssl_server_credentials(
+        [(settings.tls_key_file.read_bytes(), settings.tls_cert_file.read_bytes())],
+        root_certificates=client_ca, require_client_auth=client_ca is not None)
 
 
 def start_metrics(settings: BankServerSettings) -> int | None:

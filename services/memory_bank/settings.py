@@ -41,12 +41,20 @@ class BankServerSettings(BaseSettings):
     drain_delay_s: float = Field(
         0.0, ge=0, description="on SIGTERM: seconds NOT_SERVING is shown before new calls are refused")
     grace_s: float = Field(10.0, ge=0, description="on SIGTERM: seconds in-flight streams may take to finish")
+    tls_cert_file: Path | None = Field(None, description="PEM certificate chain: serve over TLS (with the key)")
+    tls_key_file: Path | None = Field(None, description="PEM private key of tls_cert_file")
+    tls_client_ca_file: Path | None = Field(
+        None, description="PEM CA bundle: require client certificates signed by it (mutual TLS)")
 
     @model_validator(mode="after")
     def _check(self) -> BankServerSettings:
         if self.heartbeat_s >= self.registry_ttl_s:
             raise ValueError(f"heartbeat_s ({self.heartbeat_s}) must be below registry_ttl_s "
                              f"({self.registry_ttl_s}), or the registration expires between heartbeats")
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("tls_cert_file and tls_key_file go together")
+        if self.tls_client_ca_file is not None and self.tls_cert_file is None:
+            raise ValueError("tls_client_ca_file (mutual TLS) needs tls_cert_file and tls_key_file")
         if self.advertise_address is not None and ":" not in self.advertise_address:
             raise ValueError(f"advertise_address must be host:port, got {self.advertise_address!r}")
         return self

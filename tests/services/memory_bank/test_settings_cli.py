@@ -40,6 +40,8 @@ def test_every_field_has_a_flag():
     {"port": 70000},
     {"advertise_address": "no-port"},
     {"max_nodes_per_call": 0},
+    {"tls_cert_file": "server.pem"},              # without its key
+    {"tls_client_ca_file": "ca.pem"},             # mutual TLS without a server certificate
 ])
 def test_invalid_settings_are_refused(tmp_path, bad):
     with pytest.raises(ValidationError):
