@@ -67,6 +67,7 @@ class StreamingFile:
     def __init__(self, path: Path, entries: Sequence[TensorEntry], metadata: dict[str, str] | None = None):
         self.path = path
         head, self.ranges = plan_header(entries, metadata)
+        self.header = head
         self.size = len(head) + sum(e.nbytes for e in entries)
         self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
         os.ftruncate(self.fd, self.size)  # sparse until written

@@ -93,8 +93,14 @@ def rewrite_bank(src: str | Path, out: str | Path | None = None, *, n_shards: in
 
         it = tqdm(refs, desc="rewrite", unit="block")
     generic = bank.generic_block()
+    changed = {lv: gone.get(lv, set()) | zeroed.get(lv, set()) for lv in range(1, bank.spec.depth + 1)}
     with BankWriter(dst, bank.spec, bank.anchor, bank.tree, n_shards, overwrite=out is None) as w:
+        if n_shards == len(bank.shard_ids):
+            _link_untouched(bank, w, changed)
         for ref in it:
+            holders = w.holders(ref)
+            if all(w.is_linked(sid, ref.level) for sid in holders):
+                continue
             if ref.index in gone.get(ref.level, ()) or not bank.is_present(ref):
                 w.mark_absent(ref)
             elif ref.index in zeroed.get(ref.level, ()):
@@ -108,6 +114,22 @@ def rewrite_bank(src: str | Path, out: str | Path | None = None, *, n_shards: in
             w.write_generic(generic)
     bank.close()
     return w.bank_id
+
+
+def _link_untouched(bank: Bank, w: BankWriter, changed: dict[int, set[int]]) -> None:
+    """Hard-link the shard files that hold none of the changed nodes (same shard cut as the source)."""
+    from memory_store import layout
+
+    for sid in bank.shard_ids:
+        sub = tuple(bank.manifest["shards"][bank.shard_ids.index(sid)]["subtrees"])
+        for level in range(1, bank.spec.depth + 1):
+            nodes = layout.nodes_in_shard(bank.spec, sub, level)
+            if any(i in nodes for i in changed[level]):
+                continue
+            blocks = bank.manifest["blocks"][str(level)]
+            if w.link_file(sid, level, bank.dir / layout.level_file(sid, level), blocks["crc32c"],
+                           blocks["present"]):
+                log.debug("linked shard %s level %d unchanged", sid, level)
 
 
 def reshard(src: str | Path, n_shards: int, out: str | Path | None = None, progress: bool = False) -> str:

@@ -104,6 +104,7 @@ class BankWriter:
         self.present = {lv: [False] * spec.nodes_at(lv) for lv in range(1, spec.depth + 1)}
         self.written = {lv: np.zeros(spec.nodes_at(lv), dtype=bool) for lv in range(1, spec.depth + 1)}
         self.generic_crc: int | None = None
+        self._linked: set[tuple[str, int]] = set()
         self._open = False
 
     def __enter__(self) -> BankWriter:
@@ -126,6 +127,38 @@ class BankWriter:
     def _shards_for(self, ref: NodeRef) -> list[str]:
         return [sid for sid, nodes in self._holders[ref.level] if ref.index in nodes]
 
+    def is_linked(self, shard_id: str, level: int) -> bool:
+        return (shard_id, level) in self._linked
+
+    def holders(self, ref) -> list[str]:
+        """The shards whose files store this node."""
+        return self._shards_for(layout.check_ref_in(self.spec, ref))
+
+    def link_file(self, shard_id: str, level: int, src: str | Path, crcs, present) -> bool:
+        """Adopt an existing shard file with exactly the planned layout (same spec and shard cut), by hard
+        link (copy across file systems), instead of rewriting its blocks; `crcs`/`present` are the source
+        manifest's per-level lists. Returns False, changing nothing, when the layouts differ. Used by
+        reshard/delete for files the edit does not touch; files are never modified in place, so sharing
+        an inode between the old and the new bank is safe."""
+        f = self._files[shard_id, level]
+        head = f.header
+        with open(src, "rb") as s:
+            if s.read(len(head)) != head or os.fstat(s.fileno()).st_size != f.size:
+                return False
+        f.close(sync=False)
+        os.unlink(f.path)
+        try:
+            os.link(src, f.path)
+        except OSError:
+            shutil.copyfile(src, f.path)
+        del self._files[shard_id, level]
+        self._linked.add((shard_id, level))
+        for i in dict(self._holders[level])[shard_id]:
+            self.crcs[level][i] = int(crcs[i])
+            self.present[level][i] = bool(present[i])
+            self.written[level][i] = True
+        return True
+
     def write_block(self, ref, array) -> None:
         """Write one node's block `[L_mem, 3, r_l, d]` (numpy or torch, converted to the bank dtype)."""
         ref = layout.check_ref_in(self.spec, ref)
@@ -137,7 +170,8 @@ class BankWriter:
             raise BankError("BankWriter is not open: use it as a context manager")
         ref = layout.check_ref_in(self.spec, ref)
         for sid in self._shards_for(ref):
-            self._files[sid, ref.level].write(layout.tensor_name(ref.index), data)
+            if (sid, ref.level) not in self._linked:
+                self._files[sid, ref.level].write(layout.tensor_name(ref.index), data)
         self.crcs[ref.level][ref.index] = crc32c(data) if crc is None else int(crc)
         self.present[ref.level][ref.index] = True
         self.written[ref.level][ref.index] = True
@@ -147,6 +181,8 @@ class BankWriter:
         ref = layout.check_ref_in(self.spec, ref)
         zeros = bytes(self.spec.bytes_per_block(ref.level))
         for sid in self._shards_for(ref):
+            if (sid, ref.level) in self._linked:
+                raise BankError(f"node {ref} is in linked file shard {sid} level {ref.level}: cannot change it")
             self._files[sid, ref.level].write(layout.tensor_name(ref.index), zeros)
         self.crcs[ref.level][ref.index] = 0
         self.present[ref.level][ref.index] = False

@@ -290,3 +290,25 @@ def test_bank_refuses_another_anchor_or_embedder(tmp_path, spec):
         bank.check_embedder("other", 768)
     with pytest.raises(BankMismatch):
         bank.check_bank_id("0" * 64)
+
+
+def test_delete_links_untouched_shard_files_and_rewrites_the_others(tmp_path):
+    spec = tiny_spec(branching=[2, 3])
+    _, blocks, _ = write_bank(tmp_path / "b", spec, n_shards=2)
+    delete_subtrees(tmp_path / "b", [NodeRef(2, 4)], out=tmp_path / "d")  # in shard 1, level 2 only
+    ino = lambda d, sid, lv: (d / "shards" / sid / f"level-{lv}.safetensors").stat().st_ino  # noqa: E731
+    assert ino(tmp_path / "b", "0", 2) == ino(tmp_path / "d", "0", 2)
+    assert ino(tmp_path / "b", "1", 1) == ino(tmp_path / "d", "1", 1)
+    assert ino(tmp_path / "b", "1", 2) != ino(tmp_path / "d", "1", 2)
+    bank = Bank.open(tmp_path / "d")
+    with pytest.raises(NodeNotFound):
+        bank.read_block(NodeRef(2, 4))
+    for ref, block in blocks.items():
+        if ref != NodeRef(2, 4):
+            np.testing.assert_array_equal(bank.read_block(ref).numpy(), block)
+    assert verify_bank(tmp_path / "d").ok
+    # deleting again on top of a deletion keeps the earlier one
+    delete_subtrees(tmp_path / "d", [NodeRef(1, 0)])
+    again = Bank.open(tmp_path / "d")
+    assert not again.is_present(NodeRef(2, 4)) and not again.is_present(NodeRef(2, 1))
+    assert again.is_present(NodeRef(2, 5))
