@@ -262,7 +262,8 @@ class Supervisor:
 
     def stop_all(self, order: list[str] | None = None) -> None:
         """SIGTERM each child's process group in `order` (then the rest), SIGKILL what outlives the grace."""
-        names = (order or []) + [n for n in reversed(self.children) if n not in (order or [])]
+        first = [n for n in order or [] if n in self.children]
+        names = first + [n for n in reversed(self.children) if n not in first]
         for name in names:
             child = self.children[name]
             child.restart_at = None

@@ -109,3 +109,25 @@ def test_up_refuses_a_shard_count_the_bank_does_not_have(bank):
                          env={**os.environ, "HIERMEM_UP_ANCHOR": "tiny"})
     assert out.returncode != 0
     assert "has 2 shards" in out.stderr and "reshard" in out.stderr
+
+
+def test_up_without_redis_serves_replicas_from_static_addresses(bank):
+    launcher = Launcher("--bank", str(bank), "--anchor", "tiny", "--port", "0", "--redis", "off",
+                        "--replicas", "2")
+    try:
+        m = launcher.wait_for(r"hiermem is up: (http://\S+)\s+\((\d+) shard\(s\) x (\d+) replica\(s\), "
+                              r"discovery: (\w+)", launcher.out, timeout=240)
+        url = m.group(1)
+        assert m.group(2, 3, 4) == ("2", "2", "static")
+        cmdlines = [p.cmdline() for p in launcher.descendants()]
+        assert not [c for c in cmdlines if "redis-server" in c[0]]
+        model = next(c for c in cmdlines if "serve-model" in c)
+        static = model[model.index("--static-addresses") + 1].split(",")
+        assert sorted(a.split("=")[0] for a in static) == ["0", "0", "1", "1"]
+        assert _complete(url, "The capital of France is")["memory"]["degraded"] is False
+        everyone = launcher.descendants()
+    finally:
+        launcher.proc.send_signal(signal.SIGINT)  # Ctrl-C
+        code = launcher.proc.wait(timeout=90)
+    assert code == 0
+    assert not [p for p in everyone if _alive(p)]
