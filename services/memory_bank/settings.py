@@ -33,6 +33,9 @@ class BankServerSettings(BaseSettings):
     replica_id: str | None = Field(None, description="id of this replica; default <hostname>-<pid>")
     hot_cache_bytes: int = Field(0, ge=0, description="bytes of shallow-level blocks kept in RAM (0 = off)")
     hot_cache_max_level: int = Field(1, ge=1, description="deepest level whose blocks the hot cache keeps")
+    readahead: bool = Field(
+        False, description="also madvise(WILLNEED) each block before sending (its checksum thread reads ahead "
+        "anyway; no gain measured here, and the call blocks the event loop)")
     max_nodes_per_call: int = Field(64, ge=1, description="most nodes one FetchBlocks call may ask for")
     max_bytes_per_call: int = Field(512 * 2**20, ge=1, description="most block bytes one call may ask for")
     chunk_bytes: int = Field(2**20, ge=4096, le=MAX_CHUNK_BYTES, description="payload bytes per chunk")
