@@ -85,7 +85,8 @@ def create_server(settings: BankServerSettings, bank=None) -> tuple[BankShardSer
     if bank is None:
         from memory_store import Bank
 
-        bank = Bank.open(settings.bank, readahead=settings.readahead)
+        bank = Bank.open(settings.bank, readahead=settings.readahead,
+                         mapped_budget_bytes=settings.mapped_budget_bytes)
     servicer = MemoryBankServicer(bank, settings.shard, settings.resolved_replica_id(), settings)
     server = grpc.aio.server(interceptors=[ErrorInterceptor(f"/{SERVICE_NAME}/")], options=CHANNEL_OPTIONS)
     server.add_generic_rpc_handlers((method_handlers(servicer),))

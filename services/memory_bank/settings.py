@@ -36,6 +36,9 @@ class BankServerSettings(BaseSettings):
     readahead: bool = Field(
         False, description="also madvise(WILLNEED) each block before sending (its checksum thread reads ahead "
         "anyway; no gain measured here, and the call blocks the event loop)")
+    mapped_budget_bytes: int = Field(
+        2**30, ge=0, description="drop the mapped pages from this process after this many block bytes were "
+        "read (bounds RSS; the page cache keeps them); 0 = never")
     max_nodes_per_call: int = Field(64, ge=1, description="most nodes one FetchBlocks call may ask for")
     max_bytes_per_call: int = Field(512 * 2**20, ge=1, description="most block bytes one call may ask for")
     chunk_bytes: int = Field(2**20, ge=4096, le=MAX_CHUNK_BYTES, description="payload bytes per chunk")
