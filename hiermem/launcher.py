@@ -318,8 +318,9 @@ def plan_stack(s: UpSettings, redis_url: str | None) -> tuple[list[ChildSpec], C
         for r in range(s.replicas):
             def argv(port: int, sid=sid, r=r) -> list[str]:
                 # `python -m services.memory_bank` is serve-bank without the other packages' imports (torch)
-                return [sys.executable, "-m", "services.memory_bank", "--bank", str(s.bank), "--shard", sid, "--replica-id", f"r{r}",
-                                "--host", s.host, "--port", str(port), *redis_args, *shlex.split(s.bank_args)]
+                return [sys.executable, "-m", "services.memory_bank", "--bank", str(s.bank), "--shard", sid,
+                        "--replica-id", f"r{r}", "--host", s.host, "--port", str(port), *redis_args,
+                        *shlex.split(s.bank_args)]
             shards.append(ChildSpec(f"shard-{sid}/r{r}", argv, probe_grpc))
 
     def model(addresses: dict[str, list[str]]) -> ChildSpec:
@@ -425,6 +426,8 @@ def ensure_bank(s: EnsureBankSettings) -> Path:
     if (s.bank / "manifest.json").is_file():
         log.info("bank present at %s: nothing to do", s.bank)
         return s.bank
+    if s.bank.is_dir() and not any(s.bank.iterdir()):
+        s.bank.rmdir()  # an empty directory (e.g. made by a volume mount) would block the atomic publish
     if s.source == "demo":
         argv = _hiermem("build", "--preset", "demo", "--out", str(s.bank))  # trains on the smollm2 anchor
         log.info("building the demo bank: %s", shlex.join(argv))

@@ -120,3 +120,16 @@ def test_gpu_override_reserves_a_gpu_for_the_model_server_only(keys_file):
     assert devices[0]["capabilities"] == ["gpu"] and devices[0]["count"] == 1
     assert services["model"]["build"]["args"]["TORCH_INDEX_URL"].startswith("https://download.pytorch.org/")
     assert all("deploy" not in svc for name, svc in services.items() if name != "model")
+
+
+def test_the_bank_is_a_subdirectory_of_its_volume(config):
+    """A bank is published by renaming a sibling temp directory onto its name, so the bank path must lie
+    strictly below the mount point (a mount point cannot be replaced): else bank-init fails."""
+    for name in ("bank-init", "shard-0", "shard-1", "model"):
+        svc = config["services"][name]
+        env = svc["environment"]
+        bank = next(Path(v) for k, v in env.items() if k in ("HIERMEM_INIT_BANK", "HIERMEM_BANK_BANK",
+                                                             "HIERMEM_MODEL_BANK"))
+        mounts = [Path(v["target"]) for v in svc["volumes"] if v["source"] == "bank"]
+        assert mounts and all(m in bank.parents for m in mounts), (name, bank, mounts)
+        assert all(v.get("read_only", False) for v in svc["volumes"]) == (name != "bank-init"), name

@@ -129,3 +129,20 @@ def test_all_pods_run_as_non_root(objects):
             continue  # the official redis image runs as its own redis user
         assert pod["securityContext"]["runAsNonRoot"] is True
         assert pod["securityContext"]["runAsUser"] == 10001
+
+
+def test_the_bank_is_a_subdirectory_of_the_pvc_mount(objects):
+    """A bank is published by renaming a sibling temp directory onto its name: the bank path must lie
+    below the PVC's mount point, in every pod (the Job writes, the others only read)."""
+    config = by_kind(objects, "ConfigMap")["hiermem-config"]["data"]
+    banks = {Path(config[k]) for k in ("HIERMEM_INIT_BANK", "HIERMEM_BANK_BANK", "HIERMEM_MODEL_BANK")}
+    assert len(banks) == 1
+    bank = banks.pop()
+    for workload in [*by_kind(objects, "Deployment").values(), *by_kind(objects, "Job").values()]:
+        pod = workload["spec"]["template"]["spec"]
+        claims = {v["name"] for v in pod.get("volumes", []) if "persistentVolumeClaim" in v}
+        for c in pod.get("initContainers", []) + pod["containers"]:
+            for m in c.get("volumeMounts", []):
+                if m["name"] in claims:
+                    assert Path(m["mountPath"]) in bank.parents, (workload["metadata"]["name"], m)
+                    assert m.get("readOnly", False) == (workload["kind"] != "Job")
