@@ -49,6 +49,9 @@ class BankShardServer:
     async def start(self) -> None:
         """Starts serving, marks itself SERVING and registers in Redis (if configured)."""
         await self.grpc.start()
+        if self.settings.hot_cache_bytes and self.settings.hot_cache_preload:
+            n = await asyncio.to_thread(self.servicer.preload_hot_cache)
+            log.info("hot cache preloaded: %d blocks, %.1f MB", n, self.servicer.cache.nbytes / 1e6)
         self.set_serving(True)
         if self.settings.redis_url:
             record = replica_record(self.bank.bank_id, self.servicer.shard_id, self.servicer.replica_id,

@@ -99,6 +99,26 @@ class MemoryBankServicer:
             metrics.BYTES_SENT.labels(str(ref.level)).inc(info.nbytes)
             metrics.BLOCKS_SENT.labels(str(ref.level)).inc()
 
+    def preload_hot_cache(self) -> int:
+        """Reads and verifies this shard's blocks of the cached levels, shallowest first, until the hot
+        cache is full; returns the number of blocks loaded. Runs in a thread at start-up."""
+        loaded = 0
+        for level in range(1, min(self.cache.max_level, self.spec.depth) + 1):
+            nbytes = self.spec.bytes_per_block(level)
+            for index in range(self.spec.nodes_at(level)):
+                ref = NodeRef(level, index)
+                if self.cache.nbytes + nbytes > self.cache.max_bytes:
+                    return loaded
+                if not self._owns(ref) or not self.bank.is_present(ref):
+                    continue
+                data = self.bank.read_block_bytes(ref, verify=False, shard=self.shard_id)
+                if crc32c.crc32c(data) != self.bank.block_info(ref).crc32c:
+                    log.error("not caching corrupt block %s of shard %s", ref, self.shard_id)
+                    continue
+                self.cache.put(ref, bytes(data))
+                loaded += 1
+        return loaded
+
     # --- helpers ----------------------------------------------------------------------------------------
 
     def _validate(self, request) -> list[NodeRef]:

@@ -33,6 +33,8 @@ class BankServerSettings(BaseSettings):
     replica_id: str | None = Field(None, description="id of this replica; default <hostname>-<pid>")
     hot_cache_bytes: int = Field(0, ge=0, description="bytes of shallow-level blocks kept in RAM (0 = off)")
     hot_cache_max_level: int = Field(1, ge=1, description="deepest level whose blocks the hot cache keeps")
+    hot_cache_preload: bool = Field(
+        True, description="fill the hot cache at start-up, before reporting SERVING (else as blocks are asked for)")
     readahead: bool = Field(
         False, description="also madvise(WILLNEED) each block before sending (its checksum thread reads ahead "
         "anyway; no gain measured here, and the call blocks the event loop)")

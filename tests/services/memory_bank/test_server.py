@@ -140,3 +140,11 @@ def test_a_corrupt_block_is_never_delivered_whole(bank_dir, bank, tmp_path):
     assert len(starts) == 2  # block (2, 0) whole, then part of (1, 0)
     corrupt_bytes = sum(len(c.data) for c in received[starts[1]:])
     assert 0 < corrupt_bytes < bank.block_info((1, 0)).nbytes  # the last chunk was held back
+
+
+def test_hot_cache_is_preloaded_before_serving(bank_dir, bank):
+    with running_shards(bank_dir, shards=("1",), hot_cache_bytes=3 * 12288) as (_, servers):
+        cache = servers["1"].servicer.cache
+        # room for 3 level-1 blocks, shard 1 owns two: both loaded and verified, nothing deeper
+        assert set(cache._entries) == {NodeRef(1, 2), NodeRef(1, 3)}
+        assert cache._entries[NodeRef(1, 3)] == bytes(bank.read_block_bytes((1, 3)))
