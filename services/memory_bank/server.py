@@ -48,10 +48,11 @@ class BankShardServer:
 
     async def start(self) -> None:
         """Starts serving, marks itself SERVING and registers in Redis (if configured)."""
-        await self.grpc.start()
         if self.settings.hot_cache_bytes and self.settings.hot_cache_preload:
+            # Before serving: the cache belongs to the event loop once calls arrive.
             n = await asyncio.to_thread(self.servicer.preload_hot_cache)
             log.info("hot cache preloaded: %d blocks, %.1f MB", n, self.servicer.cache.nbytes / 1e6)
+        await self.grpc.start()
         self.set_serving(True)
         if self.settings.redis_url:
             record = replica_record(self.bank.bank_id, self.servicer.shard_id, self.servicer.replica_id,
