@@ -305,8 +305,9 @@ class BankClient:
         raw: torch.Tensor | None = None  # the block being received, as uint8
         buf: memoryview | None = None  # a writable view of `raw`
         got = 0
+        call = self._stub(addr)(request, timeout=timeout)
         try:
-            async for chunk in self._stub(addr)(request, timeout=timeout):
+            async for chunk in call:
                 if chunk.header is not None:
                     if buf is not None:
                         raise _AttemptFailed(grpc.StatusCode.DATA_LOSS, "block header before previous block ended")
@@ -325,6 +326,9 @@ class BankClient:
                     raw = buf = None
         except grpc.aio.AioRpcError as exc:
             raise _AttemptFailed(exc.code(), exc.details() or "") from None
+        finally:
+            if not call.done():  # we gave up on this replica mid-stream: stop it sending
+                call.cancel()
         if buf is not None or pending:
             raise _AttemptFailed(grpc.StatusCode.DATA_LOSS, f"stream ended with {len(pending)} blocks missing")
 

@@ -6,6 +6,7 @@ import asyncio
 import socket
 import threading
 import time
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -103,3 +104,24 @@ def test_unknown_shard_and_splitting_into_calls(shards, bank):
 def test_needs_an_address_source(bank):
     with pytest.raises(ValueError):
         BankClient(bank)
+
+
+def test_a_block_failing_the_clients_own_check_is_fetched_again_elsewhere(shards, bank, bank_dir, monkeypatch):
+    import services.memory_bank.client as client_module
+
+    from .conftest import running_shards
+
+    real = client_module.crc32c.crc32c
+    calls = []
+
+    def flaky(data, *args):
+        calls.append(len(data))
+        return real(data, *args) ^ (1 if len(calls) == 1 else 0)  # the first block received looks corrupt
+
+    monkeypatch.setattr(client_module, "crc32c", SimpleNamespace(crc32c=flaky))  # the client's only
+    addresses, _ = shards
+    with running_shards(bank_dir, shards=("0",)) as (second, _):
+        with BankClient(bank, static_addresses={"0": [addresses["0"], second["0"]]}) as client:
+            result = client.fetch(path_refs((1, 6, 25)))
+    assert result.failed == {} and same_as_bank(bank, result.blocks)
+    assert result.failovers == 1
