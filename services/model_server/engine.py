@@ -10,8 +10,14 @@ Semantics of one engine iteration:
     take new requests and cancellations from the inbox
     admit waiting requests into free slots, in the scheduler's order
     prefill one chunk of the oldest admitted-but-not-prefilled request (its first token when done)
-    decode one token for every running row: logits = model(last_tokens, memory=batch_memory)
-    emit tokens; finished and cancelled rows free their slot
+    decode a token for every running row: logits = model(last_tokens, memory=batch_memory)
+    emit tokens; finished and cancelled rows are answered at once
+
+Rebuilding the batch's memory copies blocks (`lm.MemoryBatch.build`), so it is done only when rows *join*:
+a row that finishes is answered at once but stays in the decode batch as a "zombie" (its output is
+dropped, its KV slot kept) until the next join rebuilds the batch without it. Decoding is bound by the
+bytes of weights read, so a zombie row costs next to nothing; a rebuild per leave would cost a copy of
+every distinct block. The runner therefore has more KV slots than `max_rows`.
 """
 
 from __future__ import annotations
@@ -84,6 +90,7 @@ class GenRequest:
     cancelled: bool = False
     finished: bool = False
     first_token_at: float | None = None
+    fed: int = 0  # tokens fed by decode steps (KV length = prefilled + fed)
     _gen: torch.Generator | None = None
     _single_memory: Any = None
 
@@ -103,6 +110,7 @@ class EngineStats:
     prefill_chunks: int = 0
     distinct_memory_bytes: int = 0  # summed over decode steps
     memory_rebuilds: int = 0
+    rebuild_seconds: float = 0.0
     completed: int = 0
     cancelled: int = 0
     failed: int = 0
@@ -112,8 +120,9 @@ class Engine:
     """Owns the runner in one thread; `submit` and `cancel` are safe from any thread."""
 
     def __init__(self, runner: Runner, *, scheduler: Scheduler, max_queue: int, prefill_chunk: int = 256,
-                 metrics: Metrics | None = None, retry_after_s: int = 1) -> None:
+                 metrics: Metrics | None = None, retry_after_s: int = 1, max_rows: int | None = None) -> None:
         self.runner = runner
+        self.max_rows = max_rows or runner.n_slots
         self.scheduler = scheduler
         self.max_queue = max_queue
         self.prefill_chunk = prefill_chunk
@@ -125,6 +134,7 @@ class Engine:
         self._waiting: list[GenRequest] = []
         self._prefilling: list[GenRequest] = []
         self._active: list[GenRequest] = []
+        self._batch: list[GenRequest] = []  # rows of the built memory, in order: live rows and zombies
         self._free_slots = list(range(runner.n_slots))
         self._n_waiting = 0  # inbox + waiting, read under _cv
         self._stop = False
@@ -174,14 +184,15 @@ class Engine:
         """Rows running, prefilling and waiting right now."""
         with self._cv:
             return {"active": len(self._active), "prefilling": len(self._prefilling),
-                    "waiting": self._n_waiting, "free_slots": len(self._free_slots)}
+                    "waiting": self._n_waiting, "free_slots": len(self._free_slots),
+                    "zombies": sum(1 for r in self._batch if r.finished)}
 
     # ---- the loop ----------------------------------------------------------------------------
     def _run(self) -> None:
         while True:
             with self._cv:
                 while not self._stop and not (self._inbox or self._waiting or self._prefilling
-                                              or self._active):
+                                              or self._active or self._batch):
                     self._cv.wait(timeout=0.5)
                 if self._stop:
                     break
@@ -193,9 +204,11 @@ class Engine:
                 log.exception("engine step failed")
                 for req in self._prefilling + self._active:
                     self._finish(req, error=exc)
+                self._reap()
                 self._prefilling, self._active, self._dirty = [], [], True
         for req in self._waiting + list(self._inbox) + self._prefilling + self._active:
             self._finish(req, error=RuntimeError("server shutting down"))
+        self._reap()
 
     def _step(self) -> None:
         self._drop_cancelled()
@@ -204,6 +217,8 @@ class Engine:
             self._prefill_one_chunk()
         if self._active:
             self._decode()
+        elif self._batch:
+            self._reap()  # only zombies left: nothing to decode
         self._set_gauges()
 
     def _drop_cancelled(self) -> None:
@@ -212,18 +227,22 @@ class Engine:
                 group.remove(req)
                 if group is self._waiting:
                     self._dec_waiting()
-                if group is self._active:
-                    self._dirty = True
                 self.stats.cancelled += 1
                 if self.metrics is not None:
                     self.metrics.cancelled.inc()
-                self._finish(req, reason="cancelled")
+                self._finish(req, reason="cancelled", keep_slot=req in self._batch)
 
     def _admit(self) -> None:
-        if not self._free_slots or not self._waiting:
+        rows_free = self.max_rows - len(self._active) - len(self._prefilling)
+        if rows_free <= 0 or not self._waiting:
+            return
+        if not self._free_slots:
+            self._reap()  # zombies hold every KV slot: drop them now
+        n = min(rows_free, len(self._free_slots))
+        if n <= 0:
             return
         running = set().union(*(r.memory_keys for r in self._active + self._prefilling))
-        picks = self.scheduler.pick(self._waiting, running, len(self._free_slots), time.monotonic())
+        picks = self.scheduler.pick(self._waiting, running, n, time.monotonic())
         for req in picks:
             self._waiting.remove(req)
             self._dec_waiting()
@@ -249,19 +268,39 @@ class Engine:
         self._accept(req, sample(logits, req.params, req._gen))
 
     def _decode(self) -> None:
-        if self._dirty:
+        limit = self.runner.max_seq_len
+        if self._dirty or any(r.finished and r.prefilled + r.fed + 1 >= limit for r in self._batch):
             self._rebuild_memory()
-        rows = list(self._active)
+        rows = list(self._batch)
         t0 = time.perf_counter()
         logits = self.runner.decode([r.slot for r in rows], [r.generated[-1] for r in rows], self._memory)
-        self.stats.decode_seconds += time.perf_counter() - t0
+        for r in rows:
+            r.fed += 1
+        dt = time.perf_counter() - t0
+        self.stats.decode_seconds += dt
         self.stats.decode_steps += 1
         self.stats.decode_rows += len(rows)
         self.stats.distinct_memory_bytes += self._memory_bytes
+        if self.metrics is not None:
+            self.metrics.decode_steps.inc()
+            self.metrics.decode_rows.inc(len(rows))
+            self.metrics.decode_seconds.inc(dt)
+            self.metrics.decode_memory_bytes.inc(self._memory_bytes)
         for i, req in enumerate(rows):
-            self._accept(req, sample(logits[i], req.params, req._gen))
+            if not req.finished:
+                self._accept(req, sample(logits[i], req.params, req._gen))
+
+    def _reap(self) -> None:
+        """Free the KV slots of zombie rows; the memory must be rebuilt before the next decode."""
+        for req in self._batch:
+            if req.finished and req.slot >= 0:
+                self._release(req)
+        self._batch = [r for r in self._batch if not r.finished]
+        self._dirty = True
 
     def _rebuild_memory(self) -> None:
+        self._reap()
+        self._batch = list(self._active)
         index: dict[Hashable, int] = {}
         blocks: list[torch.Tensor] = []
         row_blocks: list[list[int]] = []
@@ -273,9 +312,13 @@ class Engine:
                     blocks.append(block)
                 ids.append(index[key])
             row_blocks.append(ids)
+        t0 = time.perf_counter()
         self._memory = self.runner.build_memory(blocks, row_blocks) if blocks else None
         self._memory_bytes = sum(b.numel() * b.element_size() for b in blocks)
         self.stats.memory_rebuilds += 1
+        self.stats.rebuild_seconds += time.perf_counter() - t0
+        if self.metrics is not None:
+            self.metrics.rebuild_seconds.inc(time.perf_counter() - t0)
         self._dirty = False
         if self.metrics is not None:
             self.metrics.distinct_memory_bytes.set(self._memory_bytes)
@@ -321,20 +364,24 @@ class Engine:
         if reason:
             if req in self._active:
                 self._active.remove(req)
-                self._dirty = True
             self.stats.completed += 1
-            self._finish(req, reason=reason)
+            self._finish(req, reason=reason, keep_slot=req in self._batch)
 
-    def _finish(self, req: GenRequest, *, reason: str | None = None, error: BaseException | None = None) -> None:
+    def _release(self, req: GenRequest) -> None:
+        try:
+            self.runner.release(req.slot)
+        finally:
+            self._free_slots.append(req.slot)
+            req.slot = -1
+
+    def _finish(self, req: GenRequest, *, reason: str | None = None, error: BaseException | None = None,
+                keep_slot: bool = False) -> None:
+        """Answer `req`; `keep_slot` leaves it in the decode batch as a zombie until the next rebuild."""
         if req.finished:
             return
         req.finished = True
-        if req.slot >= 0:
-            try:
-                self.runner.release(req.slot)
-            finally:
-                self._free_slots.append(req.slot)
-                req.slot = -1
+        if req.slot >= 0 and not keep_slot:
+            self._release(req)
         if error is not None:
             self.stats.failed += 1
             req.sink(Event("error", error=error))

@@ -25,6 +25,13 @@ class Metrics:
         self.batch_rows = Gauge("hiermem_batch_rows", "Sequences in the running batch", registry=r)
         self.distinct_memory_bytes = Gauge("hiermem_distinct_memory_bytes",
                                            "Distinct memory bytes read by the last decode step", registry=r)
+        self.decode_steps = Counter("hiermem_decode_steps", "Decode steps run by the engine", registry=r)
+        self.decode_rows = Counter("hiermem_decode_rows", "Rows decoded, summed over steps", registry=r)
+        self.decode_seconds = Counter("hiermem_decode_seconds", "Time spent in decode steps", registry=r)
+        self.decode_memory_bytes = Counter("hiermem_decode_memory_bytes",
+                                           "Distinct memory bytes read, summed over decode steps", registry=r)
+        self.rebuild_seconds = Counter("hiermem_memory_rebuild_seconds",
+                                       "Time spent rebuilding the batch's MemoryBatch", registry=r)
         self.cache_hits = Counter("hiermem_block_cache_hits", "Block cache hits", ["level"], registry=r)
         self.cache_misses = Counter("hiermem_block_cache_misses", "Block cache misses", ["level"], registry=r)
         self.cache_bytes = Gauge("hiermem_block_cache_bytes", "Bytes held by the block cache",

@@ -114,7 +114,7 @@ def build_components(settings: ModelServerSettings) -> Components:
 
         bank = Bank.open(settings.bank)
     anchor, codec, runner = load_codec_and_runner(
-        settings.anchor, n_slots=settings.max_batch, max_seq_len=settings.max_seq_len,
+        settings.anchor, n_slots=2 * settings.max_batch, max_seq_len=settings.max_seq_len,
         memory_layers=bank.spec.memory_layers if bank is not None else None)
     closers: list[Callable[[], Any]] = []
     resolver, bank_id, ready_check = None, None, (lambda: (True, "ok"))
@@ -139,7 +139,7 @@ def build_components(settings: ModelServerSettings) -> Components:
         ready_check = _bank_ready_check(fetcher)
     engine = Engine(runner, scheduler=Scheduler(settings.scheduler, settings.max_wait_s),
                     max_queue=settings.max_queue, prefill_chunk=settings.prefill_chunk, metrics=metrics,
-                    retry_after_s=settings.retry_after_s)
+                    retry_after_s=settings.retry_after_s, max_rows=settings.max_batch)
     ids = [settings.model_name] + ([settings.anchor] if settings.anchor != settings.model_name else [])
     return Components(settings=settings, metrics=metrics, keys=keys, codec=codec, engine=engine,
                       resolver=resolver, model_ids=ids, bank_id=bank_id, ready_check=ready_check,

@@ -22,13 +22,14 @@ from .fakes import FakeCodec, FakeFetcher, FakeRunner, fake_embed
 def make_components(settings: ModelServerSettings, *, runner: FakeRunner | None = None,
                     fetcher: FakeFetcher | None = None, with_bank: bool = True) -> Components:
     metrics = Metrics()
-    runner = runner or FakeRunner(n_slots=settings.max_batch)
+    runner = runner or FakeRunner(n_slots=2 * settings.max_batch)
     resolver = None
     if with_bank:
         fetcher = fetcher or FakeFetcher()
         resolver, cache = build_memory_side(settings, fetcher.bank, fetcher, fake_embed, metrics)
     engine = Engine(runner, scheduler=Scheduler(settings.scheduler, settings.max_wait_s),
-                    max_queue=settings.max_queue, prefill_chunk=settings.prefill_chunk, metrics=metrics)
+                    max_queue=settings.max_queue, prefill_chunk=settings.prefill_chunk, metrics=metrics,
+                    max_rows=settings.max_batch)
     return Components(settings=settings, metrics=metrics, keys=KeyStore.load(settings.api_keys_file),
                       codec=FakeCodec(), engine=engine, resolver=resolver, model_ids=["hiermem", "fake"],
                       bank_id="fake-bank" if with_bank else None)

@@ -41,9 +41,9 @@ def _req(prompt="ab", n=4, keys=(), value=1.0, **kw):
 def engine_factory():
     engines = []
 
-    def make(runner=None, mode="subtree", max_queue=8, chunk=4, max_wait_s=2.0):
+    def make(runner=None, mode="subtree", max_queue=8, chunk=4, max_wait_s=2.0, max_rows=None):
         eng = Engine(runner or FakeRunner(), scheduler=Scheduler(mode, max_wait_s), max_queue=max_queue,
-                     prefill_chunk=chunk)
+                     prefill_chunk=chunk, max_rows=max_rows)
         engines.append(eng)
         return eng
 
@@ -53,20 +53,29 @@ def engine_factory():
 
 
 def test_rows_join_and_leave_between_steps(engine_factory):
-    runner = FakeRunner(n_slots=4, step_delay=0.01)
-    eng = engine_factory(runner)
-    long_req, long_sink = _req("hello world prompt", n=30)
+    runner = FakeRunner(n_slots=8, step_delay=0.01)
+    eng = engine_factory(runner, max_rows=4)
+    long_req, long_sink = _req("hello world prompt", n=60)
     eng.submit(long_req)
     eng.start()
     time.sleep(0.1)
     short_req, short_sink = _req("x", n=3)
     eng.submit(short_req)
-    assert short_sink.done.wait(5) and long_sink.done.wait(5)
-    assert len(short_sink.text) == 3 and len(long_sink.text) == 30
-    assert max(runner.decode_batches) == 2 and runner.decode_batches[-1] == 1  # joined, then left
+    assert short_sink.done.wait(5)
+    assert not long_sink.done.is_set()  # the short one was answered while the long one runs
+    assert eng.snapshot()["zombies"] == 1  # ... and stays in the batch until a join rebuilds it
+    third, third_sink = _req("y", n=3)
+    eng.submit(third)
+    assert third_sink.done.wait(5) and long_sink.done.wait(5)
+    assert len(short_sink.text) == 3 and len(long_sink.text) == 60 and len(third_sink.text) == 3
+    assert max(runner.decode_batches) == 2  # the zombie was dropped when the third row joined
     # the 18-token prompt was prefilled in chunks of 4 while nothing else ran
     assert [n for s, n in runner.prefill_calls][:5] == [4, 4, 4, 4, 2]
-    assert eng.snapshot()["free_slots"] == 4 and eng.stats.completed == 2
+    deadline = time.monotonic() + 2  # the last zombies are reaped on the engine's next turn
+    while eng.snapshot()["free_slots"] < 8 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert eng.snapshot()["free_slots"] == 8 and eng.stats.completed == 3
+    assert not runner.lengths  # every KV slot released
 
 
 def test_shared_nodes_are_one_block_in_the_batch(engine_factory):
