@@ -304,7 +304,7 @@ class BankClient:
                                         nodes=[pb.NodeRef(level=r.level, index=r.index) for r in pending])
         raw: torch.Tensor | None = None  # the block being received, as uint8
         buf: memoryview | None = None  # a writable view of `raw`
-        got = 0
+        got = crc = 0
         call = self._stub(addr)(request, timeout=timeout)
         try:
             async for chunk in call:
@@ -314,14 +314,16 @@ class BankClient:
                     self._check_header(chunk.header, pending[0] if pending else None)
                     # torch.empty maps fresh pages lazily; bytearray(n) would zero-fill them first (~1 ms/MB)
                     raw = torch.empty(chunk.header.nbytes, dtype=torch.uint8)
-                    buf, got = memoryview(raw.numpy()), 0
+                    buf, got, crc = memoryview(raw.numpy()), 0, 0
                 if buf is None or chunk.offset != got or got + len(chunk.data) > len(buf):
                     raise _AttemptFailed(grpc.StatusCode.DATA_LOSS, "chunk out of order")
-                buf[got:got + len(chunk.data)] = chunk.data
-                got += len(chunk.data)
+                end = got + len(chunk.data)
+                buf[got:end] = chunk.data
+                crc = crc32c.crc32c(buf[got:end], crc)  # while the chunk is still in the CPU cache
+                got = end
                 if got == len(buf):
                     ref = pending[0]
-                    self._finish_block(ref, raw, buf, out)
+                    self._finish_block(ref, raw, crc, out)
                     pending.pop(0)
                     raw = buf = None
         except grpc.aio.AioRpcError as exc:
@@ -343,14 +345,13 @@ class BankClient:
                 or header.nbytes != info.nbytes or header.crc32c != info.crc32c):
             raise _AttemptFailed(grpc.StatusCode.DATA_LOSS, f"block {ref}: header disagrees with the manifest")
 
-    def _finish_block(self, ref: NodeRef, raw: torch.Tensor, buf: memoryview, out: FetchResult) -> None:
+    def _finish_block(self, ref: NodeRef, raw: torch.Tensor, actual: int, out: FetchResult) -> None:
         info = self.bank.block_info(ref)
-        actual = crc32c.crc32c(buf)
         if actual != info.crc32c:
             raise _AttemptFailed(grpc.StatusCode.DATA_LOSS,
                                  f"block {ref}: crc32c {actual:#010x} != manifest {info.crc32c:#010x}")
         out.blocks[ref] = raw.view(self._torch_dtype).view(info.shape)
-        out.nbytes += len(buf)
+        out.nbytes += raw.numel()
 
     async def _aclose(self) -> None:
         if self._refresh_task is not None:
