@@ -301,9 +301,12 @@ def _hiermem(*args: str) -> list[str]:
 
 def bank_shard_ids(bank_dir: Path) -> list[str]:
     """Shard ids of a bank directory, through memory_store.Bank (reads manifest.json only)."""
-    from memory_store import Bank
+    from memory_store import Bank, BankError
 
-    return [str(s) for s in Bank.open(bank_dir).shard_ids]
+    try:
+        return [str(s) for s in Bank.open(bank_dir).shard_ids]
+    except BankError as exc:
+        raise SystemExit(f"hiermem up: {exc}\n  make one with: hiermem ensure-bank --bank {bank_dir}") from None
 
 
 def plan_stack(s: UpSettings, redis_url: str | None) -> tuple[list[ChildSpec], Callable[[dict], ChildSpec]]:
@@ -336,9 +339,10 @@ def plan_stack(s: UpSettings, redis_url: str | None) -> tuple[list[ChildSpec], C
     return shards, model
 
 
-def curl_example(url: str) -> str:
+def curl_example(url: str, auth: bool = False) -> str:
     body = '{"prompt": "The capital of France is", "max_tokens": 16}'
-    return f"curl -s {url}/v1/completions -H 'Content-Type: application/json' -d '{body}'"
+    key = ' -H "Authorization: Bearer $HIERMEM_API_KEY"' if auth else ""
+    return f"curl -s {url}/v1/completions -H 'Content-Type: application/json'{key} -d '{body}'"
 
 
 def up(s: UpSettings, *, stop: threading.Event | None = None, out=None) -> int:
@@ -373,7 +377,8 @@ def up(s: UpSettings, *, stop: threading.Event | None = None, out=None) -> int:
         url = f"http://{model.address}"
         print(f"hiermem is up: {url}  ({len(addresses)} shard(s) x {s.replicas} replica(s), "
               f"discovery: {'redis ' + redis_url if redis_url else 'static'})", file=out, flush=True)
-        print(f"try:  {curl_example(url)}", file=out, flush=True)
+        auth = "--api-keys-file" in s.model_args or bool(os.environ.get("HIERMEM_MODEL_API_KEYS_FILE"))
+        print(f"try:  {curl_example(url, auth)}", file=out, flush=True)
         print("stop with Ctrl-C", file=out, flush=True)
         sup.run()
         return 0

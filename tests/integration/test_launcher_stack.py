@@ -131,3 +131,11 @@ def test_up_without_redis_serves_replicas_from_static_addresses(bank):
         code = launcher.proc.wait(timeout=90)
     assert code == 0
     assert not [p for p in everyone if _alive(p)]
+
+
+def test_up_without_a_bank_says_how_to_make_one(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "hiermem.cli", "up", "--bank", str(tmp_path / "none"),
+                          "--redis", "off"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1
+    assert "is not a bank" in out.stderr and "hiermem ensure-bank --bank" in out.stderr
+    assert "Traceback" not in out.stderr
