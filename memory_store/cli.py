@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import sys
@@ -182,9 +181,3 @@ def _route(args) -> int:
         print(f"{summary['prompts']} prompts: p50 {summary['p50_ms']:.2f} ms, p99 {summary['p99_ms']:.2f} ms, "
               f"mean {summary['mean_ms']:.2f} ms per prompt (embed + descent)", file=sys.stdout)
     return 0
-
-
-def add_argument_parser_for_docs() -> argparse.ArgumentParser:  # pragma: no cover - used by docs only
-    parser = argparse.ArgumentParser(prog="hiermem")
-    register(parser.add_subparsers())
-    return parser

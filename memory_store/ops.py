@@ -11,7 +11,6 @@ from typing import Any
 
 from memory_store.bank import Bank
 from memory_store.errors import BankError, BlockCorrupt, NodeNotFound
-from memory_store.fileformat import crc32c
 from memory_store.spec import NodeRef
 from memory_store.writer import BankWriter
 
@@ -167,8 +166,3 @@ def inspect_bank(dir: str | Path) -> dict[str, Any]:
                    for sid in bank.shard_ids],
         "generic": bank.manifest.get("generic") is not None,
     }
-
-
-def file_crc(path: str | Path) -> int:
-    with open(path, "rb") as f:
-        return crc32c(f.read())

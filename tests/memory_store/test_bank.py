@@ -312,3 +312,17 @@ def test_delete_links_untouched_shard_files_and_rewrites_the_others(tmp_path):
     again = Bank.open(tmp_path / "d")
     assert not again.is_present(NodeRef(2, 4)) and not again.is_present(NodeRef(2, 1))
     assert again.is_present(NodeRef(2, 5))
+
+
+def test_rewrite_of_a_corrupt_bank_fails_and_leaves_the_original(tmp_path, spec):
+    bank_id, _, _ = write_bank(tmp_path / "b", spec, n_shards=2)
+    path = tmp_path / "b" / "shards" / "1" / "level-2.safetensors"
+    data = bytearray(path.read_bytes())
+    data[-3] ^= 0xFF  # last block of shard 1
+    path.write_bytes(bytes(data))
+    with pytest.raises(BlockCorrupt):
+        reshard(tmp_path / "b", 1)
+    with pytest.raises(BlockCorrupt):  # rewrites shard 1's level-2 file, re-reading 2:5
+        delete_subtrees(tmp_path / "b", [NodeRef(2, 3)])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]  # no temporary directory left behind
+    assert Bank.open(tmp_path / "b").bank_id == bank_id
