@@ -85,9 +85,11 @@ def test_start_order_waits_for_health_and_the_bank(config):
 def test_the_services_settings_exist_in_their_settings_classes(config):
     """Every HIERMEM_BANK_* / HIERMEM_MODEL_* variable the file sets is a field of the real settings."""
     from services.memory_bank.settings import BankServerSettings
+    from hiermem.launcher import EnsureBankSettings
     from services.model_server.settings import ModelServerSettings
 
-    for prefix, cls in (("HIERMEM_BANK_", BankServerSettings), ("HIERMEM_MODEL_", ModelServerSettings)):
+    for prefix, cls in (("HIERMEM_BANK_", BankServerSettings), ("HIERMEM_MODEL_", ModelServerSettings),
+                        ("HIERMEM_INIT_", EnsureBankSettings)):
         seen = {k for svc in config["services"].values() for k in (svc.get("environment") or {})
                 if k.startswith(prefix)}
         assert seen, prefix

@@ -108,13 +108,15 @@ def test_references_between_objects_resolve(objects):
 
 def test_model_server_probes_and_settings(objects):
     from services.memory_bank.settings import BankServerSettings
+    from hiermem.launcher import EnsureBankSettings
     from services.model_server.settings import ModelServerSettings
 
     model = by_kind(objects, "Deployment")["hiermem-model"]["spec"]["template"]["spec"]["containers"][0]
     assert model["readinessProbe"]["httpGet"]["path"] == "/ready"
     assert model["livenessProbe"]["httpGet"]["path"] == "/health"
     config = by_kind(objects, "ConfigMap")["hiermem-config"]["data"]
-    for prefix, cls in (("HIERMEM_BANK_", BankServerSettings), ("HIERMEM_MODEL_", ModelServerSettings)):
+    for prefix, cls in (("HIERMEM_BANK_", BankServerSettings), ("HIERMEM_MODEL_", ModelServerSettings),
+                        ("HIERMEM_INIT_", EnsureBankSettings)):
         unknown = [k for k in config if k.startswith(prefix) and k.removeprefix(prefix).lower() not in cls.model_fields]
         assert not unknown, f"{cls.__name__} has no fields for {unknown}"
     keys_path = Path(config["HIERMEM_MODEL_API_KEYS_FILE"])
