@@ -83,9 +83,9 @@ def test_start_order_waits_for_health_and_the_bank(config):
 
 
 def test_the_services_settings_exist_in_their_settings_classes(config):
-    """Every HIERMEM_BANK_* / HIERMEM_MODEL_* variable the file sets is a field of the real settings."""
-    from services.memory_bank.settings import BankServerSettings
+    """Every HIERMEM_BANK_/_MODEL_/_INIT_ variable the file sets is a field of the real settings class."""
     from hiermem.launcher import EnsureBankSettings
+    from services.memory_bank.settings import BankServerSettings
     from services.model_server.settings import ModelServerSettings
 
     for prefix, cls in (("HIERMEM_BANK_", BankServerSettings), ("HIERMEM_MODEL_", ModelServerSettings),

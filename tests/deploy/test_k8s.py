@@ -107,8 +107,8 @@ def test_references_between_objects_resolve(objects):
 
 
 def test_model_server_probes_and_settings(objects):
-    from services.memory_bank.settings import BankServerSettings
     from hiermem.launcher import EnsureBankSettings
+    from services.memory_bank.settings import BankServerSettings
     from services.model_server.settings import ModelServerSettings
 
     model = by_kind(objects, "Deployment")["hiermem-model"]["spec"]["template"]["spec"]["containers"][0]
