@@ -38,7 +38,10 @@ def _all_refs(bank: Bank) -> Iterable[NodeRef]:
 
 def verify_bank(dir: str | Path, progress: bool = False) -> VerifyReport:
     """Check every stored copy of every present block (and the generic memory) against its crc32c."""
-    bank = Bank.open(dir)
+    try:
+        bank = Bank.open(dir)
+    except BlockCorrupt as exc:  # the tree does not match the manifest: nothing else can be trusted
+        return VerifyReport(bank_id="?", problems=[str(exc)])
     report = VerifyReport(bank.bank_id)
     refs = list(_all_refs(bank))
     it = refs

@@ -326,3 +326,15 @@ def test_rewrite_of_a_corrupt_bank_fails_and_leaves_the_original(tmp_path, spec)
         delete_subtrees(tmp_path / "b", [NodeRef(2, 3)])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]  # no temporary directory left behind
     assert Bank.open(tmp_path / "b").bank_id == bank_id
+
+
+def test_a_corrupt_tree_is_refused(tmp_path, spec):
+    write_bank(tmp_path / "b", spec)
+    path = tmp_path / "b" / "tree.safetensors"
+    data = bytearray(path.read_bytes())
+    data[-5] ^= 0x01
+    path.write_bytes(bytes(data))
+    with pytest.raises(BlockCorrupt, match="tree"):
+        Bank.open(tmp_path / "b")
+    report = verify_bank(tmp_path / "b")
+    assert not report.ok and "tree" in report.problems[0]
