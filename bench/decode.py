@@ -9,13 +9,14 @@ Batches:
   * b16-tree: 16 paths drawn as leaves of a 16/256/4096 tree (uniform leaves, so level-1 nodes repeat).
   * b16-l1=K (sharing sweep): 16 distinct paths whose level-1 nodes take K distinct values (K = 1, 4, 16).
 
-Measurement: both conditions are prefilled once into their own KV caches; then rounds alternate anchor-only
-and memory-on (A/B/A/B...), each round resetting the caches to the prefill length and timing `--steps`
-decode steps; figures are medians over all steps of all rounds, because the machine is shared.
-memcpy bandwidth (bench.common.memcpy_bandwidth over buffers of one path's bytes) is measured inside every
-round too, and its median is used.
+Measurement: every condition is prefilled once into its own KV cache; then each round resets the caches to
+the prefill length and runs `--steps` decode steps, alternating conditions at every step (A/B/A/B), because
+the machine is shared and its speed drifts. Step times are medians over all steps of all rounds; the extra
+time of memory is the median of the paired differences (memory step - the anchor step run beside it).
+memcpy bandwidth (bench.common.memcpy_bandwidth over buffers of one path's bytes, one repeat) is measured
+after every step pair too, and its median is used (a median like the step times, not a best-of).
 
-Run: python -m bench.decode [--rounds 5 --steps 6 --quick]
+Run: python -m bench.decode [--rounds 5 --steps 6 --threads 1 --quick]
 """
 
 from __future__ import annotations
@@ -73,7 +74,7 @@ def blocks_for(paths, n_layers: int, d: int, seed: int):
 
 
 class Runner:
-    """One condition: its KV cache prefilled to PROMPT_LEN; `steps(n)` times n decode steps."""
+    """One condition: its KV cache prefilled to PROMPT_LEN; `reset()` then `step()` times one decode step."""
 
     def __init__(self, model, batch: int, memory, steps: int):
         from lm import KVCache
@@ -85,18 +86,18 @@ class Runner:
         ids = torch.randint(0, model.config.vocab_size, (batch, PROMPT_LEN), generator=g)
         with torch.inference_mode():
             self.first = model(ids, cache=self.cache, slots=self.slots, memory=memory, last_only=True)[:, -1]
+        self.reset()
 
-    def steps(self, n: int) -> list[float]:
+    def reset(self) -> None:
         self.cache.lengths[self.slots] = PROMPT_LEN
-        tok = self.first.argmax(-1)[:, None]
-        times = []
+        self.tok = self.first.argmax(-1)[:, None]
+
+    def step(self) -> float:
         with torch.inference_mode():
-            for _ in range(n):
-                t0 = time.perf_counter()
-                logits = self.model(tok, cache=self.cache, slots=self.slots, memory=self.memory)
-                tok = logits[:, -1].argmax(-1)[:, None]
-                times.append(time.perf_counter() - t0)
-        return times
+            t0 = time.perf_counter()
+            logits = self.model(self.tok, cache=self.cache, slots=self.slots, memory=self.memory)
+            self.tok = logits[:, -1].argmax(-1)[:, None]
+            return time.perf_counter() - t0
 
 
 def measure(model, name: str, paths, strategies, rounds: int, steps: int, path_bytes: int) -> list[dict]:
@@ -118,16 +119,20 @@ def measure(model, name: str, paths, strategies, rounds: int, steps: int, path_b
     times: dict[str, list[float]] = {k: [] for k in runners}
     bws = []
     for _ in range(rounds):
-        bws.append(memcpy_bandwidth(path_bytes, repeats=2))
-        for k, r in runners.items():  # A/B/A/B: every condition once per round
-            times[k] += r.steps(steps)
+        for r in runners.values():
+            r.reset()
+        for _ in range(steps):  # A/B/A/B at the step level: each condition's step i runs back to back
+            for k, r in runners.items():
+                times[k].append(r.step())
+            bws.append(memcpy_bandwidth(path_bytes, repeats=1))  # the floor, measured beside the steps
     bw = statistics.median(bws)
     t_anchor = statistics.median(times["anchor"])
     floor = distinct_bytes / bw
     rows = []
     for s in strategies:
         t_mem = statistics.median(times[s])
-        extra = t_mem - t_anchor
+        # paired estimate: median over steps of (memory step - the anchor step run right beside it)
+        extra = statistics.median(m - a for m, a in zip(times[s], times["anchor"], strict=True))
         rows.append({
             "batch": name, "rows": B, "strategy": s,
             "distinct_l1": len({p[0] for p in paths}), "distinct_blocks": len({(lv, n) for p in paths
@@ -170,7 +175,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--steps", type=int, default=6, help="decode steps per condition per round")
     ap.add_argument("--quick", action="store_true", help="batch 1 and b16-tree only, grouped strategy only")
-    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads (default 1: the 2 cores are shared with other jobs, and a 2-thread "
+                         "OpenMP team stalls whenever one thread is descheduled, which swings step times 5-10x; "
+                         "one thread also matches the single-threaded numpy memcpy of the floor)")
     ap.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -201,8 +209,8 @@ def main(argv: list[str] | None = None) -> int:
                               round(r["extra_over_floor"], 3), "<=", 1.25))
     cols = ["batch", "strategy", "rows", "distinct_l1", "distinct_MB", "anchor_ms", "memory_ms", "extra_ms",
             "floor_ms", "extra_over_floor", "ratio_tps", "best_ratio", "memcpy_GBps", "build_s"]
-    md = ("Per decode step, medians over interleaved rounds (A/B/A/B). `extra_over_floor` = (memory_ms - "
-          "anchor_ms) / floor_ms, floor = distinct memory bytes / memcpy bandwidth measured in the same run; "
+    md = ("Per decode step, medians over interleaved rounds (A/B/A/B). `extra_over_floor` = extra_ms / floor_ms, "
+          "extra_ms = median of paired (memory step - anchor step), floor = distinct memory bytes / memcpy bandwidth measured in the same run; "
           "`ratio_tps` = memory-on tokens/s / anchor-only tokens/s; `best_ratio` = what the floor allows.\n\n"
           + markdown_table(rows, cols) + "\n![decode](decode.png)\n")
     args.results_dir.mkdir(parents=True, exist_ok=True)

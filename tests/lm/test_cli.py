@@ -1,0 +1,31 @@
+"""`hiermem generate` through its argparse registration (in-process, tiny anchor)."""
+
+from __future__ import annotations
+
+import argparse
+
+from lm.cli import register
+
+
+def _run(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="hiermem")
+    register(parser.add_subparsers())
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+def test_generate_prints_prompt_completion_and_memory_size(capsys, tiny_anchor):
+    assert _run(["generate", "The capital of France is", "--anchor", "tiny", "--max-new-tokens", "4",
+                 "--synthetic-memory"]) == 0
+    out = capsys.readouterr().out
+    assert "prompt: 'The capital of France is'" in out
+    assert "completion: '" in out and "tokens/s" in out
+    # r = (256, 64, 16) units x 3 matrices x d=64 x 4 layers
+    assert f"{336 * 3 * 64 * 4 / 1e6:.1f}M params" in out and "SYNTHETIC" in out
+
+
+def test_generate_chat_without_memory(capsys, tiny_anchor):
+    assert _run(["generate", "Hi", "--anchor", "tiny", "--max-new-tokens", "2", "--chat", "--temperature",
+                 "0.7", "--seed", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "memory: none" in out and "tokens: " in out
