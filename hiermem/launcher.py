@@ -68,6 +68,10 @@ class UpSettings(BaseSettings):
     """Longest delay between restarts."""
     stop_timeout_s: float = Field(20.0, gt=0)
     """Grace period after SIGTERM before children are killed."""
+    liveness_interval_s: float = Field(10.0, ge=0)
+    """Seconds between health probes of a running child (0 = only restart children that exit)."""
+    liveness_failures: int = Field(3, ge=1)
+    """Failed probes in a row after which a hung child is killed and restarted."""
     model_args: str = ""
     """Extra arguments for `hiermem serve-model` (shell syntax), e.g. "--api-keys-file keys.json"."""
     bank_args: str = ""
@@ -140,6 +144,8 @@ class ChildSpec:
     """Health probe, called with the child's host:port."""
     port: int = 0
     """Fixed port; 0 = read it from the child's LISTENING line (and keep it across restarts)."""
+    liveness: Callable[[str], bool] | None = None
+    """Probe while running (default `probe`): must not fail for reasons outside the child."""
 
 
 @dataclass
@@ -152,6 +158,8 @@ class Child:
     restarts: int = 0
     backoff: float = 0.0
     restart_at: float | None = None
+    last_probe: float = 0.0
+    probe_failures: int = 0
     listening: threading.Event = field(default_factory=threading.Event)
 
 
@@ -174,9 +182,11 @@ class Supervisor:
     """
 
     def __init__(self, *, backoff_initial_s: float = 0.5, backoff_max_s: float = 30.0,
-                 stop_timeout_s: float = 20.0, stop: threading.Event | None = None, out=None):
+                 stop_timeout_s: float = 20.0, liveness_interval_s: float = 10.0, liveness_failures: int = 3,
+                 stop: threading.Event | None = None, out=None):
         self.children: dict[str, Child] = {}
         self.backoff_initial_s, self.backoff_max_s = backoff_initial_s, backoff_max_s
+        self.liveness_interval_s, self.liveness_failures = liveness_interval_s, liveness_failures
         self.stop_timeout_s = stop_timeout_s
         self.stop_event = stop or threading.Event()
         self._out = out or sys.stderr
@@ -188,6 +198,7 @@ class Supervisor:
         argv = spec.argv(port)
         child.listening.clear()
         child.healthy = False
+        child.probe_failures = 0
         if spec.port:
             child.address = f"{_host_of(argv)}:{spec.port}"
             child.listening.set()
@@ -222,7 +233,7 @@ class Supervisor:
                 if child.proc is not None and child.proc.poll() is not None:
                     raise RuntimeError(f"{name} exited with code {child.proc.returncode} while starting")
                 if child.listening.is_set() and child.address and child.spec.probe(child.address):
-                    child.healthy = True
+                    child.healthy, child.last_probe = True, time.monotonic()
                     pending.remove(name)
                     log.info("%s healthy at %s", name, child.address)
             if pending and time.monotonic() > deadline:
@@ -231,7 +242,9 @@ class Supervisor:
                 self.stop_event.wait(0.2)
 
     def tick(self) -> None:
-        """One round of supervision: notice crashes, restart when their back-off has passed, re-probe."""
+        """One round of supervision: notice exits, restart when their back-off has passed, probe the
+        running children every `liveness_interval_s` and kill one that fails `liveness_failures` in a row
+        (a hung child; the next round restarts it like a crashed one)."""
         now = time.monotonic()
         for child in self.children.values():
             proc = child.proc
@@ -250,9 +263,19 @@ class Supervisor:
                 self.start(child.spec)
             elif not child.healthy and child.listening.is_set() and child.address:
                 if child.spec.probe(child.address):
-                    child.healthy = True
+                    child.healthy, child.last_probe = True, now
                     log.info("%s healthy again at %s (restart %d)", child.spec.name, child.address,
                              child.restarts)
+            elif child.healthy and self.liveness_interval_s and now - child.last_probe >= self.liveness_interval_s:
+                child.last_probe = now
+                if (child.spec.liveness or child.spec.probe)(child.address):
+                    child.probe_failures = 0
+                    continue
+                child.probe_failures += 1
+                log.warning("%s failed a health probe (%d in a row)", child.spec.name, child.probe_failures)
+                if child.probe_failures >= self.liveness_failures and proc is not None:
+                    log.error("%s (pid %d) is not answering; killing it", child.spec.name, proc.pid)
+                    _signal_group(proc, signal.SIGKILL)
 
     def run(self, interval: float = 0.25) -> None:
         """Supervise until the stop event is set."""
@@ -334,7 +357,10 @@ def plan_stack(s: UpSettings, redis_url: str | None) -> tuple[list[ChildSpec], C
                             "--port", str(port), "--static-addresses", static, *redis_args,
                             *shlex.split(s.model_args))
 
-        return ChildSpec("model", argv, lambda addr: probe_http(f"http://{addr}/ready"), port=s.port)
+        # ready = anchor loaded and bank reachable; alive = /health, so a shard outage never restarts it,
+        # with a generous timeout, since a busy 2-core machine can be slow to answer
+        return ChildSpec("model", argv, lambda addr: probe_http(f"http://{addr}/ready"), port=s.port,
+                         liveness=lambda addr: probe_http(f"http://{addr}/health", timeout=10.0))
 
     return shards, model
 
@@ -349,7 +375,8 @@ def up(s: UpSettings, *, stop: threading.Event | None = None, out=None) -> int:
     """Run the stack until `stop` is set (or SIGINT/SIGTERM when run from the CLI); returns an exit code."""
     out = out or sys.stdout
     sup = Supervisor(backoff_initial_s=s.backoff_initial_s, backoff_max_s=s.backoff_max_s,
-                     stop_timeout_s=s.stop_timeout_s, stop=stop)
+                     stop_timeout_s=s.stop_timeout_s, liveness_interval_s=s.liveness_interval_s,
+                     liveness_failures=s.liveness_failures, stop=stop)
     redis_url = s.redis_url
     try:
         if redis_url is None and s.redis != "off":

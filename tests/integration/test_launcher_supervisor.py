@@ -128,3 +128,20 @@ def test_backoff_doubles_up_to_its_cap():
     sup.stop_all()
     assert child.restarts == 4
     assert delays[:4] == pytest.approx([0.05, 0.1, 0.2, 0.2], abs=0.03)
+
+
+def test_a_hung_child_is_killed_and_restarted(fake_shard):
+    sup = Supervisor(backoff_initial_s=0.2, liveness_interval_s=0.2, liveness_failures=2, stop_timeout_s=5.0)
+    try:
+        child = sup.start(fake_shard("shard-0/r0"))
+        sup.wait_healthy(["shard-0/r0"], timeout=60)
+        old_pid = child.proc.pid
+        os.kill(old_pid, signal.SIGSTOP)  # alive but deaf: only a health probe can tell
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not (child.proc.pid != old_pid and child.healthy):
+            sup.tick()
+            time.sleep(0.05)
+        assert child.proc.pid != old_pid and child.healthy and probe_grpc(child.address)
+        assert not _alive(old_pid)
+    finally:
+        sup.stop_all()
