@@ -35,7 +35,6 @@ class NodeMemory:
         self.layers = [int(x) for x in layers]
         self._layer_pos = {layer: j for j, layer in enumerate(self.layers)}
         self._blocks = [b if b.dtype == dtype else b.to(dtype) for b in blocks]  # (L_mem, 3, r, d) each
-        by_blocks: dict[int, list[int]] = {}
         rows_of: dict[int, list[int]] = {}
         for b, ks in enumerate(row_blocks):
             for k in ks:
@@ -44,7 +43,6 @@ class NodeMemory:
         sets: dict[tuple[int, ...], list[int]] = {}
         for k, rows in rows_of.items():
             sets.setdefault(tuple(rows), []).append(k)
-        del by_blocks
         self._groups: list[tuple[torch.Tensor | None, list[int]]] = []
         for rows, ks in sets.items():
             idx = None if list(rows) == list(range(self.n_rows)) else torch.tensor(rows, dtype=torch.long)

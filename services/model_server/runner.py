@@ -41,7 +41,7 @@ class LmRunner:
     """Maps the engine's slots onto an `lm.KVCache` and runs prefill chunks and decode steps."""
 
     def __init__(self, anchor: Any, n_slots: int, max_seq_len: int, memory_layers: Sequence[int] | None = None,
-                 codec: HFCodec | None = None) -> None:
+                 codec: HFCodec | None = None, memory_impl: str = "grouped") -> None:
         from lm import KVCache
 
         self.model = anchor.model
@@ -52,9 +52,14 @@ class LmRunner:
         self.memory_layers = list(memory_layers if memory_layers is not None else range(anchor.config.n_layers))
         self.eos_token_ids = set(int(i) for i in (anchor.config.eos_token_ids or []))
         self.codec = codec
+        self.memory_impl = memory_impl
         self._slot_of: dict[int, int] = {}  # engine slot -> cache slot
 
     def build_memory(self, blocks: Sequence[torch.Tensor], row_blocks: Sequence[Sequence[int]]) -> Any:
+        if self.memory_impl == "nodes":
+            from .node_memory import NodeMemory
+
+            return NodeMemory(blocks, row_blocks, self.memory_layers, dtype=self.model.dtype)
         from lm import MemoryBatch
 
         return MemoryBatch.build(blocks, row_blocks, self.memory_layers, dtype=self.model.dtype)
@@ -86,11 +91,12 @@ class LmRunner:
 
 
 def load_codec_and_runner(anchor_name: str, *, n_slots: int, max_seq_len: int,
-                          memory_layers: Sequence[int] | None = None) -> tuple[Any, HFCodec, LmRunner]:
+                          memory_layers: Sequence[int] | None = None, memory_impl: str = "grouped"
+                          ) -> tuple[Any, HFCodec, LmRunner]:
     """Load the anchor (`lm.load_anchor`) and wrap it for the engine."""
     from lm import load_anchor
 
     anchor = load_anchor(anchor_name, dtype=torch.float32)
     codec = HFCodec(anchor.tokenizer, int(anchor.config.vocab_size), anchor.config.bos_token_id)
-    runner = LmRunner(anchor, n_slots, max_seq_len, memory_layers, codec)
+    runner = LmRunner(anchor, n_slots, max_seq_len, memory_layers, codec, memory_impl)
     return anchor, codec, runner

@@ -115,7 +115,7 @@ def build_components(settings: ModelServerSettings) -> Components:
         bank = Bank.open(settings.bank)
     anchor, codec, runner = load_codec_and_runner(
         settings.anchor, n_slots=2 * settings.max_batch, max_seq_len=settings.max_seq_len,
-        memory_layers=bank.spec.memory_layers if bank is not None else None)
+        memory_layers=bank.spec.memory_layers if bank is not None else None, memory_impl=settings.memory_impl)
     closers: list[Callable[[], Any]] = []
     resolver, bank_id, ready_check = None, None, (lambda: (True, "ok"))
     if bank is not None:

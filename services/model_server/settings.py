@@ -61,6 +61,10 @@ class ModelServerSettings(BaseSettings):
     """Admission order: `subtree` favours requests sharing memory nodes with the batch; `fifo` is plain."""
     max_wait_s: float = Field(2.0, gt=0)
     """Aging bound of the subtree scheduler: a request waiting this long is admitted first."""
+    memory_impl: Literal["grouped", "nodes"] = "grouped"
+    """How a batch's memories are computed: `grouped` (lm.MemoryBatch: blocks copied into per-component
+    tensors at each rebuild, fewer and larger matmuls per step) or `nodes` (NodeMemory: no copy, one matmul
+    per distinct node per layer)."""
     prefill_chunk: int = Field(256, ge=1)
     """Prompt tokens prefilled per engine step, so running sequences never stall for a whole prompt."""
     max_seq_len: int = Field(2048, ge=8)

@@ -37,6 +37,14 @@ def _req(prompt="ab", n=4, keys=(), value=1.0, **kw):
                       memory_keys=list(keys), memory_blocks=blocks), sink
 
 
+def _wait_free(eng, n, timeout=2.0):
+    """Finished rows are reaped on the engine's next turn: wait for `n` free KV slots."""
+    deadline = time.monotonic() + timeout
+    while eng.snapshot()["free_slots"] < n and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return eng.snapshot()["free_slots"] == n
+
+
 @pytest.fixture
 def engine_factory():
     engines = []
@@ -71,10 +79,7 @@ def test_rows_join_and_leave_between_steps(engine_factory):
     assert max(runner.decode_batches) == 2  # the zombie was dropped when the third row joined
     # the 18-token prompt was prefilled in chunks of 4 while nothing else ran
     assert [n for s, n in runner.prefill_calls][:5] == [4, 4, 4, 4, 2]
-    deadline = time.monotonic() + 2  # the last zombies are reaped on the engine's next turn
-    while eng.snapshot()["free_slots"] < 8 and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert eng.snapshot()["free_slots"] == 8 and eng.stats.completed == 3
+    assert _wait_free(eng, 8) and eng.stats.completed == 3
     assert not runner.lengths  # every KV slot released
 
 
@@ -104,7 +109,7 @@ def test_cancel_frees_slot(engine_factory):
     assert sink.done.wait(5) and sink.events[-1].finish_reason == "cancelled"
     nxt, nsink = _req(n=2)
     eng.submit(nxt)
-    assert nsink.done.wait(5) and eng.snapshot()["free_slots"] == 1
+    assert nsink.done.wait(5) and _wait_free(eng, 1)
 
 
 def test_queue_full_raises_overloaded(engine_factory):

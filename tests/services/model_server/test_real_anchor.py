@@ -101,3 +101,30 @@ def test_bank_for_another_anchor_is_refused(anchor, tmp_path):
     synth_bank(other, _spec(anchor), 1, anchor=AnchorIdentity(arch="llama", hash="f" * 64))
     with pytest.raises(BankIdentityMismatch, match="another|anchor"):
         create_app(ModelServerSettings(anchor="tiny", bank=other, max_seq_len=64))
+
+
+def test_node_memory_matches_memory_batch(bank_dir):
+    import torch
+
+    from services.model_server.node_memory import NodeMemory
+
+    bank = Bank.open(bank_dir)
+    refs = path_refs([1, 5]) + path_refs([1, 6])[1:] + path_refs([3, 12])
+    blocks = [bank.read_block(r).float() for r in refs]  # 0: 1:1, 1: 2:5, 2: 2:6, 3: 1:3, 4: 2:12
+    rows = [[0, 1], [0, 2], [], [3, 4], [0, 1]]
+    h = torch.randn(len(rows), 3, bank.spec.d_model, generator=torch.Generator().manual_seed(0))
+    want = MemoryBatch.build(blocks, rows, bank.spec.memory_layers)
+    got = NodeMemory(blocks, rows, bank.spec.memory_layers)
+    for layer in bank.spec.memory_layers:
+        torch.testing.assert_close(got.ffn_delta(layer, h), want.ffn_delta(layer, h), rtol=1e-4, atol=1e-4)
+    assert got.ffn_delta(99, h) is None
+    assert got.distinct_nbytes == sum(b.numel() * 4 for b in blocks)
+
+
+def test_nodes_memory_impl_serves_the_same_text(bank_dir, client):
+    settings = ModelServerSettings(anchor="tiny", bank=bank_dir, max_batch=4, max_seq_len=128,
+                                   memory_impl="nodes")
+    with TestClient(create_app(settings)) as nodes:
+        for prompt, mem in [(PROMPTS[0], [1, 4]), (PROMPTS[3], "generic")]:
+            assert _complete(nodes, prompt, mem)["choices"][0]["text"] == \
+                _complete(client, prompt, mem)["choices"][0]["text"]
