@@ -29,7 +29,7 @@ def make_components(settings: ModelServerSettings, *, runner: FakeRunner | None 
         resolver, cache = build_memory_side(settings, fetcher.bank, fetcher, fake_embed, metrics)
     engine = Engine(runner, scheduler=Scheduler(settings.scheduler, settings.max_wait_s),
                     max_queue=settings.max_queue, prefill_chunk=settings.prefill_chunk, metrics=metrics,
-                    max_rows=settings.max_batch)
+                    max_rows=settings.max_batch, retry_after_s=settings.retry_after_s)
     return Components(settings=settings, metrics=metrics, keys=KeyStore.load(settings.api_keys_file),
                       codec=FakeCodec(), engine=engine, resolver=resolver, model_ids=["hiermem", "fake"],
                       bank_id="fake-bank" if with_bank else None)

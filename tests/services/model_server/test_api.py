@@ -150,3 +150,28 @@ def test_no_bank_server(make_client):
     assert r["memory"]["mode"] == "none"
     _assert_error_shape(client.post("/v1/completions", json={"prompt": "hi", "memory": [1]}), 400)
     assert client.get("/ready").json()["status"] == "ready"
+
+
+def test_full_queue_is_429_with_retry_after(make_client):
+    client = make_client(max_queue=0, retry_after_s=3)
+    resp = client.post("/v1/completions", json={"prompt": "x", "max_tokens": 2})
+    err = _assert_error_shape(resp, 429)
+    assert err["code"] == "queue_full" and resp.headers["Retry-After"] == "3"
+    assert client.get("/health").status_code == 200
+
+
+def test_no_key_or_prompt_text_in_logs(make_client, keys_file, caplog):
+    import logging
+
+    client = make_client(api_keys_file=keys_file)
+    secret_prompt = "my very secret prompt topic2"
+    with caplog.at_level(logging.INFO):
+        client.post("/v1/completions", headers={"Authorization": "Bearer k-all"},
+                    json={"prompt": secret_prompt, "max_tokens": 2})
+        client.post("/v1/chat/completions", headers={"Authorization": "Bearer k-sub1"},
+                    json={"messages": [{"role": "user", "content": secret_prompt}], "max_tokens": 2})
+        client.post("/v1/completions", headers={"Authorization": "Bearer not-a-key"}, json={"prompt": "x"})
+    text = caplog.text
+    assert "queued" in text  # requests are logged, but only by id, size and path
+    for secret in ("secret", "k-all", "k-sub1", "not-a-key"):
+        assert secret not in text
