@@ -148,3 +148,22 @@ def test_the_bank_is_a_subdirectory_of_the_pvc_mount(objects):
                 if m["name"] in claims:
                     assert Path(m["mountPath"]) in bank.parents, (workload["metadata"]["name"], m)
                     assert m.get("readOnly", False) == (workload["kind"] != "Job")
+
+
+def test_budgets_and_policies_select_real_pods(objects):
+    pods = [d["spec"]["template"]["metadata"]["labels"] for d in by_kind(objects, "Deployment").values()]
+
+    def selects(selector: dict) -> bool:
+        return any(selector.items() <= labels.items() for labels in pods)
+
+    budgets = by_kind(objects, "PodDisruptionBudget")
+    assert {"hiermem-shard-0", "hiermem-shard-1", "hiermem-model"} <= set(budgets)
+    for name, pdb in budgets.items():
+        assert selects(pdb["spec"]["selector"]["matchLabels"]), name
+    for name, policy in by_kind(objects, "NetworkPolicy").items():
+        assert selects(policy["spec"]["podSelector"]["matchLabels"]), name
+        for rule in policy["spec"]["ingress"]:
+            for peer in rule.get("from", []):
+                assert selects(peer["podSelector"]["matchLabels"]), (name, peer)
+    shard_policy = by_kind(objects, "NetworkPolicy")["hiermem-shards"]["spec"]["ingress"][0]
+    assert shard_policy["from"][0]["podSelector"]["matchLabels"] == {"app.kubernetes.io/name": "hiermem-model"}
