@@ -145,3 +145,25 @@ def test_a_hung_child_is_killed_and_restarted(fake_shard):
         assert not _alive(old_pid)
     finally:
         sup.stop_all()
+
+
+def test_children_die_with_a_killed_launcher(tmp_path):
+    """kill -9 of the launcher cannot run any cleanup; PR_SET_PDEATHSIG still stops its children."""
+    script = tmp_path / "launcher.py"
+    script.write_text(textwrap.dedent('''
+        import sys, time
+        from hiermem.launcher import ChildSpec, Supervisor, probe_grpc
+        sup = Supervisor()
+        child = sup.start(ChildSpec("c", lambda port: ["sleep", "300"], probe_grpc))
+        print(child.proc.pid, flush=True)
+        time.sleep(300)
+    '''))
+    launcher = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    child_pid = int(launcher.stdout.readline())
+    assert _alive(child_pid)
+    launcher.kill()
+    launcher.wait()
+    deadline = time.monotonic() + 10
+    while _alive(child_pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _alive(child_pid)
