@@ -32,7 +32,8 @@ def normalize(x: np.ndarray) -> np.ndarray:
     return (x / np.maximum(norms, 1e-12)).astype(np.float32, copy=False)
 
 
-def _nearest_child(emb: np.ndarray, parent_idx: np.ndarray, centroids: np.ndarray, k: int) -> np.ndarray:
+def _nearest_child(emb: np.ndarray, parent_idx: np.ndarray, centroids: np.ndarray, k: int,
+                   mask: np.ndarray | None = None) -> np.ndarray:
     """For each row, the index (within the level) of the most similar of its parent's k children.
 
     Semantics:
@@ -45,6 +46,8 @@ def _nearest_child(emb: np.ndarray, parent_idx: np.ndarray, centroids: np.ndarra
         e = emb[s:s + _ROUTE_CHUNK]
         kids = parent_idx[s:s + _ROUTE_CHUNK, None] * k + offsets  # (n, k)
         scores = np.einsum("nd,nkd->nk", e, centroids[kids])  # (n, k), per row, batch-independent
+        if mask is not None:
+            scores[~mask[kids]] = -np.inf
         out[s:s + _ROUTE_CHUNK] = kids[np.arange(len(e)), np.argmax(scores, axis=1)]
     return out
 
@@ -89,15 +92,23 @@ class Tree:
         sizes = [1] + [len(c) for c in self.centroids]
         return [b // a for a, b in zip(sizes, sizes[1:], strict=False)]
 
-    def route(self, emb: np.ndarray) -> np.ndarray:
-        """Greedy descent: `emb [N, dim]` (normalised here) -> paths `int64 [N, depth]`."""
+    def route(self, emb: np.ndarray, allowed_level1=None) -> np.ndarray:
+        """Greedy descent: `emb [N, dim]` (normalised here) -> paths `int64 [N, depth]`.
+
+        `allowed_level1`: level-1 indices the descent may enter (access control); None = all."""
         emb = normalize(np.atleast_2d(emb))
         if emb.shape[1] != self.dim:
             raise BankError(f"embeddings have dim {emb.shape[1]}, the tree {self.dim}")
+        mask = None
+        if allowed_level1 is not None:
+            mask = np.zeros(len(self.centroids[0]), dtype=bool)
+            mask[np.asarray(sorted(allowed_level1), dtype=np.int64)] = True
+            if not mask.any():
+                raise BankError("allowed_level1 is empty: no subtree to route into")
         paths = np.empty((len(emb), self.depth), dtype=np.int64)
         node = np.zeros(len(emb), dtype=np.int64)
         for level, k in enumerate(self.branching):
-            node = _nearest_child(emb, node, self.centroids[level], k)
+            node = _nearest_child(emb, node, self.centroids[level], k, mask if level == 0 else None)
             paths[:, level] = node
         return paths
 

@@ -72,3 +72,16 @@ def test_route_shapes_ancestors_and_bad_input():
     assert list(tree.descendants((1, 1), 3)) == list(range(6, 12))
     with pytest.raises(Exception, match="dim"):
         tree.route(np.ones((1, 7), dtype=np.float32))
+
+
+def test_route_restricted_to_allowed_level1_subtrees():
+    tree = random_tree([4, 3], 8, seed=2)
+    q = np.random.default_rng(0).standard_normal((200, 8)).astype(np.float32)
+    free = tree.route(q)
+    limited = tree.route(q, allowed_level1={1, 3})
+    assert set(limited[:, 0].tolist()) <= {1, 3}
+    keep = np.isin(free[:, 0], [1, 3])
+    assert np.array_equal(limited[keep], free[keep])  # rows that were allowed anyway are unchanged
+    assert np.array_equal(limited[:, 1] // 3, limited[:, 0])
+    with pytest.raises(Exception, match="empty"):
+        tree.route(q, allowed_level1=[])
