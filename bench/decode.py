@@ -190,11 +190,11 @@ def main(argv: list[str] | None = None) -> int:
     model, cfg = anchor.model, anchor.config
     path_bytes = sum(3 * r * cfg.d_model * cfg.n_layers for r in RANKS) * 4
     rng = np.random.default_rng(0)
-    all_strategies = ["grouped"] if args.quick else ["grouped", "single", "per_row"]
+    all_strategies = ["grouped"] if args.quick else ["grouped", "components", "single", "per_row"]
     plan = [("b1", [(3, 3 * 16 + 5, (3 * 16 + 5) * 16 + 9)], ["grouped"]),
             ("b16-tree", tree_rows("tree", 16, rng), all_strategies)]
     if not args.quick:
-        plan += [(f"b16-l1={k}", tree_rows(str(k), 16, rng), ["grouped"]) for k in (1, 4, 16)]
+        plan += [(f"b16-l1={k}", tree_rows(str(k), 16, rng), ["grouped", "components"]) for k in (1, 4, 16)]
     rows = []
     for name, paths, strategies in plan:
         rows += measure(model, name, paths, strategies, args.rounds, args.steps, path_bytes)

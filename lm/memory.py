@@ -6,18 +6,23 @@ Semantics (DESIGN.md §1, CONTRACTS.md "lm"), for every memory layer l and row b
 
 with block k = blocks[k] of shape (L_mem, 3, r_k, d): slot 0 = M_gate, 1 = M_up, 2 = M_down transposed.
 
-How it is computed (strategy "grouped", the default). Rows and blocks form a bipartite graph (row b uses
-block k); its connected components are the units of work. A component's blocks are concatenated once, at
-`build`, into contiguous per-layer tensors GU (2U, d) = [gates; ups] and Dt (U, d), and every step does
+How it is computed (strategy "grouped", the default). Blocks used by exactly the same set of rows form a
+class (for tree paths: a level-1 node shared by rows {0, 3}, or the deeper blocks private to row 5). A
+class's blocks are concatenated once, at `build`, into contiguous per-layer tensors GU (2U, d) = [gates; ups]
+and Dt (U, d), and every step does, for the class's m rows:
 
-    a = h[rows] @ GU.T          # (m*T, 2U): one matmul for all rows of the component
-    act = silu(a[:, :U]) * a[:, U:] * mask      # mask (m, U): 1 where the row uses the unit's block
-    y[rows] = act @ Dt          # (m*T, d)
+    a = h[rows] @ GU.T          # (m*T, 2U): one matmul for all rows that use these blocks, no others
+    act = silu(a[:, :U]) * a[:, U:]
+    y[rows] += act @ Dt         # (m*T, d)
 
-So each distinct block is read once per step whatever the number of rows that share it (a level-1 node shared
-by 8 rows costs its bytes once), and the only waste is FLOPs on masked units inside a component (rows of one
-level-1 subtree multiply each other's deep blocks by 0), which hides under memory bandwidth. Components with
-the same (rows, units) shape are stacked and run as one `bmm`, so 16 unrelated paths are one batched matmul.
+So each distinct block is read once per step however many rows share it, and no FLOP is spent on a row that
+does not use a block. Classes of the same (rows, units) shape are stacked at build and run as one `bmm`, so
+a tree-shaped batch of 16 paths takes a handful of matmuls per layer (e.g. level-1 nodes shared by 2 rows;
+deep blocks private to one row).
+
+Other strategies, kept for comparison in bench/decode.py: "components" (one class per connected component of
+the row-block graph, masked per row: fewer classes, wasted FLOPs on masked units), "single" (one masked
+matmul over all distinct blocks) and "per_row" (every row its own copy of its blocks: no sharing at all).
 
 Autograd: `build` uses only differentiable ops (cat, stack, view, dtype casts) and the step does no in-place
 op on its inputs, so blocks that are `nn.Parameter`s receive gradients. Build inside the training step
@@ -35,15 +40,15 @@ import torch.nn.functional as F
 
 from lm.errors import MemoryShapeError
 
-STRATEGIES = ("grouped", "single", "per_row")
+STRATEGIES = ("grouped", "components", "single", "per_row")
 
 
 @dataclass
 class _Group:
-    """Components with the same shape, stacked: n components of m rows and U units each."""
+    """Classes with the same shape, stacked: n classes of m rows and U units each."""
 
-    rows: torch.Tensor  # (n, m) int64 batch rows of each component
-    gu: torch.Tensor  # (L_mem, n, 2U, d) gate rows then up rows of the component's concatenated blocks
+    rows: torch.Tensor  # (n, m) int64 batch rows of each class
+    gu: torch.Tensor  # (L_mem, n, 2U, d) gate rows then up rows of the class's concatenated blocks
     dt: torch.Tensor  # (L_mem, n, U, d) M_down transposed
     mask: torch.Tensor | None  # (n, m, 1, U) 1.0 where the row uses the unit's block; None = all ones
 
@@ -64,13 +69,13 @@ class MemoryBatch:
     """
 
     def __init__(self, n_rows: int, layers: Sequence[int], d_model: int, groups: list[_Group],
-                 gather: torch.Tensor | None, distinct_params: int, row_units: list[int]):
+                 direct: bool, distinct_params: int, row_units: list[int]):
         self.n_rows = n_rows
         self.layers = list(layers)
         self.d_model = d_model
         self._layer_pos = {layer: j for j, layer in enumerate(self.layers)}
         self._groups = groups
-        self._gather = gather  # (B,) index into the concatenated group outputs (+1 zero row); None = identity
+        self._direct = direct  # one group whose rows are 0..B-1 once each, in order: its output is y
         self.distinct_params = distinct_params
         self.row_units = row_units
 
@@ -96,8 +101,7 @@ class MemoryBatch:
             row_blocks: for each row b, the indices into `blocks` that row uses (empty = no memory).
             layers: the anchor layer of each of the L_mem block rows (the bank's `memory_layers`).
             dtype, device: compute dtype/device (default: those of the first block).
-            strategy: "grouped" (default, see module doc); "single" = one masked matmul over all distinct
-                blocks; "per_row" = every row its own copy of its blocks (no sharing, for comparison).
+            strategy: "grouped" (default), "components", "single" or "per_row" (see the module doc).
         """
         if strategy not in STRATEGIES:
             raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
@@ -123,27 +127,26 @@ class MemoryBatch:
         used = sorted({k for ks in row_blocks for k in ks})
         distinct_params = sum(blocks[k].numel() for k in used)
         if not used:
-            return cls(n_rows, layers, d or 0, [], None, 0, row_units)
+            return cls(n_rows, layers, d or 0, [], False, 0, row_units)
         dtype = dtype or blocks[used[0]].dtype
         device = device if device is not None else blocks[used[0]].device
 
-        components = _components(row_blocks, len(blocks), strategy)  # list of (rows, blocks)
+        classes = _classes(row_blocks, len(blocks), strategy)  # list of (rows, blocks)
         by_shape: dict[tuple[int, int], list[tuple[list[int], list[int]]]] = defaultdict(list)
-        for rows, ks in components:
+        for rows, ks in classes:
             by_shape[(len(rows), sum(int(blocks[k].shape[2]) for k in ks))].append((rows, ks))
 
-        groups, order = [], []
-        for (m, units), comps in by_shape.items():
-            gates = []
-            downs = []
-            for _, ks in comps:
+        groups = []
+        L = len(layers)
+        for (m, units), members in by_shape.items():
+            gates, downs = [], []
+            for _, ks in members:
                 gates += [blocks[k][:, 0] for k in ks] + [blocks[k][:, 1] for k in ks]
                 downs += [blocks[k][:, 2] for k in ks]
-            L = len(layers)
-            gu = torch.cat(gates, dim=1).to(device=device, dtype=dtype).view(L, len(comps), 2 * units, d)
-            dt = torch.cat(downs, dim=1).to(device=device, dtype=dtype).view(L, len(comps), units, d)
-            mask = torch.ones(len(comps), m, 1, units, dtype=dtype)
-            for c, (rows, ks) in enumerate(comps):
+            gu = torch.cat(gates, dim=1).to(device=device, dtype=dtype).view(L, len(members), 2 * units, d)
+            dt = torch.cat(downs, dim=1).to(device=device, dtype=dtype).view(L, len(members), units, d)
+            mask = torch.ones(len(members), m, 1, units, dtype=dtype)
+            for c, (rows, ks) in enumerate(members):
                 start = 0
                 for k in ks:
                     r = int(blocks[k].shape[2])
@@ -151,17 +154,10 @@ class MemoryBatch:
                         if k not in row_blocks[b]:
                             mask[c, i, 0, start:start + r] = 0
                     start += r
-            rows_t = torch.tensor([rows for rows, _ in comps], dtype=torch.long, device=device)  # (n, m)
+            rows_t = torch.tensor([rows for rows, _ in members], dtype=torch.long, device=device)  # (n, m)
             groups.append(_Group(rows_t, gu, dt, None if bool(mask.all()) else mask.to(device)))
-            order += [b for rows, _ in comps for b in rows]
-
-        # Row b's output sits at position pos[b] of the concatenated group outputs; rows without memory
-        # point at one extra zero row appended at the end.
-        pos = torch.full((n_rows,), len(order), dtype=torch.long)
-        pos[torch.tensor(order, dtype=torch.long)] = torch.arange(len(order))
-        identity = len(order) == n_rows and bool((pos == torch.arange(n_rows)).all())
-        gather = None if identity else pos.to(device)
-        return cls(n_rows, layers, d, groups, gather, distinct_params, row_units)
+        direct = len(groups) == 1 and groups[0].rows.reshape(-1).tolist() == list(range(n_rows))
+        return cls(n_rows, layers, d, groups, direct, distinct_params, row_units)
 
     def ffn_delta(self, layer: int, h: torch.Tensor) -> torch.Tensor | None:
         """What the memories add to the FFN output of anchor layer `layer` for input h (B, T, d);
@@ -172,32 +168,45 @@ class MemoryBatch:
         B, T, d = h.shape
         if B != self.n_rows or d != self.d_model:
             raise MemoryShapeError(f"memory built for {self.n_rows} rows of d={self.d_model}, got {tuple(h.shape)}")
-        outs = []
+        y = None
         for g in self._groups:
             n, m = g.rows.shape
             U = g.units
-            if n == 1 and self._gather is None and len(self._groups) == 1:
-                x = h.reshape(1, B * T, d)  # the one component covers every row in order: no gather
-            else:
-                x = h[g.rows.reshape(-1)].reshape(n, m * T, d)  # (n, m*T, d)
+            idx = g.rows.reshape(-1)  # (n*m,)
+            x = (h if self._direct else h[idx]).reshape(n, m * T, d)  # (n, m*T, d); direct: idx = 0..B-1
             a = torch.bmm(x, g.gu[j].transpose(1, 2))  # (n, m*T, 2U)
             act = F.silu(a[..., :U]) * a[..., U:]  # (n, m*T, U)
             if g.mask is not None:
                 act = (act.view(n, m, T, U) * g.mask).view(n, m * T, U)
-            outs.append(torch.bmm(act, g.dt[j]).view(n * m, T, d))  # (n*m, T, d)
-        if self._gather is None:
-            return outs[0] if len(outs) == 1 else torch.cat(outs)
-        outs.append(h.new_zeros(1, T, d))
-        return torch.cat(outs)[self._gather]  # (B, T, d)
+            out = torch.bmm(act, g.dt[j]).view(n * m, T, d)  # (n*m, T, d)
+            if self._direct:
+                return out
+            # rows may sit in several classes (their level-1 class and their private one): sum, out of place
+            y = (h.new_zeros(B, T, d) if y is None else y).index_add(0, idx, out)
+        return y
 
 
-def _components(row_blocks: Sequence[Sequence[int]], n_blocks: int, strategy: str):
-    """Connected components of the row-block graph as (rows, blocks) lists, rows without memory left out."""
+def _classes(row_blocks: Sequence[Sequence[int]], n_blocks: int, strategy: str):
+    """The units of work as (rows, blocks) lists; rows without memory are left out."""
     rows_with = [b for b, ks in enumerate(row_blocks) if ks]
     if strategy == "per_row":
         return [([b], list(row_blocks[b])) for b in rows_with]
     if strategy == "single":
         return [(rows_with, sorted({k for b in rows_with for k in row_blocks[b]}))]
+    if strategy == "grouped":  # blocks with the same set of rows
+        users: dict[int, list[int]] = defaultdict(list)
+        for b in rows_with:
+            for k in row_blocks[b]:
+                users[k].append(b)
+        by_rows: dict[tuple[int, ...], list[int]] = defaultdict(list)
+        for k in sorted(users):
+            by_rows[tuple(users[k])].append(k)
+        return [(list(rows), ks) for rows, ks in by_rows.items()]
+    return _components(row_blocks, n_blocks, rows_with)
+
+
+def _components(row_blocks: Sequence[Sequence[int]], n_blocks: int, rows_with: list[int]):
+    """Connected components of the row-block graph as (rows, blocks) lists."""
     parent = list(range(n_blocks))
 
     def find(x: int) -> int:

@@ -158,3 +158,23 @@ def test_tiny_random_model_is_deterministic():
     a, b = tiny_model(seed=3), tiny_model(seed=3)
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
     assert a.lm_head.weight is a.model.embed_tokens.weight  # tied
+
+
+def test_grouped_classes_follow_the_tree_and_waste_no_flops(model):
+    """Rows 0-1 share a level-1 node, rows 2-3 have private paths of equal width: the grouped strategy
+    makes one class per row set, none masked, and still equals each row alone."""
+    d, layers = model.config.d_model, [0, 1, 2]
+    blocks = [random_block(3, r, d, seed=40 + i) for i, r in enumerate((8, 4, 4, 8, 4, 8, 4))]
+    row_blocks = [[0, 1], [0, 2], [3, 4], [5, 6]]
+    mb = MemoryBatch.build(blocks, row_blocks, layers)
+    shapes = sorted((tuple(g.rows.shape), g.units, g.mask is None) for g in mb._groups)
+    assert shapes == [((1, 2), 8, True), ((2, 1), 4, True), ((2, 1), 12, True)]
+    ids = torch.randint(0, 128, (4, 3))
+    private = MemoryBatch.build(blocks, row_blocks[2:], layers)  # one bmm over both rows, no gather
+    assert private._direct and len(private._groups) == 1
+    with torch.no_grad():
+        batched = model(ids, memory=mb)
+        assert rel_err(model(ids[2:], memory=private), batched[2:]) <= 1e-5
+        for b, ks in enumerate(row_blocks):
+            alone = MemoryBatch.build([blocks[k] for k in ks], [list(range(len(ks)))], layers)
+            assert rel_err(batched[b:b + 1], model(ids[b:b + 1], memory=alone)) <= 1e-5
