@@ -216,7 +216,7 @@ class Supervisor:
         for raw in proc.stdout:
             line = raw.decode(errors="replace").rstrip()
             if not child.listening.is_set() and (m := _LISTENING.search(line)):
-                child.address = f"{m.group(1)}:{m.group(2)}"
+                child.address = f"{_dialable(m.group(1))}:{m.group(2)}"
                 child.listening.set()
             with self._out_lock:
                 print(f"[{child.spec.name}] {line}", file=self._out, flush=True)
@@ -311,8 +311,13 @@ def _signal_group(proc: subprocess.Popen, sig: signal.Signals) -> None:
         pass
 
 
+def _dialable(host: str) -> str:
+    """A wildcard bind is reached through loopback (for probes, static addresses and the printed URL)."""
+    return "127.0.0.1" if host in ("0.0.0.0", "::", "[::]", "") else host
+
+
 def _host_of(argv: list[str]) -> str:
-    return argv[argv.index("--host") + 1] if "--host" in argv else "127.0.0.1"
+    return _dialable(argv[argv.index("--host") + 1]) if "--host" in argv else "127.0.0.1"
 
 
 # ---------------------------------------------------------------- the stack
