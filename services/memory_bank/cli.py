@@ -52,6 +52,9 @@ def _serve_bank(args: argparse.Namespace) -> int:
 
     from pydantic import ValidationError
 
+    from memory_store.errors import BankError
+
+    from .errors import BankServiceError
     from .server import serve
     from .settings import BankServerSettings
 
@@ -59,5 +62,8 @@ def _serve_bank(args: argparse.Namespace) -> int:
         settings = settings_from_args(BankServerSettings, args)
     except ValidationError as exc:
         raise SystemExit(f"hiermem serve-bank: invalid settings:\n{exc}") from None
-    asyncio.run(serve(settings))
+    try:
+        asyncio.run(serve(settings))
+    except (BankError, BankServiceError, OSError) as exc:  # a bank or shard that cannot be served, a busy port
+        raise SystemExit(f"hiermem serve-bank: {exc}") from None
     return 0

@@ -55,3 +55,14 @@ def test_advertise_address_defaults(tmp_path):
     assert not wildcard.resolved_advertise_address(5000).startswith("0.0.0.0")
     explicit = BankServerSettings(bank=tmp_path, shard="0", advertise_address="bank-0:7000")
     assert explicit.resolved_advertise_address(5000) == "bank-0:7000"
+
+
+def test_serve_bank_refuses_a_missing_bank_or_shard_with_a_clear_message(tmp_path, bank_dir):
+    import subprocess
+    import sys
+
+    for args, expect in ((["--bank", str(tmp_path), "--shard", "0"], "not a bank"),
+                         (["--bank", str(bank_dir), "--shard", "7"], "no shard '7'")):
+        out = subprocess.run([sys.executable, "-m", "services.memory_bank", *args], capture_output=True,
+                             text=True, timeout=60)
+        assert out.returncode == 1 and expect in out.stderr and "Traceback" not in out.stderr
