@@ -31,7 +31,7 @@ class NodeRef(NamedTuple):
     """A tree node: `level` in 1..depth, `index` within its level (0..n_level-1)."""
 
     level: int
-    index: int
+    index: int  # type: ignore[assignment]  # shadows tuple.index; the contract names it so
 
     def __str__(self) -> str:
         return f"{self.level}:{self.index}"

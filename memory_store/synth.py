@@ -50,7 +50,7 @@ def synth_bank(out: str | Path, spec: BankSpec, n_shards: int = 1, *, seed: int 
             nbytes = spec.bytes_per_block(level)
             starts = rng.integers(0, (len(pool) - nbytes) // bpp, spec.nodes_at(level)) * bpp
             for index, start in enumerate(starts):
-                w.write_block_bytes(NodeRef(level, index), memoryview(pool)[start:start + nbytes])
+                w.write_block_bytes(NodeRef(level, index), pool.data[start:start + nbytes])
                 if bar is not None:
                     bar.update(nbytes)
         if generic:

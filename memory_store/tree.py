@@ -150,7 +150,9 @@ class Tree:
 def random_tree(branching: list[int], dim: int, seed: int = 0, spread: float = 0.5) -> Tree:
     """A tree of random unit centroids, each child near its parent (for synthetic banks)."""
     rng = np.random.default_rng(seed)
-    centroids, parents, prev = [], [], np.zeros((1, dim), dtype=np.float32)
+    centroids: list[np.ndarray] = []
+    parents: list[np.ndarray] = []
+    prev = np.zeros((1, dim), dtype=np.float32)
     for k in branching:
         par = np.repeat(np.arange(len(prev)), k)
         noise = normalize(rng.standard_normal((len(par), dim), dtype=np.float32))
@@ -180,6 +182,7 @@ def _kmeans(x: np.ndarray, k: int, seed: int, niter: int, max_points_per_centroi
         km.train(np.ascontiguousarray(x, dtype=np.float32))
     finally:
         faiss.omp_set_num_threads(threads)
+    assert km.centroids is not None
     return normalize(km.centroids)
 
 

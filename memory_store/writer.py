@@ -29,16 +29,16 @@ def to_bank_bytes(array, spec: BankSpec, shape: tuple[int, ...]) -> memoryview:
         raise InvalidSpec(f"block shape {tuple(array.shape)} does not match the spec's {tuple(shape)}")
     if isinstance(array, np.ndarray):
         if spec.dtype == "bfloat16" and array.dtype == np.uint16:
-            return memoryview(np.ascontiguousarray(array)).cast("B")
+            return np.ascontiguousarray(array).data.cast("B")
         if spec.dtype != "bfloat16":
-            return memoryview(np.ascontiguousarray(array, dtype=spec.dtype)).cast("B")
+            return np.ascontiguousarray(array, dtype=spec.dtype).data.cast("B")
         import torch
 
         array = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
     import torch
 
     t = array.detach().to("cpu", getattr(torch, spec.dtype)).contiguous()
-    return memoryview(t.view(torch.uint8).numpy()).cast("B")
+    return t.view(torch.uint8).numpy().data.cast("B")
 
 
 def _fsync_dir(path: Path) -> None:
@@ -203,11 +203,11 @@ class BankWriter:
             f.close(sync=sync)
         self._open = False
 
-    def __exit__(self, exc_type, exc, tb) -> bool:
+    def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is not None:
             self._close_files(sync=False)
             shutil.rmtree(self.tmp, ignore_errors=True)
-            return False
+            return
         try:
             missing = {lv: int((~w).sum()) for lv, w in self.written.items() if not w.all()}
             if missing and not self.allow_missing:
@@ -220,7 +220,6 @@ class BankWriter:
             shutil.rmtree(self.tmp, ignore_errors=True)
             raise
         log.info("bank %s written to %s", self.bank_id[:12], self.dir)
-        return False
 
     def _publish(self) -> str:
         self.tree.save(self.tmp / layout.TREE_FILE)
@@ -256,6 +255,6 @@ def tree_content_crc(tree: Tree) -> int:
     """crc32c over the tree's arrays (not the file bytes, which depend on the serializer)."""
     crc = 0
     for c, p in zip(tree.centroids, tree.parents, strict=True):
-        crc = crc32c(memoryview(np.ascontiguousarray(c, dtype="<f4")).cast("B"), crc)
-        crc = crc32c(memoryview(np.ascontiguousarray(p, dtype="<i8")).cast("B"), crc)
+        crc = crc32c(np.ascontiguousarray(c, dtype="<f4").data.cast("B"), crc)
+        crc = crc32c(np.ascontiguousarray(p, dtype="<i8").data.cast("B"), crc)
     return crc

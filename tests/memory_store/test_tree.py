@@ -85,3 +85,11 @@ def test_route_restricted_to_allowed_level1_subtrees():
     assert np.array_equal(limited[:, 1] // 3, limited[:, 0])
     with pytest.raises(Exception, match="empty"):
         tree.route(q, allowed_level1=[])
+
+
+def test_large_nodes_train_on_a_sample_and_still_assign_every_point():
+    x = skewed(n=3000)
+    tree = build_tree(x, [4, 2], seed=0, max_points_per_centroid=8)  # trains on at most 32 points per node
+    assert np.array_equal(tree.route(x), tree.assignments)
+    assert np.bincount(tree.assignments[:, 0], minlength=4).max() / len(x) <= 1.5 / 4 + 0.02
+    assert len(np.unique(tree.assignments[:, 1])) == 8
