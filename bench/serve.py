@@ -98,13 +98,14 @@ def make_workload(n_clients: int, per_client: int, branching: list[int], zipf_s:
     return work
 
 
-def start_server(bank: Path, scheduler: str, max_batch: int, cache_bytes: int, max_queue: int):
+def start_server(bank: Path, scheduler: str, max_batch: int, cache_bytes: int, max_queue: int,
+                 memory_impl: str = "grouped"):
     from tests.integration.procs import start_process
 
     cmd = [sys.executable, "-m", "services.model_server", "--anchor", "smollm2", "--bank", str(bank),
            "--port", "0", "--scheduler", scheduler, "--max-batch", str(max_batch), "--max-queue", str(max_queue),
            "--cache-bytes", str(cache_bytes), "--pinned-levels", "1", "--max-seq-len", "256",
-           "--max-wait-s", "5"]
+           "--memory-impl", memory_impl]
     proc = start_process(cmd, f"model-server {scheduler}", timeout=300)
     import httpx
 
@@ -165,8 +166,10 @@ async def run_clients(url: str, work: list[list[dict[str, Any]]], memory_on: boo
     return results
 
 
-def run_config(bank: Path, name: str, scheduler: str, memory_on: bool, work, args) -> dict[str, Any]:
-    proc, url = start_server(bank, scheduler, args.max_batch, args.cache_bytes, max_queue=4 * args.clients)
+def run_config(bank: Path, name: str, scheduler: str, memory_on: bool, work, args,
+               memory_impl: str = "grouped") -> dict[str, Any]:
+    proc, url = start_server(bank, scheduler, args.max_batch, args.cache_bytes, max_queue=4 * args.clients,
+                             memory_impl=memory_impl)
     try:
         warm = [[{"prompt": "Warm up the kernels.", "path": work[0][0]["path"]}] for _ in range(2)]
         asyncio.run(run_clients(url, warm, memory_on, 4))
@@ -187,7 +190,7 @@ def run_config(bank: Path, name: str, scheduler: str, memory_on: bool, work, arg
     tokens = sum(r["tokens"] for r in res)
     lookups = d["hiermem_block_cache_hits_total"] + d["hiermem_block_cache_misses_total"]
     row = {
-        "config": name, "scheduler": scheduler, "memory": "on" if memory_on else "off", "requests": len(res),
+        "config": name, "scheduler": scheduler, "memory_impl": memory_impl, "memory": "on" if memory_on else "off", "requests": len(res),
         "tokens": tokens, "wall_s": wall, "throughput_tok_s": tokens / wall,
         "ttft_p50_s": float(np.percentile(ttft, 50)), "ttft_p99_s": float(np.percentile(ttft, 99)),
         "e2e_p50_s": float(np.percentile(e2e, 50)), "e2e_p99_s": float(np.percentile(e2e, 99)),
@@ -212,7 +215,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     for ax, key, title in zip(axes, ("throughput_tok_s", "ttft_p99_s", "distinct_memory_mb_per_step"),
                               ("throughput (tokens/s)", "p99 TTFT (s)", "distinct memory MB / decode step"),
                               strict=True):
-        ax.bar(names, [r[key] for r in rows], color=["#999999", "#d08c60", "#4c72b0"][:len(rows)])
+        ax.bar(names, [r[key] for r in rows], color=["#999999", "#d08c60", "#4c72b0", "#55a868"][:len(rows)])
         ax.set_title(title)
         ax.tick_params(axis="x", labelsize=8)
     fig.tight_layout()
@@ -222,14 +225,15 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--clients", type=int, default=16)
-    p.add_argument("--requests-per-client", type=int, default=4)
-    p.add_argument("--max-tokens", type=int, default=24)
+    p.add_argument("--requests-per-client", type=int, default=3)
+    p.add_argument("--max-tokens", type=int, default=16)
     p.add_argument("--max-batch", type=int, default=8, help="KV slots; fewer than clients so requests queue")
     p.add_argument("--zipf", type=float, default=1.1)
     p.add_argument("--branching", default="16,4,4")
     p.add_argument("--cache-bytes", type=int, default=3 * 2**30)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--bank", type=Path, default=None, help="bank dir (default: build the bench bank)")
+    p.add_argument("--skip-nodes", action="store_true", help="skip the memory_impl=nodes run")
     p.add_argument("--quick", action="store_true", help="4 clients x 2 requests, 8 tokens")
     p.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
     args = p.parse_args(argv)
@@ -250,8 +254,10 @@ def main(argv: list[str] | None = None) -> int:
     rows = [run_config(bank, "off", "subtree", False, work, args),
             run_config(bank, "on-fifo", "fifo", True, work, args),
             run_config(bank, "on-subtree", "subtree", True, work, args)]
+    if not args.skip_nodes:
+        rows.append(run_config(bank, "on-subtree-nodes", "subtree", True, work, args, memory_impl="nodes"))
     bw = memcpy_bandwidth(path_bytes_f32)
-    off, fifo, sub = rows
+    off, fifo, sub = rows[:3]
     t_off = off["decode_step_ms"] / 1000
     for r in rows[1:]:
         floor_s = r["distinct_memory_mb_per_step"] * 1e6 / bw

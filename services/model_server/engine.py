@@ -91,6 +91,7 @@ class GenRequest:
     finished: bool = False
     first_token_at: float | None = None
     fed: int = 0  # tokens fed by decode steps (KV length = prefilled + fed)
+    skipped: int = 0  # times the scheduler admitted a later arrival first
     _gen: torch.Generator | None = None
     _single_memory: Any = None
 

@@ -2,8 +2,10 @@
 
 The subtree-aware policy admits first the waiting request whose memory nodes overlap most (in bytes)
 with the nodes already in the running batch, so the batch reads fewer distinct blocks per decode step
-(DESIGN §8). A request that has waited longer than `max_wait_s` is admitted before any other, oldest
-first, so nothing starves.
+(DESIGN §8). Nothing starves: a request that has been passed over `max_skips` times (by requests that
+arrived after it), or that has waited `max_wait_s`, is admitted before any other, oldest first. The skip
+bound is what holds under heavy load, when every request waits long: a bound in seconds alone would then
+turn the policy back into FIFO.
 """
 
 from __future__ import annotations
@@ -14,21 +16,24 @@ from typing import Literal, Protocol
 
 class Waiting(Protocol):
     enqueued_at: float
+    skipped: int  # times a later arrival was admitted before it
     memory_nodes: Mapping[Hashable, int]  # node key -> bytes of its block
 
 
 class Scheduler:
     """Picks which waiting requests join the batch when slots free up."""
 
-    def __init__(self, mode: Literal["subtree", "fifo"] = "subtree", max_wait_s: float = 2.0) -> None:
+    def __init__(self, mode: Literal["subtree", "fifo"] = "subtree", max_wait_s: float = 30.0,
+                 max_skips: int = 16) -> None:
         if mode not in ("subtree", "fifo"):
             raise ValueError(f"unknown scheduler mode {mode!r}")
         self.mode = mode
         self.max_wait_s = max_wait_s
+        self.max_skips = max_skips
 
     def pick(self, waiting: Sequence[Waiting], running_nodes: set[Hashable], n: int,
              now: float) -> list[Waiting]:
-        """Up to `n` requests of `waiting` (kept in arrival order) to admit now, in admission order."""
+        """Up to `n` requests of `waiting` to admit now, in admission order; counts the skips."""
         pool = list(waiting)
         chosen: list[Waiting] = []
         nodes = set(running_nodes)
@@ -37,12 +42,15 @@ class Scheduler:
             pool.remove(best)
             chosen.append(best)
             nodes.update(best.memory_nodes)
+            for w in pool:
+                if w.enqueued_at < best.enqueued_at:
+                    w.skipped += 1
         return chosen
 
     def _best(self, pool: list[Waiting], nodes: set[Hashable], now: float) -> Waiting:
-        oldest = min(pool, key=lambda w: w.enqueued_at)
-        if self.mode == "fifo" or now - oldest.enqueued_at >= self.max_wait_s or not nodes:
-            return oldest
+        overdue = [w for w in pool if w.skipped >= self.max_skips or now - w.enqueued_at >= self.max_wait_s]
+        if self.mode == "fifo" or overdue or not nodes:
+            return min(overdue or pool, key=lambda w: w.enqueued_at)
 
         def shared(w: Waiting) -> tuple[int, float]:
             return (sum(b for key, b in w.memory_nodes.items() if key in nodes), -w.enqueued_at)

@@ -59,8 +59,10 @@ class ModelServerSettings(BaseSettings):
     """Most requests waiting for a slot; one more gets 429 + Retry-After."""
     scheduler: Literal["subtree", "fifo"] = "subtree"
     """Admission order: `subtree` favours requests sharing memory nodes with the batch; `fifo` is plain."""
-    max_wait_s: float = Field(2.0, gt=0)
+    max_wait_s: float = Field(30.0, gt=0)
     """Aging bound of the subtree scheduler: a request waiting this long is admitted first."""
+    max_skips: int = Field(16, ge=0)
+    """Aging bound in admissions: a request passed over this many times by later arrivals goes first."""
     memory_impl: Literal["grouped", "nodes"] = "grouped"
     """How a batch's memories are computed: `grouped` (lm.MemoryBatch: blocks copied into per-component
     tensors at each rebuild, fewer and larger matmuls per step) or `nodes` (NodeMemory: no copy, one matmul

@@ -20,6 +20,7 @@ class W:
     name: str
     enqueued_at: float
     memory_nodes: dict = field(default_factory=dict)
+    skipped: int = 0
 
 
 def test_subtree_scheduler_prefers_sharing_fifo_does_not():
@@ -32,6 +33,20 @@ def test_subtree_scheduler_prefers_sharing_fifo_does_not():
     assert [w.name for w in Scheduler("fifo").pick(waiting, running, 2, now=1.0)] == ["far", "sibling"]
     # aging: once "far" waited past the bound it goes first
     assert Scheduler("subtree", 0.5).pick(waiting, running, 1, now=1.0)[0].name == "far"
+
+
+def test_subtree_scheduler_skip_bound_holds_under_load():
+    """However long everyone waits, a request passed over max_skips times goes next."""
+    sched = Scheduler("subtree", max_wait_s=1e9, max_skips=2)
+    far = W("far", 0.0, {("L1", 9): 100})
+    admitted = []
+    for t in range(1, 6):
+        waiting = [far, W(f"near{t}", float(t), {("L1", 0): 100})]
+        pick = sched.pick([w for w in waiting if w.name not in admitted], {("L1", 0)}, 1, now=100.0)[0]
+        admitted.append(pick.name)
+        if pick is far:
+            break
+    assert admitted == ["near1", "near2", "far"] and far.skipped == 2
 
 
 def test_subtree_scheduler_groups_when_batch_is_empty():
