@@ -20,6 +20,8 @@ class TrainConfig:
     """where to export the bank (default OUT/bank; a subtree job exports nothing, see `train merge`)"""
     anchor: str = "smollm2"
     """frozen anchor: smollm2 | tiny | HF Llama directory"""
+    embedder: str = "all-MiniLM-L6-v2"
+    """memory_store embedder for routing (recorded in the bank spec); "hash-trigram" for fast tests"""
     branching: list[int] = field(default_factory=lambda: [8, 8])
     ranks: list[int] = field(default_factory=lambda: [64, 32])
     memory_layers: list[int] | None = None
@@ -87,6 +89,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", help="job directory")
     p.add_argument("--bank", help="bank directory to export (default OUT/bank)")
     p.add_argument("--anchor", default=d.anchor)
+    p.add_argument("--embedder", default=d.embedder, help="routing embedder (memory_store name)")
     p.add_argument("--branching", type=_ints, default=d.branching, help="e.g. 8,8 or 16x16")
     p.add_argument("--ranks", type=_ints, default=d.ranks, help="memory units per level, e.g. 64,32")
     p.add_argument("--memory-layers", type=_ints, default=None, help="anchor layer indices (default: last N)")

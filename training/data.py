@@ -25,7 +25,7 @@ MAX_DOC_TOKENS = 256
 @dataclass
 class Batch:
     doc_index: list[int]  # into the document list
-    path: tuple[int, ...]  # the leaf path all of its documents share
+    paths: list[tuple[int, ...]]  # each document's leaf path; documents of one leaf are adjacent
 
 
 def tokenize_docs(tokenizer, texts: Sequence[str], max_tokens: int = MAX_DOC_TOKENS) -> list[list[int]]:
@@ -80,7 +80,9 @@ def pad_hidden(hs: Sequence[torch.Tensor]) -> torch.Tensor:
 
 
 def leaf_batches(paths: np.ndarray, batch_size: int, seed: int, subtree: int | None = None) -> list[Batch]:
-    """Documents packed by leaf: every batch holds documents of one leaf only, in a seeded random order.
+    """Documents packed by leaf: the leaves in a seeded random order, each leaf's documents together (in
+    random order), cut into batches of `batch_size`. A batch thus spans one or a few leaves, so its rows
+    share few distinct blocks (MemoryBatch computes each once) and its matmuls stay large enough.
 
     Args:
         paths: (N, depth) route of every document.
@@ -91,15 +93,15 @@ def leaf_batches(paths: np.ndarray, batch_size: int, seed: int, subtree: int | N
     for i, p in enumerate(paths):
         if subtree is None or int(p[0]) == subtree:
             by_leaf[tuple(int(x) for x in p)].append(i)
-    batches = []
-    for leaf in sorted(by_leaf):
+    leaves = sorted(by_leaf)
+    rng.shuffle(leaves)
+    order: list[tuple[int, tuple[int, ...]]] = []
+    for leaf in leaves:
         docs = by_leaf[leaf]
         rng.shuffle(docs)
-        n = max(1, -(-len(docs) // batch_size))  # equal-size chunks, none tiny
-        for c in range(n):
-            batches.append(Batch(docs[c::n], leaf))
-    rng.shuffle(batches)
-    return batches
+        order += [(i, leaf) for i in docs]
+    return [Batch([i for i, _ in order[s:s + batch_size]], [p for _, p in order[s:s + batch_size]])
+            for s in range(0, len(order), batch_size)]
 
 
 def loss_starts(tokenizer, docs: Sequence[dict], token_ids: Sequence[Sequence[int]], mode: str) -> list[int]:

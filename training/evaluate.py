@@ -206,7 +206,7 @@ def evaluate_longtail(bank_dir: Path, corpus_dir: Path, anchor: str | None = Non
     from lm import load_anchor
     from memory_store import Bank, NodeRef
     from memory_store.ops import delete_subtrees
-    from training.routing import embed
+    from training.routing import embed, get_embedder
 
     t_start = time.perf_counter()
     bank_dir = Path(bank_dir)
@@ -224,7 +224,7 @@ def evaluate_longtail(bank_dir: Path, corpus_dir: Path, anchor: str | None = Non
     probes = Corpus.load(Path(corpus_dir)).probes
     if limit:
         probes = probes[:limit]
-    paths = bank.tree.route(embed([p.prompt for p in probes]))
+    paths = bank.tree.route(embed([p.prompt for p in probes], get_embedder(spec.embedder_name)))
     items = prepare_items(tok, probes, paths)
     hidden = hidden_lookup(items, l0) if hidden_lookup else [None] * len(items)
     todo = [i for i, h in enumerate(hidden) if h is None]

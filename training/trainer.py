@@ -118,7 +118,7 @@ def load_model_for(cfg: TrainConfig):
 def route_documents(cfg: TrainConfig, docs: list[dict], out: Path, d: Dist):
     """The tree and every document's path, built once by rank 0 and cached in the job directory."""
     from memory_store import Tree
-    from training.routing import build_corpus_tree, doc_route_texts, embed
+    from training.routing import build_corpus_tree, doc_route_texts, embed, get_embedder
 
     tree_file, paths_file, emb_file = out / "tree.safetensors", out / "doc_paths.npy", out / "doc_emb.npy"
     if d.main and not paths_file.exists():
@@ -126,7 +126,7 @@ def route_documents(cfg: TrainConfig, docs: list[dict], out: Path, d: Dist):
             emb = np.load(emb_file)
         else:
             t0 = time.perf_counter()
-            emb = embed(doc_route_texts(docs))
+            emb = embed(doc_route_texts(docs), get_embedder(cfg.embedder))
             np.save(emb_file, emb)
             log.info("embedded %d documents in %.1fs", len(docs), time.perf_counter() - t0)
         if cfg.tree:
@@ -248,14 +248,29 @@ class Trainer:
         batches = leaf_batches(self.paths, self.cfg.batch_size, self.cfg.seed * 7919 + epoch, self.cfg.subtree)
         return batches[self.dist.rank::self.dist.world]
 
-    def batch_loss(self, batch: Batch, blocks: list[torch.Tensor]) -> torch.Tensor:
-        """Next-token loss of the batch's documents through anchor + `blocks` (all rows share them)."""
+    def batch_memory(self, batch: Batch, generic: bool):
+        """MemoryBatch of the batch: every row's path blocks (distinct blocks listed once), or the generic."""
         from lm import MemoryBatch
 
+        if generic:
+            return MemoryBatch.build([self.memory.generic], [[0]] * len(batch.paths), self.layers)
+        blocks, index, row_blocks = [], {}, []
+        for path in batch.paths:
+            ks = []
+            for level, i in enumerate(path, start=1):
+                if (level, i) not in index:
+                    index[level, i] = len(blocks)
+                    blocks.append(self.memory.block(level, i))
+                ks.append(index[level, i])
+            row_blocks.append(ks)
+        return MemoryBatch.build(blocks, row_blocks, self.layers)
+
+    def batch_loss(self, batch: Batch, generic: bool = False) -> torch.Tensor:
+        """Next-token loss of the batch's documents through anchor + their paths' blocks (or the generic)."""
         seqs = [self.token_ids[i] for i in batch.doc_index]
         ids, mask = pad_ids(seqs)
         select, targets = loss_targets(ids, mask, [self.loss_start[i] for i in batch.doc_index])
-        memory = MemoryBatch.build(blocks, [list(range(len(blocks)))] * len(seqs), self.layers)
+        memory = self.batch_memory(batch, generic)
         if self.use_prefix:
             logits = run_from(self.model, pad_hidden(self._prefix_of(batch.doc_index)), self.l0, memory, select)
         else:
@@ -266,11 +281,11 @@ class Trainer:
         self.opt.zero_grad(set_to_none=True)
         stats: dict[str, float] = {}
         if batch is not None:
-            loss = self.batch_loss(batch, self.memory.path_blocks(batch.path))
+            loss = self.batch_loss(batch)
             total = loss
             stats["loss"] = float(loss.detach())
             if self.rng.random() < self.cfg.generic_prob:
-                loss_g = self.batch_loss(batch, [self.memory.generic])
+                loss_g = self.batch_loss(batch, generic=True)
                 total = total + loss_g
                 stats["loss_generic"] = float(loss_g.detach())
             total.backward()
@@ -362,7 +377,9 @@ class Trainer:
             mc = self.model.config
             info = {
                 "branching": list(self.cfg.branching), "ranks": list(self.cfg.ranks),
-                "memory_layers": self.layers, "n_layers": mc.n_layers, "d_model": mc.d_model,
+                "memory_layers": self.layers, "embedder": self.cfg.embedder,
+                "embedder_dim": int(np.load(self.out / "doc_emb.npy", mmap_mode="r").shape[1]),
+                "n_layers": mc.n_layers, "d_model": mc.d_model,
                 "anchor": anchor_ref, "anchor_identity": identity, "subtree": self.cfg.subtree,
                 "n_docs": len(self.docs),
                 "n_docs_trained": int(sum(len(b.doc_index) for b in

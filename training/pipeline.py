@@ -1,0 +1,132 @@
+"""`hiermem build --preset demo`: corpus -> tree -> train -> export -> eval in one resumable command.
+
+Every stage leaves a marker of completion in the work directory, so a second run (or a run after an
+interruption) continues where the first stopped: the corpus is kept, training resumes from its last
+checkpoint, a published bank is not written again, and the evaluation is skipped when its report exists.
+Stage timings go to `WORK/build.json`; the first run's wall time is the figure bench/longtail.py reports.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from hiermem.paths import home
+from training.config import TrainConfig
+
+log = logging.getLogger(__name__)
+
+PRESETS: dict[str, dict] = {
+    # SmolLM2-135M, a 2-level 8 x 8 tree, memory in the last 2 layers; fetched path = 2 x 3 x 96 x 576 =
+    # 0.33M parameters (0.25% of the anchor), bank = 2 x 3 x (8 x 64 + 64 x 32) x 576 = 8.8M.
+    "demo": {
+        "corpus": {"city_country": 700, "us_city_state": 150, "country_capital": 0, "element_number": 0},
+        "train": {"anchor": "smollm2", "branching": [8, 8], "ranks": [64, 32], "mem_layers": 2,
+                  "epochs": 6, "batch_size": 16, "lr": 1e-2, "loss": "continuation"},
+    },
+    # the tiny random anchor: exercises every stage in about a minute (tests, CI)
+    "tiny": {
+        "corpus": {"city_country": 40, "us_city_state": 10, "country_capital": 10, "element_number": 10},
+        "train": {"anchor": "tiny", "branching": [2, 2], "ranks": [8, 4], "mem_layers": 2, "epochs": 2,
+                  "batch_size": 8, "lr": 1e-2, "loss": "continuation"},
+    },
+}
+
+
+def job_hidden_lookup(job_dir: Path, corpus_docs: list[dict]):
+    """Prefix states of trained facts taken from the training job's prefix cache: a trained probe's
+    prompt + answer is a prefix of its document's tokens, so causal attention makes its states a slice."""
+    import torch
+
+    f = Path(job_dir) / "prefix-rank0.pt"
+    cache = torch.load(f) if f.exists() else None
+    index = {d["id"]: i for i, d in enumerate(corpus_docs)}
+
+    def lookup(items, layer):
+        from lm import load_anchor
+
+        out = [None] * len(items)
+        if cache is None or len(cache) != len(corpus_docs):
+            return out
+        tok = load_anchor(json.loads((Path(job_dir) / "job.json").read_text())["anchor"]).tokenizer
+        for k, it in enumerate(items):
+            i = index.get(it.probe.doc_id)
+            if i is None:
+                continue
+            doc_ids = tok(corpus_docs[i]["text"], add_special_tokens=False)["input_ids"]
+            if doc_ids[:len(it.ids)] == it.ids and cache[i].shape[0] >= len(it.ids):
+                out[k] = cache[i][:len(it.ids)]
+        return out
+
+    return lookup
+
+
+def run_build(preset: str = "demo", bank_dir: Path | None = None, work: Path | None = None,
+              epochs: int | None = None, evaluate: bool = True) -> dict:
+    from training.corpus import Corpus, build_facts_corpus, corpus_summary
+
+    p = PRESETS[preset]
+    work = Path(work) if work else home() / "work" / preset
+    bank_dir = Path(bank_dir) if bank_dir else home() / "banks" / preset
+    work.mkdir(parents=True, exist_ok=True)
+    status_file = work / "build.json"
+    status = json.loads(status_file.read_text()) if status_file.exists() else {"stages": {}}
+    t_all = time.perf_counter()
+
+    def stage_done(name: str, seconds: float, **extra) -> None:
+        status["stages"][name] = {"seconds": round(seconds, 1), **extra}
+        status_file.write_text(json.dumps(status, indent=2) + "\n")
+
+    corpus_dir = work / "corpus"
+    if not (corpus_dir / "probes.jsonl").exists():
+        log.info("[1/4] corpus -> %s", corpus_dir)
+        t0 = time.perf_counter()
+        corpus = build_facts_corpus(p["corpus"])
+        corpus.save(corpus_dir)
+        stage_done("corpus", time.perf_counter() - t0, **corpus_summary(corpus))
+    corpus = Corpus.load(corpus_dir)
+
+    job = work / "job"
+    cfg = TrainConfig(corpus=str(corpus_dir), out=str(job), bank=str(bank_dir), **p["train"])
+    if epochs:
+        cfg.epochs = epochs
+    if not (job / "job.json").exists() or not json.loads((job / "job.json").read_text()).get("bank_id"):
+        log.info("[2/4] tree + training (%d epochs) -> %s, then [3/4] export -> %s", cfg.epochs, job, bank_dir)
+        from training.trainer import train
+
+        t0 = time.perf_counter()
+        info = train(cfg)
+        stage_done("train+export", time.perf_counter() - t0, config=asdict(cfg),
+                   **{k: info[k] for k in ("steps", "train_seconds", "bank_id", "tokens_seen") if k in info})
+    result = None
+    report = work / "eval" / "longtail.json"
+    if evaluate and not report.exists():
+        log.info("[4/4] long-tail evaluation -> %s", report.parent)
+        from training.evaluate import evaluate_longtail
+
+        t0 = time.perf_counter()
+        result = evaluate_longtail(bank_dir, corpus_dir, anchor=cfg.anchor, out_dir=report.parent,
+                                   hidden_lookup=job_hidden_lookup(job, corpus.docs))
+        stage_done("eval", time.perf_counter() - t0)
+    elif report.exists():
+        result = json.loads(report.read_text())
+    status["last_run_seconds"] = round(time.perf_counter() - t_all, 1)
+    status.setdefault("first_run_seconds", sum(s["seconds"] for s in status["stages"].values()))
+    status["bank"] = str(bank_dir)
+    status_file.write_text(json.dumps(status, indent=2) + "\n")
+    return {"status": status, "result": result, "bank": str(bank_dir), "work": str(work)}
+
+
+def run_build_command(args) -> int:
+    out = run_build(args.preset, Path(args.out) if args.out else None, Path(args.work) if args.work else None,
+                    epochs=args.epochs, evaluate=not args.no_eval)
+    if out["result"]:
+        from training.evaluate import markdown
+
+        print(markdown(out["result"]))
+    print(f"bank: {out['bank']}  (work: {out['work']}, stages: "
+          + ", ".join(f"{k} {v['seconds']}s" for k, v in out["status"]["stages"].items()) + ")")
+    return 0
