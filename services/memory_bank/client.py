@@ -80,6 +80,8 @@ class BankClient:
         tls_cert_file / tls_key_file: this client's certificate and key, for servers that require
             mutual TLS.
         tls_server_name: the name to expect in the servers' certificates, when it is not the dialled host.
+        channel_idle_s: a channel to an address that discovery no longer lists is closed once unused
+            this long.
     """
 
     def __init__(self, bank, redis_url: str | None = None,
@@ -88,7 +90,7 @@ class BankClient:
                  max_nodes_per_call: int = 64, max_bytes_per_call: int = 512 * 2**20,
                  failure_memory_s: float = 30.0, tls_ca_file: str | Path | None = None,
                  tls_cert_file: str | Path | None = None, tls_key_file: str | Path | None = None,
-                 tls_server_name: str | None = None) -> None:
+                 tls_server_name: str | None = None, channel_idle_s: float = 60.0) -> None:
         if redis_url is None and not static_addresses:
             raise ValueError("BankClient needs redis_url or static_addresses")
         self.bank = bank
@@ -100,6 +102,7 @@ class BankClient:
         self.max_nodes_per_call = max_nodes_per_call
         self.max_bytes_per_call = max_bytes_per_call
         self.failure_memory_s = failure_memory_s
+        self.channel_idle_s = channel_idle_s
         self._torch_dtype = TORCH_DTYPES[bank.spec.dtype]
         self._credentials = None
         if tls_ca_file is not None:
@@ -117,6 +120,7 @@ class BankClient:
         self._failed_at: dict[str, float] = {}
         self._rr = itertools.count()
         self._channels: dict[str, tuple[grpc.aio.Channel, grpc.aio.UnaryStreamMultiCallable]] = {}
+        self._last_used: dict[str, float] = {}
         self._redis = None
         self._refresh_task: asyncio.Task | None = None
         self._loop = asyncio.new_event_loop()
@@ -187,7 +191,19 @@ class BankClient:
         # next heartbeat) keeps its last known addresses: stale ones fail over, missing ones cannot.
         for shard, recs in listing.items():
             self._discovered[shard] = sorted({r["address"] for r in recs})
+        await self._close_stale_channels()
         return True
+
+    async def _close_stale_channels(self) -> None:
+        """Closes channels to addresses no longer listed (replicas restarted elsewhere) once idle."""
+        known = {a for addrs in (await self._amap()).values() for a in addrs}
+        now = time.monotonic()
+        for addr in [a for a in self._channels if a not in known and now - self._last_used.get(a, 0.0) > self.channel_idle_s]:
+            channel, _ = self._channels.pop(addr)
+            self._last_used.pop(addr, None)
+            self._failed_at.pop(addr, None)
+            await channel.close()
+            log.info("closed the channel to %s: no longer registered", addr)
 
     async def _refresh_forever(self) -> None:
         while True:
@@ -287,6 +303,7 @@ class BankClient:
         return out
 
     def _stub(self, addr: str) -> grpc.aio.UnaryStreamMultiCallable:
+        self._last_used[addr] = time.monotonic()
         entry = self._channels.get(addr)
         if entry is None:
             if self._credentials is not None:

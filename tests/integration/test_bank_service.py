@@ -206,7 +206,8 @@ def test_kill9_of_a_replica_during_fetches(cluster):
     extra = procs.start_bank_shard(cluster.bank_a, "0", redis_url=cluster.redis.url, replica_id="c",
                                    extra_args=SHARD_ARGS)
     try:
-        with BankClient(cluster.bank, redis_url=cluster.redis.url, refresh_s=0.2, attempt_timeout_s=3) as client:
+        with BankClient(cluster.bank, redis_url=cluster.redis.url, refresh_s=0.2, attempt_timeout_s=3,
+                        channel_idle_s=0.5) as client:
             deadline = time.monotonic() + 10
             while extra.address not in client.replicas().get("0", []) and time.monotonic() < deadline:
                 time.sleep(0.1)
@@ -227,6 +228,12 @@ def test_kill9_of_a_replica_during_fetches(cluster):
                 time.sleep(0.01)
             extra.kill9()
             worker.join(60)
+            # Its registration expires (TTL 2 s); then the client drops it and closes the idle channel.
+            deadline = time.monotonic() + 10
+            while extra.address in client._channels and time.monotonic() < deadline:
+                time.sleep(0.2)
+            assert extra.address not in client.replicas()["0"]
+            assert extra.address not in client._channels
         assert not worker.is_alive()
         assert errors == [] and len(results) == 36
         assert sum(r.failovers for r in results) >= 1  # replica c was asked after its death, and skipped
