@@ -233,7 +233,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cache-bytes", type=int, default=3 * 2**30)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--bank", type=Path, default=None, help="bank dir (default: build the bench bank)")
-    p.add_argument("--skip-nodes", action="store_true", help="skip the memory_impl=nodes run")
+    p.add_argument("--memory-impl", default="nodes", choices=["nodes", "grouped"],
+                   help="the server's memory_impl for the main runs")
+    p.add_argument("--skip-other-impl", action="store_true", help="skip the run with the other memory_impl")
     p.add_argument("--quick", action="store_true", help="4 clients x 2 requests, 8 tokens")
     p.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
     args = p.parse_args(argv)
@@ -251,11 +253,12 @@ def main(argv: list[str] | None = None) -> int:
     branching = list(spec.branching)
     path_bytes_f32 = spec.fetched_params * 4
     work = make_workload(args.clients, args.requests_per_client, branching, args.zipf, args.seed)
-    rows = [run_config(bank, "off", "subtree", False, work, args),
-            run_config(bank, "on-fifo", "fifo", True, work, args),
-            run_config(bank, "on-subtree", "subtree", True, work, args)]
-    if not args.skip_nodes:
-        rows.append(run_config(bank, "on-subtree-nodes", "subtree", True, work, args, memory_impl="nodes"))
+    impl, other = args.memory_impl, ("grouped" if args.memory_impl == "nodes" else "nodes")
+    rows = [run_config(bank, "off", "subtree", False, work, args, impl),
+            run_config(bank, "on-fifo", "fifo", True, work, args, impl),
+            run_config(bank, "on-subtree", "subtree", True, work, args, impl)]
+    if not args.skip_other_impl:
+        rows.append(run_config(bank, f"on-subtree-{other}", "subtree", True, work, args, other))
     bw = memcpy_bandwidth(path_bytes_f32)
     off, fifo, sub = rows[:3]
     t_off = off["decode_step_ms"] / 1000
@@ -276,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
     figures = {"rows": rows, "memcpy_bandwidth_gb_s": bw / 1e9, "path_bytes_f32": path_bytes_f32,
                "bank": str(bank), "bank_spec": spec.model_dump(), "clients": args.clients,
                "requests_per_client": args.requests_per_client, "max_tokens": args.max_tokens,
-               "max_batch": args.max_batch, "zipf_s": args.zipf, "distinct_bytes_cut": cut,
+               "max_batch": args.max_batch, "zipf_s": args.zipf, "memory_impl": args.memory_impl, "distinct_bytes_cut": cut,
                "ttft_p99_ratio": ttft_ratio}
     cols = ["config", "throughput_tok_s", "ttft_p50_s", "ttft_p99_s", "e2e_p50_s", "e2e_p99_s", "rows_per_step",
             "decode_step_ms", "distinct_memory_mb_per_step", "cache_hit_rate", "allowed_tok_s", "vs_allowed",

@@ -41,7 +41,7 @@ class LmRunner:
     """Maps the engine's slots onto an `lm.KVCache` and runs prefill chunks and decode steps."""
 
     def __init__(self, anchor: Any, n_slots: int, max_seq_len: int, memory_layers: Sequence[int] | None = None,
-                 codec: HFCodec | None = None, memory_impl: str = "grouped") -> None:
+                 codec: HFCodec | None = None, memory_impl: str = "nodes") -> None:
         from lm import KVCache
 
         self.model = anchor.model
@@ -91,7 +91,7 @@ class LmRunner:
 
 
 def load_codec_and_runner(anchor_name: str, *, n_slots: int, max_seq_len: int,
-                          memory_layers: Sequence[int] | None = None, memory_impl: str = "grouped"
+                          memory_layers: Sequence[int] | None = None, memory_impl: str = "nodes"
                           ) -> tuple[Any, HFCodec, LmRunner]:
     """Load the anchor (`lm.load_anchor`) and wrap it for the engine."""
     from lm import load_anchor

@@ -63,10 +63,10 @@ class ModelServerSettings(BaseSettings):
     """Aging bound of the subtree scheduler: a request waiting this long is admitted first."""
     max_skips: int = Field(16, ge=0)
     """Aging bound in admissions: a request passed over this many times by later arrivals goes first."""
-    memory_impl: Literal["grouped", "nodes"] = "grouped"
-    """How a batch's memories are computed: `grouped` (lm.MemoryBatch: blocks copied into per-component
-    tensors at each rebuild, fewer and larger matmuls per step) or `nodes` (NodeMemory: no copy, one matmul
-    per distinct node per layer)."""
+    memory_impl: Literal["grouped", "nodes"] = "nodes"
+    """How a batch's memories are computed: `nodes` (NodeMemory: no copy, one matmul per distinct node per
+    layer) or `grouped` (lm.MemoryBatch: blocks copied into per-component tensors at every rebuild, fewer
+    and larger matmuls per step). bench/serve.py compares them; the copies made `grouped` slower here."""
     prefill_chunk: int = Field(256, ge=1)
     """Prompt tokens prefilled per engine step, so running sequences never stall for a whole prompt."""
     max_seq_len: int = Field(2048, ge=8)

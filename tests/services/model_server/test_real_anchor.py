@@ -121,10 +121,10 @@ def test_node_memory_matches_memory_batch(bank_dir):
     assert got.distinct_nbytes == sum(b.numel() * 4 for b in blocks)
 
 
-def test_nodes_memory_impl_serves_the_same_text(bank_dir, client):
+def test_grouped_memory_impl_serves_the_same_text(bank_dir, client):
     settings = ModelServerSettings(anchor="tiny", bank=bank_dir, max_batch=4, max_seq_len=128,
-                                   memory_impl="nodes")
-    with TestClient(create_app(settings)) as nodes:
+                                   memory_impl="grouped")
+    with TestClient(create_app(settings)) as grouped:
         for prompt, mem in [(PROMPTS[0], [1, 4]), (PROMPTS[3], "generic")]:
-            assert _complete(nodes, prompt, mem)["choices"][0]["text"] == \
+            assert _complete(grouped, prompt, mem)["choices"][0]["text"] == \
                 _complete(client, prompt, mem)["choices"][0]["text"]
