@@ -32,6 +32,10 @@ class HotCache:
         metrics.CACHE_HITS.labels(str(level)).inc()
         return data
 
+    def peek(self, key: Hashable) -> bool:
+        """Whether `key` is cached, without counting a hit or a miss."""
+        return key in self._entries
+
     def put(self, key: Hashable, data: bytes) -> None:
         if key in self._entries or len(data) > self.max_bytes:
             return

@@ -5,9 +5,7 @@ Errors are raised as exceptions (memory_store's or ours) and turned into status 
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -16,11 +14,12 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from memory_store import NodeRef
-from memory_store.errors import BankMismatch, BlockCorrupt, InvalidSpec
+from memory_store.errors import BankError, BankMismatch, BlockCorrupt, InvalidSpec
 
 from . import errors, metrics, wire
 from ._gen import memory_bank_pb2 as pb
 from .cache import HotCache
+from .reader import BlockReader
 from .settings import BankServerSettings
 
 log = logging.getLogger(__name__)
@@ -81,23 +80,34 @@ class MemoryBankServicer:
     async def FetchBlocks(self, request, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
         """Streams the requested blocks as pre-encoded BlockChunk messages (see wire.py)."""
         refs = self._validate(request)
-        for ref in refs:
-            # Checked per block, not up front: NOT_FOUND then always concerns the first block not yet sent,
-            # so a client knows which node is missing and keeps the blocks it already has.
-            if not self._owns(ref):
-                raise errors.NotInShard(f"node {ref} is not in shard {self.shard_id}")
-            info = self.bank.block_info(ref)
-            header = pb.BlockHeader(
-                node=pb.NodeRef(level=ref.level, index=ref.index), shape=list(info.shape),
-                dtype=self.spec.dtype, nbytes=info.nbytes, crc32c=info.crc32c, bank_id=self.bank.bank_id,
-            ).SerializeToString()
-            async for offset, piece in self._block_chunks(ref, info):
-                remaining = context.time_remaining()
-                if remaining is not None and remaining <= 0:
-                    raise errors.DeadlineExpired(f"deadline passed while streaming node {ref}")
-                yield wire.encode_chunk(header if offset == 0 else None, offset, piece)
-            metrics.BYTES_SENT.labels(str(ref.level)).inc(info.nbytes)
-            metrics.BLOCKS_SENT.labels(str(ref.level)).inc()
+        readers: dict[int, BlockReader] = {}  # blocks being read ahead, by position in `refs`
+        try:
+            for i, ref in enumerate(refs):
+                # Checked per block, not up front: NOT_FOUND then always concerns the first block not yet
+                # sent, so a client knows which node is missing and keeps the blocks it already has.
+                if not self._owns(ref):
+                    raise errors.NotInShard(f"node {ref} is not in shard {self.shard_id}")
+                info = self.bank.block_info(ref)
+                header = pb.BlockHeader(
+                    node=pb.NodeRef(level=ref.level, index=ref.index), shape=list(info.shape),
+                    dtype=self.spec.dtype, nbytes=info.nbytes, crc32c=info.crc32c, bank_id=self.bank.bank_id,
+                ).SerializeToString()
+                # This block's reader first, then the next ones', so its disk reads are queued first;
+                # a block that cannot be read gets no reader and raises in _block_chunks.
+                for j in range(i, min(len(refs), i + 1 + self.settings.prefetch_blocks)):
+                    if j not in readers:
+                        self._prefetch(refs[j], j, readers)
+                chunks = self._block_chunks(ref, info, readers.pop(i, None))
+                async for offset, piece in chunks:
+                    remaining = context.time_remaining()
+                    if remaining is not None and remaining <= 0:
+                        raise errors.DeadlineExpired(f"deadline passed while streaming node {ref}")
+                    yield wire.encode_chunk(header if offset == 0 else None, offset, piece)
+                metrics.BYTES_SENT.labels(str(ref.level)).inc(info.nbytes)
+                metrics.BLOCKS_SENT.labels(str(ref.level)).inc()
+        finally:
+            for reader in readers.values():
+                reader.cancel()
 
     def preload_hot_cache(self) -> int:
         """Reads and verifies this shard's blocks of the cached levels, shallowest first, until the hot
@@ -157,65 +167,44 @@ class MemoryBankServicer:
         # Nodes above the shard level are stored in every shard that owns a subtree below them.
         return self.shard_id in self.bank.shards_of(ref)
 
-    async def _block_chunks(self, ref: NodeRef, info) -> AsyncIterator[tuple[int, memoryview]]:
+    def _prefetch(self, ref: NodeRef, position: int, readers: dict[int, BlockReader]) -> None:
+        """Starts reading a later block of the request, unless the hot cache has it or it cannot be read
+        (its error is raised when its turn comes)."""
+        try:
+            info = self.bank.block_info(ref)
+            if self.cache.cacheable(ref.level, info.nbytes) and self.cache.peek(ref):
+                return
+            if self._owns(ref):
+                view = self.bank.read_block_bytes(ref, verify=False, shard=self.shard_id)
+                readers[position] = BlockReader(view, self.settings.chunk_bytes)
+        except BankError:
+            return
+
+    async def _block_chunks(self, ref: NodeRef, info, reader: BlockReader | None
+                            ) -> AsyncIterator[tuple[int, memoryview]]:
         """(offset, bytes) of a block's chunks: from the hot cache (verified when cached), or from the
-        mapped file through `_verified_chunks`; fills the hot cache on the way."""
+        mapped file through a BlockReader (given if prefetched); fills the hot cache on the way."""
         cacheable = self.cache.cacheable(ref.level, info.nbytes)
         hit = self.cache.get(ref, ref.level) if cacheable else None
         step = self.settings.chunk_bytes
         if hit is not None:
+            if reader is not None:
+                reader.cancel()
             view = memoryview(hit)
             for offset in range(0, len(view), step):
                 yield offset, view[offset:offset + step]
             return
-        view = self.bank.read_block_bytes(ref, verify=False, shard=self.shard_id)
-        async for offset, piece in self._verified_chunks(ref, view, info.crc32c):
+        if reader is None:
+            reader = BlockReader(self.bank.read_block_bytes(ref, verify=False, shard=self.shard_id), step)
+
+        def corrupt(actual: int) -> BlockCorrupt:
+            return BlockCorrupt(f"block {ref} of shard {self.shard_id}: crc32c {actual:#010x} != "
+                                f"{info.crc32c:#010x} in the manifest")
+
+        async for offset, piece in reader.chunks(info.crc32c, corrupt):
             yield offset, piece
         if cacheable:
-            self.cache.put(ref, bytes(view))
-
-    async def _verified_chunks(self, ref: NodeRef, view: memoryview,
-                               crc_want: int) -> AsyncIterator[tuple[int, memoryview]]:
-        """Chunks of a mapped block, read and checksummed by a worker thread ahead of the socket, so disk
-        reads (page faults) overlap sending; one thread hand-off per block, one loop wake-up per chunk.
-        The last chunk is held back until the whole block's crc32c matches: a corrupt block never reaches
-        a client whole (DATA_LOSS instead)."""
-        step = self.settings.chunk_bytes
-        offsets = list(range(0, len(view), step))
-        loop = asyncio.get_running_loop()
-        ready: asyncio.Queue[int] = asyncio.Queue()
-        stop = threading.Event()
-
-        def checksum() -> int:
-            crc = 0
-            for offset in offsets:
-                if stop.is_set():
-                    break
-                # crc32c touches every page (faulting it in from disk) and releases the GIL while it runs.
-                crc = crc32c.crc32c(view[offset:offset + step], crc)
-                loop.call_soon_threadsafe(ready.put_nowait, offset)
-            return crc
-
-        worker = loop.run_in_executor(None, checksum)
-        try:
-            for i in range(len(offsets)):
-                if ready.empty():
-                    getter = asyncio.ensure_future(ready.get())
-                    await asyncio.wait({getter, worker}, return_when=asyncio.FIRST_COMPLETED)
-                    if not getter.done():  # the worker failed before delivering this chunk
-                        getter.cancel()
-                        worker.result()
-                    offset = getter.result()
-                else:
-                    offset = ready.get_nowait()
-                if i == len(offsets) - 1:
-                    crc = await worker
-                    if crc != crc_want:
-                        raise BlockCorrupt(f"block {ref} of shard {self.shard_id}: crc32c {crc:#010x} != "
-                                           f"{crc_want:#010x} in the manifest")
-                yield offset, view[offset:offset + step]
-        finally:
-            stop.set()
+            self.cache.put(ref, bytes(reader.view))
 
 
 def method_handlers(servicer: MemoryBankServicer) -> grpc.GenericRpcHandler:

@@ -41,6 +41,8 @@ class BankServerSettings(BaseSettings):
     mapped_budget_bytes: int = Field(
         2**30, ge=0, description="drop the mapped pages from this process after this many block bytes were "
         "read (bounds RSS; the page cache keeps them); 0 = never")
+    prefetch_blocks: int = Field(
+        2, ge=0, le=16, description="blocks of a call read ahead from disk while an earlier one is sent")
     max_nodes_per_call: int = Field(64, ge=1, description="most nodes one FetchBlocks call may ask for")
     max_bytes_per_call: int = Field(512 * 2**20, ge=1, description="most block bytes one call may ask for")
     chunk_bytes: int = Field(2**20, ge=4096, le=MAX_CHUNK_BYTES, description="payload bytes per chunk")

@@ -148,3 +148,19 @@ def test_hot_cache_is_preloaded_before_serving(bank_dir, bank):
         # room for 3 level-1 blocks, shard 1 owns two: both loaded and verified, nothing deeper
         assert set(cache._entries) == {NodeRef(1, 2), NodeRef(1, 3)}
         assert cache._entries[NodeRef(1, 3)] == bytes(bank.read_block_bytes((1, 3)))
+
+
+def test_read_ahead_of_a_deleted_node_does_not_cut_the_blocks_before_it(shards, bank):
+    addresses, _ = shards
+    req = pb.FetchBlocksRequest(bank_id=bank.bank_id, nodes=[
+        pb.NodeRef(level=1, index=0), pb.NodeRef(level=2, index=1), pb.NodeRef(level=3, index=20)])
+    received = []
+    with grpc.insecure_channel(addresses["0"]) as ch:
+        call = ch.unary_stream(FETCH, request_serializer=pb.FetchBlocksRequest.SerializeToString,
+                               response_deserializer=wire.decode_chunk)
+        with pytest.raises(grpc.RpcError) as err:
+            for chunk in call(req, timeout=10):
+                received.append(chunk)
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND and "3:20" in err.value.details()
+    assert b"".join(bytes(c.data) for c in received) == b"".join(
+        bytes(bank.read_block_bytes(r)) for r in [(1, 0), (2, 1)])
