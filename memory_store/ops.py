@@ -16,6 +16,9 @@ from memory_store.writer import BankWriter
 
 log = logging.getLogger(__name__)
 
+# Whole-bank passes touch every block once: keep few of them mapped (RSS) at a time.
+_COPY_BUDGET = 256 << 20
+
 
 @dataclass
 class VerifyReport:
@@ -39,7 +42,7 @@ def _all_refs(bank: Bank) -> Iterable[NodeRef]:
 def verify_bank(dir: str | Path, progress: bool = False) -> VerifyReport:
     """Check every stored copy of every present block (and the generic memory) against its crc32c."""
     try:
-        bank = Bank.open(dir)
+        bank = Bank.open(dir, mapped_budget_bytes=_COPY_BUDGET)
     except BlockCorrupt as exc:  # the tree does not match the manifest: nothing else can be trusted
         return VerifyReport(bank_id="?", problems=[str(exc)])
     report = VerifyReport(bank.bank_id)
@@ -83,7 +86,7 @@ def rewrite_bank(src: str | Path, out: str | Path | None = None, *, n_shards: in
                  delete: Iterable[NodeRef] = (), zero: Iterable[NodeRef] = (), progress: bool = False) -> str:
     """Copy a bank block by block (verifying every block), optionally to another shard count, with
     subtrees deleted (absent) or zeroed. `out=None` replaces `src` atomically. Returns the new bank_id."""
-    bank = Bank.open(src)
+    bank = Bank.open(src, mapped_budget_bytes=_COPY_BUDGET)
     dst = Path(out) if out is not None else Path(src)
     n_shards = n_shards or len(bank.shard_ids)
     gone = _subtree_sets(bank, delete)
