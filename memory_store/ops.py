@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from memory_store.bank import Bank
-from memory_store.errors import BankError, BlockCorrupt, NodeNotFound
+from memory_store.errors import BankError, BlockCorrupt
 from memory_store.spec import NodeRef
 from memory_store.writer import BankWriter
 
@@ -62,7 +62,7 @@ def verify_bank(dir: str | Path, progress: bool = False) -> VerifyReport:
                 report.bytes_checked += len(view)
                 report.blocks_checked += 1
                 del view
-            except (BlockCorrupt, NodeNotFound) as exc:
+            except BankError as exc:  # corrupt block, missing or truncated file
                 report.problems.append(f"shard {sid}: {exc}")
     try:
         bank.generic_block(verify=True)

@@ -338,3 +338,14 @@ def test_a_corrupt_tree_is_refused(tmp_path, spec):
         Bank.open(tmp_path / "b")
     report = verify_bank(tmp_path / "b")
     assert not report.ok and "tree" in report.problems[0]
+
+
+def test_verify_reports_missing_and_truncated_shard_files(tmp_path, spec):
+    write_bank(tmp_path / "b", spec, n_shards=2)
+    (tmp_path / "b" / "shards" / "0" / "level-2.safetensors").unlink()
+    path = tmp_path / "b" / "shards" / "1" / "level-1.safetensors"
+    path.write_bytes(path.read_bytes()[:-100])
+    report = verify_bank(tmp_path / "b")
+    assert not report.ok
+    text = "\n".join(report.problems)
+    assert "missing" in text and "truncated" in text
