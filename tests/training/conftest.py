@@ -23,3 +23,14 @@ def tiny_config(corpus_dir, out, **kw) -> TrainConfig:
                   checkpoint_every=1000)
     values.update(kw)
     return TrainConfig(**values)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The tiny models gain nothing from a second thread, and on the shared 2-core machine it costs."""
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)

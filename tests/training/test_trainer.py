@@ -90,3 +90,28 @@ def test_exported_bank_round_trips(corpus_dir, tmp_path):
     from lm import load_anchor
 
     assert bank.anchor.model_dump() == load_anchor("tiny").identity
+
+
+def test_train_anchor_and_init_anchor_run_the_same_trainer(corpus_dir, tmp_path):
+    import json
+
+    from lm import load_anchor
+    from memory_store import Bank
+
+    tiny = load_anchor("tiny")
+    info = train(tiny_config(corpus_dir, tmp_path / "co", train_anchor=True))
+    co = load_anchor(info["anchor"])
+    assert co.identity == info["anchor_identity"] != tiny.identity
+    assert Bank.open(info["bank"]).anchor.model_dump() == co.identity
+    moved = sum(float((a - b).abs().sum())
+                for a, b in zip(co.model.parameters(), tiny.model.parameters(), strict=True))
+    assert moved > 0
+
+    cfg_file = tmp_path / "anchor.json"
+    cfg_file.write_text(json.dumps({"d_model": 32, "n_layers": 3, "n_heads": 2, "n_kv_heads": 1, "head_dim": 16,
+                                    "ffn_dim": 64, "tie_embeddings": False}))
+    info = train(tiny_config(corpus_dir, tmp_path / "init", init_anchor=str(cfg_file)))
+    new = load_anchor(info["anchor"])
+    assert (new.config.n_layers, new.config.d_model) == (3, 32)
+    bank = Bank.open(info["bank"])
+    assert bank.spec.memory_layers == [1, 2] and bank.anchor.model_dump() == new.identity

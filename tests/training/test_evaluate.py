@@ -1,0 +1,65 @@
+"""The long-tail evaluation: its teacher-forced greedy check agrees with real generation (lm.generate), and
+the tiny preset runs corpus -> train -> export -> eval end to end with JSON, Markdown and PNG reports."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import torch
+
+from training.corpus import Corpus, Probe
+from training.data import prefix_hidden
+from training.evaluate import greedy_correct, prepare_items, text_match
+
+
+def test_greedy_check_agrees_with_real_generation(corpus_dir):
+    from lm import MemoryBatch, SamplingParams, generate, load_anchor
+
+    a = load_anchor("tiny")
+    model, tok = a.model, a.tokenizer
+    layers = [2, 3]
+    g = torch.Generator().manual_seed(3)
+    block = torch.randn(2, 3, 8, model.config.d_model, generator=g) * 0.5
+    prompts = [p.prompt for p in Corpus.load(corpus_dir).probes[:10]]
+    for system in ("anchor", "generic"):
+        mem1 = MemoryBatch.build([block], [[0]], layers) if system == "generic" else None
+
+        def gen(prompt: str, n: int, mem=mem1) -> str:
+            ids = tok(prompt, add_special_tokens=False)["input_ids"]
+            return generate(model, tok, ids, SamplingParams(max_new_tokens=n, temperature=0.0), memory=mem).text
+
+        probes = []
+        for prompt in prompts:
+            own = gen(prompt, 2)  # the model's own greedy words: right unless the 3rd token glues on
+            for answer in (own, " Atlantis"):
+                if any(c.isalnum() for c in answer):
+                    probes.append(Probe(prompt=prompt, answer=answer, bucket=1, relation="r", split="train"))
+        items = prepare_items(tok, probes, np.zeros((len(probes), 2), dtype=np.int64))
+        hidden = prefix_hidden(model, [it.ids for it in items], 2)
+        got, _ = greedy_correct(model, tok, items, hidden, 2, system, {"generic": block}, layers, batch_size=5)
+        truth = np.array([text_match(gen(p.prompt, it.n_answer + 4), p.answer)
+                          for p, it in zip(probes, items, strict=True)])
+        assert truth.any() and not truth.all()
+        np.testing.assert_array_equal(got, truth)
+
+
+def test_tiny_preset_builds_and_evaluates(tmp_path):
+    from memory_store import Bank
+    from training.pipeline import run_build
+
+    out = run_build("tiny", bank_dir=tmp_path / "bank", work=tmp_path / "work")
+    result = out["result"]
+    assert Bank.open(tmp_path / "bank").bank_id == result["bank_id"]
+    report = tmp_path / "work" / "eval"
+    assert json.loads((report / "longtail.json").read_text())["bank_id"] == result["bank_id"]
+    assert (report / "longtail.png").stat().st_size > 1000
+    assert "hierarchical" in (report / "longtail.md").read_text()
+    assert set(result["accuracy"]) == {"anchor", "generic", "hierarchical", "hierarchical_deleted"}
+    d = result["deletion"]
+    assert d["n_inside"] + d["n_rest"] == result["n"]["train"]
+    # deleting a subtree leaves the facts routed elsewhere exactly as they were
+    assert d["rest"]["hierarchical_deleted"] == d["rest"]["hierarchical"]
+    # a second run resumes: nothing is trained or evaluated again
+    again = run_build("tiny", bank_dir=tmp_path / "bank", work=tmp_path / "work")
+    assert again["status"]["stages"] == out["status"]["stages"]
