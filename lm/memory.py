@@ -76,6 +76,7 @@ class MemoryBatch:
         self._layer_pos = {layer: j for j, layer in enumerate(self.layers)}
         self._groups = groups
         self._direct = direct  # one group whose rows are 0..B-1 once each, in order: its output is y
+        self._all_rows = torch.cat([g.rows.reshape(-1) for g in groups]) if groups else None  # (N,)
         self.distinct_params = distinct_params
         self.row_units = row_units
 
@@ -168,22 +169,24 @@ class MemoryBatch:
         B, T, d = h.shape
         if B != self.n_rows or d != self.d_model:
             raise MemoryShapeError(f"memory built for {self.n_rows} rows of d={self.d_model}, got {tuple(h.shape)}")
-        y = None
+        # one gather of every group's rows (direct: the rows are 0..B-1 in order, h itself)
+        xs = h if self._direct else h[self._all_rows]  # (N, T, d), N = sum of n*m over groups
+        outs, start = [], 0
         for g in self._groups:
             n, m = g.rows.shape
             U = g.units
-            idx = g.rows.reshape(-1)  # (n*m,)
-            x = (h if self._direct else h[idx]).reshape(n, m * T, d)  # (n, m*T, d); direct: idx = 0..B-1
+            x = xs[start:start + n * m].reshape(n, m * T, d)  # (n, m*T, d)
+            start += n * m
             a = torch.bmm(x, g.gu[j].transpose(1, 2))  # (n, m*T, 2U)
             act = F.silu(a[..., :U]) * a[..., U:]  # (n, m*T, U)
             if g.mask is not None:
                 act = (act.view(n, m, T, U) * g.mask).view(n, m * T, U)
-            out = torch.bmm(act, g.dt[j]).view(n * m, T, d)  # (n*m, T, d)
-            if self._direct:
-                return out
-            # rows may sit in several classes (their level-1 class and their private one): sum, out of place
-            y = (h.new_zeros(B, T, d) if y is None else y).index_add(0, idx, out)
-        return y
+            outs.append(torch.bmm(act, g.dt[j]).view(n * m, T, d))  # (n*m, T, d)
+        out = outs[0] if len(outs) == 1 else torch.cat(outs)  # (N, T, d)
+        if self._direct:
+            return out
+        # a row may sit in several classes (its level-1 class and its private one): sum, out of place
+        return h.new_zeros(B, T, d).index_add(0, self._all_rows, out)
 
 
 def _classes(row_blocks: Sequence[Sequence[int]], n_blocks: int, strategy: str):

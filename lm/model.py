@@ -253,7 +253,7 @@ class Transformer(nn.Module):
             return _StepContext(positions=positions, memory=memory)
         if slots is None:
             raise ValueError("a cache needs the slots of the rows")
-        slots_t = torch.as_tensor(slots, dtype=torch.long)
+        slots_t = torch.as_tensor(slots, dtype=torch.long).cpu()  # lengths live on the CPU
         if slots_t.shape != (B,):
             raise ValueError(f"slots must have one entry per row ({B}), got {tuple(slots_t.shape)}")
         start = cache.lengths_of(slots_t)  # (B,)
