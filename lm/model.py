@@ -311,17 +311,24 @@ class Transformer(nn.Module):
         return self._run_layers(self.model.embed_tokens(input_ids), ctx, 0, layer)
 
     def forward_from(self, hidden: torch.Tensor, start_layer: int, *, positions: torch.Tensor | None = None,
-                     memory: MemoryBatch | None = None) -> torch.Tensor:
+                     memory: MemoryBatch | None = None, select: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (B, T, V) from the residual stream `hidden` (B, T, d) entering layer `start_layer`.
-        `forward_from(hidden_at(ids, l), l, memory=m)` == `forward(ids, memory=m)` when m has no layer < l."""
+        `forward_from(hidden_at(ids, l), l, memory=m)` == `forward(ids, memory=m)` when m has no layer < l.
+
+        Args:
+            select: optional (B, T) bool; the LM head (the largest matmul, V = vocab) is then applied only
+                where it is True and the result is (N, V), rows in row-major order (training: loss positions).
+        """
         if not 0 <= start_layer <= self.config.n_layers:
             raise ValueError(f"start_layer must be in [0, {self.config.n_layers}], got {start_layer}")
         B, T, _ = hidden.shape
         self._check_memory(memory, B)
         ids = torch.zeros(B, T, dtype=torch.long, device=hidden.device)
         ctx = self._context(ids, positions, None, None, memory)
-        x = self._run_layers(hidden, ctx, start_layer, None)
-        return self.lm_head(self.model.norm(x))
+        x = self.model.norm(self._run_layers(hidden, ctx, start_layer, None))  # (B, T, d)
+        if select is not None:
+            x = x[select]  # (N, d)
+        return self.lm_head(x)
 
 
 def ffn_param_count(config: ModelConfig) -> int:

@@ -130,6 +130,11 @@ def test_hidden_at_and_forward_from_resume_the_forward(model):
         h = model.hidden_at(ids, 1)
         assert h.shape == (2, 5, d)
         assert rel_err(model.forward_from(h, 1, memory=mb), full) <= 1e-6
+        select = torch.zeros(2, 5, dtype=torch.bool)
+        select[0, 1] = select[1, 4] = True
+        picked = model.forward_from(h, 1, memory=mb, select=select)  # (2, V): only the selected positions
+        assert picked.shape == (2, model.config.vocab_size)
+        assert rel_err(picked, full[select]) <= 1e-6
 
 
 def test_memory_is_trainable_through_the_batch(model):
