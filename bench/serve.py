@@ -225,7 +225,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--clients", type=int, default=16)
-    p.add_argument("--requests-per-client", type=int, default=3)
+    p.add_argument("--requests-per-client", type=int, default=6)
     p.add_argument("--max-tokens", type=int, default=16)
     p.add_argument("--max-batch", type=int, default=8, help="KV slots; fewer than clients so requests queue")
     p.add_argument("--zipf", type=float, default=1.1)

@@ -2,7 +2,8 @@
 
 The subtree-aware policy admits first the waiting request whose memory nodes overlap most (in bytes)
 with the nodes already in the running batch, so the batch reads fewer distinct blocks per decode step
-(DESIGN §8). Nothing starves: a request that has been passed over `max_skips` times (by requests that
+(DESIGN §8); among equals, the one that shares most with the other waiting requests (so the admissions
+after it can share too), then the oldest. Nothing starves: a request that has been passed over `max_skips` times (by requests that
 arrived after it), or that has waited `max_wait_s`, is admitted before any other, oldest first. The skip
 bound is what holds under heavy load, when every request waits long: a bound in seconds alone would then
 turn the policy back into FIFO.
@@ -52,7 +53,11 @@ class Scheduler:
         if self.mode == "fifo" or overdue or not nodes:
             return min(overdue or pool, key=lambda w: w.enqueued_at)
 
-        def shared(w: Waiting) -> tuple[int, float]:
-            return (sum(b for key, b in w.memory_nodes.items() if key in nodes), -w.enqueued_at)
+        def score(w: Waiting) -> tuple[int, int, float]:
+            shared = sum(b for key, b in w.memory_nodes.items() if key in nodes)
+            # tie-break: bytes it shares with the other waiting requests, so the next admissions share too
+            affinity = sum(b for o in pool if o is not w for key, b in o.memory_nodes.items()
+                           if key in w.memory_nodes)
+            return (shared, affinity, -w.enqueued_at)
 
-        return max(pool, key=shared)
+        return max(pool, key=score)

@@ -49,6 +49,12 @@ def test_subtree_scheduler_skip_bound_holds_under_load():
     assert admitted == ["near1", "near2", "far"] and far.skipped == 2
 
 
+def test_subtree_scheduler_breaks_ties_by_affinity_with_the_queue():
+    waiting = [W("loner", 0.0, {"A": 10, "X": 1}), W("popular", 0.1, {"A": 10, "Y": 1}),
+               W("b1", 0.2, {"Y": 1}), W("b2", 0.3, {"Y": 1})]
+    assert Scheduler("subtree", 10).pick(waiting, {"A"}, 1, now=1.0)[0].name == "popular"
+
+
 def test_subtree_scheduler_groups_when_batch_is_empty():
     waiting = [W("a0", 0.0, {"A": 1}), W("b0", 0.1, {"B": 1}), W("a1", 0.2, {"A": 1})]
     assert [w.name for w in Scheduler("subtree", 10).pick(waiting, set(), 2, now=0.3)] == ["a0", "a1"]
