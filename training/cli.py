@@ -30,6 +30,17 @@ def cmd_corpus_facts(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_route_agreement(args: argparse.Namespace) -> int:
+    from training.corpus import Corpus
+    from training.routing import agreement_study
+
+    corpus = Corpus.load(Path(args.corpus))
+    branching = [int(x) for x in args.branching.replace("x", ",").split(",")]
+    result = agreement_study(corpus.docs, corpus.probes, branching, embedder_name=args.embedder)
+    print(json.dumps({"branching": branching, **result}, indent=2))
+    return 0
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from training.config import TrainConfig
     from training.trainer import run_train_command
@@ -68,6 +79,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     facts.add_argument("--buckets", type=int, default=5)
     facts.add_argument("--seed", type=int, default=0)
     facts.set_defaults(func=cmd_corpus_facts)
+    agree = csub.add_parser("route-agreement",
+                            help="how often a fact's prompt routes to the leaf of the document stating it")
+    agree.add_argument("--corpus", required=True)
+    agree.add_argument("--branching", default="8,8")
+    agree.add_argument("--embedder", default="all-MiniLM-L6-v2")
+    agree.set_defaults(func=cmd_route_agreement)
 
     from training.config import add_train_arguments
 

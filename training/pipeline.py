@@ -100,7 +100,9 @@ def run_build(preset: str = "demo", bank_dir: Path | None = None, work: Path | N
     cfg = TrainConfig(corpus=str(corpus_dir), out=str(job), bank=str(bank_dir), **p["train"])
     if epochs:
         cfg.epochs = epochs
-    if not (job / "job.json").exists() or not json.loads((job / "job.json").read_text()).get("bank_id"):
+    job_file = job / "job.json"
+    job_done = job_file.exists() and json.loads(job_file.read_text()).get("done")
+    if not job_done:
         log.info("[2/4] tree + training (%d epochs) -> %s, then [3/4] export -> %s", cfg.epochs, job, bank_dir)
         from training.trainer import train
 
@@ -108,9 +110,22 @@ def run_build(preset: str = "demo", bank_dir: Path | None = None, work: Path | N
         info = train(cfg)
         stage_done("train+export", time.perf_counter() - t0, config=asdict(cfg),
                    **{k: info[k] for k in ("steps", "train_seconds", "bank_id", "tokens_seen") if k in info})
+    elif not (bank_dir / "manifest.json").exists():
+        log.info("[3/4] export -> %s (training already done in %s)", bank_dir, job)
+        from training.export import export_job
+
+        export_job(job, bank_dir, n_shards=cfg.shards, dtype=cfg.dtype)
+    from memory_store import Bank
+
+    with Bank.open(bank_dir) as bank:
+        bank_id = bank.bank_id
     result = None
     report = work / "eval" / "longtail.json"
-    if evaluate and not report.exists():
+    if report.exists():
+        result = json.loads(report.read_text())
+        if result.get("bank_id") != bank_id:
+            result = None  # evaluated another bank: do it again
+    if evaluate and result is None:
         log.info("[4/4] long-tail evaluation -> %s", report.parent)
         from training.evaluate import evaluate_longtail
 
@@ -118,10 +133,11 @@ def run_build(preset: str = "demo", bank_dir: Path | None = None, work: Path | N
         result = evaluate_longtail(bank_dir, corpus_dir, anchor=cfg.anchor, out_dir=report.parent,
                                    hidden_lookup=job_hidden_lookup(job, corpus.docs))
         stage_done("eval", time.perf_counter() - t0)
-    elif report.exists():
-        result = json.loads(report.read_text())
     status["last_run_seconds"] = round(time.perf_counter() - t_all, 1)
-    status.setdefault("first_run_seconds", sum(s["seconds"] for s in status["stages"].values()))
+    if "first_run_seconds" not in status:  # the whole first run (process start-up aside), or its stages' sum
+        fresh = "corpus" in status["stages"] and len(status["stages"]) >= 2 + bool(evaluate)
+        status["first_run_seconds"] = round(time.perf_counter() - t_all, 1) if fresh else round(
+            sum(s["seconds"] for s in status["stages"].values()), 1)
     status["bank"] = str(bank_dir)
     status_file.write_text(json.dumps(status, indent=2) + "\n")
     return {"status": status, "result": result, "bank": str(bank_dir), "work": str(work)}

@@ -85,3 +85,16 @@ def routing_agreement(tree, docs: Sequence[dict], probes: Sequence, doc_paths: n
                      "level1": float(np.mean(got[:, 0] == ref[:, 0])), "n": len(texts)}
     log.info("routing agreement: %s", out)
     return out
+
+
+def agreement_study(docs: Sequence[dict], probes: Sequence, branching: Sequence[int], seed: int = 0,
+                    embedder_name: str = "all-MiniLM-L6-v2") -> dict:
+    """Routing agreement for the two choices of what to embed for a document: its ``route_text`` (the
+    choice made here) and its whole ``text`` (the obvious alternative). Prompts are embedded as they are."""
+    embedder = get_embedder(embedder_name)
+    out = {}
+    for name, texts in (("route_text", doc_route_texts(docs)), ("text", [d["text"] for d in docs])):
+        emb = embed(texts, embedder)
+        tree = build_corpus_tree(emb, branching, seed=seed)
+        out[name] = routing_agreement(tree, docs, probes, tree.route(emb), embedder)
+    return out

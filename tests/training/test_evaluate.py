@@ -63,3 +63,7 @@ def test_tiny_preset_builds_and_evaluates(tmp_path):
     # a second run resumes: nothing is trained or evaluated again
     again = run_build("tiny", bank_dir=tmp_path / "bank", work=tmp_path / "work")
     assert again["status"]["stages"] == out["status"]["stages"]
+    # another bank directory for the same work: exported from the finished job, not trained again
+    third = run_build("tiny", bank_dir=tmp_path / "bank2", work=tmp_path / "work")
+    assert Bank.open(tmp_path / "bank2").bank_id == result["bank_id"]
+    assert third["status"]["stages"] == out["status"]["stages"]
