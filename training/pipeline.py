@@ -29,7 +29,8 @@ PRESETS: dict[str, dict] = {
         "corpus": {"sizes": {"city_country": 240, "us_city_state": 60, "country_capital": 60,
                              "element_number": 40}, "heldout_fraction": 0.2},
         "train": {"anchor": "smollm2", "branching": [8, 8], "ranks": [64, 32], "mem_layers": 2,
-                  "epochs": 8, "batch_size": 32, "lr": 1e-2, "warmup_steps": 5, "loss": "continuation"},
+                  "epochs": 8, "batch_size": 32, "lr": 1e-2, "warmup_steps": 5, "loss": "continuation",
+                  "preserve_weight": 1.0},
     },
     # the tiny random anchor: exercises every stage in seconds (tests)
     "tiny": {
@@ -37,7 +38,7 @@ PRESETS: dict[str, dict] = {
                              "element_number": 6}, "heldout_fraction": 0.2},
         "train": {"anchor": "tiny", "embedder": "hash-trigram", "branching": [2, 2], "ranks": [8, 4],
                   "mem_layers": 2, "epochs": 2, "batch_size": 8, "lr": 1e-2, "warmup_steps": 1,
-                  "loss": "continuation"},
+                  "loss": "continuation", "preserve_weight": 1.0},
     },
 }
 
@@ -82,7 +83,10 @@ def run_build(preset: str = "demo", bank_dir: Path | None = None, work: Path | N
     status = json.loads(status_file.read_text()) if status_file.exists() else {"stages": {}}
     t_all = time.perf_counter()
 
+    ran: set[str] = set()
+
     def stage_done(name: str, seconds: float, **extra) -> None:
+        ran.add(name)
         status["stages"][name] = {"seconds": round(seconds, 1), "loadavg_1m_at_end": os.getloadavg()[0],
                                   **extra}
         status_file.write_text(json.dumps(status, indent=2) + "\n")
@@ -135,7 +139,7 @@ def run_build(preset: str = "demo", bank_dir: Path | None = None, work: Path | N
         stage_done("eval", time.perf_counter() - t0)
     status["last_run_seconds"] = round(time.perf_counter() - t_all, 1)
     if "first_run_seconds" not in status:  # the whole first run (process start-up aside), or its stages' sum
-        fresh = "corpus" in status["stages"] and len(status["stages"]) >= 2 + bool(evaluate)
+        fresh = {"corpus", "train+export"} <= ran and ("eval" in ran or not evaluate)
         status["first_run_seconds"] = round(time.perf_counter() - t_all, 1) if fresh else round(
             sum(s["seconds"] for s in status["stages"].values()), 1)
     status["bank"] = str(bank_dir)

@@ -173,6 +173,7 @@ class Trainer:
         self.out.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(cfg.seed)
         corpus = Corpus.load(Path(cfg.corpus))
+        self.preserve_prompts = [r["prompt"] for r in corpus.preserve] if cfg.preserve_weight > 0 else []
         self.docs = corpus.docs[: cfg.max_docs] if cfg.max_docs else corpus.docs
         self.model, self.tokenizer, self.anchor_name = load_model_for(cfg)
         mc = self.model.config
@@ -188,6 +189,7 @@ class Trainer:
         self.token_ids = tokenize_docs(self.tokenizer, [d["text"] for d in self.docs], MAX_DOC_TOKENS)
         self.loss_start = loss_starts(self.tokenizer, self.docs, self.token_ids, cfg.loss)
         self.prefix: list[torch.Tensor] | None = None
+        self.preserve: dict | None = None
         params = [{"params": list(self.memory.parameters()), "lr": cfg.lr}]
         if self.train_anchor:
             self.model.train().requires_grad_(True)
@@ -234,6 +236,59 @@ class Trainer:
                  time.perf_counter() - t0)
         _atomic_save(self.prefix, f)
 
+    def build_preserve(self) -> None:
+        """Route the preserve prompts, cache their prefix states and the anchor's log-probabilities after
+        them (the targets of the preservation loss)."""
+        if not self.preserve_prompts or self.train_anchor:
+            return
+        f = self.out / "preserve.pt"
+        if f.exists():
+            self.preserve = torch.load(f)
+            return
+        from training.routing import embed, get_embedder
+
+        t0 = time.perf_counter()
+        toks = tokenize_docs(self.tokenizer, self.preserve_prompts)
+        paths = self.tree.route(embed(self.preserve_prompts, get_embedder(self.cfg.embedder)))
+        hidden = prefix_hidden(self.model, toks, self.l0)
+        targets = []
+        with torch.no_grad():
+            for s in range(0, len(hidden), 64):
+                h = pad_hidden(hidden[s:s + 64])
+                select = torch.zeros(h.shape[:2], dtype=torch.bool)
+                for b, x in enumerate(hidden[s:s + 64]):
+                    select[b, x.shape[0] - 1] = True
+                targets.append(torch.log_softmax(run_from(self.model, h, self.l0, None, select).float(), -1)
+                               .to(torch.float16))
+        self.preserve = {"hidden": hidden, "paths": [tuple(int(x) for x in p) for p in paths],
+                         "logp": torch.cat(targets)}
+        _atomic_save(self.preserve, f)
+        log.info("preserve targets for %d prompts in %.1fs", len(hidden), time.perf_counter() - t0)
+
+    def _preserve_rows(self, batch: Batch) -> list[int]:
+        """Preserve prompts routed to the batch's leaves first, then to its level-1 nodes, then any."""
+        n = len(self.preserve["paths"])
+        leaves, tops = set(batch.paths), {p[0] for p in batch.paths}
+        same_leaf = [i for i in range(n) if self.preserve["paths"][i] in leaves]
+        same_top = [i for i in range(n) if self.preserve["paths"][i][0] in tops and i not in set(same_leaf)]
+        self.rng.shuffle(same_leaf)
+        self.rng.shuffle(same_top)
+        rows = (same_leaf + same_top)[: self.cfg.preserve_batch]
+        if len(rows) < self.cfg.preserve_batch:
+            rows += self.rng.sample(range(n), min(n, self.cfg.preserve_batch - len(rows)))
+        return rows
+
+    def preserve_loss(self, rows: list[int], generic: bool) -> torch.Tensor:
+        """Mean KL(anchor || anchor + memory) of the next token after each preserve prompt."""
+        hs = [self.preserve["hidden"][i] for i in rows]
+        select = torch.zeros(len(hs), max(h.shape[0] for h in hs), dtype=torch.bool)
+        for b, h in enumerate(hs):
+            select[b, h.shape[0] - 1] = True
+        memory = self.paths_memory([self.preserve["paths"][i] for i in rows], generic)
+        logp = torch.log_softmax(run_from(self.model, pad_hidden(hs), self.l0, memory, select).float(), -1)
+        target = self.preserve["logp"][rows].float()
+        return torch.nn.functional.kl_div(logp, target, log_target=True, reduction="batchmean")
+
     def _prefix_of(self, idx: list[int]) -> list[torch.Tensor]:
         missing = [i for i in idx if self.prefix[i] is None]
         if missing:
@@ -249,13 +304,16 @@ class Trainer:
         return batches[self.dist.rank::self.dist.world]
 
     def batch_memory(self, batch: Batch, generic: bool):
-        """MemoryBatch of the batch: every row's path blocks (distinct blocks listed once), or the generic."""
+        return self.paths_memory(batch.paths, generic)
+
+    def paths_memory(self, paths, generic: bool):
+        """MemoryBatch for rows with these paths (distinct blocks listed once), or all rows on the generic."""
         from lm import MemoryBatch
 
         if generic:
-            return MemoryBatch.build([self.memory.generic], [[0]] * len(batch.paths), self.layers)
+            return MemoryBatch.build([self.memory.generic], [[0]] * len(paths), self.layers)
         blocks, index, row_blocks = [], {}, []
-        for path in batch.paths:
+        for path in paths:
             ks = []
             for level, i in enumerate(path, start=1):
                 if (level, i) not in index:
@@ -281,13 +339,20 @@ class Trainer:
         self.opt.zero_grad(set_to_none=True)
         stats: dict[str, float] = {}
         if batch is not None:
+            rows = self._preserve_rows(batch) if self.preserve else []
             loss = self.batch_loss(batch)
             total = loss
             stats["loss"] = float(loss.detach())
+            if rows:
+                kl = self.preserve_loss(rows, generic=False)
+                total = total + self.cfg.preserve_weight * kl
+                stats["kl"] = float(kl.detach())
             if self.rng.random() < self.cfg.generic_prob:
                 loss_g = self.batch_loss(batch, generic=True)
                 total = total + loss_g
                 stats["loss_generic"] = float(loss_g.detach())
+                if rows:
+                    total = total + self.cfg.preserve_weight * self.preserve_loss(rows, generic=True)
             total.backward()
             self.tokens_seen += sum(len(self.token_ids[i]) for i in batch.doc_index)
         sync_gradients(self.params, self.dist)
@@ -333,6 +398,7 @@ class Trainer:
     def train(self) -> dict:
         self.resume()
         self.build_prefix_cache()
+        self.build_preserve()
         bar = None
         if self.cfg.progress and self.dist.main:
             from tqdm import tqdm
@@ -351,6 +417,7 @@ class Trainer:
                     bar.update(1)
                     tok_s = self.tokens_seen * self.dist.world / max(self.train_seconds, 1e-9)
                     bar.set_postfix(epoch=self.epoch, loss=f"{stats.get('loss', float('nan')):.3f}",
+                                    kl=f"{stats.get('kl', float('nan')):.3f}",
                                     generic=f"{stats.get('loss_generic', float('nan')):.3f}",
                                     tok_s=f"{tok_s:.0f}")
                 if self.global_step % self.cfg.checkpoint_every == 0:

@@ -9,11 +9,11 @@ from tests.training.conftest import tiny_config
 from training.trainer import Trainer, train
 
 
-def _nonzero_memory(trainer: Trainer) -> None:
+def _nonzero_memory(trainer: Trainer, scale: float = 0.05) -> None:
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for p in trainer.memory.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.05)
+            p.add_(torch.randn(p.shape, generator=g) * scale)
 
 
 def test_prefix_cache_gives_the_same_loss_and_gradients(corpus_dir, tmp_path):
@@ -115,3 +115,21 @@ def test_train_anchor_and_init_anchor_run_the_same_trainer(corpus_dir, tmp_path)
     assert (new.config.n_layers, new.config.d_model) == (3, 32)
     bank = Bank.open(info["bank"])
     assert bank.spec.memory_layers == [1, 2] and bank.anchor.model_dump() == new.identity
+
+
+def test_preserve_loss_is_zero_for_a_fresh_memory_and_trains_the_routed_blocks(corpus_dir, tmp_path):
+    t = Trainer(tiny_config(corpus_dir, tmp_path / "p", preserve_weight=1.0, preserve_batch=6))
+    assert t.preserve_prompts
+    t.build_prefix_cache()
+    t.build_preserve()
+    batch = t._my_batches(0)[0]
+    rows = t._preserve_rows(batch)
+    assert len(rows) == 6
+    assert float(t.preserve_loss(rows, generic=False)) < 1e-4  # down blocks start at zero: memory = anchor
+    _nonzero_memory(t, scale=0.5)
+    kl = t.preserve_loss(rows, generic=False)
+    assert float(kl) > 1e-3, float(kl)
+    kl.backward()
+    touched = {k for k, p in t.memory.named_parameters() if p.grad is not None}
+    routed = {f"nodes.{lv}_{i}" for r in rows for lv, i in enumerate(t.preserve["paths"][r], start=1)}
+    assert touched == routed
