@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import logging
 import statistics
+import sys
 import time
 import zlib
 from pathlib import Path
@@ -197,11 +198,12 @@ def main(argv: list[str] | None = None) -> int:
     path_bytes = sum(3 * r * cfg.d_model * cfg.n_layers for r in RANKS) * 4
     rng = np.random.default_rng(0)
     plan: list[tuple[str, list, list[str], int]]
-    all_strategies = ["grouped"] if args.quick else ["grouped", "components", "single", "per_row"]
+    all_strategies = ["grouped"] if args.quick else ["grouped", "rowsets", "components", "single", "per_row"]
     plan = [("b1", [(3, 3 * 16 + 5, (3 * 16 + 5) * 16 + 9)], ["grouped"], 4),
             ("b16-tree", tree_rows("tree", 16, rng), all_strategies, 1)]
     if not args.quick:
-        plan += [(f"b16-l1={k}", tree_rows(str(k), 16, rng), ["grouped", "components"], 1) for k in (1, 4, 16)]
+        plan += [(f"b16-l1={k}", tree_rows(str(k), 16, rng), ["grouped", "rowsets", "components"], 1)
+                 for k in (1, 4, 16)]
     rows = []
     for name, paths, strategies, more in plan:  # batch 1 steps are cheap: take more of them (less noise)
         rows += measure(model, name, paths, strategies, args.rounds * more, args.steps, path_bytes)
@@ -226,7 +228,8 @@ def main(argv: list[str] | None = None) -> int:
     figures = {"rows": rows, "ranks": list(RANKS), "memory_layers": cfg.n_layers, "d_model": cfg.d_model,
                "path_params": path_bytes // 4, "prompt_len": PROMPT_LEN, "rounds": args.rounds,
                "steps": args.steps, "torch_threads": torch.get_num_threads()}
-    write_results("decode", figures, targets, md, results_dir=args.results_dir)
+    command = "python -m bench.decode " + " ".join(sys.argv[1:] if argv is None else argv)
+    write_results("decode", figures, targets, md, command=command.strip(), results_dir=args.results_dir)
     print(markdown_table(rows, cols))
     for t in targets:
         print(f"{t['name']}: {t['value']} {t['op']} {t['target']} -> {'met' if t['met'] else 'MISSED'}")

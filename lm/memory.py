@@ -20,9 +20,15 @@ does not use a block. Classes of the same (rows, units) shape are stacked at bui
 a tree-shaped batch of 16 paths takes a handful of matmuls per layer (e.g. level-1 nodes shared by 2 rows;
 deep blocks private to one row).
 
-Other strategies, kept for comparison in bench/decode.py: "components" (one class per connected component of
-the row-block graph, masked per row: fewer classes, wasted FLOPs on masked units), "single" (one masked
-matmul over all distinct blocks) and "per_row" (every row its own copy of its blocks: no sharing at all).
+A row-set class never wastes a FLOP but a tree batch has up to three per level-1 subtree, and every group
+costs a few ops per layer; so "grouped" decides per connected component of the row-block graph: a component
+whose rows are few (masked FLOPs at most 2x the useful ones, e.g. two rows under one level-1 node) stays one
+masked class (act *= mask, 1 where the row uses the unit's block); a large one (16 rows under one level-1
+node) is split into row-set classes.
+
+Other strategies, kept for comparison in bench/decode.py: "rowsets" (always split), "components" (never
+split), "single" (one masked matmul over all distinct blocks) and "per_row" (every row its own copy of its
+blocks: no sharing at all).
 
 Autograd: `build` uses only differentiable ops (cat, stack, view, dtype casts) and the step does no in-place
 op on its inputs, so blocks that are `nn.Parameter`s receive gradients. Build inside the training step
@@ -40,7 +46,7 @@ import torch.nn.functional as F
 
 from lm.errors import MemoryShapeError
 
-STRATEGIES = ("grouped", "components", "single", "per_row")
+STRATEGIES = ("grouped", "rowsets", "components", "single", "per_row")
 
 
 @dataclass
@@ -132,7 +138,8 @@ class MemoryBatch:
         dtype = dtype or blocks[used[0]].dtype
         device = device if device is not None else blocks[used[0]].device
 
-        classes = _classes(row_blocks, len(blocks), strategy)  # list of (rows, blocks)
+        widths = [int(blk.shape[2]) for blk in blocks]
+        classes = _classes(row_blocks, widths, strategy)  # list of (rows, blocks)
         by_shape: dict[tuple[int, int], list[tuple[list[int], list[int]]]] = defaultdict(list)
         for rows, ks in classes:
             by_shape[(len(rows), sum(int(blocks[k].shape[2]) for k in ks))].append((rows, ks))
@@ -189,23 +196,36 @@ class MemoryBatch:
         return h.new_zeros(B, T, d).index_add(0, self._all_rows, out)
 
 
-def _classes(row_blocks: Sequence[Sequence[int]], n_blocks: int, strategy: str):
+def _classes(row_blocks: Sequence[Sequence[int]], widths: Sequence[int], strategy: str):
     """The units of work as (rows, blocks) lists; rows without memory are left out."""
     rows_with = [b for b, ks in enumerate(row_blocks) if ks]
     if strategy == "per_row":
         return [([b], list(row_blocks[b])) for b in rows_with]
     if strategy == "single":
         return [(rows_with, sorted({k for b in rows_with for k in row_blocks[b]}))]
-    if strategy == "grouped":  # blocks with the same set of rows
-        users: dict[int, list[int]] = defaultdict(list)
-        for b in rows_with:
-            for k in row_blocks[b]:
-                users[k].append(b)
-        by_rows: dict[tuple[int, ...], list[int]] = defaultdict(list)
-        for k in sorted(users):
-            by_rows[tuple(users[k])].append(k)
-        return [(list(rows), ks) for rows, ks in by_rows.items()]
-    return _components(row_blocks, n_blocks, rows_with)
+    components = _components(row_blocks, len(widths), rows_with)
+    if strategy == "components":
+        return components
+    out = []
+    for rows, ks in components:
+        split = _rowsets(rows, ks, row_blocks)
+        if strategy == "grouped":  # a masked component costs FLOPs, a split one costs ops: pick per component
+            masked_cost = len(rows) * sum(widths[k] for k in ks)
+            split_cost = sum(len(r) * sum(widths[k] for k in kk) for r, kk in split)
+            if len(split) > 1 and masked_cost <= 2 * split_cost:
+                out.append((rows, ks))
+                continue
+        out += split
+    return out
+
+
+def _rowsets(rows: list[int], ks: list[int], row_blocks: Sequence[Sequence[int]]):
+    """Split (rows, blocks) into classes of blocks used by exactly the same rows."""
+    users: dict[int, list[int]] = {k: [b for b in rows if k in row_blocks[b]] for k in ks}
+    by_rows: dict[tuple[int, ...], list[int]] = defaultdict(list)
+    for k in ks:
+        by_rows[tuple(users[k])].append(k)
+    return [(list(r), kk) for r, kk in by_rows.items()]
 
 
 def _components(row_blocks: Sequence[Sequence[int]], n_blocks: int, rows_with: list[int]):

@@ -165,13 +165,13 @@ def test_tiny_random_model_is_deterministic():
     assert a.lm_head.weight is a.model.embed_tokens.weight  # tied
 
 
-def test_grouped_classes_follow_the_tree_and_waste_no_flops(model):
-    """Rows 0-1 share a level-1 node, rows 2-3 have private paths of equal width: the grouped strategy
+def test_rowset_classes_follow_the_tree_and_waste_no_flops(model):
+    """Rows 0-1 share a level-1 node, rows 2-3 have private paths of equal width: the rowsets strategy
     makes one class per row set, none masked, and still equals each row alone."""
     d, layers = model.config.d_model, [0, 1, 2]
     blocks = [random_block(3, r, d, seed=40 + i) for i, r in enumerate((8, 4, 4, 8, 4, 8, 4))]
     row_blocks = [[0, 1], [0, 2], [3, 4], [5, 6]]
-    mb = MemoryBatch.build(blocks, row_blocks, layers)
+    mb = MemoryBatch.build(blocks, row_blocks, layers, strategy="rowsets")
     shapes = sorted((tuple(g.rows.shape), g.units, g.mask is None) for g in mb._groups)
     assert shapes == [((1, 2), 8, True), ((2, 1), 4, True), ((2, 1), 12, True)]
     ids = torch.randint(0, 128, (4, 3))
@@ -183,3 +183,16 @@ def test_grouped_classes_follow_the_tree_and_waste_no_flops(model):
         for b, ks in enumerate(row_blocks):
             alone = MemoryBatch.build([blocks[k] for k in ks], [list(range(len(ks)))], layers)
             assert rel_err(batched[b:b + 1], model(ids[b:b + 1], memory=alone)) <= 1e-5
+
+
+def test_grouped_masks_small_subtrees_and_splits_large_ones():
+    """Two rows under one level-1 node: one masked class (little waste, fewer ops). Eight rows under one
+    level-1 node with private deep blocks: split into row-set classes (masking would waste 5x the FLOPs)."""
+    d, layers = 8, [0]
+    small = [random_block(1, r, d, seed=i) for i, r in enumerate((16, 4, 4))]
+    mb = MemoryBatch.build(small, [[0, 1], [0, 2]], layers)
+    assert [(tuple(g.rows.shape), g.units, g.mask is not None) for g in mb._groups] == [((1, 2), 24, True)]
+    large = [random_block(1, r, d, seed=i) for i, r in enumerate((16,) + (8,) * 8)]
+    mb = MemoryBatch.build(large, [[0, 1 + b] for b in range(8)], layers)
+    shapes = sorted((tuple(g.rows.shape), g.units, g.mask is None) for g in mb._groups)
+    assert shapes == [((1, 8), 16, True), ((8, 1), 8, True)]
