@@ -215,7 +215,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     for ax, key, title in zip(axes, ("throughput_tok_s", "ttft_p99_s", "distinct_memory_mb_per_step"),
                               ("throughput (tokens/s)", "p99 TTFT (s)", "distinct memory MB / decode step"),
                               strict=True):
-        ax.bar(names, [r[key] for r in rows], color=["#999999", "#d08c60", "#4c72b0", "#55a868"][:len(rows)])
+        ax.bar(names, [r[key] for r in rows], color=["#999999", "#d08c60", "#4c72b0", "#55a868", "#8172b2"][:len(rows)])
         ax.set_title(title)
         ax.tick_params(axis="x", labelsize=8)
     fig.tight_layout()
@@ -233,9 +233,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cache-bytes", type=int, default=3 * 2**30)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--bank", type=Path, default=None, help="bank dir (default: build the bench bank)")
-    p.add_argument("--memory-impl", default="nodes", choices=["nodes", "grouped"],
+    p.add_argument("--memory-impl", default="slots", choices=["slots", "nodes", "grouped"],
                    help="the server's memory_impl for the main runs")
-    p.add_argument("--skip-other-impl", action="store_true", help="skip the run with the other memory_impl")
+    p.add_argument("--other-impls", default="grouped", help="memory_impls also run (subtree), comma-separated")
     p.add_argument("--quick", action="store_true", help="4 clients x 2 requests, 8 tokens")
     p.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
     args = p.parse_args(argv)
@@ -253,11 +253,11 @@ def main(argv: list[str] | None = None) -> int:
     branching = list(spec.branching)
     path_bytes_f32 = spec.fetched_params * 4
     work = make_workload(args.clients, args.requests_per_client, branching, args.zipf, args.seed)
-    impl, other = args.memory_impl, ("grouped" if args.memory_impl == "nodes" else "nodes")
+    impl = args.memory_impl
     rows = [run_config(bank, "off", "subtree", False, work, args, impl),
             run_config(bank, "on-fifo", "fifo", True, work, args, impl),
             run_config(bank, "on-subtree", "subtree", True, work, args, impl)]
-    if not args.skip_other_impl:
+    for other in filter(None, args.other_impls.split(",")):
         rows.append(run_config(bank, f"on-subtree-{other}", "subtree", True, work, args, other))
     bw = memcpy_bandwidth(path_bytes_f32)
     off, fifo, sub = rows[:3]

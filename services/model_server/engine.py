@@ -254,8 +254,8 @@ class Engine:
     def _prefill_one_chunk(self) -> None:
         req = self._prefilling[0]
         if req._single_memory is None and req.memory_blocks:
-            req._single_memory = self.runner.build_memory(req.memory_blocks,
-                                                          [list(range(len(req.memory_blocks)))])
+            build = getattr(self.runner, "build_row_memory", self.runner.build_memory)
+            req._single_memory = build(req.memory_blocks, [list(range(len(req.memory_blocks)))])
         chunk = req.prompt_ids[req.prefilled:req.prefilled + self.prefill_chunk]
         logits = self.runner.prefill(req.slot, chunk, req.prefilled, req._single_memory)
         req.prefilled += len(chunk)

@@ -41,7 +41,7 @@ class LmRunner:
     """Maps the engine's slots onto an `lm.KVCache` and runs prefill chunks and decode steps."""
 
     def __init__(self, anchor: Any, n_slots: int, max_seq_len: int, memory_layers: Sequence[int] | None = None,
-                 codec: HFCodec | None = None, memory_impl: str = "nodes") -> None:
+                 codec: HFCodec | None = None, memory_impl: str = "slots") -> None:
         from lm import KVCache
 
         self.model = anchor.model
@@ -53,10 +53,22 @@ class LmRunner:
         self.eos_token_ids = set(int(i) for i in (anchor.config.eos_token_ids or []))
         self.codec = codec
         self.memory_impl = memory_impl
+        self._pools: Any = None
         self._slot_of: dict[int, int] = {}  # engine slot -> cache slot
 
     def build_memory(self, blocks: Sequence[torch.Tensor], row_blocks: Sequence[Sequence[int]]) -> Any:
-        if self.memory_impl == "nodes":
+        """The decode batch's memory (one per batch composition)."""
+        if self.memory_impl == "slots":
+            if self._pools is None:
+                from .slot_memory import SlotPools
+
+                self._pools = SlotPools(self.memory_layers, dtype=self.model.dtype)
+            return self._pools.build(blocks, row_blocks)
+        return self.build_row_memory(blocks, row_blocks)
+
+    def build_row_memory(self, blocks: Sequence[torch.Tensor], row_blocks: Sequence[Sequence[int]]) -> Any:
+        """Memory of a prefill, outside the decode batch's slots (stateless)."""
+        if self.memory_impl in ("nodes", "slots"):
             from .node_memory import NodeMemory
 
             return NodeMemory(blocks, row_blocks, self.memory_layers, dtype=self.model.dtype)
@@ -91,7 +103,7 @@ class LmRunner:
 
 
 def load_codec_and_runner(anchor_name: str, *, n_slots: int, max_seq_len: int,
-                          memory_layers: Sequence[int] | None = None, memory_impl: str = "nodes"
+                          memory_layers: Sequence[int] | None = None, memory_impl: str = "slots"
                           ) -> tuple[Any, HFCodec, LmRunner]:
     """Load the anchor (`lm.load_anchor`) and wrap it for the engine."""
     from lm import load_anchor

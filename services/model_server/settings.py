@@ -61,12 +61,13 @@ class ModelServerSettings(BaseSettings):
     """Admission order: `subtree` favours requests sharing memory nodes with the batch; `fifo` is plain."""
     max_wait_s: float = Field(30.0, gt=0)
     """Aging bound of the subtree scheduler: a request waiting this long is admitted first."""
-    max_skips: int = Field(16, ge=0)
+    max_skips: int = Field(4, ge=0)
     """Aging bound in admissions: a request passed over this many times by later arrivals goes first."""
-    memory_impl: Literal["grouped", "nodes"] = "nodes"
-    """How a batch's memories are computed: `nodes` (NodeMemory: no copy, one matmul per distinct node per
-    layer) or `grouped` (lm.MemoryBatch: blocks copied into per-component tensors at every rebuild, fewer
-    and larger matmuls per step). bench/serve.py compares them; the copies made `grouped` slower here."""
+    memory_impl: Literal["slots", "nodes", "grouped"] = "slots"
+    """How the decode batch's memories are computed: `slots` (SlotMemory: blocks stay in per-rank slot
+    buffers across batch compositions, two bmm per rank and layer), `nodes` (NodeMemory: no copy, one
+    matmul per distinct node) or `grouped` (lm.MemoryBatch: every distinct block copied at each rebuild).
+    bench/serve.py compares them."""
     prefill_chunk: int = Field(256, ge=1)
     """Prompt tokens prefilled per engine step, so running sequences never stall for a whole prompt."""
     max_seq_len: int = Field(2048, ge=8)

@@ -121,10 +121,58 @@ def test_node_memory_matches_memory_batch(bank_dir):
     assert got.distinct_nbytes == sum(b.numel() * 4 for b in blocks)
 
 
-def test_grouped_memory_impl_serves_the_same_text(bank_dir, client):
-    settings = ModelServerSettings(anchor="tiny", bank=bank_dir, max_batch=4, max_seq_len=128,
-                                   memory_impl="grouped")
+@pytest.mark.parametrize("impl", ["grouped", "nodes"])
+def test_other_memory_impls_serve_the_same_text(bank_dir, client, impl):
+    settings = ModelServerSettings(anchor="tiny", bank=bank_dir, max_batch=4, max_seq_len=128, memory_impl=impl)
     with TestClient(create_app(settings)) as grouped:
         for prompt, mem in [(PROMPTS[0], [1, 4]), (PROMPTS[3], "generic")]:
             assert _complete(grouped, prompt, mem)["choices"][0]["text"] == \
                 _complete(client, prompt, mem)["choices"][0]["text"]
+
+
+def test_slot_memory_matches_memory_batch_across_rebuilds(bank_dir):
+    """Pools keep blocks across compositions (rows join and leave), copy only newcomers, and compute what
+    MemoryBatch computes for every composition."""
+    import torch
+
+    from services.model_server.slot_memory import SlotPools
+
+    bank = Bank.open(bank_dir)
+    cache = {}
+
+    def blk(ref):
+        if ref not in cache:
+            cache[ref] = bank.read_block(ref).float()
+        return cache[ref]
+
+    pools = SlotPools(bank.spec.memory_layers)
+    generic = bank.generic_block().float()
+    compositions = [
+        [[1, 5], [1, 6], None, [3, 12]],
+        [[1, 5], [3, 12], [1, 5], [0, 1], [2, 9], [2, 10], "generic"],  # growth past 4 slots, shared rows
+        [[0, 1], [1, 5]],  # rows left: slots compacted
+        [[0, 2], [0, 1], [3, 13]],
+    ]
+    copies_before = 0
+    for comp in compositions:
+        blocks, index, rows = [], {}, []
+        for path in comp:
+            ks = []
+            items = [] if path is None else [("g", generic)] if path == "generic" else \
+                [(ref, blk(ref)) for ref in path_refs(path)]
+            for key, b in items:
+                if key not in index:
+                    index[key] = len(blocks)
+                    blocks.append(b)
+                ks.append(index[key])
+            rows.append(ks)
+        got = pools.build(blocks, rows)
+        want = MemoryBatch.build(blocks, rows, bank.spec.memory_layers)
+        h = torch.randn(len(rows), 2, bank.spec.d_model, generator=torch.Generator().manual_seed(len(rows)))
+        for layer in bank.spec.memory_layers:
+            torch.testing.assert_close(got.ffn_delta(layer, h), want.ffn_delta(layer, h), rtol=1e-4, atol=1e-4)
+        copies = sum(p.copies for p in pools.pools.values())
+        assert copies - copies_before <= len(blocks)
+        copies_before = copies
+    # 5 blocks, then 6 newcomers (1:0 2:1 1:2 2:9 2:10 generic), none, then 2:2 1:3 2:13 (1:3 had left)
+    assert copies_before == 5 + 6 + 0 + 3
