@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 
 log = logging.getLogger(__name__)
 
@@ -24,7 +25,26 @@ def register(subparsers) -> None:
                    help="inject a random memory path of the paper's proportion: r = (256, 64, 16) units on "
                         "every layer, small random gate/up, small random M_down")
     p.add_argument("--memory-seed", type=int, default=0, help="seed of the synthetic memory path")
+    p.add_argument("--threads", default=os.environ.get("HIERMEM_THREADS", "auto"),
+                   help="torch threads, or 'auto' (env HIERMEM_THREADS): the cores not busy with other work "
+                        "(1-minute load average), at least 1; on a shared machine a thread team waiting for a "
+                        "descheduled member is slower than one thread")
     p.set_defaults(func=_generate)
+
+
+def pick_threads(spec: str | int) -> int:
+    """'auto' -> cores minus the 1-minute load average, clipped to [1, cores]; else the number given."""
+    cores = os.cpu_count() or 1
+    if str(spec) != "auto":
+        n = int(spec)
+        if n < 1:
+            raise SystemExit("--threads must be >= 1 or 'auto'")
+        return n
+    try:
+        load = os.getloadavg()[0]
+    except OSError:  # pragma: no cover - platforms without getloadavg
+        return cores
+    return max(1, min(cores, round(cores - load)))
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -34,6 +54,7 @@ def _generate(args: argparse.Namespace) -> int:
     from lm.model import ffn_param_count
     from lm.synthetic import PAPER_RANKS, random_path
 
+    torch.set_num_threads(pick_threads(args.threads))
     anchor = load_anchor(args.anchor)
     tok = anchor.tokenizer
     if args.chat:
@@ -63,5 +84,6 @@ def _generate(args: argparse.Namespace) -> int:
     print(f"prompt: {args.prompt!r}")
     print(f"completion: {out.text!r}")
     print(f"tokens: {out.prompt_tokens} prompt + {len(out.token_ids)} generated ({out.finish_reason}); "
-          f"prefill {out.prefill_s * 1e3:.0f} ms, decode {out.tokens_per_s:.1f} tokens/s")
+          f"prefill {out.prefill_s * 1e3:.0f} ms, decode {out.tokens_per_s:.1f} tokens/s "
+          f"(torch threads: {torch.get_num_threads()})")
     return 0

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 
-from lm.cli import register
+import pytest
+
+from lm.cli import pick_threads, register
 
 
 def _run(argv: list[str]) -> int:
@@ -29,3 +31,16 @@ def test_generate_chat_without_memory(capsys, tiny_anchor):
                  "0.7", "--seed", "1"]) == 0
     out = capsys.readouterr().out
     assert "memory: none" in out and "tokens: " in out
+
+
+def test_thread_choice(monkeypatch):
+    assert pick_threads("3") == 3
+    monkeypatch.setattr("os.cpu_count", lambda: 4)
+    monkeypatch.setattr("os.getloadavg", lambda: (2.6, 0.0, 0.0))
+    assert pick_threads("auto") == 1  # 4 cores, 2.6 busy: round(1.4) = 1
+    monkeypatch.setattr("os.getloadavg", lambda: (9.0, 0.0, 0.0))
+    assert pick_threads("auto") == 1
+    monkeypatch.setattr("os.getloadavg", lambda: (0.2, 0.0, 0.0))
+    assert pick_threads("auto") == 4
+    with pytest.raises(SystemExit):
+        pick_threads("0")
