@@ -29,7 +29,7 @@ PRESETS: dict[str, dict] = {
         "corpus": {"sizes": {"city_country": 240, "us_city_state": 60, "country_capital": 60,
                              "element_number": 40}, "heldout_fraction": 0.2},
         "train": {"anchor": "smollm2", "branching": [8, 8], "ranks": [64, 32], "mem_layers": 2,
-                  "epochs": 8, "batch_size": 32, "lr": 1e-2, "warmup_steps": 5, "loss": "continuation",
+                  "epochs": 12, "batch_size": 32, "lr": 1e-2, "warmup_steps": 5, "loss": "continuation",
                   "preserve_weight": 1.0},
     },
     # the tiny random anchor: exercises every stage in seconds (tests)
