@@ -13,11 +13,12 @@ Semantics of one engine iteration:
     decode a token for every running row: logits = model(last_tokens, memory=batch_memory)
     emit tokens; finished and cancelled rows are answered at once
 
-Rebuilding the batch's memory copies blocks (`lm.MemoryBatch.build`), so it is done only when rows *join*:
-a row that finishes is answered at once but stays in the decode batch as a "zombie" (its output is
-dropped, its KV slot kept) until the next join rebuilds the batch without it. Decoding is bound by the
-bytes of weights read, so a zombie row costs next to nothing; a rebuild per leave would cost a copy of
-every distinct block. The runner therefore has more KV slots than `max_rows`.
+When rebuilding the batch's memory copies every block (`lm.MemoryBatch.build`, runner attribute
+`rebuild_copies`), it is done only when rows *join*: a row that finishes is answered at once but stays in
+the decode batch as a "zombie" (its output is dropped, its KV slot kept) until the next join rebuilds the
+batch without it. Decoding is bound by the bytes of weights read, so a zombie row costs little, where a
+rebuild per leave would cost a copy of every distinct block. The runner therefore has more KV slots than
+`max_rows`. With a cheap rebuild (slot or node memories) finished rows leave at once.
 """
 
 from __future__ import annotations
@@ -124,6 +125,7 @@ class Engine:
                  metrics: Metrics | None = None, retry_after_s: int = 1, max_rows: int | None = None) -> None:
         self.runner = runner
         self.max_rows = max_rows or runner.n_slots
+        self.keep_zombies = bool(getattr(runner, "rebuild_copies", True))
         self.scheduler = scheduler
         self.max_queue = max_queue
         self.prefill_chunk = prefill_chunk
@@ -231,7 +233,7 @@ class Engine:
                 self.stats.cancelled += 1
                 if self.metrics is not None:
                     self.metrics.cancelled.inc()
-                self._finish(req, reason="cancelled", keep_slot=req in self._batch)
+                self._finish(req, reason="cancelled", keep_slot=self.keep_zombies and req in self._batch)
 
     def _admit(self) -> None:
         rows_free = self.max_rows - len(self._active) - len(self._prefilling)
@@ -366,7 +368,7 @@ class Engine:
             if req in self._active:
                 self._active.remove(req)
             self.stats.completed += 1
-            self._finish(req, reason=reason, keep_slot=req in self._batch)
+            self._finish(req, reason=reason, keep_slot=self.keep_zombies and req in self._batch)
 
     def _release(self, req: GenRequest) -> None:
         try:
@@ -383,6 +385,8 @@ class Engine:
         req.finished = True
         if req.slot >= 0 and not keep_slot:
             self._release(req)
+            if req in self._batch:
+                self._dirty = True  # rebuild without it before the next decode
         if error is not None:
             self.stats.failed += 1
             req.sink(Event("error", error=error))

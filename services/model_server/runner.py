@@ -56,6 +56,11 @@ class LmRunner:
         self._pools: Any = None
         self._slot_of: dict[int, int] = {}  # engine slot -> cache slot
 
+    @property
+    def rebuild_copies(self) -> bool:
+        """Whether `build_memory` copies every block (then the engine keeps finished rows until a join)."""
+        return self.memory_impl == "grouped"
+
     def build_memory(self, blocks: Sequence[torch.Tensor], row_blocks: Sequence[Sequence[int]]) -> Any:
         """The decode batch's memory (one per batch composition)."""
         if self.memory_impl == "slots":

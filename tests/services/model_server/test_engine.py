@@ -83,6 +83,21 @@ def test_rows_join_and_leave_between_steps(engine_factory):
     assert not runner.lengths  # every KV slot released
 
 
+def test_rows_leave_at_once_when_rebuilds_are_cheap(engine_factory):
+    runner = FakeRunner(n_slots=8, step_delay=0.01)
+    runner.rebuild_copies = False
+    eng = engine_factory(runner, max_rows=4)
+    long_req, long_sink = _req("hello", n=60)
+    eng.submit(long_req)
+    eng.start()
+    time.sleep(0.1)
+    short_req, short_sink = _req("x", n=3)
+    eng.submit(short_req)
+    assert short_sink.done.wait(5) and long_sink.done.wait(5)
+    assert max(runner.decode_batches) == 2 and runner.decode_batches[-1] == 1  # joined, then left at once
+    assert _wait_free(eng, 8)
+
+
 def test_shared_nodes_are_one_block_in_the_batch(engine_factory):
     runner = FakeRunner(n_slots=4, step_delay=0.01)
     eng = engine_factory(runner)
