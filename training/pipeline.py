@@ -114,15 +114,18 @@ def run_build(preset: str = "demo", bank_dir: Path | None = None, work: Path | N
         info = train(cfg)
         stage_done("train+export", time.perf_counter() - t0, config=asdict(cfg),
                    **{k: info[k] for k in ("steps", "train_seconds", "bank_id", "tokens_seen") if k in info})
-    elif not (bank_dir / "manifest.json").exists():
-        log.info("[3/4] export -> %s (training already done in %s)", bank_dir, job)
-        from training.export import export_job
-
-        export_job(job, bank_dir, n_shards=cfg.shards, dtype=cfg.dtype)
     from memory_store import Bank
 
-    with Bank.open(bank_dir) as bank:
-        bank_id = bank.bank_id
+    bank_id = None
+    if (bank_dir / "manifest.json").exists():
+        with Bank.open(bank_dir) as bank:
+            bank_id = bank.bank_id
+    expected = json.loads(job_file.read_text()).get("bank_id")
+    if bank_id is None or (expected and bank_id != expected):  # absent, or a bank of another job
+        log.info("[3/4] export -> %s (training done in %s)", bank_dir, job)
+        from training.export import export_job
+
+        bank_id = export_job(job, bank_dir, n_shards=cfg.shards, dtype=cfg.dtype)
     result = None
     report = work / "eval" / "longtail.json"
     if report.exists():
