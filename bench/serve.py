@@ -3,6 +3,7 @@ whose memory paths follow a Zipf law; memory on vs off, subtree-aware vs FIFO sc
 
     python bench/serve.py                       # 16 clients, writes bench/results/serve.{json,md,png}
     python bench/serve.py --quick               # a smaller run to check the harness
+    python bench/serve.py --bank $HIERMEM_HOME/banks/demo --other-impls "" --name serve-demo   # trained demo bank
 
 The bank has r = (256, 64, 16) on all 30 layers of SmolLM2 (d = 576), like the paper's, with a 16/4/4
 branching (16 / 64 / 256 nodes, 1.3 GB in float16) so it builds in seconds; it is cached under
@@ -238,6 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--other-impls", default="grouped", help="memory_impls also run (subtree), comma-separated")
     p.add_argument("--quick", action="store_true", help="4 clients x 2 requests, 8 tokens")
     p.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
+    p.add_argument("--name", default=None, help="results name (default serve; e.g. serve-demo with --bank)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -288,8 +290,8 @@ def main(argv: list[str] | None = None) -> int:
              f"each, max_batch {args.max_batch}, Zipf s={args.zipf} over {int(np.prod(branching))} leaves; "
              f"memcpy {bw / 1e9:.2f} GB/s.\n\n" + markdown_table(rows, cols))
     args.results_dir.mkdir(parents=True, exist_ok=True)
-    plot(rows, args.results_dir / "serve.png")
-    name = "serve" if not args.quick else "serve-quick"
+    name = args.name or ("serve" if not args.quick else "serve-quick")
+    plot(rows, args.results_dir / f"{name}.png")
     write_results(name, figures, targets, table, results_dir=args.results_dir)
     print(table)
     for t in targets:
