@@ -26,26 +26,6 @@ log = logging.getLogger(__name__)
 GENERIC = "generic"
 
 
-def descend(centroids: Sequence[np.ndarray], emb: np.ndarray, allowed: frozenset[int] | None) -> list[int]:
-    """Greedy path of one embedding; level 1 limited to `allowed` (None = all, must not be empty).
-
-    Semantics:
-        node = argmax over allowed level-1 c of <c, emb>
-        for each deeper level with branching k: node = argmax over children node*k..node*k+k-1
-    """
-    e = emb / max(float(np.linalg.norm(emb)), 1e-12)
-    level1 = centroids[0]
-    candidates = np.arange(len(level1)) if allowed is None else np.array(sorted(allowed), dtype=np.int64)
-    node = int(candidates[int(np.argmax(level1[candidates] @ e))])
-    path = [node]
-    for c_prev, c in zip(centroids, centroids[1:], strict=False):
-        k = len(c) // len(c_prev)
-        kids = c[node * k:(node + 1) * k]
-        node = node * k + int(np.argmax(kids @ e))
-        path.append(node)
-    return path
-
-
 class MemoryResolver:
     """Turns a memory request into (keys, blocks, MemoryInfo). Thread-safe; called off the event loop."""
 
@@ -58,8 +38,8 @@ class MemoryResolver:
         self.strict = strict
         self.metrics = metrics
         self._dtype = dtype
-        self._centroids = [np.asarray(c, dtype=np.float32) for c in bank.tree.centroids]
-        self._sizes = [len(c) for c in self._centroids]
+        self._tree = bank.tree  # routing is memory_store's Tree.route: the scoring used offline too
+        self._sizes = [len(c) for c in bank.tree.centroids]
         self._generic: torch.Tensor | None = None
         self._generic_lock = threading.Lock()
         self._embed_lock = threading.Lock()
@@ -83,7 +63,7 @@ class MemoryResolver:
         t0 = time.perf_counter()
         with self._embed_lock:  # the embedder is not guaranteed thread-safe
             emb = np.asarray(self._embed([text]), dtype=np.float32)[0]
-        path = descend(self._centroids, emb, allowed)
+        path = [int(i) for i in self._tree.route(emb[None, :], allowed_level1=allowed)[0]]
         dt = time.perf_counter() - t0
         if self.metrics is not None:
             self.metrics.route_latency.observe(dt)
@@ -98,8 +78,7 @@ class MemoryResolver:
                 raise InvalidRequest(f"level {lv} has {self._sizes[lv - 1]} nodes, got index {idx}",
                                      param="memory")
             if lv > 1:
-                k = self._sizes[lv - 1] // self._sizes[lv - 2]
-                if idx // k != path[lv - 2]:
+                if int(self._tree.parents[lv - 1][idx]) != path[lv - 2]:
                     raise InvalidRequest(f"node {lv}:{idx} is not a child of {lv - 1}:{path[lv - 2]}",
                                          param="memory")
         if not principal.allows(path[0]):

@@ -13,6 +13,8 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
+from memory_store import Tree
+
 VOCAB = 128
 EOS = 0
 
@@ -96,7 +98,8 @@ class FakeBank:
     def __init__(self, generic: bool = True) -> None:
         eye = np.eye(4, dtype=np.float32)
         l2 = np.repeat(eye, 2, axis=0) + np.tile(np.array([[0.1, 0, 0, 0], [0, 0.1, 0, 0]], np.float32), (4, 1))
-        self.tree = SimpleNamespace(centroids=[eye, l2 / np.linalg.norm(l2, axis=1, keepdims=True)])
+        self.tree = Tree(centroids=[eye, l2 / np.linalg.norm(l2, axis=1, keepdims=True)],
+                         parents=[np.zeros(4, dtype=np.int64), np.arange(8) // 2])
         self.anchor = {"arch": "fake", "hash": "0"}
         self._generic = generic
 
