@@ -120,7 +120,7 @@ async def completions(body: CompletionRequest, request: Request, who: Who) -> An
     if isinstance(body.prompt, str):
         prompts = [body.prompt]
     elif body.prompt and isinstance(body.prompt[0], int):
-        prompts = [list(body.prompt)]  # type: ignore[arg-type]
+        prompts = [list(body.prompt)]
     else:
         prompts = list(body.prompt)  # type: ignore[arg-type]
     if len(prompts) > c.settings.max_prompts:

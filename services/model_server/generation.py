@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Hashable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from .auth import Principal
 from .engine import Engine, Event, GenRequest
@@ -15,6 +15,9 @@ from .memory import MemoryResolver
 from .sampling import Sampling
 from .schemas import MemoryInfo
 from .settings import ModelServerSettings
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +90,9 @@ async def start(engine: Engine, resolver: MemoryResolver | None, *, prompt_ids: 
     if resolver is None:
         if memory not in ("off", "auto"):
             raise InvalidRequest("this server has no memory bank", param="memory", code="no_bank")
-        keys, blocks, info = [], [], MemoryInfo(mode="none", reason="no memory bank configured")
+        keys: list[Hashable] = []
+        blocks: list[torch.Tensor] = []
+        info = MemoryInfo(mode="none", reason="no memory bank configured")
     else:
         keys, blocks, info = await asyncio.to_thread(resolver.resolve, memory, route_text, principal)
     loop = asyncio.get_running_loop()

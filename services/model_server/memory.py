@@ -19,7 +19,7 @@ from .auth import Principal
 from .block_cache import BlockCache
 from .errors import Forbidden, InvalidRequest, MemoryUnavailable
 from .metrics import Metrics
-from .schemas import MemoryInfo
+from .schemas import MemoryInfo, MemoryMode
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +96,7 @@ class MemoryResolver:
                 raise InvalidRequest("this bank has no generic memory", param="memory", code="no_generic_memory")
             return [GENERIC], [block], MemoryInfo(mode="generic", levels=list(range(1, self.depth + 1)))
         route_ms = 0.0
+        mode: MemoryMode
         if spec == "auto":
             path, route_ms, reason = self.route(text, principal)
             if path is None:
@@ -105,14 +106,14 @@ class MemoryResolver:
             path, mode = self.check_path(spec, principal), "path"
         return self._fetch_path(path, mode, route_ms)
 
-    def _fetch_path(self, path: list[int], mode: str, route_ms: float
+    def _fetch_path(self, path: list[int], mode: MemoryMode, route_ms: float
                     ) -> tuple[list[Hashable], list[torch.Tensor], MemoryInfo]:
         from memory_store import path_refs
 
         refs = path_refs(path)
         got = self.cache.get_many(refs)
-        keys = [r for r in refs if r in got.blocks]
-        info = MemoryInfo(mode=mode, path=path, levels=[r.level for r in keys], cache_hits=got.hits,
+        keys: list[Hashable] = [r for r in refs if r in got.blocks]
+        info = MemoryInfo(mode=mode, path=path, levels=[r.level for r in refs if r in got.blocks], cache_hits=got.hits,
                           cache_misses=got.misses, fetch_ms=round(got.fetch_ms, 3), route_ms=round(route_ms, 3))
         if got.failed:
             lost = sorted(r.level for r in got.failed)

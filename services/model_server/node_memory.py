@@ -44,8 +44,8 @@ class NodeMemory:
         for k, rows in rows_of.items():
             sets.setdefault(tuple(rows), []).append(k)
         self._groups: list[tuple[torch.Tensor | None, list[int]]] = []
-        for rows, ks in sets.items():
-            idx = None if list(rows) == list(range(self.n_rows)) else torch.tensor(rows, dtype=torch.long)
+        for row_set, ks in sets.items():
+            idx = None if list(row_set) == list(range(self.n_rows)) else torch.tensor(row_set, dtype=torch.long)
             self._groups.append((idx, ks))
         self.distinct_nbytes = sum(self._blocks[k].numel() * self._blocks[k].element_size() for k in rows_of)
 
@@ -64,6 +64,7 @@ class NodeMemory:
                 a = x @ gu.T  # (m, T, 2r)
                 part = (F.silu(a[..., :r]) * a[..., r:]) @ blk[j, 2]  # (m, T, d)
                 y = part if y is None else y.add_(part)
+            assert y is not None  # every row-set group holds at least one block
             if idx is None:
                 out.add_(y)
             else:

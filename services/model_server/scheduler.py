@@ -12,13 +12,19 @@ turn the policy back into FIFO.
 from __future__ import annotations
 
 from collections.abc import Hashable, Mapping, Sequence
-from typing import Literal, Protocol
+from typing import Literal, Protocol, TypeVar
 
 
 class Waiting(Protocol):
     enqueued_at: float
     skipped: int  # times a later arrival was admitted before it
-    memory_nodes: Mapping[Hashable, int]  # node key -> bytes of its block
+
+    @property
+    def memory_nodes(self) -> Mapping[Hashable, int]:
+        """Node key -> bytes of its block."""
+
+
+W = TypeVar("W", bound=Waiting)
 
 
 class Scheduler:
@@ -32,11 +38,10 @@ class Scheduler:
         self.max_wait_s = max_wait_s
         self.max_skips = max_skips
 
-    def pick(self, waiting: Sequence[Waiting], running_nodes: set[Hashable], n: int,
-             now: float) -> list[Waiting]:
+    def pick(self, waiting: Sequence[W], running_nodes: set[Hashable], n: int, now: float) -> list[W]:
         """Up to `n` requests of `waiting` to admit now, in admission order; counts the skips."""
         pool = list(waiting)
-        chosen: list[Waiting] = []
+        chosen: list[W] = []
         nodes = set(running_nodes)
         while pool and len(chosen) < n:
             best = self._best(pool, nodes, now)
@@ -48,7 +53,7 @@ class Scheduler:
                     w.skipped += 1
         return chosen
 
-    def _best(self, pool: list[Waiting], nodes: set[Hashable], now: float) -> Waiting:
+    def _best(self, pool: list[W], nodes: set[Hashable], now: float) -> W:
         overdue = [w for w in pool if w.skipped >= self.max_skips or now - w.enqueued_at >= self.max_wait_s]
         if self.mode == "fifo" or overdue or not nodes:
             return min(overdue or pool, key=lambda w: w.enqueued_at)

@@ -7,6 +7,8 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 NodeIndex = Annotated[int, Field(ge=0, le=2**31 - 1)]
+MemoryMode = Literal["auto", "off", "generic", "path", "none"]
+"""What a response's memory object says was used."""
 MemorySpec = Literal["auto", "off", "generic"] | Annotated[list[NodeIndex], Field(min_length=1, max_length=16)]
 StopSpec = str | Annotated[list[str], Field(max_length=4)] | None
 
@@ -85,7 +87,7 @@ class GenerateRequest(_Request):
     """`POST /generate` and `/generate_stream` (TGI)."""
 
     inputs: str
-    parameters: GenerateParameters = Field(default_factory=GenerateParameters)
+    parameters: GenerateParameters = Field(default_factory=lambda: GenerateParameters.model_validate({}))
     memory: MemorySpec = Field("auto", description=_MEMORY_DOC)
 
 
@@ -106,7 +108,7 @@ class RouteRequest(_Request):
 class MemoryInfo(BaseModel):
     """The memory a response was generated with (DESIGN §6)."""
 
-    mode: Literal["auto", "off", "generic", "path", "none"]
+    mode: MemoryMode
     path: list[int] | None = None
     levels: list[int] = Field(default_factory=list, description="levels whose blocks were injected")
     cache_hits: int = 0

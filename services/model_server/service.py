@@ -126,7 +126,7 @@ def build_components(settings: ModelServerSettings) -> Components:
         if settings.redis_url or settings.static_addresses:
             from services.memory_bank.client import BankClient
 
-            fetcher = BankClient(bank, redis_url=settings.redis_url,
+            fetcher: BankClient | LocalFetcher = BankClient(bank, redis_url=settings.redis_url,
                                  static_addresses=settings.static_addresses or None,
                                  timeout_s=settings.fetch_timeout_s)
             if hasattr(fetcher, "close"):

@@ -84,9 +84,9 @@ class SlotPools:
         by_rank: dict[int, list[torch.Tensor]] = {}
         for k in used:
             by_rank.setdefault(int(blocks[k].shape[2]), []).append(blocks[k])
-        for r, pool in list(self.pools.items()):
+        for r, idle in list(self.pools.items()):
             if r not in by_rank:
-                pool.sync([])  # release references; buffers stay for the next batch
+                idle.sync([])  # release references; buffers stay for the next batch
         plans = []
         for r, wanted in by_rank.items():
             b0 = wanted[0]
