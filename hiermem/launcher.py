@@ -241,6 +241,13 @@ class Supervisor:
             if pending:
                 self.stop_event.wait(0.2)
 
+    def address_of(self, name: str) -> str:
+        """host:port of a child that has reported where it listens (e.g. after `wait_healthy`)."""
+        address = self.children[name].address
+        if address is None:
+            raise RuntimeError(f"{name} has not reported an address yet")
+        return address
+
     def tick(self) -> None:
         """One round of supervision: notice exits, restart when their back-off has passed, probe the
         running children every `liveness_interval_s` and kill one that fails `liveness_failures` in a row
@@ -266,7 +273,8 @@ class Supervisor:
                     child.healthy, child.last_probe = True, now
                     log.info("%s healthy again at %s (restart %d)", child.spec.name, child.address,
                              child.restarts)
-            elif child.healthy and self.liveness_interval_s and now - child.last_probe >= self.liveness_interval_s:
+            elif (child.healthy and child.address and self.liveness_interval_s
+                  and now - child.last_probe >= self.liveness_interval_s):
                 child.last_probe = now
                 if (child.spec.liveness or child.spec.probe)(child.address):
                     child.probe_failures = 0
@@ -403,7 +411,7 @@ def up(s: UpSettings, *, stop: threading.Event | None = None, out=None) -> int:
         addresses: dict[str, list[str]] = {}
         for spec in shard_specs:
             addresses.setdefault(spec.name.split("/")[0].removeprefix("shard-"), []).append(
-                sup.children[spec.name].address)
+                sup.address_of(spec.name))
         model = sup.start(model_spec(addresses))
         sup.wait_healthy(["model"], s.startup_timeout_s)
         url = f"http://{model.address}"

@@ -82,7 +82,9 @@ class MemoryBatch:
         self._layer_pos = {layer: j for j, layer in enumerate(self.layers)}
         self._groups = groups
         self._direct = direct  # one group whose rows are 0..B-1 once each, in order: its output is y
-        self._all_rows = torch.cat([g.rows.reshape(-1) for g in groups]) if groups else None  # (N,)
+        # (N,) the rows of every group, concatenated (empty without groups: ffn_delta then returns None)
+        self._all_rows = (torch.cat([g.rows.reshape(-1) for g in groups]) if groups
+                          else torch.empty(0, dtype=torch.long))
         self.distinct_params = distinct_params
         self.row_units = row_units
 
@@ -135,6 +137,7 @@ class MemoryBatch:
         distinct_params = sum(blocks[k].numel() for k in used)
         if not used:
             return cls(n_rows, layers, d or 0, [], False, 0, row_units)
+        d = int(blocks[used[0]].shape[3])  # every block has this d (checked above)
         dtype = dtype or blocks[used[0]].dtype
         device = device if device is not None else blocks[used[0]].device
 

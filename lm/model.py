@@ -138,8 +138,9 @@ class Attention(nn.Module):
         k = self.k_proj(x).view(B, T, self.cfg.n_kv_heads, hd).transpose(1, 2)  # (B, nkv, T, hd)
         v = self.v_proj(x).view(B, T, self.cfg.n_kv_heads, hd).transpose(1, 2)  # (B, nkv, T, hd)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if ctx.cache is not None:
-            k, v = ctx.cache.update(self.layer_idx, ctx.slots, ctx.positions, k, v)  # (B, nkv, S, hd)
+        if ctx.kv is not None:
+            cache, slots = ctx.kv
+            k, v = cache.update(self.layer_idx, slots, ctx.positions, k, v)  # (B, nkv, S, hd)
         gqa = self.cfg.n_kv_heads != self.cfg.n_heads
         if ctx.attn_mask is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=gqa)
@@ -197,8 +198,7 @@ class _StepContext:
 
     positions: torch.Tensor  # (B, T) int64 absolute positions
     memory: MemoryBatch | None = None
-    cache: KVCache | None = None
-    slots: torch.Tensor | None = None  # (B,) int64 cache slot of each row
+    kv: tuple[KVCache, torch.Tensor] | None = None  # the KV cache and the (B,) int64 cache slot of each row
     attn_mask: torch.Tensor | None = None  # (B, 1, T, S) bool, True = attend; None = plain causal
 
 
@@ -265,7 +265,7 @@ class Transformer(nn.Module):
         key_pos = torch.arange(end, device=input_ids.device)
         mask = key_pos[None, None, :] <= positions[:, :, None]  # (B, T, S): causal w.r.t. each row's length
         attn_mask = None if bool(mask.all()) else mask[:, None]  # (B, 1, T, S)
-        return _StepContext(positions=positions, memory=memory, cache=cache, slots=slots_t.to(input_ids.device),
+        return _StepContext(positions=positions, memory=memory, kv=(cache, slots_t.to(input_ids.device)),
                             attn_mask=attn_mask)
 
     def _run_layers(self, x, ctx: _StepContext, start: int = 0, stop: int | None = None) -> torch.Tensor:
@@ -294,8 +294,9 @@ class Transformer(nn.Module):
         self._check_memory(memory, input_ids.shape[0])
         ctx = self._context(input_ids, positions, cache, slots, memory)
         x = self._run_layers(self.model.embed_tokens(input_ids), ctx)  # (B, T, d)
-        if cache is not None:
-            cache.advance(ctx.slots.cpu(), input_ids.shape[1])
+        if ctx.kv is not None:
+            kv_cache, kv_slots = ctx.kv
+            kv_cache.advance(kv_slots.cpu(), input_ids.shape[1])
         if last_only:
             x = x[:, -1:]
         return self.lm_head(self.model.norm(x))

@@ -37,8 +37,8 @@ log = logging.getLogger(__name__)
 ARCH = "llama"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # Untied, std 0.1: a tied tiny random model collapses into repeating one token, which makes poor tests.
-TINY_CONFIG = dict(d_model=64, n_layers=4, n_heads=4, n_kv_heads=2, head_dim=16, ffn_dim=128,
-                   rope_theta=100000.0, max_seq_len=2048, tie_embeddings=False)
+TINY_CONFIG: dict[str, Any] = dict(d_model=64, n_layers=4, n_heads=4, n_kv_heads=2, head_dim=16, ffn_dim=128,
+                                   rope_theta=100000.0, max_seq_len=2048, tie_embeddings=False)
 TINY_SEED, TINY_STD = 1234, 0.1
 # Bumped whenever a named anchor's recipe changes, so stale caches are converted again.
 RECIPES = {"smollm2": "smollm2-gguf-v1", "tiny": "tiny-v2"}

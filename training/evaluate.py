@@ -21,6 +21,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import torch
@@ -69,7 +70,7 @@ def text_match(generated: str, answer: str) -> bool:
 class BlockSource:
     """Blocks of a (possibly pruned) bank as float32 tensors, read once; absent nodes are skipped."""
 
-    def __init__(self, bank):
+    def __init__(self, bank) -> None:
         self.bank = bank
         self.cache: dict = {}
 
@@ -97,7 +98,9 @@ def _memory_for(rows: list[Item], system: str, sources: dict, layers: list[int])
     if system == "generic":
         return MemoryBatch.build([sources["generic"]], [[0]] * len(rows), layers)
     src = sources[system]
-    blocks, index, row_blocks = [], {}, []
+    blocks: list[torch.Tensor] = []
+    index: dict[tuple[int, int], int] = {}
+    row_blocks: list[list[int]] = []
     for it in rows:
         ks = []
         for level, b in enumerate(src.path_blocks(it.path)):
@@ -226,12 +229,13 @@ def evaluate_longtail(bank_dir: Path, corpus_dir: Path, anchor: str | None = Non
         probes = probes[:limit]
     paths = bank.tree.route(embed([p.prompt for p in probes], get_embedder(spec.embedder_name)))
     items = prepare_items(tok, probes, paths)
-    hidden = hidden_lookup(items, l0) if hidden_lookup else [None] * len(items)
-    todo = [i for i, h in enumerate(hidden) if h is None]
+    known: list[torch.Tensor | None] = hidden_lookup(items, l0) if hidden_lookup else [None] * len(items)
+    todo = [i for i, h in enumerate(known) if h is None]
     t0 = time.perf_counter()
     for i, h in zip(todo, prefix_hidden(model, [items[i].ids for i in todo], l0, progress=progress),
                     strict=True):
-        hidden[i] = h
+        known[i] = h
+    hidden = cast("list[torch.Tensor]", known)  # every None was filled just above
     log.info("eval prefix states: %d computed in %.1fs, %d reused", len(todo), time.perf_counter() - t0,
              len(items) - len(todo))
 

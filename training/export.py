@@ -71,8 +71,8 @@ def merge_subtree_jobs(job_dirs: list[Path], bank_dir: Path, n_shards: int = 1, 
 
     jobs = [_job(Path(j)) for j in job_dirs]
     trees = [Tree.load(Path(j) / "tree.safetensors") for j in job_dirs]
-    for j, t, path in zip(jobs[1:], trees[1:], job_dirs[1:], strict=True):
-        same_tree = all(np.array_equal(a, b) for a, b in zip(t.centroids, trees[0].centroids, strict=True))
+    for j, tree, path in zip(jobs[1:], trees[1:], job_dirs[1:], strict=True):
+        same_tree = all(np.array_equal(a, b) for a, b in zip(tree.centroids, trees[0].centroids, strict=True))
         if not same_tree:
             raise ValueError(f"{path}: tree differs from {job_dirs[0]}'s (build the tree once, pass --tree)")
         for key in ("branching", "ranks", "memory_layers", "d_model", "anchor_identity"):
@@ -80,7 +80,8 @@ def merge_subtree_jobs(job_dirs: list[Path], bank_dir: Path, n_shards: int = 1, 
                 raise ValueError(f"{path}: {key} {j[key]} differs from {jobs[0][key]}")
     seen: dict[int, Path] = {}
     tensors: dict[str, torch.Tensor] = {}
-    generic, weight = None, 0
+    generic: torch.Tensor | None = None
+    weight = 0
     for job, path in zip(jobs, job_dirs, strict=True):
         if job.get("subtree") is None:
             raise ValueError(f"{path} is not a subtree job (it was trained with the whole tree)")
@@ -93,5 +94,7 @@ def merge_subtree_jobs(job_dirs: list[Path], bank_dir: Path, n_shards: int = 1, 
         generic = g * n if generic is None else generic + g * n
         weight += n
         tensors.update(t)
+    if generic is None:
+        raise ValueError("no subtree jobs to merge")
     log.info("merging subtrees %s", sorted(seen))
     return _write_bank(Path(bank_dir), jobs[0], trees[0], tensors, generic / weight, n_shards, dtype)

@@ -47,14 +47,17 @@ class MemoryBank(nn.Module):
         g = torch.Generator().manual_seed(seed)
         self.nodes = nn.ParameterDict()
         n = 1
-        owned = None
+        owned: set[int] = set()  # the nodes held at the level above
         for level, (k, r) in enumerate(zip(self.branching, self.ranks, strict=True), start=1):
             n *= k
+            indices: Sequence[int]
             if subtree is None:
                 indices = range(n)
             elif level == 1:
                 indices = [subtree]
             else:
+                if parents is None:
+                    raise ValueError("MemoryBank(subtree=...) needs the tree's parents below level 1")
                 par = parents[level - 1]
                 indices = [i for i in range(n) if int(par[i]) in owned]
             owned = set(indices)

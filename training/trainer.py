@@ -25,6 +25,7 @@ import random
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -188,9 +189,9 @@ class Trainer:
                                  subtree=cfg.subtree, parents=self.tree.parents)
         self.token_ids = tokenize_docs(self.tokenizer, [d["text"] for d in self.docs], MAX_DOC_TOKENS)
         self.loss_start = loss_starts(self.tokenizer, self.docs, self.token_ids, cfg.loss)
-        self.prefix: list[torch.Tensor] | None = None
-        self.preserve: dict | None = None
-        params = [{"params": list(self.memory.parameters()), "lr": cfg.lr}]
+        self.prefix: list[torch.Tensor | None] | None = None  # None entries: not computed yet
+        self.preserve: dict[str, Any] | None = None
+        params: list[dict[str, Any]] = [{"params": list(self.memory.parameters()), "lr": cfg.lr}]
         if self.train_anchor:
             self.model.train().requires_grad_(True)
             params.append({"params": list(self.model.parameters()), "lr": cfg.anchor_lr})
@@ -222,13 +223,13 @@ class Trainer:
                 return
         if self.dist.world > 1:
             # each process sees other documents every epoch: fill its cache lazily, as batches come
-            self.prefix = [None] * len(self.docs)  # type: ignore[list-item]
+            self.prefix = [None] * len(self.docs)
             return
         need = list(range(len(self.docs)))
         t0 = time.perf_counter()
         hs = prefix_hidden(self.model, [self.token_ids[i] for i in need], self.l0,
                            progress=self.cfg.progress and self.dist.main)
-        cache: list[torch.Tensor] = [torch.empty(0)] * len(self.docs)
+        cache: list[torch.Tensor | None] = [torch.empty(0)] * len(self.docs)
         for i, h in zip(need, hs, strict=True):
             cache[i] = h
         self.prefix = cache
@@ -265,12 +266,19 @@ class Trainer:
         _atomic_save(self.preserve, f)
         log.info("preserve targets for %d prompts in %.1fs", len(hidden), time.perf_counter() - t0)
 
+    def _preserved(self) -> dict[str, Any]:
+        """The preserve targets ("hidden", "paths", "logp"); `build_preserve` made them."""
+        if self.preserve is None:
+            raise RuntimeError("no preserve targets: build_preserve() has not run or found no prompts")
+        return self.preserve
+
     def _preserve_rows(self, batch: Batch) -> list[int]:
         """Preserve prompts routed to the batch's leaves first, then to its level-1 nodes, then any."""
-        n = len(self.preserve["paths"])
+        paths = self._preserved()["paths"]
+        n = len(paths)
         leaves, tops = set(batch.paths), {p[0] for p in batch.paths}
-        same_leaf = [i for i in range(n) if self.preserve["paths"][i] in leaves]
-        same_top = [i for i in range(n) if self.preserve["paths"][i][0] in tops and i not in set(same_leaf)]
+        same_leaf = [i for i in range(n) if paths[i] in leaves]
+        same_top = [i for i in range(n) if paths[i][0] in tops and i not in set(same_leaf)]
         self.rng.shuffle(same_leaf)
         self.rng.shuffle(same_top)
         rows = (same_leaf + same_top)[: self.cfg.preserve_batch]
@@ -280,22 +288,26 @@ class Trainer:
 
     def preserve_loss(self, rows: list[int], generic: bool) -> torch.Tensor:
         """Mean KL(anchor || anchor + memory) of the next token after each preserve prompt."""
-        hs = [self.preserve["hidden"][i] for i in rows]
+        preserve = self._preserved()
+        hs = [preserve["hidden"][i] for i in rows]
         select = torch.zeros(len(hs), max(h.shape[0] for h in hs), dtype=torch.bool)
         for b, h in enumerate(hs):
             select[b, h.shape[0] - 1] = True
-        memory = self.paths_memory([self.preserve["paths"][i] for i in rows], generic)
+        memory = self.paths_memory([preserve["paths"][i] for i in rows], generic)
         logp = torch.log_softmax(run_from(self.model, pad_hidden(hs), self.l0, memory, select).float(), -1)
-        target = self.preserve["logp"][rows].float()
+        target = preserve["logp"][rows].float()
         return torch.nn.functional.kl_div(logp, target, log_target=True, reduction="batchmean")
 
     def _prefix_of(self, idx: list[int]) -> list[torch.Tensor]:
-        missing = [i for i in idx if self.prefix[i] is None]
+        prefix = self.prefix
+        if prefix is None:
+            raise RuntimeError("no prefix cache: build_prefix_cache() has not run")
+        missing = [i for i in idx if prefix[i] is None]
         if missing:
             for i, h in zip(missing, prefix_hidden(self.model, [self.token_ids[i] for i in missing], self.l0),
                             strict=True):
-                self.prefix[i] = h
-        return [self.prefix[i] for i in idx]
+                prefix[i] = h
+        return cast("list[torch.Tensor]", [prefix[i] for i in idx])  # every entry of idx was filled above
 
     # -- one step --------------------------------------------------------------------------------------------
 
@@ -312,7 +324,9 @@ class Trainer:
 
         if generic:
             return MemoryBatch.build([self.memory.generic], [[0]] * len(paths), self.layers)
-        blocks, index, row_blocks = [], {}, []
+        blocks: list[torch.Tensor] = []
+        index: dict[tuple[int, int], int] = {}
+        row_blocks: list[list[int]] = []
         for path in paths:
             ks = []
             for level, i in enumerate(path, start=1):

@@ -21,6 +21,7 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import crc32c
 import grpc
@@ -33,6 +34,9 @@ from . import registry, wire
 from ._gen import memory_bank_pb2 as pb
 from .servicer import SERVICE_NAME
 from .settings import MAX_MESSAGE_BYTES
+
+if TYPE_CHECKING:  # pragma: no cover
+    import redis.asyncio as aioredis
 
 log = logging.getLogger(__name__)
 
@@ -111,8 +115,9 @@ class BankClient:
                 certificate_chain=_read(tls_cert_file))
         elif tls_cert_file is not None or tls_key_file is not None:
             raise ValueError("a client certificate needs tls_ca_file (TLS) as well")
-        self._channel_options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                                 ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
+        self._channel_options: list[tuple[str, int | str]] = [
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
         if tls_server_name:
             self._channel_options.append(("grpc.ssl_target_name_override", tls_server_name))
         self._static = {str(s): [a] if isinstance(a, str) else list(a) for s, a in (static_addresses or {}).items()}
@@ -121,14 +126,14 @@ class BankClient:
         self._rr = itertools.count()
         self._channels: dict[str, tuple[grpc.aio.Channel, grpc.aio.UnaryStreamMultiCallable]] = {}
         self._last_used: dict[str, float] = {}
-        self._redis = None
+        self._redis: aioredis.Redis | None = None
         self._refresh_task: asyncio.Task | None = None
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="bank-client", daemon=True)
         self._thread.start()
         self._closed = False
         if redis_url is not None:
-            self._submit(self._start_discovery()).result()
+            self._submit(self._start_discovery(redis_url)).result()
 
     # --- public API -------------------------------------------------------------------------------------
 
@@ -174,8 +179,8 @@ class BankClient:
             raise RuntimeError("BankClient is closed")
         return asyncio.run_coroutine_threadsafe(coro, self._loop)
 
-    async def _start_discovery(self) -> None:
-        self._redis = registry.connect(self.redis_url)
+    async def _start_discovery(self, redis_url: str) -> None:
+        self._redis = registry.connect(redis_url)
         await self._refresh_once()
         self._refresh_task = asyncio.create_task(self._refresh_forever(), name="bank-client discovery")
 
@@ -331,8 +336,8 @@ class BankClient:
                     self._check_header(chunk.header, pending[0] if pending else None)
                     # torch.empty maps fresh pages lazily; bytearray(n) would zero-fill them first (~1 ms/MB)
                     raw = torch.empty(chunk.header.nbytes, dtype=torch.uint8)
-                    buf, got, crc = memoryview(raw.numpy()), 0, 0
-                if buf is None or chunk.offset != got or got + len(chunk.data) > len(buf):
+                    buf, got, crc = raw.numpy().data, 0, 0  # a writable memoryview of raw's bytes
+                if raw is None or buf is None or chunk.offset != got or got + len(chunk.data) > len(buf):
                     raise _AttemptFailed(grpc.StatusCode.DATA_LOSS, "chunk out of order")
                 end = got + len(chunk.data)
                 buf[got:end] = chunk.data
