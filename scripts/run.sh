@@ -3,7 +3,7 @@
 # (redis + bank shards + model server, SmolLM2 anchor), send one real completion and print the answer with
 # its `memory` object, then stop the stack.
 #
-#   bash scripts/run.sh                        # default prompt
+#   bash scripts/run.sh                        # default prompt (a rare demo fact, memory on vs off)
 #   bash scripts/run.sh "Marie Curie was born in"
 #   bash scripts/run.sh --keep "..."           # leave the stack running afterwards (stop: kill <pid shown>)
 #
@@ -16,7 +16,7 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 KEEP=0
 if [ "${1:-}" = "--keep" ]; then KEEP=1; shift; fi
-PROMPT="${1:-The capital of France is}"
+PROMPT="${1:-}"
 
 bash scripts/setup_env.sh
 VENV="${HIERMEM_VENV:-$ROOT/.venv}"
@@ -66,15 +66,38 @@ done
 grep -q "hiermem is up" "$LOG" || { echo "[run] the stack did not come up in 15 min"; tail -40 "$LOG"; exit 1; }
 grep -E "^(hiermem is up|try:)" "$LOG"
 
-# 3. one real completion, printed with its memory object
-BODY=$(python -c 'import json, sys; print(json.dumps({"prompt": sys.argv[1], "max_tokens": 24, "temperature": 0}))' "$PROMPT")
-echo "[run] POST /v1/completions $BODY"
-curl -sS --fail-with-body "http://127.0.0.1:$PORT/v1/completions" -H 'Content-Type: application/json' -d "$BODY" \
-  | python -c 'import json, sys
+# 3. one real completion, printed with its memory object. Without a prompt argument and with the demo bank,
+#    ask a rare fact the demo memories were trained on (the rarest popularity bucket), and ask it again with
+#    memory off, so the two answers show what the fetched blocks add.
+PROBES="$HOME_DIR/work/demo/corpus/probes.jsonl"
+COMPARE=0
+if [ -z "$PROMPT" ]; then
+  if [ "$BANK" = "$DEMO" ] && [ -f "$PROBES" ]; then
+    PROMPT=$(python -c 'import json, sys
+rows = [json.loads(line) for line in open(sys.argv[1])]
+rare = [r for r in rows if r["split"] == "train" and r["bucket"] == max(x["bucket"] for x in rows)]
+print(rare[0]["prompt"])' "$PROBES")
+    COMPARE=1
+  else
+    PROMPT="The capital of France is"
+  fi
+fi
+ask() {
+  BODY=$(python -c 'import json, sys
+print(json.dumps({"prompt": sys.argv[1], "max_tokens": 24, "temperature": 0, "memory": sys.argv[2]}))' "$PROMPT" "$1")
+  echo "[run] POST /v1/completions $BODY"
+  curl -sS --fail-with-body "http://127.0.0.1:$PORT/v1/completions" -H 'Content-Type: application/json' -d "$BODY" \
+    | python -c 'import json, sys
 reply = json.load(sys.stdin)
 print("prompt:  ", sys.argv[1])
-print("answer:  ", reply["choices"][0]["text"].strip())
+print("answer:  ", reply["choices"][0]["text"].strip().splitlines()[0] if reply["choices"][0]["text"].strip() else "")
 print("memory:  ", json.dumps(reply["memory"]))' "$PROMPT"
+}
+ask auto
+if [ "$COMPARE" = 1 ]; then
+  echo "[run] the same rare fact with memory off (the anchor alone):"
+  ask off
+fi
 
 if [ "$KEEP" = 1 ]; then
   trap - EXIT INT TERM
