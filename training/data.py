@@ -55,7 +55,7 @@ def prefix_hidden(model, token_ids: Sequence[Sequence[int]], layer: int, batch_s
                   progress: bool = False) -> list[torch.Tensor]:
     """Residual stream entering `layer` for each sequence, unpadded: list of (T_i, d) float32 tensors."""
     order = sorted(range(len(token_ids)), key=lambda i: len(token_ids[i]))
-    out: list[torch.Tensor | None] = [None] * len(token_ids)
+    out: dict[int, torch.Tensor] = {}
     starts = range(0, len(order), batch_size)
     if progress:
         from tqdm import tqdm
@@ -67,7 +67,7 @@ def prefix_hidden(model, token_ids: Sequence[Sequence[int]], layer: int, batch_s
         h = model.hidden_at(ids, layer)  # (B, T, d)
         for b, i in enumerate(idx):
             out[i] = h[b, :len(token_ids[i])].clone()
-    return out  # type: ignore[return-value]
+    return [out[i] for i in range(len(token_ids))]
 
 
 def pad_hidden(hs: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -122,25 +122,6 @@ def loss_starts(tokenizer, docs: Sequence[dict], token_ids: Sequence[Sequence[in
                 start = max(1, len(pre))
         out.append(start)
     return out
-
-
-def run_from(model, hidden: torch.Tensor, start_layer: int, memory=None,
-             select: torch.Tensor | None = None) -> torch.Tensor:
-    """Logits from the residual stream entering `start_layer`, the LM head applied only where `select`
-    (B, T) bool is True: (N, V) rows in row-major order; (B, T, V) without `select`.
-
-    Same layers and math as `Transformer.forward_from`; the head is the single most expensive matmul here
-    (V = 49,152), so skipping it at positions without a loss saves most of a training step.
-    """
-    from lm.model import _StepContext
-
-    B, T, _ = hidden.shape
-    positions = torch.arange(T, device=hidden.device).expand(B, T)
-    ctx = _StepContext(positions=positions, memory=memory)
-    x = model.model.norm(model._run_layers(hidden, ctx, start_layer, None))  # (B, T, d)
-    if select is not None:
-        x = x[select]  # (N, d)
-    return model.lm_head(x)
 
 
 def loss_targets(ids: torch.Tensor, mask: torch.Tensor, starts: Sequence[int]):

@@ -21,13 +21,12 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import cast
 
 import numpy as np
 import torch
 
 from training.corpus import Corpus, Probe
-from training.data import pad_hidden, pad_ids, prefix_hidden, run_from
+from training.data import pad_hidden, pad_ids, prefix_hidden
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +133,8 @@ def greedy_correct(model, tokenizer, items: list[Item], hidden: list[torch.Tenso
             select[b, r.n_prompt - 1:r.n_prompt + r.n_answer] = True  # A answer predictions + the boundary
         memory = _memory_for(rows, system, sources, layers)
         with torch.no_grad():
-            pred = run_from(model, pad_hidden([hidden[i] for i in idx]), l0, memory, select).argmax(-1)
+            pred = model.forward_from(pad_hidden([hidden[i] for i in idx]), l0, memory=memory,
+                                      select=select).argmax(-1)
         pos = 0
         for i, r in zip(idx, rows, strict=True):
             p = pred[pos:pos + r.n_answer + 1].tolist()
@@ -232,10 +232,9 @@ def evaluate_longtail(bank_dir: Path, corpus_dir: Path, anchor: str | None = Non
     known: list[torch.Tensor | None] = hidden_lookup(items, l0) if hidden_lookup else [None] * len(items)
     todo = [i for i, h in enumerate(known) if h is None]
     t0 = time.perf_counter()
-    for i, h in zip(todo, prefix_hidden(model, [items[i].ids for i in todo], l0, progress=progress),
-                    strict=True):
-        known[i] = h
-    hidden = cast("list[torch.Tensor]", known)  # every None was filled just above
+    computed = dict(zip(todo, prefix_hidden(model, [items[i].ids for i in todo], l0, progress=progress),
+                        strict=True))
+    hidden = [computed[i] if h is None else h for i, h in enumerate(known)]
     log.info("eval prefix states: %d computed in %.1fs, %d reused", len(todo), time.perf_counter() - t0,
              len(items) - len(todo))
 

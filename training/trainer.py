@@ -41,7 +41,6 @@ from training.data import (
     pad_hidden,
     pad_ids,
     prefix_hidden,
-    run_from,
     tokenize_docs,
 )
 from training.memory import MemoryBank
@@ -259,7 +258,7 @@ class Trainer:
                 select = torch.zeros(h.shape[:2], dtype=torch.bool)
                 for b, x in enumerate(hidden[s:s + 64]):
                     select[b, x.shape[0] - 1] = True
-                targets.append(torch.log_softmax(run_from(self.model, h, self.l0, None, select).float(), -1)
+                targets.append(torch.log_softmax(self.model.forward_from(h, self.l0, select=select).float(), -1)
                                .to(torch.float16))
         self.preserve = {"hidden": hidden, "paths": [tuple(int(x) for x in p) for p in paths],
                          "logp": torch.cat(targets)}
@@ -294,7 +293,8 @@ class Trainer:
         for b, h in enumerate(hs):
             select[b, h.shape[0] - 1] = True
         memory = self.paths_memory([preserve["paths"][i] for i in rows], generic)
-        logp = torch.log_softmax(run_from(self.model, pad_hidden(hs), self.l0, memory, select).float(), -1)
+        logits = self.model.forward_from(pad_hidden(hs), self.l0, memory=memory, select=select)
+        logp = torch.log_softmax(logits.float(), -1)
         target = preserve["logp"][rows].float()
         return torch.nn.functional.kl_div(logp, target, log_target=True, reduction="batchmean")
 
@@ -344,9 +344,10 @@ class Trainer:
         select, targets = loss_targets(ids, mask, [self.loss_start[i] for i in batch.doc_index])
         memory = self.batch_memory(batch, generic)
         if self.use_prefix:
-            logits = run_from(self.model, pad_hidden(self._prefix_of(batch.doc_index)), self.l0, memory, select)
+            hidden = pad_hidden(self._prefix_of(batch.doc_index))  # (B, T, d) entering layer l0
+            logits = self.model.forward_from(hidden, self.l0, memory=memory, select=select)  # (N, V)
         else:
-            logits = run_from(self.model, self.model.model.embed_tokens(ids), 0, memory, select)
+            logits = self.model.forward_from(self.model.hidden_at(ids, 0), 0, memory=memory, select=select)
         return torch.nn.functional.cross_entropy(logits.float(), targets)
 
     def step(self, batch: Batch | None) -> dict[str, float]:
