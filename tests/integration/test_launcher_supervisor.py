@@ -17,7 +17,8 @@ import time
 import psutil
 import pytest
 
-from hiermem.launcher import ChildSpec, Supervisor, probe_grpc
+from hiermem.launcher import probe_grpc
+from hiermem.supervisor import ChildSpec, Supervisor
 
 pytestmark = pytest.mark.integration
 
@@ -152,7 +153,8 @@ def test_children_die_with_a_killed_launcher(tmp_path):
     script = tmp_path / "launcher.py"
     script.write_text(textwrap.dedent('''
         import sys, time
-        from hiermem.launcher import ChildSpec, Supervisor, probe_grpc
+        from hiermem.launcher import probe_grpc
+        from hiermem.supervisor import ChildSpec, Supervisor
         sup = Supervisor()
         child = sup.start(ChildSpec("c", lambda port: ["sleep", "300"], probe_grpc))
         print(child.proc.pid, flush=True)
