@@ -14,8 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from lm.kv_cache import KVCache
-from lm.memory import MemoryBatch
-from lm.model import Transformer
+from lm.model import FFNMemory, Transformer
 
 
 @dataclass
@@ -99,12 +98,12 @@ def find_stop(text: str, stops: Sequence[str]) -> int | None:
 
 @torch.no_grad()
 def generate(model: Transformer, tokenizer, prompt_ids: Sequence[int] | torch.Tensor, params: SamplingParams,
-             memory: MemoryBatch | None = None, eos_token_ids: Sequence[int] | None = None) -> GenerationResult:
+             memory: FFNMemory | None = None, eos_token_ids: Sequence[int] | None = None) -> GenerationResult:
     """Generate a completion of one prompt.
 
     Args:
         prompt_ids: token ids of the prompt (a list or a 1-D tensor).
-        memory: a MemoryBatch built for one row, or None for the anchor alone.
+        memory: a MemoryBatch (or another FFNMemory) built for one row, or None for the anchor alone.
         eos_token_ids: default: the model config's EOS ids plus the tokenizer's.
     """
     ids = torch.as_tensor(list(prompt_ids), dtype=torch.long, device=model.device)[None]  # (1, T)

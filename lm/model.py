@@ -15,7 +15,7 @@ share its computation, is the business of ``lm.memory.MemoryBatch``; this file o
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -23,7 +23,20 @@ from torch import nn
 
 if TYPE_CHECKING:  # pragma: no cover
     from lm.kv_cache import KVCache
-    from lm.memory import MemoryBatch
+
+
+class FFNMemory(Protocol):
+    """What the `memory=` argument must offer: `lm.memory.MemoryBatch`, or any object with the same two
+    members (the model server's slot and node memories keep blocks in place across batch compositions)."""
+
+    @property
+    def n_rows(self) -> int:
+        """B, the batch size it was built for."""
+        ...
+
+    def ffn_delta(self, layer: int, h: torch.Tensor) -> torch.Tensor | None:
+        """What the memories add to anchor layer `layer`'s FFN output for input h (B, T, d), or None."""
+        ...
 
 
 @dataclass
@@ -160,7 +173,7 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(cfg.d_model, cfg.ffn_dim, bias=False)
         self.down_proj = nn.Linear(cfg.ffn_dim, cfg.d_model, bias=False)
 
-    def forward(self, h: torch.Tensor, memory: MemoryBatch | None = None) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, memory: FFNMemory | None = None) -> torch.Tensor:
         y = self.down_proj(F.silu(self.gate_proj(h)) * self.up_proj(h))
         if memory is not None:
             delta = memory.ffn_delta(self.layer_idx, h)  # (B, T, d) or None for a layer without memory
@@ -197,7 +210,7 @@ class _StepContext:
     """What every layer of one forward pass shares."""
 
     positions: torch.Tensor  # (B, T) int64 absolute positions
-    memory: MemoryBatch | None = None
+    memory: FFNMemory | None = None
     kv: tuple[KVCache, torch.Tensor] | None = None  # the KV cache and the (B,) int64 cache slot of each row
     attn_mask: torch.Tensor | None = None  # (B, 1, T, S) bool, True = attend; None = plain causal
 
@@ -274,14 +287,14 @@ class Transformer(nn.Module):
             x = layer(x, cos, sin, ctx)
         return x
 
-    def _check_memory(self, memory: MemoryBatch | None, batch: int) -> None:
+    def _check_memory(self, memory: FFNMemory | None, batch: int) -> None:
         if memory is not None and memory.n_rows != batch:
             raise ValueError(f"memory built for {memory.n_rows} rows, batch has {batch}")
 
     # ---- public API --------------------------------------------------------------------------------
 
     def forward(self, input_ids: torch.Tensor, *, positions: torch.Tensor | None = None,
-                cache: KVCache | None = None, slots=None, memory: MemoryBatch | None = None,
+                cache: KVCache | None = None, slots=None, memory: FFNMemory | None = None,
                 last_only: bool = False) -> torch.Tensor:
         """Logits (B, T, V) for `input_ids` (B, T); (B, 1, V) when `last_only` (saves the LM head on prefill).
 
@@ -289,7 +302,7 @@ class Transformer(nn.Module):
             positions: (B, T) absolute positions; default continues each row from its cache length (or 0).
             cache, slots: KV cache and one slot per row; the cache is updated in place and each slot's length
                 advances by T. Use under `torch.no_grad()`.
-            memory: per-row FFN-memories (`MemoryBatch` built for these B rows).
+            memory: per-row FFN-memories (a `MemoryBatch` or another `FFNMemory`, built for these B rows).
         """
         self._check_memory(memory, input_ids.shape[0])
         ctx = self._context(input_ids, positions, cache, slots, memory)
@@ -302,7 +315,7 @@ class Transformer(nn.Module):
         return self.lm_head(self.model.norm(x))
 
     def hidden_at(self, input_ids: torch.Tensor, layer: int, *, positions: torch.Tensor | None = None,
-                  memory: MemoryBatch | None = None) -> torch.Tensor:
+                  memory: FFNMemory | None = None) -> torch.Tensor:
         """Residual stream (B, T, d) entering layer `layer` (0 = the embeddings). With a frozen anchor and no
         memory below `layer`, this can be cached once per document and fed to `forward_from`."""
         if not 0 <= layer <= self.config.n_layers:
@@ -312,7 +325,7 @@ class Transformer(nn.Module):
         return self._run_layers(self.model.embed_tokens(input_ids), ctx, 0, layer)
 
     def forward_from(self, hidden: torch.Tensor, start_layer: int, *, positions: torch.Tensor | None = None,
-                     memory: MemoryBatch | None = None, select: torch.Tensor | None = None) -> torch.Tensor:
+                     memory: FFNMemory | None = None, select: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (B, T, V) from the residual stream `hidden` (B, T, d) entering layer `start_layer`.
         `forward_from(hidden_at(ids, l), l, memory=m)` == `forward(ids, memory=m)` when m has no layer < l.
 
@@ -337,4 +350,4 @@ def ffn_param_count(config: ModelConfig) -> int:
     return 3 * config.d_model * config.ffn_dim * config.n_layers
 
 
-__all__ = ["ModelConfig", "RMSNorm", "Transformer", "apply_rope", "ffn_param_count", "rope_cos_sin"]
+__all__ = ["FFNMemory", "ModelConfig", "RMSNorm", "Transformer", "apply_rope", "ffn_param_count", "rope_cos_sin"]

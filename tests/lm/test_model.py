@@ -137,6 +137,40 @@ def test_hidden_at_and_forward_from_resume_the_forward(model):
         assert rel_err(picked, full[select]) <= 1e-6
 
 
+class _RowLoopMemory:
+    """An FFNMemory written from the formula, row by row, without MemoryBatch: the protocol is all that
+    Transformer needs (the model server's slot memories rely on it)."""
+
+    def __init__(self, blocks: list[torch.Tensor], row_blocks: list[list[int]], layers: list[int]):
+        self.blocks, self.row_blocks, self.layers = blocks, row_blocks, layers
+        self.n_rows = len(row_blocks)
+
+    def ffn_delta(self, layer: int, h: torch.Tensor) -> torch.Tensor | None:
+        if layer not in self.layers:
+            return None
+        j = self.layers.index(layer)
+        out = torch.zeros_like(h)  # (B, T, d)
+        for b, ks in enumerate(self.row_blocks):
+            for k in ks:
+                gate, up, down_t = self.blocks[k][j]  # each (r, d)
+                out[b] += (torch.nn.functional.silu(h[b] @ gate.T) * (h[b] @ up.T)) @ down_t
+        return out
+
+
+def test_any_ffn_memory_protocol_object_is_accepted(model):
+    d = model.config.d_model
+    blocks = [random_block(2, 8, d, seed=3), random_block(2, 4, d, seed=4)]
+    row_blocks, layers = [[0, 1], [], [1]], [0, 2]
+    mine = _RowLoopMemory(blocks, row_blocks, layers)
+    mb = MemoryBatch.build(blocks, row_blocks, layers)
+    ids = torch.randint(0, 128, (3, 6))
+    with torch.no_grad():
+        ref = model(ids, memory=mb)
+        assert rel_err(model(ids, memory=mine), ref) <= 1e-5
+        assert rel_err(model(ids), ref) > 1e-3  # the memory does change the logits
+        assert rel_err(model.forward_from(model.hidden_at(ids, 0), 0, memory=mine), ref) <= 1e-5
+
+
 def test_memory_is_trainable_through_the_batch(model):
     d = model.config.d_model
     params = [torch.nn.Parameter(random_block(3, r, d, seed=s)) for s, r in ((1, 8), (2, 4), (3, 4))]
