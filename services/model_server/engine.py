@@ -244,6 +244,8 @@ class Engine:
         n = min(rows_free, len(self._free_slots))
         if n <= 0:
             return
+        if n < self.scheduler.min_admit(len(self._waiting), bool(self._active or self._prefilling), self.max_rows):
+            return  # let a group of slots free up, so the scheduler has a choice among the waiting
         running = set().union(*(r.memory_keys for r in self._active + self._prefilling))
         picks = self.scheduler.pick(self._waiting, running, n, time.monotonic())
         for req in picks:

@@ -137,7 +137,8 @@ def build_components(settings: ModelServerSettings) -> Components:
         resolver, cache = build_memory_side(settings, bank, fetcher, embedder.embed, metrics)
         closers.append(cache.close)
         ready_check = _bank_ready_check(fetcher)
-    engine = Engine(runner, scheduler=Scheduler(settings.scheduler, settings.max_wait_s, settings.max_skips),
+    engine = Engine(runner, scheduler=Scheduler(
+        settings.scheduler, settings.max_wait_s, settings.max_skips, settings.wait_factor, settings.admit_group),
                     max_queue=settings.max_queue, prefill_chunk=settings.prefill_chunk, metrics=metrics,
                     retry_after_s=settings.retry_after_s, max_rows=settings.max_batch)
     ids = [settings.model_name] + ([settings.anchor] if settings.anchor != settings.model_name else [])

@@ -61,8 +61,14 @@ class ModelServerSettings(BaseSettings):
     """Admission order: `subtree` favours requests sharing memory nodes with the batch; `fifo` is plain."""
     max_wait_s: float = Field(30.0, gt=0)
     """Aging bound of the subtree scheduler: a request waiting this long is admitted first."""
-    max_skips: int = Field(4, ge=0)
+    max_skips: int = Field(16, ge=0)
     """Aging bound in admissions: a request passed over this many times by later arrivals goes first."""
+    wait_factor: float = Field(2.0, ge=0)
+    """Relative aging bound of the subtree scheduler: a request waiting this many times the recent mean
+    wait goes first (0 = off). Keeps the tail of the time to first token near FIFO's."""
+    admit_group: int = Field(2, ge=1)
+    """Subtree scheduler: while the batch runs, admit only when this many rows are free (or fewer wait), so
+    the admitted requests are chosen to share memory with each other too."""
     memory_impl: Literal["slots", "nodes", "grouped"] = "slots"
     """How the decode batch's memories are computed: `slots` (SlotMemory: blocks stay in per-rank slot
     buffers across batch compositions, two bmm per rank and layer), `nodes` (NodeMemory: no copy, one

@@ -27,7 +27,8 @@ def make_components(settings: ModelServerSettings, *, runner: FakeRunner | None 
     if with_bank:
         fetcher = fetcher or FakeFetcher()
         resolver, cache = build_memory_side(settings, fetcher.bank, fetcher, fake_embed, metrics)
-    engine = Engine(runner, scheduler=Scheduler(settings.scheduler, settings.max_wait_s, settings.max_skips),
+    engine = Engine(runner, scheduler=Scheduler(
+        settings.scheduler, settings.max_wait_s, settings.max_skips, settings.wait_factor, settings.admit_group),
                     max_queue=settings.max_queue, prefill_chunk=settings.prefill_chunk, metrics=metrics,
                     max_rows=settings.max_batch, retry_after_s=settings.retry_after_s)
     return Components(settings=settings, metrics=metrics, keys=KeyStore.load(settings.api_keys_file),

@@ -49,8 +49,9 @@ def _wait_free(eng, n, timeout=2.0):
 def engine_factory():
     engines = []
 
-    def make(runner=None, mode="subtree", max_queue=8, chunk=4, max_wait_s=2.0, max_rows=None):
-        eng = Engine(runner or FakeRunner(), scheduler=Scheduler(mode, max_wait_s), max_queue=max_queue,
+    def make(runner=None, mode="subtree", max_queue=8, chunk=4, max_wait_s=2.0, max_rows=None, admit_group=1):
+        eng = Engine(runner or FakeRunner(), scheduler=Scheduler(mode, max_wait_s, admit_group=admit_group),
+                     max_queue=max_queue,
                      prefill_chunk=chunk, max_rows=max_rows)
         engines.append(eng)
         return eng
@@ -170,3 +171,26 @@ def test_seeded_sampling_is_reproducible(engine_factory):
         assert sink.done.wait(5)
         outs.append(sink.text)
     assert outs[0] == outs[1] and len(outs[0]) == 5
+
+
+def test_admit_group_holds_a_single_free_row_while_several_wait(engine_factory):
+    """With admit_group 2 a single freed row stays empty while two or more wait (the scheduler then
+    chooses a group); every waiting request is still served."""
+    runner = FakeRunner(n_slots=3, step_delay=0.002)
+    eng = engine_factory(runner, max_rows=3, admit_group=2, max_wait_s=60)
+    long_a, sa = _req(n=400, keys=["A"])
+    long_b, sb = _req(n=400, keys=["B"])
+    short, ss = _req(n=8, keys=["C"])
+    late = [_req(n=2, keys=[k]) for k in ("X", "Y", "Y")]
+    for r in (long_a, long_b, short):
+        eng.submit(r)
+    eng.start()
+    while eng.snapshot()["free_slots"]:
+        time.sleep(0.001)
+    for r, _ in late:  # every row busy: they all wait
+        eng.submit(r)
+    assert ss.done.wait(5)
+    time.sleep(0.02)
+    assert all(r.first_token_at is None for r, _ in late)  # one row free, three wait: held
+    eng.cancel(long_a)  # a second row frees up
+    assert all(sink.done.wait(5) for _, sink in late)

@@ -60,6 +60,29 @@ def test_subtree_scheduler_groups_when_batch_is_empty():
     assert [w.name for w in Scheduler("subtree", 10).pick(waiting, set(), 2, now=0.3)] == ["a0", "a1"]
 
 
+def test_subtree_scheduler_relative_wait_bound():
+    """A request waiting wait_factor x the recent mean wait goes first, however much others share."""
+    sched = Scheduler("subtree", max_wait_s=1e9, max_skips=99, wait_factor=2.0)
+    sched.pick([W("warm", 0.0, {"A": 1})], set(), 1, now=1.0)  # mean wait 1.0 s
+    assert sched.mean_wait == 1.0
+    far = W("far", 0.5, {"Z": 100})
+    near = W("near", 1.0, {"A": 100})
+    assert sched.pick([far, near], {"A"}, 1, now=2.0)[0] is near  # far waited 1.5 s < 2 x mean
+    assert sched.pick([far, W("near2", 2.0, {"A": 100})], {"A"}, 1, now=2.6)[0] is far  # 2.1 s >= 2 x ~1.05
+    # without the relative bound the sharing request would still win
+    plain = Scheduler("subtree", max_wait_s=1e9, max_skips=99)
+    assert plain.pick([W("far", 0.5, {"Z": 100}), W("n", 2.0, {"A": 100})], {"A"}, 1, now=2.6)[0].name == "n"
+
+
+def test_admit_group_only_for_subtree_and_a_running_batch():
+    sub, fifo = Scheduler("subtree", admit_group=2), Scheduler("fifo", admit_group=2)
+    assert sub.min_admit(5, batch_running=True, max_rows=8) == 2
+    assert sub.min_admit(1, batch_running=True, max_rows=8) == 1  # a lone request is not held
+    assert sub.min_admit(5, batch_running=False, max_rows=8) == 1  # an idle engine admits at once
+    assert sub.min_admit(5, batch_running=True, max_rows=1) == 1
+    assert fifo.min_admit(5, batch_running=True, max_rows=8) == 1
+
+
 def _block_bytes():
     return torch.full((1, 3, 2, 4), 1.0).numel() * 4  # float32 in the cache
 
