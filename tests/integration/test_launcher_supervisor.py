@@ -169,3 +169,21 @@ def test_children_die_with_a_killed_launcher(tmp_path):
     while _alive(child_pid) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not _alive(child_pid)
+
+
+def test_address_of_is_known_once_the_child_reports_it_or_has_a_fixed_port(fake_shard):
+    sup = Supervisor(stop_timeout_s=5.0)
+    idle = [sys.executable, "-c", "import time; time.sleep(30)"]
+    try:
+        sup.start(ChildSpec("mute", lambda port: idle, probe_grpc))
+        with pytest.raises(RuntimeError, match="mute has not reported an address"):
+            sup.address_of("mute")
+        # a fixed port needs no LISTENING line; a wildcard bind is dialled through loopback
+        sup.start(ChildSpec("fixed", lambda port: [*idle, "--host", "0.0.0.0"], probe_grpc, port=45678))
+        assert sup.address_of("fixed") == "127.0.0.1:45678"
+        sup.start(fake_shard("shard-0/r0"))
+        sup.wait_healthy(["shard-0/r0"], timeout=60)
+        address = sup.address_of("shard-0/r0")
+        assert address.startswith("127.0.0.1:") and address != "127.0.0.1:0" and probe_grpc(address)
+    finally:
+        sup.stop_all()
