@@ -100,13 +100,13 @@ def make_workload(n_clients: int, per_client: int, branching: list[int], zipf_s:
 
 
 def start_server(bank: Path, scheduler: str, max_batch: int, cache_bytes: int, max_queue: int,
-                 memory_impl: str = "grouped"):
+                 memory_impl: str = "grouped", torch_threads: int = 0):
     from tests.integration.procs import start_process
 
     cmd = [sys.executable, "-m", "services.model_server", "--anchor", "smollm2", "--bank", str(bank),
            "--port", "0", "--scheduler", scheduler, "--max-batch", str(max_batch), "--max-queue", str(max_queue),
            "--cache-bytes", str(cache_bytes), "--pinned-levels", "1", "--max-seq-len", "256",
-           "--memory-impl", memory_impl]
+           "--memory-impl", memory_impl, "--torch-threads", str(torch_threads)]
     proc = start_process(cmd, f"model-server {scheduler}", timeout=300)
     import httpx
 
@@ -170,7 +170,7 @@ async def run_clients(url: str, work: list[list[dict[str, Any]]], memory_on: boo
 def run_config(bank: Path, name: str, scheduler: str, memory_on: bool, work, args,
                memory_impl: str = "grouped") -> dict[str, Any]:
     proc, url = start_server(bank, scheduler, args.max_batch, args.cache_bytes, max_queue=4 * args.clients,
-                             memory_impl=memory_impl)
+                             memory_impl=memory_impl, torch_threads=args.torch_threads)
     try:
         warm = [[{"prompt": "Warm up the kernels.", "path": work[0][0]["path"]}] for _ in range(2)]
         asyncio.run(run_clients(url, warm, memory_on, 4))
@@ -237,6 +237,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--memory-impl", default="slots", choices=["slots", "nodes", "grouped"],
                    help="the server's memory_impl for the main runs")
     p.add_argument("--other-impls", default="grouped", help="memory_impls also run (subtree), comma-separated")
+    p.add_argument("--torch-threads", type=int, default=0,
+                   help="the server's --torch-threads (0 = torch's default, one per core)")
     p.add_argument("--quick", action="store_true", help="4 clients x 2 requests, 8 tokens")
     p.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
     p.add_argument("--name", default=None, help="results name (default serve; e.g. serve-demo with --bank)")
@@ -281,13 +283,13 @@ def main(argv: list[str] | None = None) -> int:
     figures = {"rows": rows, "memcpy_bandwidth_gb_s": bw / 1e9, "path_bytes_f32": path_bytes_f32,
                "bank": str(bank), "bank_spec": spec.model_dump(), "clients": args.clients,
                "requests_per_client": args.requests_per_client, "max_tokens": args.max_tokens,
-               "max_batch": args.max_batch, "zipf_s": args.zipf, "memory_impl": args.memory_impl, "distinct_bytes_cut": cut,
+               "max_batch": args.max_batch, "torch_threads": args.torch_threads, "zipf_s": args.zipf, "memory_impl": args.memory_impl, "distinct_bytes_cut": cut,
                "ttft_p99_ratio": ttft_ratio}
     cols = ["config", "throughput_tok_s", "ttft_p50_s", "ttft_p99_s", "e2e_p50_s", "e2e_p99_s", "rows_per_step",
             "decode_step_ms", "distinct_memory_mb_per_step", "cache_hit_rate", "allowed_tok_s", "vs_allowed",
             "ratio_on_off", "extra_step_ms", "floor_extra_ms", "rebuild_s"]
     table = (f"{args.clients} streaming clients x {args.requests_per_client} requests, {args.max_tokens} tokens "
-             f"each, max_batch {args.max_batch}, Zipf s={args.zipf} over {int(np.prod(branching))} leaves; "
+             f"each, max_batch {args.max_batch}, torch threads {args.torch_threads or 'default'}, Zipf s={args.zipf} over {int(np.prod(branching))} leaves; "
              f"memcpy {bw / 1e9:.2f} GB/s.\n\n" + markdown_table(rows, cols))
     args.results_dir.mkdir(parents=True, exist_ok=True)
     name = args.name or ("serve" if not args.quick else "serve-quick")

@@ -61,7 +61,7 @@ class ModelServerSettings(BaseSettings):
     """Admission order: `subtree` favours requests sharing memory nodes with the batch; `fifo` is plain."""
     max_wait_s: float = Field(30.0, gt=0)
     """Aging bound of the subtree scheduler: a request waiting this long is admitted first."""
-    max_skips: int = Field(16, ge=0)
+    max_skips: int = Field(6, ge=0)
     """Aging bound in admissions: a request passed over this many times by later arrivals goes first."""
     wait_factor: float = Field(2.0, ge=0)
     """Relative aging bound of the subtree scheduler: a request waiting this many times the recent mean
