@@ -187,7 +187,8 @@ def assign_buckets(facts: Sequence[Fact], n_buckets: int) -> list[int]:
 
 
 def build_facts_corpus(sizes: dict[str, int] | None = None, heldout_fraction: float = 0.15,
-                       n_buckets: int = 5, seed: int = 0, preserve_ratio: float = 0.5) -> Corpus:
+                       n_buckets: int = 5, seed: int = 0, preserve_ratio: float = 0.5,
+                       heldout_extra: float = 0.0) -> Corpus:
     """The built-in corpus: one short document per trained fact, probes for trained and held-out facts.
 
     Args:
@@ -207,10 +208,12 @@ def build_facts_corpus(sizes: dict[str, int] | None = None, heldout_fraction: fl
         chosen = {f.entity for f in facts}
         rest = [f for f in every if f.entity not in chosen]
         n_pre = min(len(rest), round(len(facts) * preserve_ratio))
-        if n_pre:
-            corpus.preserve += [{"prompt": f.prompt, "relation": relation, "entity": f.entity}
-                                for f in _rank_stratified(rest, n_pre)]
+        preserved = _rank_stratified(rest, n_pre) if n_pre else []
+        corpus.preserve += [{"prompt": f.prompt, "relation": relation, "entity": f.entity} for f in preserved]
         buckets = assign_buckets(facts, n_buckets)
+        taken = {f.entity for f in preserved}
+        left = [f for f in rest if f.entity not in taken]
+        extra = _rank_stratified(left, min(len(left), round(len(facts) * heldout_extra))) if heldout_extra else []
         for b in range(1, n_buckets + 1):
             idx = [i for i in range(len(facts)) if buckets[i] == b]
             rng.shuffle(idx)
@@ -227,7 +230,13 @@ def build_facts_corpus(sizes: dict[str, int] | None = None, heldout_fraction: fl
                 corpus.probes.append(Probe(prompt=f.prompt, answer=f.answer, bucket=b, relation=relation,
                                            split=split, entity=f.entity, doc_id=doc_id,
                                            popularity=f.popularity))
-        log.info("relation %s: %d facts", relation, len(facts))
+        for f in extra:  # bucket = the quantile of the relation's facts this popularity falls in
+            b = 1 + sum(1 for i, g in enumerate(facts) if g.popularity > f.popularity) * n_buckets // len(facts)
+            corpus.probes.append(Probe(prompt=f.prompt, answer=f.answer, bucket=min(b, n_buckets),
+                                       relation=relation, split="heldout", entity=f.entity,
+                                       popularity=f.popularity))
+        log.info("relation %s: %d facts, %d extra held out, %d preserve prompts", relation, len(facts),
+                 len(extra), len(preserved))
     rng.shuffle(corpus.docs)
     return corpus
 

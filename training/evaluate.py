@@ -184,6 +184,10 @@ def summarize(items: list[Item], correct: dict[str, np.ndarray], deleted_subtree
         if sys_name in correct:
             broken = int((known & ~correct[sys_name]).sum())
             out["broken"][sys_name] = {"count": broken, "fraction": broken / max(1, int(known.sum()))}
+    if "hierarchical" in correct:  # which facts, and where they route: the first thing to look at
+        out["broken_facts"] = [{"prompt": it.probe.prompt, "answer": it.probe.answer,
+                                "relation": it.probe.relation, "bucket": it.probe.bucket, "path": list(it.path)}
+                               for k, it in enumerate(items) if known[k] and not correct["hierarchical"][k]]
     if deleted_subtree is not None and "hierarchical_deleted" in correct:
         inside = np.array([it.path[0] == deleted_subtree for it in items]) & (split == "train")
         rest = ~inside & (split == "train")

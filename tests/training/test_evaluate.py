@@ -56,6 +56,9 @@ def test_tiny_preset_builds_and_evaluates(tmp_path):
     assert (report / "longtail.png").stat().st_size > 1000
     assert "hierarchical" in (report / "longtail.md").read_text()
     assert set(result["accuracy"]) == {"anchor", "generic", "hierarchical", "hierarchical_deleted"}
+    broken = result["broken_facts"]  # listed one by one, with where they route
+    assert len(broken) == result["broken"]["hierarchical"]["count"]
+    assert all(len(b["path"]) == 2 and b["answer"].startswith(" ") for b in broken)
     d = result["deletion"]
     assert d["n_inside"] + d["n_rest"] == result["n"]["train"]
     # deleting a subtree leaves the facts routed elsewhere exactly as they were
