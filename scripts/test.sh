@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The whole test suite: environment setup, lint (ruff), then pytest (unit + integration tests,
+# The whole test suite: environment setup, lint (ruff), types (mypy, settings in mypy.ini), then pytest
+# (unit + integration tests,
 # which start real redis-server, bank shard and model server processes).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -10,5 +11,7 @@ export PATH="$VENV/bin:$PATH"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 echo "[test] ruff"
 ruff check .
+echo "[test] mypy"
+mypy lm memory_store services hiermem training
 echo "[test] pytest"
 exec python -m pytest "$@"
