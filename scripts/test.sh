@@ -1,7 +1,6 @@
 #!/usr/bin/env bash
 # The whole test suite: environment setup, lint (ruff), types (mypy, settings in mypy.ini), then pytest
-# (unit + integration tests,
-# which start real redis-server, bank shard and model server processes).
+# (unit + integration tests, which start real redis-server, bank shard and model server processes).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
