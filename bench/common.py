@@ -114,11 +114,10 @@ def write_results(name: str, figures: dict[str, Any], targets: Sequence[dict[str
     out_dir = Path(results_dir or RESULTS_DIR)
     out_dir.mkdir(parents=True, exist_ok=True)
     cmd = command or " ".join([Path(sys.executable).name, *sys.argv])
-    doc = {"name": name, "machine": machine_info(), "command": cmd, "figures": figures,
-           "targets": list(targets)}
+    m = machine_info()
+    doc = {"name": name, "machine": m, "command": cmd, "figures": figures, "targets": list(targets)}
     json_path = out_dir / f"{name}.json"
     json_path.write_text(json.dumps(doc, indent=2, default=float) + "\n")
-    m = doc["machine"]
     md = [f"# Benchmark `{name}`", "",
           f"Machine: {m['cores']} cores, {m['cpu_model']}, {m['memory_gib']} GiB, torch {m['torch']}, "
           f"Python {m['python']}, {m['date']}", "", f"Command: `{cmd}`", "", tables_md.rstrip(), ""]
