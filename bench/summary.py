@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import Any
 
 from bench.common import RESULTS_DIR
 
@@ -25,7 +26,7 @@ def _fmt(v) -> str:
 
 
 def summary(results_dir: Path = RESULTS_DIR) -> str:
-    docs = {p.stem: json.loads(p.read_text()) for p in sorted(results_dir.glob("*.json"))}
+    docs: dict[str, dict[str, Any]] = {p.stem: json.loads(p.read_text()) for p in sorted(results_dir.glob("*.json"))}
     names = [n for n in ORDER if n in docs] + sorted(n for n in docs if n not in ORDER)
     out = ["| benchmark | target | value | goal | met | run |", "|---|---|---|---|---|---|"]
     for name in names:
