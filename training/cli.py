@@ -24,7 +24,8 @@ def cmd_corpus_facts(args: argparse.Namespace) -> int:
             raise SystemExit(f"unknown relation {name!r}; known: {', '.join(sizes)}")
         sizes[name] = int(n)
     corpus = build_facts_corpus(sizes, heldout_fraction=args.heldout_fraction, n_buckets=args.buckets,
-                                seed=args.seed)
+                                seed=args.seed, preserve_ratio=args.preserve_ratio,
+                                heldout_extra=args.heldout_extra)
     corpus.save(Path(args.out))
     print(json.dumps(corpus_summary(corpus), indent=2))
     return 0
@@ -77,6 +78,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                        help="facts per relation (0 = all), e.g. city_country=1800; repeatable")
     facts.add_argument("--heldout-fraction", type=float, default=0.15)
     facts.add_argument("--buckets", type=int, default=5)
+    facts.add_argument("--preserve-ratio", type=float, default=0.5,
+                       help="preserve prompts per fact (untrained entities of the same relations)")
+    facts.add_argument("--heldout-extra", type=float, default=0.0,
+                       help="extra held-out facts per fact, about entities used nowhere else")
     facts.add_argument("--seed", type=int, default=0)
     facts.set_defaults(func=cmd_corpus_facts)
     agree = csub.add_parser("route-agreement",

@@ -27,10 +27,13 @@ PRESETS: dict[str, dict] = {
     # first run fits in about 20 minutes on 2 shared CPU cores (see docs/training.md for the figures).
     "demo": {
         "corpus": {"sizes": {"city_country": 240, "us_city_state": 60, "country_capital": 60,
-                             "element_number": 40}, "heldout_fraction": 0.2},
+                             "element_number": 40}, "heldout_fraction": 0.2,
+                   # 600 preserve prompts (3 per trained fact, ~9 per leaf: 200 left leaves bare), and
+                   # 288 extra held-out facts (368 in all) so the breakage figure rests on ~100 known facts
+                   "preserve_ratio": 1.5, "heldout_extra": 0.75},
         "train": {"anchor": "smollm2", "branching": [8, 8], "ranks": [64, 32], "mem_layers": 2,
-                  "epochs": 12, "batch_size": 32, "lr": 1e-2, "warmup_steps": 5, "loss": "continuation",
-                  "preserve_weight": 1.0},
+                  "epochs": 16, "batch_size": 32, "lr": 1e-2, "warmup_steps": 5, "loss": "continuation",
+                  "preserve_weight": 1.0, "preserve_batch": 32},
     },
     # the tiny random anchor: exercises every stage in seconds (tests)
     "tiny": {
