@@ -108,12 +108,22 @@ def targets_table(targets: Sequence[dict[str, Any]]) -> str:
     return markdown_table(rows)
 
 
+def _command_line() -> str:
+    """How this run was started, as a user would retype it from the repo root (`python -m bench.x ...`)."""
+    argv0 = Path(sys.argv[0]).resolve() if sys.argv and sys.argv[0] else None
+    root = RESULTS_DIR.parent.parent
+    if argv0 is not None and argv0.suffix == ".py" and argv0.is_relative_to(root):
+        module = ".".join(argv0.relative_to(root).with_suffix("").parts)
+        return " ".join(["python", "-m", module, *sys.argv[1:]])
+    return " ".join(["python", *sys.argv])
+
+
 def write_results(name: str, figures: dict[str, Any], targets: Sequence[dict[str, Any]],
                   tables_md: str, command: str | None = None, results_dir: Path | None = None) -> Path:
     """Write `<name>.json` and `<name>.md`; returns the JSON path."""
     out_dir = Path(results_dir or RESULTS_DIR)
     out_dir.mkdir(parents=True, exist_ok=True)
-    cmd = command or " ".join([Path(sys.executable).name, *sys.argv])
+    cmd = command or _command_line()
     m = machine_info()
     doc = {"name": name, "machine": m, "command": cmd, "figures": figures, "targets": list(targets)}
     json_path = out_dir / f"{name}.json"
