@@ -2,8 +2,9 @@
 commands (torch, transformers), so a shard replica starts in about a second."""
 
 import argparse
-import logging
 import sys
+
+from hiermem.logsetup import configure
 
 from .cli import add_serve_bank_arguments
 
@@ -13,8 +14,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--log-level", default="INFO", help="logging level (DEBUG, INFO, WARNING, ...)")
     add_serve_bank_arguments(parser)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.INFO),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure(args.log_level)
     return int(args.func(args) or 0)
 
 

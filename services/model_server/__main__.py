@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
+
+from hiermem.logsetup import configure
 
 from .cli import _add_settings_flags, _serve_model
 
@@ -14,8 +15,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--log-level", default="INFO", help="logging level (DEBUG, INFO, WARNING, ...)")
     _add_settings_flags(parser)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.INFO),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure(args.log_level)
     return _serve_model(args)
 
 
