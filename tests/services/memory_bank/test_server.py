@@ -19,15 +19,24 @@ from .conftest import running_shards
 FETCH = "/hiermem.v1.MemoryBank/FetchBlocks"
 
 
-def fetch_raw(address, bank_id, refs, timeout=10.0):
+def fetch_stream(address, bank_id, refs, timeout=10.0):
+    """One raw FetchBlocks call: (status code, details, the chunks received before it ended)."""
     req = pb.FetchBlocksRequest(bank_id=bank_id, nodes=[pb.NodeRef(level=lv, index=ix) for lv, ix in refs])
+    received = []
     with grpc.insecure_channel(address) as ch:
         call = ch.unary_stream(FETCH, request_serializer=pb.FetchBlocksRequest.SerializeToString,
                                response_deserializer=wire.decode_chunk)
         try:
-            return grpc.StatusCode.OK, list(call(req, timeout=timeout))
+            for chunk in call(req, timeout=timeout):
+                received.append(chunk)
         except grpc.RpcError as exc:
-            return exc.code(), exc.details()
+            return exc.code(), exc.details(), received
+    return grpc.StatusCode.OK, None, received
+
+
+def fetch_raw(address, bank_id, refs, timeout=10.0):
+    code, details, received = fetch_stream(address, bank_id, refs, timeout)
+    return (code, received) if code == grpc.StatusCode.OK else (code, details)
 
 
 def test_get_info(shards, bank):
@@ -126,16 +135,8 @@ def test_a_corrupt_block_is_never_delivered_whole(bank_dir, bank, tmp_path):
     shutil.copytree(bank_dir, copy)
     corrupt_block(copy, "0", 1, 0, byte=100)  # in the first of the block's three 4 KiB chunks
     with running_shards(copy, shards=("0",), chunk_bytes=4096) as (addresses, _):
-        req = pb.FetchBlocksRequest(bank_id=bank.bank_id, nodes=[pb.NodeRef(level=2, index=0),
-                                                                 pb.NodeRef(level=1, index=0)])
-        received = []
-        with grpc.insecure_channel(addresses["0"]) as ch:
-            call = ch.unary_stream(FETCH, request_serializer=pb.FetchBlocksRequest.SerializeToString,
-                                   response_deserializer=wire.decode_chunk)
-            with pytest.raises(grpc.RpcError) as err:
-                for chunk in call(req, timeout=10):
-                    received.append(chunk)
-    assert err.value.code() == grpc.StatusCode.DATA_LOSS
+        code, _, received = fetch_stream(addresses["0"], bank.bank_id, [(2, 0), (1, 0)])
+    assert code == grpc.StatusCode.DATA_LOSS
     starts = [i for i, c in enumerate(received) if c.header is not None]
     assert len(starts) == 2  # block (2, 0) whole, then part of (1, 0)
     corrupt_bytes = sum(len(c.data) for c in received[starts[1]:])
@@ -152,15 +153,7 @@ def test_hot_cache_is_preloaded_before_serving(bank_dir, bank):
 
 def test_read_ahead_of_a_deleted_node_does_not_cut_the_blocks_before_it(shards, bank):
     addresses, _ = shards
-    req = pb.FetchBlocksRequest(bank_id=bank.bank_id, nodes=[
-        pb.NodeRef(level=1, index=0), pb.NodeRef(level=2, index=1), pb.NodeRef(level=3, index=20)])
-    received = []
-    with grpc.insecure_channel(addresses["0"]) as ch:
-        call = ch.unary_stream(FETCH, request_serializer=pb.FetchBlocksRequest.SerializeToString,
-                               response_deserializer=wire.decode_chunk)
-        with pytest.raises(grpc.RpcError) as err:
-            for chunk in call(req, timeout=10):
-                received.append(chunk)
-    assert err.value.code() == grpc.StatusCode.NOT_FOUND and "3:20" in err.value.details()
+    code, details, received = fetch_stream(addresses["0"], bank.bank_id, [(1, 0), (2, 1), (3, 20)])
+    assert code == grpc.StatusCode.NOT_FOUND and "3:20" in details
     assert b"".join(bytes(c.data) for c in received) == b"".join(
         bytes(bank.read_block_bytes(r)) for r in [(1, 0), (2, 1)])
