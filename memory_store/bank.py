@@ -24,6 +24,27 @@ log = logging.getLogger(__name__)
 # of a 9 GB bank showed an RSS of 8.6 GB.
 DEFAULT_MAPPED_BUDGET = 1 << 30
 
+# A versioned bank root: `versions/<name>/` holds immutable bank directories (never modified once
+# written), `current` is a symlink to the one new processes open. Bank operations write a new version and
+# re-point `current`; a running process keeps the version it opened (see docs/operating.md).
+CURRENT = "current"
+VERSIONS = "versions"
+
+
+def is_version_root(path: str | Path) -> bool:
+    """Whether `path` is a versioned bank root (a `current` pointer, no manifest of its own)."""
+    p = Path(path)
+    return not (p / layout.MANIFEST).is_file() and (p / CURRENT).is_symlink()
+
+
+def resolve_bank_dir(path: str | Path) -> Path:
+    """The real directory of the bank version at `path`: a plain bank directory itself, or the version a
+    root's `current` points at now. Resolved once (symlinks followed), so a process keeps its version."""
+    p = Path(path)
+    if is_version_root(p):
+        return (p / CURRENT).resolve()
+    return p.resolve() if p.exists() else p
+
 
 class BlockInfo(NamedTuple):
     shape: tuple[int, int, int, int]
@@ -50,6 +71,7 @@ class Bank:
     def __init__(self, dir: Path, manifest: dict, tree: Tree, readahead: bool = True,
                  mapped_budget_bytes: int = DEFAULT_MAPPED_BUDGET):
         self.dir = dir
+        self.root: Path | None = None  # the versioned root it was opened through, if any
         self.readahead = readahead
         self.mapped_budget_bytes = mapped_budget_bytes
         self._touched = 0
@@ -62,6 +84,7 @@ class Bank:
         self._subtrees = {s["id"]: tuple(s["subtrees"]) for s in manifest["shards"]}
         self._crc = {int(lv): np.asarray(b["crc32c"], dtype=np.int64) for lv, b in manifest["blocks"].items()}
         self._present = {int(lv): np.asarray(b["present"], dtype=bool) for lv, b in manifest["blocks"].items()}
+        self.deleted_roots: list[NodeRef] = sorted(NodeRef(int(lv), int(i)) for lv, i in manifest.get("deleted", []))
         n_sl = self.spec.nodes_at(self.spec.shard_level)
         self._owner = np.empty(n_sl, dtype=np.int64)  # shard-level index -> position in shard_ids
         for pos, sid in enumerate(self.shard_ids):
@@ -81,7 +104,8 @@ class Bank:
             mapped_budget_bytes: after this many bytes of blocks read, drop the mapped pages from this
                 process (they stay in the page cache), so RSS stays near this figure; 0 disables.
         """
-        dir = Path(dir)
+        given = Path(dir)
+        dir = resolve_bank_dir(given)
         path = dir / layout.MANIFEST
         if not path.is_file():
             raise BankError(f"{dir} is not a bank: no {layout.MANIFEST} (missing, or its write never finished)")
@@ -97,6 +121,8 @@ class Bank:
         if tree_content_crc(tree) != manifest["tree"]["crc32c"]:
             raise BlockCorrupt(f"{dir}: tree.safetensors does not match its crc32c in the manifest")
         bank = cls(dir, manifest, tree, readahead, mapped_budget_bytes)
+        if dir != given and is_version_root(given):
+            bank.root = given
         log.debug("opened bank %s at %s", bank.bank_id[:12], dir)
         return bank
 
@@ -150,6 +176,28 @@ class Bank:
     def is_present(self, ref) -> bool:
         ref = self._ref(ref)
         return bool(self._present[ref.level][ref.index])
+
+    def is_deleted(self, ref) -> bool:
+        """Whether the node has no block in this bank (deleted, or never written): not an outage."""
+        return not self.is_present(ref)
+
+    def present_prefix(self, path) -> list[int]:
+        """The longest prefix of a routed path (one index per level) whose nodes all have blocks.
+
+        A deleted subtree is not an outage: a request routed into it is served with the levels above it,
+        whatever router produced the path."""
+        out: list[int] = []
+        for level, index in enumerate(path, start=1):
+            if level > self.spec.depth or not self._present[level][int(index)]:
+                break
+            out.append(int(index))
+        return out
+
+    def pin_shard(self, shard_id: str) -> None:
+        """Map every level file of a shard now, so later reads use these inodes whatever happens to the
+        paths (a process serving a shard keeps exactly the files of the version it opened)."""
+        for level in range(1, self.spec.depth + 1):
+            self._file(shard_id, level)
 
     # --- reads --------------------------------------------------------------------------------
     def _file(self, shard_id: str, level: int) -> MappedFile:

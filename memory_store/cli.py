@@ -1,4 +1,4 @@
-"""`hiermem bank synth | inspect | reshard | verify | delete` and `hiermem route`."""
+"""`hiermem bank synth | inspect | reshard | verify | delete | init-root | versions` and `hiermem route`."""
 
 from __future__ import annotations
 
@@ -43,18 +43,31 @@ def register(subparsers) -> None:
     p.add_argument("--bank", required=True)
     p.set_defaults(func=_verify)
 
-    p = sub.add_parser("reshard", help="rewrite the shard files for another shard count (same bank_id)")
+    out_help = ("write the new bank here; without it --bank must be a versioned root (init-root), which "
+                "gets a new version that `current` points at (a plain bank directory is never rewritten)")
+    p = sub.add_parser("reshard", help="write a copy with another shard count (same bank_id, new layout)")
     p.add_argument("--bank", required=True)
     p.add_argument("--shards", type=int, required=True)
-    p.add_argument("--out", help="write a new bank here instead of replacing --bank")
+    p.add_argument("--out", help=out_help)
     p.set_defaults(func=_reshard)
 
-    p = sub.add_parser("delete", help="remove (or zero) the blocks of subtrees and re-publish the bank")
+    p = sub.add_parser("delete", help="write a copy without (or with zeroed) subtrees: a new bank_id")
     p.add_argument("--bank", required=True)
     p.add_argument("--node", action="append", required=True, help="subtree root LEVEL:INDEX (repeatable)")
     p.add_argument("--zero", action="store_true", help="zero the blocks instead of removing them")
-    p.add_argument("--out", help="write the edited bank here instead of replacing --bank")
+    p.add_argument("--out", help=out_help)
     p.set_defaults(func=_delete)
+
+    p = sub.add_parser("init-root", help="make a versioned bank root whose first version is --bank")
+    p.add_argument("--bank", required=True, help="an existing bank directory (hard-linked, not moved)")
+    p.add_argument("--root", required=True, help="the root to create (versions/, current)")
+    p.set_defaults(func=_init_root)
+
+    p = sub.add_parser("versions", help="list the versions of a versioned root; --use NAME re-points current")
+    p.add_argument("--bank", required=True, help="the versioned root")
+    p.add_argument("--use", help="point current at this version (roll forward or back)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_versions)
 
     r = subparsers.add_parser("route", help="embed prompts and descend a bank's tree (prints paths and timing)")
     r.add_argument("text", nargs="*", help="prompt(s)")
@@ -107,7 +120,10 @@ def _inspect(args) -> int:
           f"memory layers {len(s['memory_layers'])}/{s['n_layers']}\n  embedder  {s['embedder_name']} "
           f"({s['embedder_dim']})\n  size      {info['bank_params'] / 1e9:.3f}B params, "
           f"{info['bank_bytes'] / 1e9:.2f} GB; path {info['fetched_params'] / 1e6:.2f}M params "
-          f"({info['fetched_bytes'] / 1e6:.1f} MB)\n  generic   {'yes' if info['generic'] else 'no'}")
+          f"({info['fetched_bytes'] / 1e6:.1f} MB)\n  generic   {'yes' if info['generic'] else 'no'}"
+          f"{' (trained before the deletions: it may hold what they held)' if info['generic_predates_deletions'] else ''}")
+    if info["deleted"]:
+        print(f"  deleted   {', '.join(info['deleted'])} (and their subtrees)")
     for lv in info["levels"]:
         print(f"  level {lv['level']}: {lv['nodes']} nodes ({lv['present']} present), r={lv['rank']}, "
               f"block {lv['block_bytes'] / 1e6:.2f} MB, level {lv['level_bytes'] / 1e9:.3f} GB")
@@ -129,12 +145,38 @@ def _verify(args) -> int:
     return 0 if report.ok else 1
 
 
+def _where(args) -> str:
+    """Where the result went, and what to do next (nothing that runs changed)."""
+    from memory_store.bank import is_version_root, resolve_bank_dir
+
+    if args.out:
+        return (f"written to {args.out}; running replicas still serve {args.bank}: roll them one by one "
+                "onto the new directory (docs/operating.md, 'Rolling a new bank version')")
+    if is_version_root(args.bank):
+        return (f"new version {resolve_bank_dir(args.bank).name}, {args.bank}/current points at it; running "
+                "replicas keep their version until restarted: roll them one by one (docs/operating.md)")
+    return ""
+
+
+def _run_op(fn) -> int:
+    from memory_store.errors import BankError
+
+    try:
+        fn()
+    except BankError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def _reshard(args) -> int:
     from memory_store.ops import reshard
 
-    bank_id = reshard(args.bank, args.shards, out=args.out, progress=True)
-    print(f"bank_id {bank_id}")
-    return 0
+    def op() -> None:
+        bank_id = reshard(args.bank, args.shards, out=args.out, progress=True)
+        print(f"bank_id {bank_id}; {_where(args)}")
+
+    return _run_op(op)
 
 
 def _delete(args) -> int:
@@ -142,9 +184,43 @@ def _delete(args) -> int:
     from memory_store.spec import NodeRef
 
     refs = [NodeRef.parse(n) for n in args.node]
-    bank_id = delete_subtrees(args.bank, refs, zero=args.zero, out=args.out, progress=True)
-    print(f"{'zeroed' if args.zero else 'deleted'} {', '.join(map(str, refs))}; new bank_id {bank_id}")
-    return 0
+
+    def op() -> None:
+        bank_id = delete_subtrees(args.bank, refs, zero=args.zero, out=args.out, progress=True)
+        print(f"{'zeroed' if args.zero else 'deleted'} {', '.join(map(str, refs))}; new bank_id {bank_id}; "
+              f"{_where(args)}")
+        if not args.zero:
+            print("note: the generic memory is carried over unchanged; it was trained before this deletion "
+                  "and may hold what the deleted subtrees held (retrain it to forget them)")
+
+    return _run_op(op)
+
+
+def _init_root(args) -> int:
+    from memory_store.ops import init_version_root
+
+    def op() -> None:
+        name = init_version_root(args.bank, args.root)
+        print(f"versioned root {args.root}: version {name} (current)")
+
+    return _run_op(op)
+
+
+def _versions(args) -> int:
+    from memory_store.ops import list_versions, use_version
+
+    def op() -> None:
+        if args.use:
+            use_version(args.bank, args.use)
+        versions = list_versions(args.bank)
+        if args.json:
+            print(json.dumps(versions, indent=2))
+            return
+        for v in versions:
+            print(f"{'*' if v['current'] else ' '} {v['name']}  bank_id {v['bank_id'][:12]}  {v['shards']} shards"
+                  f"{'  deleted ' + ','.join(v['deleted']) if v['deleted'] else ''}")
+
+    return _run_op(op)
 
 
 def _route(args) -> int:

@@ -1,15 +1,23 @@
-"""Whole-bank operations: verify, reshard, delete/zero subtrees, inspect. Each rewrites through
-BankWriter (streaming, atomic), so an interrupted operation leaves the old bank as it was."""
+"""Whole-bank operations: verify, reshard, delete/zero subtrees, inspect, and bank versions.
+
+Each rewrite goes through BankWriter (streaming, atomic) into a *new* directory: a bank directory that
+may be served is never modified. Give `out=` (the operator's choice of directory), or operate on a
+versioned root (`init_version_root`): the result becomes `versions/<name>/` and `current` is re-pointed
+at it, so processes started from then on serve it while running ones keep the version they opened."""
 
 from __future__ import annotations
 
 import logging
+import os
+import secrets
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from memory_store.bank import Bank
+from memory_store import layout
+from memory_store.bank import CURRENT, VERSIONS, Bank, is_version_root, resolve_bank_dir
 from memory_store.errors import BankError, BlockCorrupt
 from memory_store.spec import NodeRef
 from memory_store.writer import BankWriter
@@ -82,12 +90,107 @@ def _subtree_sets(bank: Bank, refs: Iterable[NodeRef]) -> dict[int, set[int]]:
     return out
 
 
+# --- versions ------------------------------------------------------------------------------------
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _version_name(root: Path, bank_id: str) -> str:
+    """`v<seq>-<UTC time>-<bank_id[:12]>`: sorts in the order the versions were made."""
+    seqs = [int(d.name[1:5]) for d in (root / VERSIONS).iterdir() if d.name[:1] == "v" and d.name[1:5].isdigit()]
+    seq = max(seqs, default=0) + 1
+    return f"v{seq:04d}-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{bank_id[:12]}"
+
+
+def use_version(root: str | Path, name: str) -> None:
+    """Point `root/current` at `versions/<name>` atomically (symlink + rename): what processes started
+    from now on open. Also the roll-back: point it at an older version."""
+    root = Path(root)
+    target = root / VERSIONS / name
+    if not (target / layout.MANIFEST).is_file():
+        raise BankError(f"{target} is not a bank version")
+    tmp = root / f".{CURRENT}-{secrets.token_hex(4)}"
+    os.symlink(f"{VERSIONS}/{name}", tmp)
+    os.replace(tmp, root / CURRENT)
+    _fsync_dir(root)
+    log.info("%s/%s -> %s", root, CURRENT, target)
+
+
+def _adopt_version(root: Path, built: Path, bank_id: str) -> str:
+    """Rename a freshly written bank (not served by anyone yet) to its version name; point current at it."""
+    name = _version_name(root, bank_id)
+    os.rename(built, root / VERSIONS / name)
+    _fsync_dir(root / VERSIONS)
+    use_version(root, name)
+    return name
+
+
+def init_version_root(src: str | Path, root: str | Path) -> str:
+    """Make a versioned root at `root` whose first version is a copy of the bank at `src` (files hard-
+    linked: bank files are never modified in place, so sharing inodes is safe). Returns the version name."""
+    src_dir, root = resolve_bank_dir(src), Path(root)
+    bank = Bank.open(src_dir)
+    if root.exists() and any(root.iterdir()):
+        raise BankError(f"{root} exists and is not empty")
+    (root / VERSIONS).mkdir(parents=True, exist_ok=True)
+    tmp = root / VERSIONS / f".new-{secrets.token_hex(4)}"
+    for dirpath, _dirs, files in os.walk(src_dir):
+        rel = Path(dirpath).relative_to(src_dir)
+        (tmp / rel).mkdir(parents=True, exist_ok=True)
+        for f in files:
+            try:
+                os.link(Path(dirpath) / f, tmp / rel / f)
+            except OSError:
+                import shutil
+
+                shutil.copyfile(Path(dirpath) / f, tmp / rel / f)
+    return _adopt_version(root, tmp, bank.bank_id)
+
+
+def list_versions(root: str | Path) -> list[dict[str, Any]]:
+    """The versions of a versioned root, oldest first: name, bank_id, shards, and which one is current."""
+    root = Path(root)
+    current = (root / CURRENT).resolve().name if (root / CURRENT).is_symlink() else None
+    out = []
+    for d in sorted((root / VERSIONS).iterdir()) if (root / VERSIONS).is_dir() else []:
+        if d.name.startswith(".") or not (d / layout.MANIFEST).is_file():
+            continue
+        try:
+            bank = Bank.open(d)
+        except BankError as exc:
+            log.warning("skipping %s: %s", d, exc)
+            continue
+        out.append({"name": d.name, "bank_id": bank.bank_id, "shards": len(bank.shard_ids),
+                    "deleted": [str(r) for r in bank.deleted_roots], "current": d.name == current})
+    return out
+
+
 def rewrite_bank(src: str | Path, out: str | Path | None = None, *, n_shards: int | None = None,
                  delete: Iterable[NodeRef] = (), zero: Iterable[NodeRef] = (), progress: bool = False) -> str:
     """Copy a bank block by block (verifying every block), optionally to another shard count, with
-    subtrees deleted (absent) or zeroed. `out=None` replaces `src` atomically. Returns the new bank_id."""
+    subtrees deleted (absent) or zeroed, into a new directory: `out`, or with `out=None` and `src` a
+    versioned root, a new version that `current` then points at. A plain bank directory is never
+    rewritten in place (shards may be serving it). Returns the new bank_id."""
+    root = Path(src) if is_version_root(src) else None
+    if out is None and root is None:
+        raise BankError(f"{src} is a plain bank directory that running shards may serve: it is never "
+                        "rewritten in place. Write the result elsewhere (--out NEW, then roll the replicas "
+                        "to NEW), or make a versioned root once (hiermem bank init-root --bank "
+                        f"{src} --root ROOT) and operate on ROOT")
     bank = Bank.open(src, mapped_budget_bytes=_COPY_BUDGET)
-    dst = Path(out) if out is not None else Path(src)
+    if out is not None:
+        dst = Path(out)
+        if dst.exists() and (resolve_bank_dir(dst) == bank.dir or dst.resolve() == bank.dir):
+            raise BankError(f"--out {out} is the source bank itself: it is never rewritten in place")
+    else:
+        assert root is not None
+        dst = root / VERSIONS / f".new-{secrets.token_hex(4)}"
     n_shards = n_shards or len(bank.shard_ids)
     gone = _subtree_sets(bank, delete)
     zeroed = _subtree_sets(bank, zero)
@@ -99,7 +202,11 @@ def rewrite_bank(src: str | Path, out: str | Path | None = None, *, n_shards: in
         it = tqdm(refs, desc="rewrite", unit="block")
     generic = bank.generic_block()
     changed = {lv: gone.get(lv, set()) | zeroed.get(lv, set()) for lv in range(1, bank.spec.depth + 1)}
-    with BankWriter(dst, bank.spec, bank.anchor, bank.tree, n_shards, overwrite=out is None) as w:
+    with BankWriter(dst, bank.spec, bank.anchor, bank.tree, n_shards) as w:
+        w.deleted = set(bank.deleted_roots) | {bank.spec.check_ref(r) for r in delete}
+        # the generic memory is copied as it is: trained before these deletions, it may hold what they held
+        w.generic_predates_deletions = bool(list(delete)) or bool(
+            (bank.manifest.get("generic") or {}).get("predates_deletions"))
         if n_shards == len(bank.shard_ids):
             _link_untouched(bank, w, changed)
         for ref in it:
@@ -118,6 +225,10 @@ def rewrite_bank(src: str | Path, out: str | Path | None = None, *, n_shards: in
         if generic is not None:
             w.write_generic(generic)
     bank.close()
+    if root is not None and out is None:
+        name = _adopt_version(root, dst, w.bank_id)
+        log.info("new version %s of %s (bank_id %s): processes started from now on serve it; roll the "
+                 "running replicas one by one (docs/operating.md)", name, root, w.bank_id[:12])
     return w.bank_id
 
 
@@ -171,4 +282,7 @@ def inspect_bank(dir: str | Path) -> dict[str, Any]:
         "shards": [{"id": sid, "owned_subtrees": [str(r) for r in bank.owned_subtrees(sid)]}
                    for sid in bank.shard_ids],
         "generic": bank.manifest.get("generic") is not None,
+        "deleted": [str(r) for r in bank.deleted_roots],
+        "generic_predates_deletions": bool((bank.manifest.get("generic") or {}).get("predates_deletions")),
+        "version": bank.dir.name if bank.root is not None else None,
     }

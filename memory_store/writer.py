@@ -104,6 +104,11 @@ class BankWriter:
         self.present = {lv: [False] * spec.nodes_at(lv) for lv in range(1, spec.depth + 1)}
         self.written = {lv: np.zeros(spec.nodes_at(lv), dtype=bool) for lv in range(1, spec.depth + 1)}
         self.generic_crc: int | None = None
+        # Recorded in the manifest (not in bank_id, which covers the present flags already): the roots of
+        # the subtrees deleted from this bank or its ancestors, and whether the generic memory was trained
+        # before some of them were deleted (then it may still hold what they held).
+        self.deleted: set[NodeRef] = set()
+        self.generic_predates_deletions = False
         self._linked: set[tuple[str, int]] = set()
         self._open = False
 
@@ -232,8 +237,10 @@ class BankWriter:
             "spec": self.spec.model_dump(mode="json"),
             "anchor": anchor,
             "tree": {"file": layout.TREE_FILE, "crc32c": tree_crc},
-            "generic": None if self.generic_crc is None else {"file": layout.GENERIC_FILE,
-                                                               "crc32c": self.generic_crc},
+            "generic": None if self.generic_crc is None else {
+                "file": layout.GENERIC_FILE, "crc32c": self.generic_crc,
+                "predates_deletions": bool(self.generic_predates_deletions and self.deleted)},
+            "deleted": [[r.level, r.index] for r in sorted(self.deleted)],
             "shards": [{"id": sid, "subtrees": list(sub)} for sid, sub in
                        zip(self.shard_ids, self.subtrees, strict=True)],
             "blocks": {str(lv): {"crc32c": self.crcs[lv], "present": self.present[lv]}

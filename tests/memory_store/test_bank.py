@@ -11,7 +11,7 @@ import torch
 from safetensors import safe_open
 
 from memory_store import Bank, BankError, BankWriter, BlockCorrupt, InvalidSpec, NodeNotFound, NodeRef
-from memory_store.ops import delete_subtrees, reshard, verify_bank
+from memory_store.ops import delete_subtrees, init_version_root, reshard, verify_bank
 from memory_store.tree import random_tree
 
 from .conftest import ANCHOR, random_blocks, tiny_spec, write_bank
@@ -173,8 +173,9 @@ def test_reshard_keeps_bank_id_and_every_block(tmp_path):
     spec = tiny_spec(branching=[4, 2], ranks=[4, 2])
     bank_id, blocks, generic = write_bank(tmp_path / "b", spec, n_shards=1)
     assert reshard(tmp_path / "b", 3, out=tmp_path / "r") == bank_id
-    assert reshard(tmp_path / "b", 4) == bank_id  # in place
-    for d, n in ((tmp_path / "r", 3), (tmp_path / "b", 4)):
+    init_version_root(tmp_path / "b", tmp_path / "root")
+    assert reshard(tmp_path / "root", 4) == bank_id  # a new version of the root
+    for d, n in ((tmp_path / "r", 3), (tmp_path / "root" / "current", 4)):
         bank = Bank.open(d)
         assert bank.bank_id == bank_id and len(bank.shard_ids) == n
         assert sorted(r.index for s in bank.shard_ids for r in bank.owned_subtrees(s)) == [0, 1, 2, 3]
@@ -202,9 +203,9 @@ def test_shard_level_two_stores_ancestors_in_every_owning_shard(tmp_path):
 def test_deleted_subtree_reads_as_absent(tmp_path):
     spec = tiny_spec(branching=[2, 3])
     bank_id, blocks, _ = write_bank(tmp_path / "b", spec, n_shards=2)
-    new_id = delete_subtrees(tmp_path / "b", [NodeRef(1, 1)])
+    new_id = delete_subtrees(tmp_path / "b", [NodeRef(1, 1)], out=tmp_path / "d")
     assert new_id != bank_id
-    bank = Bank.open(tmp_path / "b")
+    bank = Bank.open(tmp_path / "d")
     assert bank.bank_id == new_id
     for ref in [NodeRef(1, 1), NodeRef(2, 3), NodeRef(2, 4), NodeRef(2, 5)]:
         assert not bank.block_info(ref).present
@@ -213,9 +214,9 @@ def test_deleted_subtree_reads_as_absent(tmp_path):
     for ref in [NodeRef(1, 0), NodeRef(2, 0), NodeRef(2, 2)]:
         np.testing.assert_array_equal(bank.read_block(ref).numpy(), blocks[ref])
     # the bytes are gone from disk too, not only hidden by the manifest
-    raw = (tmp_path / "b" / "shards" / "1" / "level-2.safetensors").read_bytes()
+    raw = (tmp_path / "d" / "shards" / "1" / "level-2.safetensors").read_bytes()
     assert blocks[NodeRef(2, 4)].tobytes() not in raw
-    report = verify_bank(tmp_path / "b")
+    report = verify_bank(tmp_path / "d")
     assert report.ok and report.absent == 4
 
 
@@ -308,8 +309,8 @@ def test_delete_links_untouched_shard_files_and_rewrites_the_others(tmp_path):
             np.testing.assert_array_equal(bank.read_block(ref).numpy(), block)
     assert verify_bank(tmp_path / "d").ok
     # deleting again on top of a deletion keeps the earlier one
-    delete_subtrees(tmp_path / "d", [NodeRef(1, 0)])
-    again = Bank.open(tmp_path / "d")
+    delete_subtrees(tmp_path / "d", [NodeRef(1, 0)], out=tmp_path / "e")
+    again = Bank.open(tmp_path / "e")
     assert not again.is_present(NodeRef(2, 4)) and not again.is_present(NodeRef(2, 1))
     assert again.is_present(NodeRef(2, 5))
 
@@ -321,9 +322,9 @@ def test_rewrite_of_a_corrupt_bank_fails_and_leaves_the_original(tmp_path, spec)
     data[-3] ^= 0xFF  # last block of shard 1
     path.write_bytes(bytes(data))
     with pytest.raises(BlockCorrupt):
-        reshard(tmp_path / "b", 1)
+        reshard(tmp_path / "b", 1, out=tmp_path / "r")
     with pytest.raises(BlockCorrupt):  # rewrites shard 1's level-2 file, re-reading 2:5
-        delete_subtrees(tmp_path / "b", [NodeRef(2, 3)])
+        delete_subtrees(tmp_path / "b", [NodeRef(2, 3)], out=tmp_path / "d")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]  # no temporary directory left behind
     assert Bank.open(tmp_path / "b").bank_id == bank_id
 

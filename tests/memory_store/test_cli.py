@@ -31,13 +31,25 @@ def test_synth_inspect_verify_delete_reshard(tmp_path, capsys):
     assert info["bank_id"] == first_id and [lv["nodes"] for lv in info["levels"]] == [2, 8]
 
     assert main(["bank", "verify", "--bank", str(out)]) == 0
-    assert main(["bank", "delete", "--bank", str(out), "--node", "2:3"]) == 0
-    deleted = Bank.open(out)
+    # a plain bank directory may be served: never rewritten in place
+    assert main(["bank", "delete", "--bank", str(out), "--node", "2:3"]) == 2
+    assert "never rewritten in place" in capsys.readouterr().err and Bank.open(out).bank_id == first_id
+    root = tmp_path / "root"
+    assert main(["bank", "init-root", "--bank", str(out), "--root", str(root)]) == 0
+    assert main(["bank", "delete", "--bank", str(root), "--node", "2:3"]) == 0
+    assert "roll them one by one" in capsys.readouterr().out
+    deleted = Bank.open(root)
     assert deleted.bank_id != first_id and not deleted.is_present((2, 3))
-    assert main(["bank", "reshard", "--bank", str(out), "--shards", "1"]) == 0
-    assert Bank.open(out).bank_id == deleted.bank_id
-    assert main(["bank", "inspect", "--bank", str(out)]) == 0
-    assert "7 present" in capsys.readouterr().out
+    assert main(["bank", "reshard", "--bank", str(root), "--shards", "1"]) == 0
+    assert Bank.open(root).bank_id == deleted.bank_id and len(Bank.open(root).shard_ids) == 1
+    assert main(["bank", "inspect", "--bank", str(root)]) == 0
+    text = capsys.readouterr().out
+    assert "7 present" in text and "deleted   2:3" in text and "may hold what they held" in text
+    assert main(["bank", "versions", "--bank", str(root), "--json"]) == 0
+    versions = json.loads(capsys.readouterr().out)
+    assert len(versions) == 3 and versions[-1]["current"]
+    assert main(["bank", "versions", "--bank", str(root), "--use", versions[0]["name"]]) == 0
+    assert Bank.open(root).bank_id == first_id
 
 
 def test_route_prints_paths_and_timing(tmp_path, capsys):
