@@ -60,19 +60,39 @@ def sample_next(logits: torch.Tensor, params: Sequence[SamplingParams],
     for b, p in enumerate(params):
         if p.temperature == 0:
             continue
-        row = logits[b].float() / p.temperature  # (V,)
-        if p.top_k:
-            kth = torch.topk(row, min(p.top_k, row.numel())).values[-1]
-            row = row.masked_fill(row < kth, float("-inf"))
-        if p.top_p < 1.0:
-            sorted_logits, idx = torch.sort(row, descending=True)
-            cum = torch.softmax(sorted_logits, -1).cumsum(-1)
-            drop = cum - torch.softmax(sorted_logits, -1) >= p.top_p  # keep the smallest prefix reaching p
-            row = row.scatter(0, idx[drop], float("-inf"))
-        probs = torch.softmax(row, -1).cpu()
+        probs = _sampling_probs(logits[b], p)
+        if probs is None:  # nothing left to draw from (every logit -inf / NaN): the most likely token
+            out[b] = int(torch.nan_to_num(logits[b].float(), nan=float("-inf")).argmax())
+            continue
         gen = generators[b] if generators is not None else None
         out[b] = torch.multinomial(probs, 1, generator=gen).to(out.device)[0]
     return out
+
+
+def _sampling_probs(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor | None:
+    """The distribution one row is drawn from, numerically safe for every accepted temperature and top_p
+    (any positive value, however small): computed in float64 relative to the largest logit, so a tiny
+    temperature sends every other token to probability 0 (never inf/inf = NaN), and the most likely token
+    is always kept by top-k/top-p. None when no logit is finite."""
+    row = torch.nan_to_num(logits.detach().to("cpu", torch.float64), nan=float("-inf"), posinf=1e300)
+    top = row.max()
+    if not torch.isfinite(top):
+        return None
+    row = (row - top) / p.temperature  # <= 0, the best token(s) at 0; -inf where an underflow/overflow
+    row = torch.nan_to_num(row, nan=float("-inf"), neginf=float("-inf"))
+    if p.top_k:
+        kth = torch.topk(row, min(p.top_k, row.numel())).values[-1]
+        row = row.masked_fill(row < kth, float("-inf"))
+    if p.top_p < 1.0:
+        sorted_logits, idx = torch.sort(row, descending=True)
+        sorted_probs = torch.softmax(sorted_logits, -1)
+        drop = sorted_probs.cumsum(-1) - sorted_probs >= p.top_p  # keep the smallest prefix reaching p
+        drop[0] = False  # the most likely token always stays (a top_p below float precision keeps just it)
+        row = row.scatter(0, idx[drop], float("-inf"))
+    probs = torch.softmax(row, -1)
+    if not bool(torch.isfinite(probs).all()) or float(probs.sum()) <= 0:
+        return None
+    return probs
 
 
 @dataclass
