@@ -8,6 +8,13 @@
 Both APIs run the same coroutine on the client's own event-loop thread, which owns the gRPC channels
 (one per address, reused) and the Redis refresh task; so a caller's loop never blocks on the network and
 grpc.aio channels never cross loops.
+
+A replica is used only once its `GetInfo` says it serves this bank (bank_id) and this shard of this
+layout (owned subtrees): a replica of another bank version or shard layout is dropped (logged, counted
+in `rejected_replicas()`, reported to `on_reject`) and checked again later. Every block is checked against
+the local manifest, so one fetch's blocks always come from the client's bank version.
+
+The client imports nothing from the server's modules (only the generated messages and wire.py).
 """
 
 from __future__ import annotations
@@ -18,7 +25,7 @@ import itertools
 import logging
 import threading
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -32,19 +39,26 @@ from memory_store.errors import BankError
 
 from . import registry, wire
 from ._gen import memory_bank_pb2 as pb
-from .servicer import SERVICE_NAME
-from .settings import MAX_MESSAGE_BYTES
 
 if TYPE_CHECKING:  # pragma: no cover
     import redis.asyncio as aioredis
 
 log = logging.getLogger(__name__)
 
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["MemoryBank"].full_name  # "hiermem.v1.MemoryBank"
 FETCH_METHOD = f"/{SERVICE_NAME}/FetchBlocks"
-# Codes after which another replica may well succeed. NOT_FOUND, INVALID_ARGUMENT, FAILED_PRECONDITION and
-# RESOURCE_EXHAUSTED describe the request or the bank, which every replica of a shard shares.
+INFO_METHOD = f"/{SERVICE_NAME}/GetInfo"
+# Message size limit set on the channel (a chunk is at most 3 MiB, plus headroom for its header); the
+# server sets the same (tests/services/memory_bank checks they agree).
+MAX_MESSAGE_BYTES = 4 * 2**20
+# Codes after which another replica may well succeed. FAILED_PRECONDITION (another bank_id) and NOT_FOUND
+# (the node is not in that replica's shard: another layout; nodes deleted from our bank are never asked
+# for) mean the replica serves another bank version than ours: drop it and use a matching one.
+# INVALID_ARGUMENT and RESOURCE_EXHAUSTED describe the request, which every replica would refuse.
 FAILOVER_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
-                            grpc.StatusCode.DATA_LOSS, grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN})
+                            grpc.StatusCode.DATA_LOSS, grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN,
+                            grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.NOT_FOUND})
+MISMATCH_CODES = frozenset({grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.NOT_FOUND})
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -86,6 +100,9 @@ class BankClient:
         tls_server_name: the name to expect in the servers' certificates, when it is not the dialled host.
         channel_idle_s: a channel to an address that discovery no longer lists is closed once unused
             this long.
+        verify_s: how long a replica's GetInfo verdict is trusted (a mismatch error re-checks at once).
+        on_reject: called with (address, reason) when a replica is dropped for serving another bank
+            version or layout (e.g. to count it in a metric).
     """
 
     def __init__(self, bank, redis_url: str | None = None,
@@ -94,7 +111,8 @@ class BankClient:
                  max_nodes_per_call: int = 64, max_bytes_per_call: int = 512 * 2**20,
                  failure_memory_s: float = 30.0, tls_ca_file: str | Path | None = None,
                  tls_cert_file: str | Path | None = None, tls_key_file: str | Path | None = None,
-                 tls_server_name: str | None = None, channel_idle_s: float = 60.0) -> None:
+                 tls_server_name: str | None = None, channel_idle_s: float = 60.0, verify_s: float = 30.0,
+                 on_reject: Callable[[str, str], None] | None = None) -> None:
         if redis_url is None and not static_addresses:
             raise ValueError("BankClient needs redis_url or static_addresses")
         self.bank = bank
@@ -107,6 +125,12 @@ class BankClient:
         self.max_bytes_per_call = max_bytes_per_call
         self.failure_memory_s = failure_memory_s
         self.channel_idle_s = channel_idle_s
+        self.verify_s = verify_s
+        self._on_reject = on_reject
+        # address -> (serves our bank and the shard asked?, when checked, why not); see _verify
+        self._verdicts: dict[str, tuple[bool, float, str]] = {}
+        self._rejected: dict[str, int] = {}
+        self._owned = {sid: [(r.level, r.index) for r in bank.owned_subtrees(sid)] for sid in bank.shard_ids}
         self._torch_dtype = TORCH_DTYPES[bank.spec.dtype]
         self._credentials = None
         if tls_ca_file is not None:
@@ -124,7 +148,8 @@ class BankClient:
         self._discovered: dict[str, list[str]] = {}
         self._failed_at: dict[str, float] = {}
         self._rr = itertools.count()
-        self._channels: dict[str, tuple[grpc.aio.Channel, grpc.aio.UnaryStreamMultiCallable]] = {}
+        self._channels: dict[str, tuple[grpc.aio.Channel, grpc.aio.UnaryStreamMultiCallable,
+                                        grpc.aio.UnaryUnaryMultiCallable]] = {}
         self._last_used: dict[str, float] = {}
         self._redis: aioredis.Redis | None = None
         self._refresh_task: asyncio.Task | None = None
@@ -150,6 +175,10 @@ class BankClient:
     def replicas(self) -> dict[str, list[str]]:
         """The current shard -> addresses map (static and discovered)."""
         return self._submit(self._amap()).result()
+
+    def rejected_replicas(self) -> dict[str, int]:
+        """address -> times it was found serving another bank version or shard layout (and dropped)."""
+        return dict(self._rejected)
 
     def refresh(self) -> bool:
         """Reads Redis now; returns whether it answered."""
@@ -195,18 +224,75 @@ class BankClient:
         # A shard that Redis lists without replicas (e.g. just after a Redis restart, before the replicas'
         # next heartbeat) keeps its last known addresses: stale ones fail over, missing ones cannot.
         for shard, recs in listing.items():
-            self._discovered[shard] = sorted({r["address"] for r in recs})
+            good = set()
+            for rec in recs:
+                why = self._record_mismatch(shard, rec)
+                if why:
+                    self._reject(str(rec.get("address")), f"registry record: {why}")
+                else:
+                    good.add(rec["address"])
+            self._discovered[shard] = sorted(good)
         await self._close_stale_channels()
         return True
+
+    def _record_mismatch(self, shard: str, rec: dict) -> str:
+        """Why a registry record cannot be a replica of our bank's `shard` ("" when it can)."""
+        if rec.get("bank_id") != self.bank_id:
+            return f"serves bank {str(rec.get('bank_id'))[:12]}, not {self.bank_id[:12]}"
+        if shard not in self._owned:
+            return f"shard {shard} is not in our layout (shards {sorted(self._owned)})"
+        owned = [tuple(x) for x in rec.get("owned") or []]
+        if owned != self._owned[shard]:
+            return f"shard {shard} owns other subtrees in its layout (resharded?)"
+        if not isinstance(rec.get("address"), str):
+            return "no address"
+        return ""
+
+    def _reject(self, addr: str, why: str) -> None:
+        self._verdicts[addr] = (False, time.monotonic(), why)
+        first = addr not in self._rejected
+        self._rejected[addr] = self._rejected.get(addr, 0) + 1
+        (log.warning if first else log.debug)(
+            "not using replica %s: %s", addr, why)
+        if self._on_reject is not None:
+            try:
+                self._on_reject(addr, why)
+            except Exception:  # a metrics hook must not break a fetch
+                log.exception("on_reject hook failed")
+
+    async def _verify(self, addr: str, shard: str, timeout: float) -> None:
+        """Checks with GetInfo (once per `verify_s`) that `addr` serves our bank's `shard` in our layout.
+
+        Raises _AttemptFailed: UNAVAILABLE-like codes when it cannot be asked, FAILED_PRECONDITION when
+        it serves another bank version or layout (then it is dropped and checked again later)."""
+        now = time.monotonic()
+        verdict = self._verdicts.get(addr)
+        if verdict is not None and now - verdict[1] < self.verify_s:
+            if verdict[0]:
+                return
+            raise _AttemptFailed(grpc.StatusCode.FAILED_PRECONDITION, verdict[2])
+        try:
+            info = await self._info_stub(addr)(pb.GetInfoRequest(), timeout=timeout)
+        except grpc.aio.AioRpcError as exc:
+            raise _AttemptFailed(exc.code(), f"GetInfo: {exc.details() or ''}") from None
+        why = self._record_mismatch(shard, {"bank_id": info.bank_id, "address": addr,
+                                            "owned": [(n.level, n.index) for n in info.owned]})
+        if not why and info.shard_id != shard:
+            why = f"serves shard {info.shard_id}, not {shard}"
+        if why:
+            self._reject(addr, why)
+            raise _AttemptFailed(grpc.StatusCode.FAILED_PRECONDITION, why)
+        self._verdicts[addr] = (True, now, "")
 
     async def _close_stale_channels(self) -> None:
         """Closes channels to addresses no longer listed (replicas restarted elsewhere) once idle."""
         known = {a for addrs in (await self._amap()).values() for a in addrs}
         now = time.monotonic()
         for addr in [a for a in self._channels if a not in known and now - self._last_used.get(a, 0.0) > self.channel_idle_s]:
-            channel, _ = self._channels.pop(addr)
+            channel = self._channels.pop(addr)[0]
             self._last_used.pop(addr, None)
             self._failed_at.pop(addr, None)
+            self._verdicts.pop(addr, None)
             await channel.close()
             log.info("closed the channel to %s: no longer registered", addr)
 
@@ -220,12 +306,15 @@ class BankClient:
         return {s: list(dict.fromkeys(self._discovered.get(s, []) + self._static.get(s, []))) for s in shards}
 
     def _order(self, addresses: list[str]) -> list[str]:
-        """Round-robin among replicas without a recent failure, then the failed ones, oldest failure first."""
+        """Round-robin among replicas without a recent failure, then the failed ones, oldest failure first;
+        replicas found serving another bank version or layout are left out until their verdict expires."""
+        now = time.monotonic()
+        addresses = [a for a in addresses if not (
+            (v := self._verdicts.get(a)) is not None and not v[0] and now - v[1] < self.verify_s)]
         if not addresses:
             return []
         k = next(self._rr) % len(addresses)
         rotated = addresses[k:] + addresses[:k]
-        now = time.monotonic()
 
         def last_failure(addr: str) -> float:
             t = self._failed_at.get(addr, 0.0)
@@ -283,31 +372,38 @@ class BankClient:
         for batch in self._batches(refs):
             pending = list(batch)
             order = self._order(addresses)
-            i, last_error = 0, "no replica tried"
+            i, last_error = 0, f"no replica of bank {self.bank_id[:12]} for shard {shard} ({len(addresses)} known)"
             while pending and i < len(order):
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     last_error = f"deadline exceeded after {last_error}"
                     break
                 addr = order[i]
+                verified = False
                 try:
-                    await self._call(addr, pending, out, min(remaining, self.attempt_timeout_s))
+                    await self._verify(addr, shard, min(remaining, self.attempt_timeout_s))
+                    verified = True
+                    await self._call(addr, pending, out, min(deadline - time.monotonic(), self.attempt_timeout_s))
                 except _AttemptFailed as exc:
                     last_error = f"{addr}: {exc}"
                     if exc.code in FAILOVER_CODES:
+                        if exc.code in MISMATCH_CODES:
+                            if verified:  # it changed since it was checked (restarted onto another version)
+                                self._reject(addr, str(exc))
+                        else:
+                            self._failed_at[addr] = time.monotonic()
                         log.info("shard %s replica %s failed (%s); %s", shard, addr, exc,
                                  "failing over" if i + 1 < len(order) else "no replica left")
-                        self._failed_at[addr] = time.monotonic()
-                        out.failovers += 1
+                        if verified or exc.code not in MISMATCH_CODES:  # not: dropped by GetInfo
+                            out.failovers += 1
                         i += 1
-                    elif exc.code == grpc.StatusCode.NOT_FOUND:
-                        out.failed[pending.pop(0)] = last_error  # the stream stopped at this node
                     else:
                         break
             out.failed.update({r: last_error for r in pending})
         return out
 
-    def _stub(self, addr: str) -> grpc.aio.UnaryStreamMultiCallable:
+    def _channel(self, addr: str) -> tuple[grpc.aio.Channel, grpc.aio.UnaryStreamMultiCallable,
+                                           grpc.aio.UnaryUnaryMultiCallable]:
         self._last_used[addr] = time.monotonic()
         entry = self._channels.get(addr)
         if entry is None:
@@ -317,8 +413,16 @@ class BankClient:
                 channel = grpc.aio.insecure_channel(addr, options=self._channel_options)
             call = channel.unary_stream(FETCH_METHOD, request_serializer=pb.FetchBlocksRequest.SerializeToString,
                                         response_deserializer=wire.decode_chunk)
-            entry = self._channels[addr] = (channel, call)
-        return entry[1]
+            info = channel.unary_unary(INFO_METHOD, request_serializer=pb.GetInfoRequest.SerializeToString,
+                                       response_deserializer=pb.GetInfoResponse.FromString)
+            entry = self._channels[addr] = (channel, call, info)
+        return entry
+
+    def _stub(self, addr: str) -> grpc.aio.UnaryStreamMultiCallable:
+        return self._channel(addr)[1]
+
+    def _info_stub(self, addr: str) -> grpc.aio.UnaryUnaryMultiCallable:
+        return self._channel(addr)[2]
 
     async def _call(self, addr: str, pending: list[NodeRef], out: FetchResult, timeout: float) -> None:
         """One FetchBlocks call; moves each verified block from `pending` to `out.blocks` as it completes."""
@@ -382,6 +486,6 @@ class BankClient:
                 await self._refresh_task
         if self._redis is not None:
             await self._redis.aclose()
-        for channel, _ in self._channels.values():
+        for channel, *_ in self._channels.values():
             await channel.close()
         self._channels.clear()

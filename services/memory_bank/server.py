@@ -136,8 +136,8 @@ async def serve(settings: BankServerSettings) -> None:
     server, port = create_server(settings)
     start_metrics(settings)
     await server.start()
-    log.info("serving bank %s shard %s (%d subtrees) as replica %s, advertised as %s",
-             server.bank.bank_id, settings.shard, len(server.servicer.owned), server.servicer.replica_id,
+    log.info("serving bank %s (%s) shard %s (%d subtrees) as replica %s, advertised as %s",
+             server.bank.bank_id, server.bank.dir, settings.shard, len(server.servicer.owned), server.servicer.replica_id,
              server.address)
     log.info("LISTENING %s:%d", settings.host, port)
     stop = asyncio.Event()
@@ -145,5 +145,6 @@ async def serve(settings: BankServerSettings) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
-    log.info("signal received: draining (grace %.1fs)", settings.grace_s)
+    # DRAINING (like LISTENING) tells a supervisor not to probe this process to death while it drains
+    log.info("DRAINING: signal received, finishing in-flight calls (grace %.1fs)", settings.grace_s)
     await server.shutdown()

@@ -63,6 +63,11 @@ class MemoryBankServicer:
         self.replica_id = replica_id
         self.settings = settings
         self.owned: list[NodeRef] = [NodeRef(int(r[0]), int(r[1])) for r in bank.owned_subtrees(shard_id)]
+        # Map this shard's files now: whatever later happens to the bank's paths (a new version, a
+        # re-pointed `current`), this replica serves exactly the version it started with.
+        pin = getattr(bank, "pin_shard", None)
+        if pin is not None:
+            pin(shard_id)
         self.cache = HotCache(settings.hot_cache_bytes, settings.hot_cache_max_level)
 
     # --- RPCs -------------------------------------------------------------------------------------------

@@ -108,13 +108,22 @@ class MemoryResolver:
 
     def _fetch_path(self, path: list[int], mode: MemoryMode, route_ms: float
                     ) -> tuple[list[Hashable], list[torch.Tensor], MemoryInfo]:
-        from memory_store import path_refs
+        from memory_store import NodeRef, path_refs
 
-        refs = path_refs(path)
+        # Deleted is not down: whatever produced the path (router or caller), it is cut at the deepest
+        # level whose node the bank has; that request is served in full, not degraded, also in strict mode.
+        prefix = getattr(self.bank, "present_prefix", None)  # a stand-in bank without deletions may lack it
+        present = list(path) if prefix is None else prefix(path)
+        deleted = None if len(present) == len(path) else NodeRef(len(present) + 1, int(path[len(present)]))
+        refs = path_refs(present)
         got = self.cache.get_many(refs)
         keys: list[Hashable] = [r for r in refs if r in got.blocks]
-        info = MemoryInfo(mode=mode, path=path, levels=[r.level for r in refs if r in got.blocks], cache_hits=got.hits,
-                          cache_misses=got.misses, fetch_ms=round(got.fetch_ms, 3), route_ms=round(route_ms, 3))
+        info = MemoryInfo(mode=mode, path=present, levels=[r.level for r in refs if r in got.blocks],
+                          cache_hits=got.hits, cache_misses=got.misses, fetch_ms=round(got.fetch_ms, 3),
+                          route_ms=round(route_ms, 3))
+        if deleted is not None:
+            info.reason = (f"node {deleted} was deleted from the bank: memory of levels 1..{len(present)} only"
+                           if present else f"node {deleted} was deleted from the bank: no memory")
         if got.failed:
             lost = sorted(r.level for r in got.failed)
             first = got.failed[min(got.failed, key=lambda r: r.level)]

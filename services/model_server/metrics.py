@@ -44,6 +44,8 @@ class Metrics:
                                       ["shard"], registry=r)
         self.degraded = Counter("hiermem_degraded_requests", "Requests served with fewer memory levels",
                                 registry=r)
+        self.rejected_replicas = Counter("hiermem_bank_replicas_rejected", "Bank shard replicas not used: "
+                                         "they serve another bank version or shard layout", registry=r)
         self.route_latency = Histogram("hiermem_route_seconds", "Prompt routing (embed + descend)",
                                        buckets=_FETCH_BUCKETS, registry=r)
         self.cancelled = Counter("hiermem_cancelled_requests", "Requests cancelled by their client",

@@ -126,9 +126,12 @@ def build_components(settings: ModelServerSettings) -> Components:
         if settings.redis_url or settings.static_addresses:
             from services.memory_bank.client import BankClient
 
-            fetcher: BankClient | LocalFetcher = BankClient(bank, redis_url=settings.redis_url,
-                                 static_addresses=settings.static_addresses or None,
-                                 timeout_s=settings.fetch_timeout_s)
+            fetcher: BankClient | LocalFetcher = BankClient(
+                bank, redis_url=settings.redis_url, static_addresses=settings.static_addresses or None,
+                timeout_s=settings.fetch_timeout_s, tls_ca_file=settings.bank_tls_ca_file,
+                tls_cert_file=settings.bank_tls_cert_file, tls_key_file=settings.bank_tls_key_file,
+                tls_server_name=settings.bank_tls_server_name,
+                on_reject=lambda _addr, _why: metrics.rejected_replicas.inc())
             if hasattr(fetcher, "close"):
                 closers.append(fetcher.close)
         else:

@@ -94,10 +94,23 @@ class ModelServerSettings(BaseSettings):
     """Answer 503 instead of serving with fewer memory levels when a shard cannot be reached."""
     fetch_timeout_s: float = Field(10.0, gt=0)
     """Deadline of one block fetch from the bank."""
+    bank_tls_ca_file: Path | None = None
+    """PEM CA bundle to verify the bank shards by: dial them over TLS (mirrors the shards'
+    `HIERMEM_BANK_TLS_CERT_FILE`); unset = plaintext."""
+    bank_tls_cert_file: Path | None = None
+    """PEM client certificate chain for shards that require mutual TLS (`HIERMEM_BANK_TLS_CLIENT_CA_FILE`)."""
+    bank_tls_key_file: Path | None = None
+    """PEM private key of `bank_tls_cert_file`."""
+    bank_tls_server_name: str | None = None
+    """Name to expect in the shards' certificates when it is not the host dialled (e.g. one certificate
+    for every replica)."""
     retry_after_s: int = Field(1, ge=1)
     """Retry-After sent with 429."""
     torch_threads: int = Field(0, ge=0)
     """torch intra-op threads for the engine; 0 keeps torch's default."""
+    metrics_auth: Literal["open", "key"] = "open"
+    """Who may read `/metrics`: `open` (anyone who reaches the port, as Prometheus scrapes without a token)
+    or `key` (a Bearer key whose entry in `api_keys_file` has `"metrics": true`; needs `api_keys_file`)."""
 
     @field_validator("static_addresses", mode="before")
     @classmethod
@@ -112,6 +125,16 @@ class ModelServerSettings(BaseSettings):
             raise ValueError("redis_url / static_addresses need a bank (its manifest and tree)")
         if self.bank is None and self.strict:
             raise ValueError("strict needs a bank")
+        if (self.bank_tls_cert_file is None) != (self.bank_tls_key_file is None):
+            raise ValueError("bank_tls_cert_file and bank_tls_key_file go together")
+        if self.bank_tls_cert_file is not None and self.bank_tls_ca_file is None:
+            raise ValueError("bank_tls_cert_file (mutual TLS) needs bank_tls_ca_file")
+        for name in ("bank_tls_ca_file", "bank_tls_cert_file", "bank_tls_key_file"):
+            path = getattr(self, name)
+            if path is not None and not Path(path).is_file():
+                raise ValueError(f"{name} {path} does not exist")
+        if self.metrics_auth == "key" and self.api_keys_file is None:
+            raise ValueError("metrics_auth = key needs an api_keys_file (the keys allowed to read /metrics)")
         if self.api_keys_file is not None and not Path(self.api_keys_file).is_file():
             raise ValueError(f"api_keys_file {self.api_keys_file} does not exist")
         return self
