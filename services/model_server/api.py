@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -15,7 +16,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from . import generation
 from .auth import Principal
-from .errors import InvalidRequest, NotFound
+from .errors import InvalidRequest, NotFound, ServerError
 from .generation import OPENAI_FINISH, Generation
 from .sampling import Sampling
 from .schemas import (
@@ -33,6 +34,7 @@ from .schemas import (
 )
 from .service import Components
 
+log = logging.getLogger(__name__)
 router = APIRouter()
 _bearer = HTTPBearer(auto_error=False)
 
@@ -60,9 +62,16 @@ def _check_model(c: Components, model: str | None) -> str:
 
 
 def _sampling(c: Components, body: Any, stop: list[str]) -> Sampling:
-    max_new = body.max_tokens if body.max_tokens is not None else c.settings.default_max_tokens
+    asked = body.new_tokens()
+    max_new = asked if asked is not None else c.settings.default_max_tokens
     return Sampling(max_new_tokens=max_new, temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
                     seed=body.seed, stop=stop, ignore_eos=body.ignore_eos)
+
+
+async def _encode(c: Components, text: str) -> list[int]:
+    """Token ids of a prompt: refused by its size before tokenizing, then tokenized off the event loop."""
+    generation.check_prompt_chars(c.codec, len(text), c.settings.max_prompt_tokens)
+    return await asyncio.to_thread(c.codec.encode, text)
 
 
 async def _begin(request: Request, c: Components, prompt_ids: list[int], route_text: str, sampling: Sampling,
@@ -96,7 +105,11 @@ def _stream_response(events: AsyncIterator[str]) -> StreamingResponse:
 
 
 def _error_event(exc: BaseException | None) -> dict:
-    return {"error": {"message": str(exc) or "generation failed", "type": "server_error", "param": None,
+    """An error inside a stream: a request error as it is, anything else without its detail (logged)."""
+    if isinstance(exc, ServerError):
+        return {"error": {"message": exc.message, "type": exc.type, "param": exc.param, "code": exc.code}}
+    log.error("generation failed in a stream: %r", exc)
+    return {"error": {"message": "generation failed", "type": "server_error", "param": None,
                       "code": "generation_failed"}}
 
 
@@ -128,14 +141,18 @@ async def completions(body: CompletionRequest, request: Request, who: Who) -> An
     if body.stream and len(prompts) > 1:
         raise InvalidRequest("streaming supports one prompt per request", param="prompt")
     sampling = _sampling(c, body, body.stop_list())
+    for p in prompts:  # every size check before any tokenizing
+        if isinstance(p, str):
+            generation.check_prompt_chars(c.codec, len(p), c.settings.max_prompt_tokens)
+        elif max(p) >= c.codec.vocab_size:
+            raise InvalidRequest(f"token id {max(p)} out of the vocabulary", param="prompt")
     encoded = []
     for p in prompts:
         if isinstance(p, str):
-            encoded.append((c.codec.encode(p), p))
+            encoded.append((await _encode(c, p), p))
         else:
-            if max(p) >= c.codec.vocab_size:
-                raise InvalidRequest(f"token id {max(p)} out of the vocabulary", param="prompt")
-            encoded.append((p, c.codec.decode(p)))
+            generation.check_limits(c.settings, len(p), sampling.max_new_tokens, c.max_seq_len)
+            encoded.append((p, await asyncio.to_thread(c.codec.decode, p)))
     rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     gens: list[Generation] = []
     try:
@@ -198,7 +215,8 @@ async def chat_completions(body: ChatRequest, request: Request, who: Who) -> Any
     model = _check_model(c, body.model)
     messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
                 for m in body.messages]
-    ids = c.codec.chat(messages)
+    generation.check_prompt_chars(c.codec, sum(len(m["content"]) for m in messages), c.settings.max_prompt_tokens)
+    ids = await asyncio.to_thread(generation.encode_chat, c.codec, messages)
     route_text = "\n".join(m["content"] for m in messages if m["role"] != "system") or messages[-1]["content"]
     gen = await _begin(request, c, ids, route_text, _sampling(c, body, body.stop_list()), body.memory, who)
     rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
@@ -250,8 +268,10 @@ def _tgi_sampling(c: Components, body: GenerateRequest) -> Sampling:
 async def generate(body: GenerateRequest, request: Request, who: Who) -> Any:
     """Text generation (TGI style), with hierarchical memory."""
     c = components(request)
+    if body.stream:
+        raise InvalidRequest("stream: use /generate_stream for a stream", param="stream")
     sampling = _tgi_sampling(c, body)
-    gen = await _begin(request, c, c.codec.encode(body.inputs), body.inputs, sampling, body.memory, who)
+    gen = await _begin(request, c, await _encode(c, body.inputs), body.inputs, sampling, body.memory, who)
     text, reason, n = await _collect(request, gen)
     details = ({"finish_reason": reason, "generated_tokens": n, "seed": sampling.seed}
                if body.parameters.details else None)
@@ -264,7 +284,7 @@ async def generate_stream(body: GenerateRequest, request: Request,
     """Streaming text generation (TGI style, SSE)."""
     c = components(request)
     sampling = _tgi_sampling(c, body)
-    gen = await _begin(request, c, c.codec.encode(body.inputs), body.inputs, sampling, body.memory, who)
+    gen = await _begin(request, c, await _encode(c, body.inputs), body.inputs, sampling, body.memory, who)
     return _stream_response(_tgi_stream(gen, sampling))
 
 
@@ -307,10 +327,11 @@ async def route(body: RouteRequest, request: Request, who: Who) -> Any:
     if path is not None:
         from memory_store import path_refs
 
-        for ref in path_refs(path):
+        for ref in path_refs(path):  # `cached` tells what others used recently: only for telemetry keys
             nodes.append(RouteNode(level=ref.level, index=ref.index, shard=str(c.resolver.bank.shard_of(ref)),
-                                   cached=ref in c.resolver.cache))
-    return {"path": path, "nodes": nodes, "route_ms": round(route_ms, 3), "reason": reason}
+                                   cached=(ref in c.resolver.cache) if who.telemetry else None))
+    public = generation.public_memory(MemoryInfo(mode="auto", path=path, reason=reason), who).reason
+    return {"path": path, "nodes": nodes, "route_ms": round(route_ms, 3), "reason": public}
 
 
 __all__ = ["router", "MemoryInfo"]

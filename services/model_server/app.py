@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import re
 import time
+from collections.abc import Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -14,7 +17,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .errors import PayloadTooLarge, ServerError
+from .errors import Forbidden, PayloadTooLarge, ServerError
 from .schemas import ErrorResponse
 from .service import Components, build_components
 from .settings import ModelServerSettings
@@ -35,7 +38,10 @@ def error_response(exc: ServerError) -> JSONResponse:
 
 
 class BodyLimitMiddleware:
-    """413 for a body over `limit` bytes, by Content-Length or by counting a streamed body."""
+    """413 for a body over `limit` bytes, however it is sent: by its Content-Length before reading, or, for
+    a chunked body (or a Content-Length that lies), by counting while the middleware reads it. The body is
+    read here in full (at most `limit` bytes are held) and replayed to the app, so the 413 never surfaces
+    from inside the app's body parsing (which would turn any receive error into a 400)."""
 
     def __init__(self, app: ASGIApp, limit: int) -> None:
         self.app, self.limit = app, limit
@@ -44,37 +50,48 @@ class BodyLimitMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        too_large = PayloadTooLarge(f"request body over {self.limit} bytes")
+        too_large = error_response(PayloadTooLarge(f"request body over {self.limit} bytes"))
         length = dict(scope.get("headers") or []).get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.limit:
-            await error_response(too_large)(scope, receive, send)
+            await too_large(scope, receive, send)
             return
+        chunks: list[bytes] = []
         seen = 0
-
-        async def limited() -> Message:
-            nonlocal seen
+        while True:
             msg = await receive()
-            if msg["type"] == "http.request":
-                seen += len(msg.get("body", b""))
-                if seen > self.limit:
-                    raise too_large
-            return msg
+            if msg["type"] != "http.request":  # the client left before sending it all
+                return
+            chunk = msg.get("body", b"")
+            seen += len(chunk)
+            if seen > self.limit:
+                await too_large(scope, receive, send)
+                return
+            chunks.append(chunk)
+            if not msg.get("more_body", False):
+                break
+        replayed = False
 
-        await self.app(scope, limited, send)
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+            return await receive()  # after the body: the disconnect, for streaming responses
+
+        await self.app(scope, replay, send)
 
 
 class MetricsMiddleware:
-    """Counts requests by endpoint and status and times them to the last byte (streams included)."""
+    """Counts requests by endpoint (the route's path template, `other` for no route) and status, and times
+    them to the last byte (streams included)."""
 
-    def __init__(self, app: ASGIApp, components: Components, endpoints: set[str]) -> None:
-        self.app, self.c, self.endpoints = app, components, endpoints
+    def __init__(self, app: ASGIApp, components: Components) -> None:
+        self.app, self.c = app, components
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        path = scope.get("path", "")
-        endpoint = path if path in self.endpoints else "other"
         status = 500
         t0 = time.perf_counter()
 
@@ -87,9 +104,30 @@ class MetricsMiddleware:
         try:
             await self.app(scope, receive, send_wrapper)
         finally:
+            # routing stores the matched route in the (shared) scope, included routers as well
+            route = scope.get("route")
+            endpoint = getattr(route, "path", None) or "other"
             self.c.metrics.requests.labels(endpoint=endpoint, status=str(status)).inc()
-            if endpoint not in ("/metrics", "/health", "/ready", "other"):
+            if endpoint != "other":
                 self.c.metrics.latency.labels(endpoint=endpoint).observe(time.perf_counter() - t0)
+
+
+_TYPE_TAGS = {"str", "int", "float", "bool", "none", "list", "dict", "literal"}
+_FIELD_RE = re.compile(r"[a-z_][a-z0-9_]*")
+
+
+def _param(loc: Sequence[Any]) -> str | None:
+    """The request field an error is about, as a dotted path (`messages.0.content`): the location up to the
+    first union-member tag pydantic adds (`str`, `list[int]`, `function-after[...]`, a model's name)."""
+    parts: list[str] = []
+    for part in loc:
+        if isinstance(part, int):
+            parts.append(str(part))
+        elif isinstance(part, str) and _FIELD_RE.fullmatch(part) and part not in _TYPE_TAGS:
+            parts.append(part)
+        else:
+            break
+    return ".".join(parts) or None
 
 
 def create_app(settings: ModelServerSettings, components: Components | None = None) -> FastAPI:
@@ -137,10 +175,15 @@ def create_app(settings: ModelServerSettings, components: Components | None = No
         return {"status": "ready", "models": comps.model_ids, "bank_id": comps.bank_id,
                 **comps.engine.snapshot()}
 
-    @app.get("/metrics", tags=["ops"])
-    async def metrics() -> Response:
-        """Prometheus metrics."""
-        return Response(generate_latest(comps.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+    @app.get("/metrics", tags=["ops"], responses={401: {"model": ErrorResponse}, 403: {"model": ErrorResponse}})
+    async def metrics(request: Request) -> Response:
+        """Prometheus metrics (with `metrics_auth = "key"`: for keys whose entry has `"metrics": true`)."""
+        if settings.metrics_auth == "key":
+            who = comps.keys.authenticate(request.headers.get("authorization"))
+            if not who.metrics:
+                raise Forbidden("this API key may not read /metrics", code="metrics_not_allowed")
+        body = await asyncio.to_thread(generate_latest, comps.metrics.registry)
+        return Response(body, media_type=CONTENT_TYPE_LATEST)
 
     @app.exception_handler(ServerError)
     async def on_server_error(request: Request, exc: ServerError) -> JSONResponse:
@@ -148,12 +191,16 @@ def create_app(settings: ModelServerSettings, components: Components | None = No
 
     @app.exception_handler(RequestValidationError)
     async def on_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        errors = exc.errors()
-        first = errors[0] if errors else {}
-        loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+        errors = list(exc.errors())
+        # of a union's failed members, the one that got furthest into the value says most
+        first = max(errors, key=lambda e: len(e.get("loc", ()))) if errors else {}
+        loc = list(first.get("loc", ()))
+        param = _param(loc[1:] if loc[:1] == ["body"] else loc)
         msg = str(first.get("msg", "invalid request"))
-        return JSONResponse(error_body(f"{'.'.join(loc) or 'body'}: {msg}", "invalid_request_error",
-                                       ".".join(loc) or None, "invalid_request"), status_code=400)
+        if first.get("type") == "extra_forbidden":
+            msg = "unknown field (not part of this API)"
+        return JSONResponse(error_body(f"{param or 'body'}: {msg}", "invalid_request_error", param,
+                                       "invalid_request"), status_code=400)
 
     @app.exception_handler(StarletteHTTPException)
     async def on_http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -167,7 +214,6 @@ def create_app(settings: ModelServerSettings, components: Components | None = No
         return JSONResponse(error_body("internal error", "server_error", None, "internal_error"),
                             status_code=500)
 
-    endpoints = {r.path for r in app.routes if hasattr(r, "path")}
-    app.add_middleware(MetricsMiddleware, components=comps, endpoints=endpoints)
+    app.add_middleware(MetricsMiddleware, components=comps)
     app.add_middleware(BodyLimitMiddleware, limit=settings.max_body_bytes)
     return app

@@ -3,10 +3,13 @@
 Key file (JSON):
 
     {"keys": [{"sha256": "<hex of sha256(key)>", "tenant": "acme", "subtrees": [3]},
-              {"sha256": "...", "tenant": "ops", "subtrees": null}]}
+              {"sha256": "...", "tenant": "ops", "subtrees": null, "metrics": true}]}
 
-`subtrees: null` (or absent) allows every subtree; `[]` allows no memory at all. The plain key never
-appears in the file, in memory beyond the request, or in logs.
+`subtrees: null` (or absent) allows every subtree; `[]` allows no memory at all. Optional flags:
+`telemetry` (the key sees cache hits/misses, fetch times and `/v1/route`'s `cached`, which tell what other
+tenants used recently; default: true for a key with `subtrees: null`, false for one limited to subtrees) and
+`metrics` (the key may read `/metrics` when the server runs with `metrics_auth = "key"`; default false).
+The plain key never appears in the file, in memory beyond the request, or in logs.
 """
 
 from __future__ import annotations
@@ -33,16 +36,20 @@ def new_key() -> str:
 
 @dataclass(frozen=True)
 class Principal:
-    """Who is calling: tenant and the level-1 subtrees whose memories it may use (None = all)."""
+    """Who is calling: tenant, the level-1 subtrees whose memories it may use (None = all), whether it may
+    see cache state and timings (`telemetry`) and read `/metrics` when that needs a key (`metrics`)."""
 
     tenant: str
     subtrees: frozenset[int] | None
+    telemetry: bool = True
+    metrics: bool = False
 
     def allows(self, level1_index: int) -> bool:
         return self.subtrees is None or level1_index in self.subtrees
 
 
-ANONYMOUS = Principal(tenant="anonymous", subtrees=None)
+ANONYMOUS = Principal(tenant="anonymous", subtrees=None, telemetry=True, metrics=True)
+"""The caller of a server without keys: one tenant, nothing to hide from it."""
 
 
 class KeyStore:
@@ -66,9 +73,17 @@ class KeyStore:
             if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
                 raise ValueError(f"key #{i} in {path}: sha256 must be 64 hex digits")
             subtrees = item.get("subtrees")
+            flags = {}
+            for flag in ("telemetry", "metrics"):
+                value = item.get(flag)
+                if value is not None and not isinstance(value, bool):
+                    raise ValueError(f"key #{i} in {path}: {flag} must be true or false")
+                flags[flag] = value
             entries[digest] = Principal(
                 tenant=str(item.get("tenant", f"tenant-{i}")),
                 subtrees=None if subtrees is None else frozenset(int(s) for s in subtrees),
+                telemetry=flags["telemetry"] if flags["telemetry"] is not None else subtrees is None,
+                metrics=bool(flags["metrics"]),
             )
         if not entries:
             raise ValueError(f"{path} holds no keys")

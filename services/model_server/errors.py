@@ -28,15 +28,20 @@ class InvalidRequest(ServerError):
 
 
 class Unauthorized(ServerError):
-    """Missing or unknown API key (401)."""
+    """Missing or unknown API key (401), with the `WWW-Authenticate` challenge RFC 9110 asks for."""
 
     status = 401
     type = "authentication_error"
     code = "invalid_api_key"
 
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None,
+                 headers: dict[str, str] | None = None) -> None:
+        super().__init__(message, param=param, code=code,
+                         headers={"WWW-Authenticate": 'Bearer realm="hiermem"', **(headers or {})})
+
 
 class Forbidden(ServerError):
-    """The key may not use the memory it asked for (403)."""
+    """The key may not use the memory it asked for, or read what it asked for (403)."""
 
     status = 403
     type = "permission_error"

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable, Hashable
+import threading
+import uuid
+from collections.abc import AsyncIterator, Callable, Hashable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -69,6 +71,133 @@ class Generation:
         self.engine.cancel(self.request)
 
 
+# ---- tokenizing (called off the event loop, after `check_prompt_chars`) ---------------------------------
+_NORMALIZER_MARGIN = 4  # a normalizer may shrink text before tokenizing; leave it room
+
+
+def max_token_chars(codec: Any) -> int | None:
+    """The most characters one token of `codec` can stand for (None: unknown), so a text longer than
+    `limit * max_token_chars` characters is over `limit` tokens without tokenizing it. A codec may say so
+    itself (`max_token_chars`); for an HF tokenizer it is the longest vocabulary entry (byte-level BPE:
+    one character per byte, and a text has at least as many bytes as characters)."""
+    known = getattr(codec, "max_token_chars", None)
+    if known is not None:
+        return int(known)
+    tok = getattr(codec, "tok", None)
+    if tok is None:
+        return None
+    with _cache_lock:
+        if id(tok) in _max_chars:
+            return _max_chars[id(tok)]
+    backend = getattr(tok, "backend_tokenizer", None)
+    vocab = backend.get_vocab(with_added_tokens=True) if backend is not None else tok.get_vocab()
+    longest = max((len(t) for t in vocab), default=0) or None
+    if longest is not None and backend is not None and backend.normalizer is not None:
+        longest *= _NORMALIZER_MARGIN
+    with _cache_lock:
+        _max_chars[id(tok)] = longest
+    return longest
+
+
+_cache_lock = threading.Lock()
+_max_chars: dict[int, int | None] = {}
+_text_tokenizers: dict[int, Any] = {}
+
+
+def check_prompt_chars(codec: Any, n_chars: int, limit: int) -> None:
+    """400 (context_length_exceeded) when a text of `n_chars` characters must be over `limit` tokens: the
+    size check that keeps a huge prompt from being tokenized at all."""
+    per_token = max_token_chars(codec)
+    if per_token is not None and n_chars > limit * per_token:
+        raise InvalidRequest(f"the prompt has {n_chars} characters, more than {limit} tokens can hold; the "
+                             f"limit is {limit} tokens", param="prompt", code="context_length_exceeded")
+
+
+def _text_tokenizer(backend: Any) -> Any:
+    """A copy of `backend` (a `tokenizers.Tokenizer`) that reads special-token text as plain text."""
+    with _cache_lock:
+        copy = _text_tokenizers.get(id(backend))
+        if copy is None:
+            from tokenizers import Tokenizer
+
+            copy = Tokenizer.from_str(backend.to_str())
+            copy.encode_special_tokens = True
+            _text_tokenizers[id(backend)] = copy
+        return copy
+
+
+def encode_chat(codec: Any, messages: Sequence[dict[str, str]]) -> list[int]:
+    """Token ids of a conversation through the chat template, with the messages' content tokenized as
+    text: special tokens (`<|im_start|>`, `<|im_end|>`, ...) come only from the template, so a message
+    cannot open a turn of another role. The template is rendered with a unique marker per message; the
+    template's text between the markers is tokenized as usual, the content with special tokens split.
+    A codec without an HF tokenizer (`tok`) uses its own `chat`."""
+    tok = getattr(codec, "tok", None)
+    backend = getattr(tok, "backend_tokenizer", None)
+    if tok is None or backend is None:
+        return codec.chat(list(messages))
+    text_tok = _text_tokenizer(backend)
+    contents = [m["content"] for m in messages]
+    if not getattr(tok, "chat_template", None):  # codec's plain format: all of it is text
+        text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
+        plain: list[int] = text_tok.encode(text, add_special_tokens=False).ids
+        return plain or codec.encode("")
+    tag = uuid.uuid4().hex
+    marks = [f"\x00{tag}:{i}\x00" for i in range(len(messages))]
+    rendered = tok.apply_chat_template([{"role": m["role"], "content": mark} for m, mark in zip(
+        messages, marks, strict=True)], add_generation_prompt=True, tokenize=False)
+    pieces: list[str] = []
+    rest = rendered
+    for mark in marks:
+        before, found, rest = rest.partition(mark)
+        if not found or mark in rest:
+            return _chat_without_markers(codec, tok, messages)
+        pieces.append(before)
+    pieces.append(rest)
+    template_ids = backend.encode_batch(pieces, add_special_tokens=False)
+    content_ids = text_tok.encode_batch(contents, add_special_tokens=False)
+    ids: list[int] = []
+    for i, part in enumerate(template_ids):
+        ids.extend(part.ids)
+        if i < len(content_ids):
+            ids.extend(content_ids[i].ids)
+    return [int(i) for i in ids]
+
+
+def _chat_without_markers(codec: Any, tok: Any, messages: Sequence[dict[str, str]]) -> list[int]:
+    """A template that changes the content (so the markers do not come through): refuse content holding a
+    special token's text, else the template as it is."""
+    specials = [t for t in getattr(tok, "all_special_tokens", []) if t]
+    for i, m in enumerate(messages):
+        hit = next((t for t in specials if t in m["content"]), None)
+        if hit is not None:
+            raise InvalidRequest(f"message {i} holds the special token {hit!r}", param=f"messages.{i}.content",
+                                 code="special_token_in_content")
+    return codec.chat(list(messages))
+
+
+# ---- what a client may see of the memory object -------------------------------------------------------
+_PUBLIC_REASONS = {"the API key allows no memory subtree", "no memory bank configured"}
+
+
+def public_memory(info: MemoryInfo, principal: Principal, request_id: str = "") -> MemoryInfo:
+    """The memory object as the client sees it: `reason` from a fixed vocabulary (the detail, which may hold
+    replica addresses or checksums, goes to the log), and cache hits/misses and fetch time only for a key
+    allowed to see them (they tell what other tenants used recently)."""
+    out = info.model_copy()
+    if info.reason is not None and info.reason not in _PUBLIC_REASONS:
+        if info.degraded and info.path is not None:
+            missing = [lv for lv in range(1, len(info.path) + 1) if lv not in info.levels]
+            out.reason = f"memory levels {missing} unavailable"
+        else:
+            out.reason = "memory unavailable"
+        log.warning("request %s memory: %s", request_id or "-", info.reason)
+    if not principal.telemetry:
+        out.cache_hits = out.cache_misses = None
+        out.fetch_ms = None
+    return out
+
+
 def check_limits(settings: ModelServerSettings, n_prompt: int, max_new: int, max_seq_len: int) -> None:
     """400 when a prompt or max_tokens is over its limit."""
     if n_prompt == 0:
@@ -107,4 +236,5 @@ async def start(engine: Engine, resolver: MemoryResolver | None, *, prompt_ids: 
         engine.metrics.tokens.labels(kind="prompt").inc(len(prompt_ids))
     log.info("request %s queued: %d prompt tokens, memory %s path=%s", req.request_id, len(prompt_ids),
              info.mode, info.path)
+    info = public_memory(info, principal, req.request_id)
     return Generation(request=req, memory=info, queue=queue, engine=engine, prompt_tokens=len(prompt_ids))

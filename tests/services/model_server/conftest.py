@@ -20,7 +20,7 @@ from .fakes import FakeCodec, FakeFetcher, FakeRunner, fake_embed
 
 
 def make_components(settings: ModelServerSettings, *, runner: FakeRunner | None = None,
-                    fetcher: FakeFetcher | None = None, with_bank: bool = True) -> Components:
+                    fetcher: FakeFetcher | None = None, with_bank: bool = True, codec=None) -> Components:
     metrics = Metrics()
     runner = runner or FakeRunner(n_slots=2 * settings.max_batch)
     resolver = None
@@ -32,7 +32,7 @@ def make_components(settings: ModelServerSettings, *, runner: FakeRunner | None 
                     max_queue=settings.max_queue, prefill_chunk=settings.prefill_chunk, metrics=metrics,
                     max_rows=settings.max_batch, retry_after_s=settings.retry_after_s)
     return Components(settings=settings, metrics=metrics, keys=KeyStore.load(settings.api_keys_file),
-                      codec=FakeCodec(), engine=engine, resolver=resolver, model_ids=["hiermem", "fake"],
+                      codec=codec or FakeCodec(), engine=engine, resolver=resolver, model_ids=["hiermem", "fake"],
                       bank_id="fake-bank" if with_bank else None)
 
 
@@ -42,12 +42,12 @@ def make_client(tmp_path) -> Callable[..., TestClient]:
     clients = []
 
     def make(*, fetcher: FakeFetcher | None = None, runner: FakeRunner | None = None, with_bank: bool = True,
-             **overrides) -> TestClient:
+             codec=None, **overrides) -> TestClient:
         if with_bank:
             overrides.setdefault("bank", tmp_path)
         overrides.setdefault("pinned_levels", 0)
         settings = ModelServerSettings(**overrides)
-        comps = make_components(settings, runner=runner, fetcher=fetcher, with_bank=with_bank)
+        comps = make_components(settings, runner=runner, fetcher=fetcher, with_bank=with_bank, codec=codec)
         client = TestClient(create_app(settings, comps))
         client.__enter__()
         clients.append(client)
@@ -60,11 +60,14 @@ def make_client(tmp_path) -> Callable[..., TestClient]:
 
 @pytest.fixture
 def keys_file(tmp_path):
-    """Two keys: 'k-all' (every subtree) and 'k-sub1' (level-1 subtree 1 only)."""
+    """Keys: 'k-all' (every subtree), 'k-sub1' (level-1 subtree 1 only), 'k-none' (no memory), 'k-ops'
+    (every subtree, may read /metrics) and 'k-sub1-tel' (subtree 1, may see cache hits and timings)."""
     path = tmp_path / "keys.json"
     path.write_text(json.dumps({"keys": [
         {"sha256": hash_key("k-all"), "tenant": "ops", "subtrees": None},
         {"sha256": hash_key("k-sub1"), "tenant": "acme", "subtrees": [1]},
         {"sha256": hash_key("k-none"), "tenant": "nomem", "subtrees": []},
+        {"sha256": hash_key("k-ops"), "tenant": "ops", "subtrees": None, "metrics": True},
+        {"sha256": hash_key("k-sub1-tel"), "tenant": "acme-ops", "subtrees": [1], "telemetry": True},
     ]}))
     return path

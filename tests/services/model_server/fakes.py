@@ -21,6 +21,7 @@ EOS = 0
 
 class FakeCodec:
     vocab_size = VOCAB
+    max_token_chars = 1  # one token per character: the server's size check before tokenizing
 
     def encode(self, text: str) -> list[int]:
         return [min(ord(ch), VOCAB - 1) or 1 for ch in text]
