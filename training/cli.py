@@ -15,8 +15,12 @@ log = logging.getLogger(__name__)
 
 
 def cmd_corpus_facts(args: argparse.Namespace) -> int:
+    if getattr(args, "style", "facts") == "documents":
+        return _corpus_documents(args)
     from training.corpus import DEFAULT_SIZES, build_facts_corpus, corpus_summary
 
+    if args.heldout_fraction is None:
+        args.heldout_fraction = 0.15
     sizes = dict(DEFAULT_SIZES)
     for item in args.size or []:
         name, _, n = item.partition("=")
@@ -28,6 +32,30 @@ def cmd_corpus_facts(args: argparse.Namespace) -> int:
                                 heldout_extra=args.heldout_extra)
     corpus.save(Path(args.out))
     print(json.dumps(corpus_summary(corpus), indent=2))
+    return 0
+
+
+def _corpus_documents(args: argparse.Namespace) -> int:
+    from training.corpus_docs import (
+        DEMO_HELDOUT_FRACTION,
+        DEMO_SIZES,
+        build_documents_corpus,
+        documents_summary,
+    )
+
+    sizes = dict(DEMO_SIZES)
+    for item in args.size or []:
+        name, _, n = item.partition("=")
+        if name not in sizes:
+            raise SystemExit(f"unknown relation {name!r}; known: {', '.join(sizes)}")
+        sizes[name] = int(n)
+    lo, _, hi = args.docs_per_entity.partition(",")
+    corpus = build_documents_corpus(
+        sizes, heldout_fraction=DEMO_HELDOUT_FRACTION if args.heldout_fraction is None else args.heldout_fraction,
+        n_buckets=args.buckets, seed=args.seed, heldout_extra=args.heldout_extra,
+        docs_per_entity=(int(lo), int(hi or lo)), valid=not args.no_valid)
+    corpus.save(Path(args.out))
+    print(json.dumps(documents_summary(corpus), indent=2))
     return 0
 
 
@@ -76,13 +104,23 @@ def register(sub: argparse._SubParsersAction) -> None:
     facts.add_argument("--out", required=True, help="output directory (docs.jsonl + probes.jsonl)")
     facts.add_argument("--size", action="append", metavar="RELATION=N",
                        help="facts per relation (0 = all), e.g. city_country=1800; repeatable")
-    facts.add_argument("--heldout-fraction", type=float, default=0.15)
+    facts.add_argument("--style", choices=["facts", "documents"], default="facts",
+                       help="facts: one probe-worded document per fact (with route_text); documents: 2-3 "
+                            "paragraphs per entity in varied wordings, probes and valid prompts worded "
+                            "differently (training/corpus_docs.py; sizes default to DEMO_SIZES)")
+    facts.add_argument("--heldout-fraction", type=float, default=None,
+                       help="default 0.15 (facts) / 0.2 (documents)")
     facts.add_argument("--buckets", type=int, default=5)
     facts.add_argument("--preserve-ratio", type=float, default=0.5,
-                       help="preserve prompts per fact (untrained entities of the same relations)")
+                       help="preserve prompts per fact (untrained entities of the same relations; "
+                            "facts style only)")
     facts.add_argument("--heldout-extra", type=float, default=0.0,
                        help="extra held-out facts per fact, about entities used nowhere else")
     facts.add_argument("--seed", type=int, default=0)
+    facts.add_argument("--docs-per-entity", default="2,3", metavar="LO,HI",
+                       help="documents style: documents per trained entity, drawn in LO..HI")
+    facts.add_argument("--no-valid", action="store_true",
+                       help="documents style: no valid / valid_heldout probes")
     facts.set_defaults(func=cmd_corpus_facts)
     agree = csub.add_parser("route-agreement",
                             help="how often a fact's prompt routes to the leaf of the document stating it")
@@ -113,6 +151,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     lt.add_argument("--delete", type=int, default=None, help="level-1 subtree to delete (default: busiest)")
     lt.add_argument("--batch-size", type=int, default=64)
     lt.add_argument("--limit", type=int, default=0, help="evaluate at most this many probes (0 = all)")
+    lt.add_argument("--rag", type=lambda t: [int(x) for x in t.split(",") if x], default=[],
+                    help="also score retrieval: the anchor with the top-k documents before the prompt, e.g. 1,3")
+    lt.add_argument("--no-general", action="store_true", help="skip the general-prompts check")
     lt.set_defaults(func=cmd_eval_longtail)
 
     build = sub.add_parser("build", help="corpus -> tree -> train -> export -> eval in one resumable command")

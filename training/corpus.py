@@ -51,10 +51,12 @@ class Probe:
     answer: str
     bucket: int
     relation: str
-    split: str  # "train" | "heldout"
+    split: str  # "train" | "heldout" (documents corpus also: "valid" | "valid_heldout")
     entity: str = ""
     doc_id: str | None = None
     popularity: float = 0.0
+    doc_ids: list[str] = field(default_factory=list)  # every document about the entity (documents corpus)
+    template: str = ""  # which wording family/template asked it, e.g. "probe:0", "valid:1" (documents corpus)
 
 
 @dataclass
