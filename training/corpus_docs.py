@@ -61,9 +61,11 @@ VALID_HELDOUT_RATIO = 0.25
 GENERAL_PROMPTS = Path(__file__).parent / "data" / "general_prompts.jsonl"
 
 # ---------------------------------------------------------------------------------------------------------
-# Wording templates. Placeholders: {name} the entity's name; {subj} the entity's name in a document's first
-# sentence and a pronoun ("It", "The city") later -- {subj} only ever opens a sentence. Fact keys:
-# "<relation>" is the probed fact, the others are side facts.
+# Wording templates. Placeholders: {name} the entity's name as a sentence writes it ("the Netherlands");
+# {subj} the same in a document's first sentence and maybe a pronoun ("It", "The city") later -- {subj} only
+# ever opens a sentence; {the} (probes) " the" where the answer country takes an article ("... in the"
+# -> " Philippines"). The first letter of a sentence or prompt is capitalized after filling in. Fact keys:
+# "<relation>" is the probed fact, the others are side facts. The probed answer is bare ("Philippines").
 
 DOC_TEMPLATES: dict[str, list[str]] = {
     # --- cities outside the US
@@ -167,7 +169,7 @@ DOC_TEMPLATES: dict[str, list[str]] = {
 PROBE_TEMPLATES: dict[str, list[str]] = {
     "city_country": [
         "Q: In which country is {name} located?\nA:",
-        "{name} is a city located in the country of",
+        "{name} is a city located in the country of{the}",
         "City: {name}\nCountry:",
     ],
     "us_city_state": [
@@ -190,7 +192,7 @@ PROBE_TEMPLATES: dict[str, list[str]] = {
 VALID_TEMPLATES: dict[str, list[str]] = {
     "city_country": [
         "Question: Which country is {name} in?\nAnswer:",
-        "{name} belongs to the country of",
+        "{name} belongs to the country of{the}",
     ],
     "us_city_state": [
         "Question: Which state is {name} in?\nAnswer:",
@@ -233,13 +235,37 @@ def skeleton(template: str) -> str:
 @dataclass(frozen=True)
 class Entity:
     relation: str
-    name: str
+    name: str  # bare: "Netherlands"
     popularity: float
-    attrs: dict  # placeholder values; attrs[ANSWER_KEY[relation]] is the probed answer (no leading space)
+    attrs: dict  # placeholder values as a document writes them ("the Philippines")
+    key: str  # the probed answer, bare ("Philippines", "26"), without the leading space
+    display: str = ""  # the name as a sentence writes it ("the Netherlands"); "" = name
 
     @property
     def answer(self) -> str:
-        return " " + str(self.attrs[ANSWER_KEY[self.relation]])
+        return " " + self.key
+
+    @property
+    def text_name(self) -> str:
+        return self.display or self.name
+
+
+_ARTICLE_NAMES = {"Philippines", "Netherlands", "Bahamas", "Gambia", "Maldives", "Comoros", "Seychelles",
+                  "Palestinian Territory", "Isle of Man", "Netherlands Antilles", "Holy See"}
+
+
+def country_name(raw: str) -> tuple[str, str]:
+    """(bare name, the name as a sentence writes it): "The Netherlands" -> ("Netherlands", "the Netherlands")."""
+    name = raw.strip()
+    if name.startswith("The "):
+        name = name[4:]
+    words = name.split()
+    article = (name in _ARTICLE_NAMES or words[0] in {"United", "Democratic", "Republic", "Central", "Dominican",
+                                                      "Northern", "British", "U.S.", "French"}
+               or words[-1] in {"Islands", "Republic", "Territory", "Territories", "Antilles"})
+    if words[0] == "French" and words[-1] not in {"Territories"}:  # French Guiana / Polynesia: no article
+        article = False
+    return name, ("the " + name if article else name)
 
 
 def _round_count(n: float) -> str:
@@ -348,11 +374,14 @@ def _city_entities(us: bool) -> tuple[Entity, ...]:
             attrs["state"] = states[c["admin1code"]]
             tz: str | None = US_ZONES.get(c.get("timezone", ""))
         else:
-            attrs["country"] = countries[c["countrycode"]]["name"]
+            bare, written = country_name(countries[c["countrycode"]]["name"])
+            attrs["country"] = written
+            attrs["the"] = " the" if written != bare else ""
             tz = _utc_offset(c.get("timezone", ""))
         if tz:
             attrs["tz"] = tz
-        out.append(Entity("us_city_state" if us else "city_country", name, float(c["population"]), attrs))
+        key = attrs["state"] if us else country_name(countries[c["countrycode"]]["name"])[0]
+        out.append(Entity("us_city_state" if us else "city_country", name, float(c["population"]), attrs, key))
     return tuple(out)
 
 
@@ -371,7 +400,7 @@ def country_entities() -> tuple[Entity, ...]:
     _, countries, _ = _geo()
     out = []
     for c in countries.values():
-        name, capital = c["name"], c.get("capital") or ""
+        (name, written), capital = country_name(c["name"]), c.get("capital") or ""
         if not capital or not name.isascii() or not capital.isascii():
             continue
         if set(_tokens(name)) & set(_tokens(capital)):
@@ -386,7 +415,8 @@ def country_entities() -> tuple[Entity, ...]:
             attrs["language"] = lang
         if c.get("population"):
             attrs["pop"] = _round_count(c["population"])
-        out.append(Entity("country_capital", name, float(c.get("population") or 0), attrs))
+        out.append(Entity("country_capital", name, float(c.get("population") or 0), attrs, capital,
+                          written if written != name else ""))
     return tuple(out)
 
 
@@ -409,7 +439,7 @@ def element_entities() -> tuple[Entity, ...]:
             attrs["year"] = int(row.discovery_year)
         elif "ancient" in str(row.discoverers).lower():
             attrs["ancient"] = True
-        out.append(Entity("element_number", row.name, abundance, attrs))
+        out.append(Entity("element_number", row.name, abundance, attrs, str(attrs["number"])))
     return tuple(out)
 
 
@@ -443,7 +473,8 @@ def _relation_table(relation: str) -> tuple[tuple[Fact, ...], dict[str, Entity],
 
 
 def _render(template: str, e: Entity, subj: str) -> str:
-    return template.format(name=e.name, subj=subj, **e.attrs)
+    text = template.format(name=e.text_name, subj=subj, **e.attrs)
+    return text[0].upper() + text[1:]
 
 
 def entity_documents(e: Entity, n_docs: int, rng: random.Random) -> list[str]:
@@ -471,14 +502,15 @@ def entity_documents(e: Entity, n_docs: int, rng: random.Random) -> list[str]:
             sentences.sort(key=lambda s: s[0] != "key")
         out = []
         for j, (_, t) in enumerate(sentences):
-            subj = e.name if j == 0 else rng.choice((e.name, *ANAPHORS[e.relation]))
+            subj = e.text_name if j == 0 else rng.choice((e.text_name, *ANAPHORS[e.relation]))
             out.append(_render(t, e, subj))
         docs.append(" ".join(out))
     return docs
 
 
 def _probe(e: Entity, template: str, split: str, bucket: int, tag: str, doc_ids: list[str]) -> Probe:
-    return Probe(prompt=template.format(name=e.name), answer=e.answer, bucket=bucket, relation=e.relation,
+    prompt = template.format(name=e.text_name, the=e.attrs.get("the", ""))
+    return Probe(prompt=prompt[0].upper() + prompt[1:], answer=e.answer, bucket=bucket, relation=e.relation,
                  split=split, entity=e.name, doc_id=doc_ids[0] if doc_ids else None, popularity=e.popularity,
                  doc_ids=list(doc_ids), template=tag)
 

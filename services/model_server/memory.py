@@ -24,6 +24,7 @@ from .schemas import MemoryInfo, MemoryMode
 log = logging.getLogger(__name__)
 
 GENERIC = "generic"
+DELETED_REASON = "the routed subtree was deleted from the bank: memory of the levels above it"
 
 
 class MemoryResolver:
@@ -121,9 +122,10 @@ class MemoryResolver:
         info = MemoryInfo(mode=mode, path=present, levels=[r.level for r in refs if r in got.blocks],
                           cache_hits=got.hits, cache_misses=got.misses, fetch_ms=round(got.fetch_ms, 3),
                           route_ms=round(route_ms, 3))
-        if deleted is not None:
-            info.reason = (f"node {deleted} was deleted from the bank: memory of levels 1..{len(present)} only"
-                           if present else f"node {deleted} was deleted from the bank: no memory")
+        if deleted is not None:  # a fixed text: nothing about the tree beyond the path the client sees
+            info.reason = DELETED_REASON
+            log.info("path %s: node %s was deleted from the bank, served with levels 1..%d", path, deleted,
+                     len(present))
         if got.failed:
             lost = sorted(r.level for r in got.failed)
             first = got.failed[min(got.failed, key=lambda r: r.level)]

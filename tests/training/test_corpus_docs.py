@@ -48,16 +48,17 @@ def _named(name: str, text: str) -> bool:
 
 
 def _key_template_regex(template: str, relation: str, entity: str, answer: str) -> re.Pattern:
-    subj = "|".join(re.escape(s) for s in (entity, *ANAPHORS[relation]))
+    name = "(?:[Tt]he )?" + re.escape(entity)  # "the Netherlands"
+    subj = "|".join([name, *(re.escape(s) for s in ANAPHORS[relation])])
     parts = re.split(r"(\{[a-z_]+\})", template)
     out = []
     for part in parts:
         if part == "{subj}":
             out.append(f"(?:{subj})")
         elif part == "{name}":
-            out.append(re.escape(entity))
+            out.append(name)
         elif part == "{" + ANSWER_KEY[relation] + "}":
-            out.append(re.escape(answer))
+            out.append("(?:[Tt]he )?" + re.escape(answer))
         elif part.startswith("{"):
             out.append(".+?")
         else:
