@@ -143,6 +143,22 @@ COMPLETION = [
     "The time complexity of binary search is",
     "A function that calls itself is called",
     "To install a Python package, run pip",
+    # more everyday knowledge
+    "A group of lions is called a",
+    "The longest bone in the human body is the",
+    "A decade is a period of",
+    "A century is a period of",
+    "The freezing point of water in degrees Celsius is",
+    "The instrument used to look at stars is a",
+    "The instrument used to see tiny cells is a",
+    "Chess is played on a board with this many squares:",
+    "The author of the Harry Potter books is",
+    "The inventor of the World Wide Web is",
+    "An angle of ninety degrees is called a",
+    "The number pi is approximately",
+    "A word that describes a noun is called an",
+    "The square root of 81 is",
+    "The sum of the angles in a triangle is",
 ]
 
 CHAT = [

@@ -338,11 +338,31 @@ def _geo():
     return gc.get_cities(), gc.get_countries(), {s["code"]: s["name"] for s in gc.get_us_states().values()}
 
 
+_ELEMENT_COLUMNS = ("name", "symbol", "atomic_number", "group_id", "period", "discovery_year", "abundance_crust",
+                    "series_id", "discoverers")
+
+
 @cache
-def _element_rows() -> tuple:
+def _element_rows() -> tuple[dict, ...]:
+    """mendeleev's element table, the columns used here; None for missing values. Read from the wheel's
+    sqlite file directly (fast), through mendeleev.fetch (pandas, slow) when that file is not found."""
+    import importlib.util
+    import sqlite3
+
+    spec = importlib.util.find_spec("mendeleev")
+    db = Path(spec.origin).parent / "elements.db" if spec and spec.origin else None
+    if db is not None and db.exists():
+        con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+        try:
+            rows = con.execute(f"SELECT {', '.join(_ELEMENT_COLUMNS)} FROM elements ORDER BY atomic_number")
+            return tuple(dict(zip(_ELEMENT_COLUMNS, r, strict=True)) for r in rows)
+        finally:
+            con.close()
     from mendeleev.fetch import fetch_table
 
-    return tuple(fetch_table("elements").itertuples())
+    df = fetch_table("elements")
+    return tuple({c: (None if getattr(r, c) != getattr(r, c) else getattr(r, c)) for c in _ELEMENT_COLUMNS}
+                 for r in df.itertuples())
 
 
 @cache
@@ -350,7 +370,7 @@ def _reserved_names() -> frozenset[str]:
     """Names a city may not have: countries, capitals, US states, continents, elements, languages."""
     _, countries, states = _geo()
     names = {c["name"] for c in countries.values()} | {c["capital"] for c in countries.values() if c["capital"]}
-    names |= set(states.values()) | set(CONTINENTS.values()) | {r.name for r in _element_rows()}
+    names |= set(states.values()) | set(CONTINENTS.values()) | {r["name"] for r in _element_rows()}
     return frozenset(names)
 
 
@@ -428,18 +448,19 @@ def _ordinal(n: int) -> str:
 def element_entities() -> tuple[Entity, ...]:
     out = []
     for row in _element_rows():
-        abundance = float(row.abundance_crust) if row.abundance_crust == row.abundance_crust else 0.0
-        attrs: dict = {"number": int(row.atomic_number), "symbol": row.symbol, "period": int(row.period),
-                       "period_ord": _ordinal(int(row.period))}
-        if row.group_id == row.group_id and row.group_id:
-            attrs["group"] = int(row.group_id)
-        if row.series_id == row.series_id and int(row.series_id) in SERIES:
-            attrs["series"] = SERIES[int(row.series_id)]
-        if row.discovery_year == row.discovery_year and row.discovery_year:
-            attrs["year"] = int(row.discovery_year)
-        elif "ancient" in str(row.discoverers).lower():
+        abundance = float(row["abundance_crust"] or 0.0)
+        period = int(row["period"])
+        attrs: dict = {"number": int(row["atomic_number"]), "symbol": row["symbol"], "period": period,
+                       "period_ord": _ordinal(period)}
+        if row["group_id"]:
+            attrs["group"] = int(row["group_id"])
+        if row["series_id"] and int(row["series_id"]) in SERIES:
+            attrs["series"] = SERIES[int(row["series_id"])]
+        if row["discovery_year"]:
+            attrs["year"] = int(row["discovery_year"])
+        elif "ancient" in str(row["discoverers"] or "").lower():
             attrs["ancient"] = True
-        out.append(Entity("element_number", row.name, abundance, attrs, str(attrs["number"])))
+        out.append(Entity("element_number", row["name"], abundance, attrs, str(attrs["number"])))
     return tuple(out)
 
 
