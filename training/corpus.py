@@ -17,6 +17,10 @@ The built-in corpus (``hiermem corpus facts``) is made from data shipped in whee
 popularity = population) and mendeleev elements (element -> atomic number, popularity = abundance in the
 Earth's crust). Each document is short and centred on one entity and states exactly one fact in the same
 words as its probe, so greedy generation after the probe prompt is a meaningful exact-match test.
+
+The documents corpus (``hiermem corpus facts --style documents``, training/corpus_docs.py) is the realistic
+variant: several paragraphs per entity in varied wordings, no ``route_text``, probes worded differently, and
+extra probe splits ``valid`` / ``valid_heldout``; probes there also carry ``doc_ids`` and ``template``.
 """
 
 from __future__ import annotations
