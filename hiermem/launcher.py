@@ -16,12 +16,14 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import secrets
 import shlex
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -62,8 +64,10 @@ class UpSettings(BaseSettings):
     """How long each stage may take to become healthy (the first SmolLM2 conversion takes a while)."""
     backoff_initial_s: float = Field(0.5, gt=0)
     """Delay before the first restart of a crashed child; doubles on each crash in a row."""
-    backoff_max_s: float = Field(30.0, gt=0)
+    backoff_max_s: float = Field(5.0, gt=0)
     """Longest delay between restarts."""
+    backoff_reset_s: float = Field(10.0, gt=0)
+    """A child healthy this long gets the initial delay again at its next crash."""
     stop_timeout_s: float = Field(20.0, gt=0)
     """Grace period after SIGTERM before children are killed."""
     liveness_interval_s: float = Field(10.0, ge=0)
@@ -74,6 +78,9 @@ class UpSettings(BaseSettings):
     """Extra arguments for `hiermem serve-model` (shell syntax), e.g. "--api-keys-file keys.json"."""
     bank_args: str = ""
     """Extra arguments for every `hiermem serve-bank`."""
+    tls: bool = False
+    """Mutual TLS inside the stack: a throw-away CA, a server certificate for the shards and a client
+    certificate for the model server, made with openssl in a private run directory (removed at exit)."""
 
     @model_validator(mode="after")
     def _check(self) -> UpSettings:
@@ -87,12 +94,19 @@ class UpSettings(BaseSettings):
 # ---------------------------------------------------------------- probes
 
 
-def probe_grpc(address: str, timeout: float = 2.0) -> bool:
-    """True when the gRPC server at host:port answers grpc.health.v1 Check("") with SERVING."""
+def probe_grpc(address: str, timeout: float = 2.0, tls: TlsFiles | None = None) -> bool:
+    """True when the gRPC server at host:port answers grpc.health.v1 Check("") with SERVING (over mutual
+    TLS with `tls`)."""
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    with grpc.insecure_channel(address) as channel:
+    if tls is not None:
+        creds = grpc.ssl_channel_credentials(tls.ca.read_bytes(), tls.client_key.read_bytes(),
+                                             tls.client_cert.read_bytes())
+        channel = grpc.secure_channel(address, creds)
+    else:
+        channel = grpc.insecure_channel(address)
+    with channel:
         try:
             reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""),
                                                               timeout=timeout)
@@ -128,6 +142,62 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
+# ---------------------------------------------------------------- mutual TLS inside the stack
+
+
+class TlsFiles:
+    """PEM files of a throw-away PKI: CA, server certificate (shards) and client certificate (model server
+    and probes)."""
+
+    def __init__(self, d: Path) -> None:
+        self.dir = d
+        self.ca = d / "ca.pem"
+        self.server_cert, self.server_key = d / "server.pem", d / "server.key"
+        self.client_cert, self.client_key = d / "client.pem", d / "client.key"
+
+    def shard_args(self) -> list[str]:
+        return ["--tls-cert-file", str(self.server_cert), "--tls-key-file", str(self.server_key),
+                "--tls-client-ca-file", str(self.ca)]
+
+    def model_args(self) -> list[str]:
+        return ["--bank-tls-ca-file", str(self.ca), "--bank-tls-cert-file", str(self.client_cert),
+                "--bank-tls-key-file", str(self.client_key)]
+
+
+def make_pki(d: Path, hosts: list[str]) -> TlsFiles:
+    """A CA (1 day), a server certificate for `hosts` (DNS names or IPs) and a client certificate, EC
+    P-256, with the openssl CLI; keys are readable by this user only."""
+    import ipaddress
+
+    if shutil.which("openssl") is None:
+        raise SystemExit("hiermem up --tls needs the openssl command (apt-get install -y openssl)")
+    d.mkdir(parents=True, exist_ok=True)
+    os.chmod(d, 0o700)
+
+    def run(*args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=d, check=True, capture_output=True, timeout=60)
+
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    run("req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.pem", "-days", "1", "-subj", "/CN=hiermem-up-ca")
+    names = []
+    for h in dict.fromkeys([*hosts, "localhost", "127.0.0.1"]):
+        try:
+            ipaddress.ip_address(h)
+            names.append(f"IP:{h}")
+        except ValueError:
+            names.append(f"DNS:{h}")
+    (d / "server.ext").write_text(f"subjectAltName={','.join(names)}\nextendedKeyUsage=serverAuth\n")
+    (d / "client.ext").write_text("extendedKeyUsage=clientAuth\n")
+    for name in ("server", "client"):
+        run("req", *ec, "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", f"/CN=hiermem-{name}")
+        run("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+            "-out", f"{name}.pem", "-days", "1", "-extfile", f"{name}.ext")
+    (d / "ca.key").unlink()  # nothing more is ever signed
+    for key in d.glob("*.key"):
+        os.chmod(key, 0o600)
+    return TlsFiles(d)
+
+
 # ---------------------------------------------------------------- the stack
 
 
@@ -145,35 +215,41 @@ def bank_shard_ids(bank_dir: Path) -> list[str]:
         raise SystemExit(f"hiermem up: {exc}\n  make one with: hiermem ensure-bank --bank {bank_dir}") from None
 
 
-def plan_stack(s: UpSettings, redis_url: str | None) -> tuple[list[ChildSpec], Callable[[dict], ChildSpec]]:
-    """The shard replica specs, and a factory for the model server spec given {shard: [addresses]}."""
+def plan_stack(s: UpSettings, redis_url: str | None, tls: TlsFiles | None = None
+               ) -> tuple[list[ChildSpec], Callable[[dict], ChildSpec]]:
+    """The shard replica specs, and a factory for the model server spec given {shard: [addresses]}.
+
+    The Redis URL (it may hold a password) reaches the children through their environment, not argv."""
     shard_ids = bank_shard_ids(s.bank)
     if s.shards is not None and s.shards != len(shard_ids):
         raise SystemExit(f"{s.bank} has {len(shard_ids)} shards, --shards asks for {s.shards}: reshard the "
                          f"bank first (see docs/operating.md)")
-    redis_args = ["--redis-url", redis_url] if redis_url else []
+    bank_env = {"HIERMEM_BANK_REDIS_URL": redis_url} if redis_url else {}
+    model_env = {"HIERMEM_MODEL_REDIS_URL": redis_url} if redis_url else {}
+    shard_tls = tls.shard_args() if tls else []
+    probe = (lambda addr: probe_grpc(addr, tls=tls)) if tls else probe_grpc
     shards = []
     for sid in shard_ids:
         for r in range(s.replicas):
             def argv(port: int, sid=sid, r=r) -> list[str]:
                 # `python -m services.memory_bank` is serve-bank without the other packages' imports (torch)
                 return [sys.executable, "-m", "services.memory_bank", "--bank", str(s.bank), "--shard", sid,
-                        "--replica-id", f"r{r}", "--host", s.host, "--port", str(port), *redis_args,
+                        "--replica-id", f"r{r}", "--host", s.host, "--port", str(port), *shard_tls,
                         *shlex.split(s.bank_args)]
-            shards.append(ChildSpec(f"shard-{sid}/r{r}", argv, probe_grpc))
+            shards.append(ChildSpec(f"shard-{sid}/r{r}", argv, probe, env=bank_env))
 
     def model(addresses: dict[str, list[str]]) -> ChildSpec:
         static = ",".join(f"{sid}={a}" for sid, addrs in addresses.items() for a in addrs)
 
         def argv(port: int) -> list[str]:
             return _hiermem("serve-model", "--anchor", s.anchor, "--bank", str(s.bank), "--host", s.host,
-                            "--port", str(port), "--static-addresses", static, *redis_args,
+                            "--port", str(port), "--static-addresses", static, *(tls.model_args() if tls else []),
                             *shlex.split(s.model_args))
 
         # ready = anchor loaded and bank reachable; alive = /health, so a shard outage never restarts it,
         # with a generous timeout, since a busy 2-core machine can be slow to answer
         return ChildSpec("model", argv, lambda addr: probe_http(f"http://{addr}/ready"), port=s.port,
-                         liveness=lambda addr: probe_http(f"http://{addr}/health", timeout=10.0))
+                         liveness=lambda addr: probe_http(f"http://{addr}/health", timeout=10.0), env=model_env)
 
     return shards, model
 
@@ -188,23 +264,31 @@ def up(s: UpSettings, *, stop: threading.Event | None = None, out=None) -> int:
     """Run the stack until `stop` is set (or SIGINT/SIGTERM when run from the CLI); returns an exit code."""
     out = out or sys.stdout
     sup = Supervisor(backoff_initial_s=s.backoff_initial_s, backoff_max_s=s.backoff_max_s,
-                     stop_timeout_s=s.stop_timeout_s, liveness_interval_s=s.liveness_interval_s,
-                     liveness_failures=s.liveness_failures, stop=stop)
+                     backoff_reset_s=s.backoff_reset_s, stop_timeout_s=s.stop_timeout_s,
+                     liveness_interval_s=s.liveness_interval_s, liveness_failures=s.liveness_failures, stop=stop)
     redis_url = s.redis_url
+    run_dir = Path(tempfile.mkdtemp(prefix="hiermem-up-"))  # private (0700): PKI, redis.conf
     try:
+        tls = make_pki(run_dir / "tls", [s.host]) if s.tls else None
         if redis_url is None and s.redis != "off":
             if shutil.which("redis-server"):
                 rport = free_port(s.host)
-                redis_url = f"redis://{s.host}:{rport}/0"
-                sup.start(ChildSpec("redis", lambda port: [
-                    "redis-server", "--bind", s.host, "--port", str(port), "--save", "", "--appendonly", "no"],
-                    lambda addr: probe_redis(f"redis://{addr}/0"), port=rport))
+                # Redis asks for a password (in a 0600 config file, never on a command line): only the
+                # stack's own processes, which get the URL in their environment, can register or list
+                password = secrets.token_urlsafe(24)
+                conf = run_dir / "redis.conf"
+                conf.write_text(f"bind {s.host}\nport {rport}\nsave \"\"\nappendonly no\n"
+                                f"requirepass {password}\n")
+                os.chmod(conf, 0o600)
+                redis_url = f"redis://:{password}@{s.host}:{rport}/0"
+                sup.start(ChildSpec("redis", lambda port: ["redis-server", str(conf)],
+                                    lambda addr, u=redis_url: probe_redis(u), port=rport))
                 sup.wait_healthy(["redis"], s.startup_timeout_s)
             elif s.redis == "on":
                 raise SystemExit("redis='on' but redis-server is not installed")
             else:
                 log.info("redis-server not installed: the model server uses static shard addresses")
-        shard_specs, model_spec = plan_stack(s, redis_url)
+        shard_specs, model_spec = plan_stack(s, redis_url, tls)
         for spec in shard_specs:
             sup.start(spec)
         sup.wait_healthy([spec.name for spec in shard_specs], s.startup_timeout_s)
@@ -215,8 +299,10 @@ def up(s: UpSettings, *, stop: threading.Event | None = None, out=None) -> int:
         model = sup.start(model_spec(addresses))
         sup.wait_healthy(["model"], s.startup_timeout_s)
         url = f"http://{model.address}"
+        shown = _hide_password(redis_url) if redis_url else None
         print(f"hiermem is up: {url}  ({len(addresses)} shard(s) x {s.replicas} replica(s), "
-              f"discovery: {'redis ' + redis_url if redis_url else 'static'})", file=out, flush=True)
+              f"discovery: {'redis ' + shown if shown else 'static'}, "
+              f"bank traffic: {'mutual TLS' if s.tls else 'plaintext'})", file=out, flush=True)
         auth = "--api-keys-file" in s.model_args or bool(os.environ.get("HIERMEM_MODEL_API_KEYS_FILE"))
         print(f"try:  {curl_example(url, auth)}", file=out, flush=True)
         print("stop with Ctrl-C", file=out, flush=True)
@@ -229,6 +315,12 @@ def up(s: UpSettings, *, stop: threading.Event | None = None, out=None) -> int:
         return 1
     finally:
         sup.stop_all(order=["model", *[n for n in sup.children if n.startswith("shard-")], "redis"])
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def _hide_password(url: str) -> str:
+    head, at, tail = url.rpartition("@")
+    return f"{head.split('//')[0]}//***@{tail}" if at else url
 
 
 # ---------------------------------------------------------------- ensure-bank
@@ -297,9 +389,13 @@ def ensure_bank(s: EnsureBankSettings) -> Path:
 
 def _add_settings_flags(parser: argparse.ArgumentParser, settings_cls: type[BaseSettings]) -> None:
     for name, info in settings_cls.model_fields.items():
-        parser.add_argument(f"--{name.replace('_', '-')}", dest=name, default=None,
-                            help=(info.description or "") + f" [env {settings_cls.model_config['env_prefix']}"
-                                                             f"{name.upper()}]")
+        help_text = (info.description or "") + f" [env {settings_cls.model_config['env_prefix']}{name.upper()}]"
+        flag = f"--{name.replace('_', '-')}"
+        if info.annotation is bool:  # `hiermem up --tls`, `--no-tls`
+            parser.add_argument(flag, dest=name, default=None, action=argparse.BooleanOptionalAction,
+                                help=help_text)
+        else:
+            parser.add_argument(flag, dest=name, default=None, help=help_text)
 
 
 def _cmd_up(args: argparse.Namespace) -> int:

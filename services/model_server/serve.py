@@ -16,10 +16,18 @@ async def serve(settings: ModelServerSettings) -> None:
 
     from .app import create_app
 
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame) -> None:
+            if not self.should_exit:
+                # DRAINING (like LISTENING) tells a supervisor that /health is about to go away while
+                # in-flight streams finish: it must not probe this process to death
+                log.info("DRAINING: signal %d received, finishing in-flight requests", sig)
+            super().handle_exit(sig, frame)
+
     app = create_app(settings)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, lifespan="on", log_config=None,
                             access_log=False, timeout_graceful_shutdown=30)
-    server = uvicorn.Server(config)
+    server = Server(config)
     task = asyncio.create_task(server.serve())
     while not server.started and not task.done():
         await asyncio.sleep(0.05)

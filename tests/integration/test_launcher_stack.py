@@ -139,3 +139,55 @@ def test_up_without_a_bank_says_how_to_make_one(tmp_path):
     assert out.returncode == 1
     assert "is not a bank" in out.stderr and "hiermem ensure-bank --bank" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_up_tls_serves_over_mutual_tls_and_a_draining_model_server_finishes_its_stream(bank):
+    """Issue 12, findings 10 and 5 live: `hiermem up --tls` runs the shards with mutual TLS (plaintext and
+    certificate-less callers refused) and Redis with a password; SIGTERM to the model server lets a
+    400-token stream finish although /health is gone meanwhile and the liveness probe runs every 0.3 s."""
+    import redis as redis_py
+
+    launcher = Launcher("--bank", str(bank), "--anchor", "tiny", "--port", "0", "--tls",
+                        "--liveness-interval-s", "0.3", "--liveness-failures", "1", "--model-args=--torch-threads 1")
+    try:
+        m = launcher.wait_for(r"hiermem is up: (http://\S+) .*discovery: redis (\S+), bank traffic: mutual TLS",
+                              launcher.out, timeout=240)
+        url, shown_redis = m.group(1), m.group(2)
+        assert "***@" in shown_redis  # the password is not printed
+        answer = _complete(url, "The capital of France is")
+        assert answer["memory"]["levels"] == [1, 2] and answer["memory"]["degraded"] is False
+        address = launcher.wait_for(r"shard-0/r0 healthy at (\S+)", launcher.err, timeout=5).group(1)
+        assert not probe_grpc(address, 1.0)  # plaintext
+        cmdlines = [" ".join(p.cmdline()) for p in launcher.descendants()]
+        assert all("requirepass" not in c and "redis://" not in c for c in cmdlines)
+        rport = int(shown_redis.rsplit(":", 1)[1].split("/")[0])
+        with pytest.raises(redis_py.exceptions.AuthenticationError):
+            redis_py.Redis(port=rport, socket_timeout=2).ping()
+
+        model = next(p for p in launcher.descendants() if "serve-model" in p.cmdline())
+        tokens: list[str] = []
+
+        def stream() -> None:
+            body = {"prompt": "Once upon a time", "max_tokens": 400, "ignore_eos": True, "stream": True}
+            with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=120) as r:
+                for line in r.iter_lines():
+                    if line.startswith("data: {"):
+                        tokens.append(line)
+
+        reader = threading.Thread(target=stream)
+        reader.start()
+        deadline = time.monotonic() + 60
+        while len(tokens) < 5 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        model.terminate()  # SIGTERM, as an operator rolling it would
+        reader.join(120)
+        # the stream ran to its end (chunks of tokens that decode to no text yet are merged into later ones)
+        assert tokens and '"finish_reason":"length"' in tokens[-1], f"stream cut after {len(tokens)} chunks"
+        assert len(tokens) > 300
+        launcher.wait_for(r"model \(pid \d+\) drained and exited", launcher.err, timeout=60)
+        launcher.wait_for(r"model healthy again", launcher.err, timeout=120)
+        assert not [line for line in launcher.err if "is not answering; killing it" in line]
+    finally:
+        launcher.proc.send_signal(signal.SIGTERM)
+        code = launcher.proc.wait(timeout=90)
+    assert code == 0, "".join(launcher.err[-30:])

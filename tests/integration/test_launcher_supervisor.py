@@ -187,3 +187,142 @@ def test_address_of_is_known_once_the_child_reports_it_or_has_a_fixed_port(fake_
         assert address.startswith("127.0.0.1:") and address != "127.0.0.1:0" and probe_grpc(address)
     finally:
         sup.stop_all()
+
+
+# A stand-in model server: /health answers 200, /stream sends 200 lines 20 ms apart. On SIGTERM it does
+# what uvicorn does (stops listening, so /health fails, and lets in-flight responses finish), after
+# logging DRAINING like the real services.
+FAKE_HTTP = textwrap.dedent('''
+    import logging, signal, sys, threading, time
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    class H(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.0"
+        def log_message(self, *a): pass
+        def do_GET(self):
+            self.send_response(200); self.end_headers()
+            if self.path == "/stream":
+                for i in range(200):
+                    self.wfile.write(f"token {i}\\n".encode()); self.wfile.flush(); time.sleep(0.02)
+            else:
+                self.wfile.write(b"ok")
+    port = int(sys.argv[sys.argv.index("--port") + 1])
+    srv = ThreadingHTTPServer(("127.0.0.1", port), H)
+    srv.daemon_threads = False
+    srv.block_on_close = True
+    def on_term(*_):
+        logging.info("DRAINING: finishing in-flight requests")
+        threading.Thread(target=srv.shutdown).start()
+    signal.signal(signal.SIGTERM, on_term)
+    logging.info("LISTENING 127.0.0.1:%d", srv.server_address[1])
+    srv.serve_forever()
+    srv.server_close()   # joins the request threads: in-flight streams finish
+''')
+
+
+def _http_probe(addr: str) -> bool:
+    import httpx
+
+    try:
+        return httpx.get(f"http://{addr}/health", timeout=0.5).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def test_a_draining_child_is_not_probed_to_death(tmp_path):
+    """Issue 12, finding 5: after SIGTERM a server's /health fails while its streams finish; the liveness
+    probe must leave it alone (it used to SIGKILL it and cut a stream at 91 of 200 tokens)."""
+    import httpx
+
+    script = tmp_path / "fake_http.py"
+    script.write_text(FAKE_HTTP)
+    sup = Supervisor(backoff_initial_s=0.1, liveness_interval_s=0.2, liveness_failures=2, stop_timeout_s=20.0)
+    lines: list[str] = []
+    try:
+        child = sup.start(ChildSpec("model", lambda port: [sys.executable, str(script), "--port", str(port)],
+                                    _http_probe))
+        sup.wait_healthy(["model"], timeout=60)
+        old_pid = child.proc.pid
+
+        def stream():
+            with httpx.stream("GET", f"http://{child.address}/stream", timeout=30) as r:
+                lines.extend(r.iter_lines())
+
+        import threading
+
+        reader = threading.Thread(target=stream)
+        reader.start()
+        time.sleep(0.5)
+        os.kill(old_pid, signal.SIGTERM)  # e.g. an operator rolling the model server
+        old_proc = child.proc
+        while reader.is_alive():
+            sup.tick()
+            time.sleep(0.05)
+        assert len([ln for ln in lines if ln]) == 200, f"stream cut at {len(lines)} of 200"
+        old_proc.wait(10)
+        assert old_proc.returncode == 0, f"the draining child was killed ({old_proc.returncode})"
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and not (child.proc.pid != old_pid and child.healthy):
+            sup.tick()
+            time.sleep(0.05)
+        assert child.proc.pid != old_pid and child.healthy  # and it comes back
+    finally:
+        sup.stop_all()
+
+
+def test_a_draining_child_that_never_exits_is_killed_after_the_stop_timeout(tmp_path):
+    script = tmp_path / "stuck.py"
+    script.write_text(textwrap.dedent('''
+        import signal, sys, time
+        print("LISTENING 127.0.0.1:1", flush=True)
+        signal.signal(signal.SIGTERM, lambda *_: print("DRAINING", flush=True))
+        time.sleep(300)
+    '''))
+    sup = Supervisor(backoff_initial_s=0.1, liveness_interval_s=0.2, liveness_failures=2, stop_timeout_s=1.0)
+    try:
+        child = sup.start(ChildSpec("stuck", lambda port: [sys.executable, str(script)], lambda a: True))
+        sup.wait_healthy(["stuck"], timeout=30)
+        proc = child.proc
+        time.sleep(0.3)
+        proc.send_signal(signal.SIGTERM)
+        t0 = time.monotonic()
+        while proc.poll() is None and time.monotonic() - t0 < 10:
+            sup.tick()
+            time.sleep(0.05)
+        assert proc.poll() is not None and 0.9 < time.monotonic() - t0 < 5
+    finally:
+        sup.stop_all()
+
+
+def test_backoff_resets_once_a_child_has_been_healthy_for_a_while(tmp_path, fake_shard):
+    """Issue 12, finding 11: after a series of crashes the delay had grown (to 16 s), and a shard that
+    crashed again after being healthy stayed down that long."""
+    counter = tmp_path / "starts"
+    counter.write_text("0")
+    script = tmp_path / "flappy.py"
+    script.write_text(textwrap.dedent(f'''
+        import pathlib, sys
+        c = pathlib.Path({str(counter)!r}); n = int(c.read_text()) + 1; c.write_text(str(n))
+        if n <= 4:
+            raise SystemExit(1)   # the first starts crash at once (a dependency is down)
+    ''') + FAKE_SHARD)
+    sup = Supervisor(backoff_initial_s=0.1, backoff_max_s=10.0, backoff_reset_s=1.0, stop_timeout_s=5.0)
+    try:
+        child = sup.start(ChildSpec("shard-0/r0", lambda port: [sys.executable, str(script), "--port",
+                                                                str(port)], probe_grpc))
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not child.healthy:
+            sup.tick()
+            time.sleep(0.02)
+        assert child.healthy and child.restarts == 4 and child.backoff >= 1.6  # 0.1 0.2 0.4 0.8 -> 1.6
+        t_healthy = time.monotonic()
+        while time.monotonic() - t_healthy < 1.5:  # healthy for longer than backoff_reset_s
+            sup.tick()
+            time.sleep(0.05)
+        os.kill(child.proc.pid, signal.SIGKILL)
+        while child.restart_at is None:
+            sup.tick()
+            time.sleep(0.01)
+        assert child.restart_at - time.monotonic() <= 0.15, "the back-off did not reset"
+    finally:
+        sup.stop_all()
