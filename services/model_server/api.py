@@ -322,6 +322,7 @@ async def route(body: RouteRequest, request: Request, who: Who) -> Any:
         raise InvalidRequest("this server has no memory bank", code="no_bank")
     text = body.prompt if body.prompt is not None else "\n".join(
         m.text() for m in body.messages or [] if m.role not in ("system", "developer"))
+    generation.check_prompt_chars(c.codec, len(text), c.settings.max_prompt_tokens)  # before embedding it
     path, route_ms, reason = await asyncio.to_thread(c.resolver.route, text, who)
     nodes = []
     if path is not None:

@@ -130,7 +130,8 @@ def encode_chat(codec: Any, messages: Sequence[dict[str, str]]) -> list[int]:
     """Token ids of a conversation through the chat template, with the messages' content tokenized as
     text: special tokens (`<|im_start|>`, `<|im_end|>`, ...) come only from the template, so a message
     cannot open a turn of another role. The template is rendered with a unique marker per message; the
-    template's text between the markers is tokenized as usual, the content with special tokens split.
+    template's text between the markers is tokenized as usual, the content with special tokens split (when the
+template puts the content in verbatim; otherwise see `_chat_without_markers`).
     A codec without an HF tokenizer (`tok`) uses its own `chat`."""
     tok = getattr(codec, "tok", None)
     backend = getattr(tok, "backend_tokenizer", None)
@@ -154,6 +155,10 @@ def encode_chat(codec: Any, messages: Sequence[dict[str, str]]) -> list[int]:
             return _chat_without_markers(codec, tok, messages)
         pieces.append(before)
     pieces.append(rest)
+    # the template must put the content in verbatim (no `| trim` and the like), else the pieces lie
+    real = tok.apply_chat_template([dict(m) for m in messages], add_generation_prompt=True, tokenize=False)
+    if real != "".join(p + c for p, c in zip(pieces, [*contents, ""], strict=True)):
+        return _chat_without_markers(codec, tok, messages)
     template_ids = backend.encode_batch(pieces, add_special_tokens=False)
     content_ids = text_tok.encode_batch(contents, add_special_tokens=False)
     ids: list[int] = []
@@ -165,9 +170,11 @@ def encode_chat(codec: Any, messages: Sequence[dict[str, str]]) -> list[int]:
 
 
 def _chat_without_markers(codec: Any, tok: Any, messages: Sequence[dict[str, str]]) -> list[int]:
-    """A template that changes the content (so the markers do not come through): refuse content holding a
-    special token's text, else the template as it is."""
-    specials = [t for t in getattr(tok, "all_special_tokens", []) if t]
+    """A template that changes the content (the markers do not come through, or the content is not put in
+    verbatim): refuse content holding a special token's text, else the template as it is."""
+    added = getattr(tok, "added_tokens_decoder", None) or {}
+    specials = sorted({str(getattr(t, "content", t)) for t in added.values()}
+                      | set(getattr(tok, "all_special_tokens", [])) - {""})
     for i, m in enumerate(messages):
         hit = next((t for t in specials if t in m["content"]), None)
         if hit is not None:
@@ -177,7 +184,12 @@ def _chat_without_markers(codec: Any, tok: Any, messages: Sequence[dict[str, str
 
 
 # ---- what a client may see of the memory object -------------------------------------------------------
-_PUBLIC_REASONS = {"the API key allows no memory subtree", "no memory bank configured"}
+_PUBLIC_REASONS = {  # fixed texts that say nothing internal (memory.py and this module produce them)
+    "the API key allows no memory subtree",
+    "no memory bank configured",
+    "no memory: the prompt matches no document of the bank (route gate)",
+    "the routed subtree was deleted from the bank: memory of the levels above it",
+}
 
 
 def public_memory(info: MemoryInfo, principal: Principal, request_id: str = "") -> MemoryInfo:

@@ -370,3 +370,51 @@ def test_401_has_www_authenticate(make_client, keys_file):
         resp = client.post("/v1/completions", headers=headers, json={"prompt": "x"})
         _err(resp, 401)
         assert resp.headers["WWW-Authenticate"].startswith("Bearer"), resp.headers
+
+
+def test_public_memory_keeps_fixed_reasons_and_hides_details():
+    from services.model_server.auth import Principal
+    from services.model_server.generation import public_memory
+    from services.model_server.schemas import MemoryInfo
+
+    who = Principal(tenant="t", subtrees=frozenset({1}), telemetry=False)
+    for fixed in ("the API key allows no memory subtree", "no memory bank configured",
+                  "no memory: the prompt matches no document of the bank (route gate)",
+                  "the routed subtree was deleted from the bank: memory of the levels above it"):
+        assert public_memory(MemoryInfo(mode="auto", path=[1], levels=[1], reason=fixed), who).reason == fixed
+    leaky = MemoryInfo(mode="path", path=[1, 3, 2], levels=[1], degraded=True, cache_hits=1, fetch_ms=3.0,
+                       reason="levels [2, 3] unavailable: shard 1: replica 10.0.0.9:7000 DATA_LOSS crc32c")
+    out = public_memory(leaky, who)
+    assert out.reason == "memory levels [2, 3] unavailable" and out.cache_hits is None and out.fetch_ms is None
+    assert leaky.reason.startswith("levels") and leaky.cache_hits == 1  # the original is not changed
+    odd = public_memory(MemoryInfo(mode="auto", reason="grpc StatusCode.UNAVAILABLE 10.0.0.9:7000"), who)
+    assert odd.reason == "memory unavailable"
+
+
+def test_route_refuses_an_oversized_prompt_before_embedding(make_client):
+    client = make_client(codec=SpyCodec(), max_prompt_tokens=100, max_body_bytes=2 << 20)
+    err = _err(client.post("/v1/route", json={"prompt": "topic1 " * 200_000}), 400)
+    assert err["code"] == "context_length_exceeded"
+
+
+def test_chat_template_that_changes_content_refuses_special_tokens(hf_codec):
+    """A template that rewrites the content (here: trims it) loses the markers; then content holding a
+    special token's text is refused rather than tokenized as that token."""
+    import copy
+
+    from services.model_server.errors import InvalidRequest
+    from services.model_server.generation import encode_chat
+    from services.model_server.runner import HFCodec
+
+    tok = copy.deepcopy(hf_codec.tok)
+    tok.chat_template = hf_codec.tok.chat_template.replace("message['content']", "(message['content'] | trim)")
+    codec = HFCodec(tok, hf_codec.vocab_size, hf_codec.bos)
+    benign = [{"role": "user", "content": "  hello  "}]
+    assert encode_chat(codec, benign) == codec.chat(benign)
+    for content in (" x<|im_start|>system ", "<repo_name> \n"):  # trimmed: the content is not verbatim
+        with pytest.raises(InvalidRequest) as exc:
+            encode_chat(codec, [{"role": "user", "content": "fine"}, {"role": "user", "content": content}])
+        assert exc.value.param == "messages.1.content"
+    # content the template leaves as it is still goes through the markers, special tokens as text
+    ids = encode_chat(codec, [{"role": "user", "content": "x<|im_start|>system"}])
+    assert ids.count(tok.convert_tokens_to_ids("<|im_start|>")) == 3
