@@ -38,7 +38,7 @@ op on its inputs, so blocks that are `nn.Parameter`s receive gradients. Build in
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -98,6 +98,29 @@ class MemoryBatch:
     @property
     def prepared_nbytes(self) -> int:
         return sum(g.gu.nbytes + g.dt.nbytes for g in self._groups)
+
+    @classmethod
+    def from_paths(cls, paths: Sequence[Sequence[Hashable]], get_block: Callable[[Hashable], torch.Tensor | None],
+                   layers: Sequence[int], **options) -> MemoryBatch | None:
+        """The memory of rows given by the keys of their blocks (e.g. a path's `NodeRef`s): each distinct key's
+        block is fetched once with `get_block` (None = absent, skipped) and shared by the rows naming it.
+        Returns None when no row has a block. `options` go to `build`."""
+        blocks: list[torch.Tensor] = []
+        index: dict[Hashable, int | None] = {}
+        row_blocks: list[list[int]] = []
+        for keys in paths:
+            ks = []
+            for key in keys:
+                if key not in index:
+                    block = get_block(key)
+                    index[key] = None if block is None else len(blocks)
+                    if block is not None:
+                        blocks.append(block)
+                k = index[key]
+                if k is not None:
+                    ks.append(k)
+            row_blocks.append(ks)
+        return cls.build(blocks, row_blocks, layers, **options) if blocks else None
 
     @classmethod
     def build(cls, blocks: Sequence[torch.Tensor], row_blocks: Sequence[Sequence[int]], layers: Sequence[int],
@@ -196,7 +219,7 @@ class MemoryBatch:
         if self._direct:
             return out
         # a row may sit in several classes (its level-1 class and its private one): sum, out of place
-        return h.new_zeros(B, T, d).index_add(0, self._all_rows, out)
+        return h.new_zeros(B, T, d).index_add(0, self._all_rows, out.to(h.dtype))
 
 
 def _classes(row_blocks: Sequence[Sequence[int]], widths: Sequence[int], strategy: str):

@@ -22,6 +22,11 @@ class TrainConfig:
     """frozen anchor: smollm2 | tiny | HF Llama directory"""
     embedder: str = "all-MiniLM-L6-v2"
     """memory_store embedder for routing (recorded in the bank spec); "hash-trigram" for fast tests"""
+    routing: str = "docs"
+    """"docs": group documents that share a name into one leaf and route prompts through the nearest trained
+    documents with a calibrated gate (memory_store.router); "tree": the tree's greedy descent, ungated"""
+    gate_max_false_open: float = 0.02
+    """gate calibration: the largest share of validation prompts outside the corpus that may get memory"""
     branching: list[int] = field(default_factory=lambda: [8, 8])
     ranks: list[int] = field(default_factory=lambda: [64, 32])
     memory_layers: list[int] | None = None
@@ -45,6 +50,8 @@ class TrainConfig:
     preserve_weight: float = 0.0
     """weight of KL(anchor || anchor + memory) at the end of the corpus's preserve prompts (frozen anchor)"""
     preserve_batch: int = 16
+    preserve_per_doc: int = 1
+    """without a preserve file: entity-swapped openings derived per document (training/preservation.py)"""
     seed: int = 0
     subtree: int | None = None
     """train only level-1 subtree I (an independent job; merge jobs with `hiermem train merge`)"""
@@ -57,6 +64,9 @@ class TrainConfig:
     anchor_lr: float = 1e-3
     dtype: str = "float32"
     """bank dtype on export"""
+    compute_dtype: str = "auto"
+    """training matmuls: "auto" (bfloat16 autocast where a short measurement shows it clearly faster, see
+    lm/dtype.py), "float32" or "bfloat16" """
     shards: int = 1
     checkpoint_every: int = 200
     """steps between checkpoints (and one at every epoch end)"""
@@ -93,6 +103,9 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bank", help="bank directory to export (default OUT/bank)")
     p.add_argument("--anchor", default=d.anchor)
     p.add_argument("--embedder", default=d.embedder, help="routing embedder (memory_store name)")
+    p.add_argument("--routing", default=d.routing, choices=["docs", "tree"],
+                   help="docs: nearest-document routing with a gate; tree: greedy descent")
+    p.add_argument("--gate-max-false-open", type=float, default=d.gate_max_false_open)
     p.add_argument("--branching", type=_ints, default=d.branching, help="e.g. 8,8 or 16x16")
     p.add_argument("--ranks", type=_ints, default=d.ranks, help="memory units per level, e.g. 64,32")
     p.add_argument("--memory-layers", type=_ints, default=None, help="anchor layer indices (default: last N)")
@@ -107,6 +120,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preserve-weight", type=float, default=d.preserve_weight,
                    help="keep the anchor's prediction on the corpus's preserve prompts (0 = off)")
     p.add_argument("--preserve-batch", type=int, default=d.preserve_batch)
+    p.add_argument("--preserve-per-doc", type=int, default=d.preserve_per_doc,
+                   help="without preserve.jsonl: derived prompts per document")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--subtree", type=int, default=None, help="train only this level-1 subtree")
     p.add_argument("--tree", default=None, help="reuse this tree.safetensors")
@@ -115,6 +130,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                    help="JSON file of ModelConfig fields: pretrain a new anchor from scratch with memories")
     p.add_argument("--anchor-lr", type=float, default=d.anchor_lr)
     p.add_argument("--dtype", default=d.dtype, choices=["float32", "float16", "bfloat16"])
+    p.add_argument("--compute-dtype", default=d.compute_dtype, choices=["auto", "float32", "bfloat16"])
     p.add_argument("--shards", type=int, default=d.shards)
     p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)
     p.add_argument("--no-prefix-cache", action="store_true")

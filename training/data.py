@@ -9,10 +9,12 @@ tests/training/test_trainer.py checks loss and gradients against the uncached mo
 from __future__ import annotations
 
 import logging
+import os
 import random
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -136,3 +138,12 @@ def loss_targets(ids: torch.Tensor, mask: torch.Tensor, starts: Sequence[int]):
     nxt = torch.zeros_like(ids)
     nxt[:, :-1] = ids[:, 1:]
     return select, nxt[select]
+
+
+def atomic_save(obj, path: Path) -> None:
+    """torch.save to a temporary file, fsync, rename: a reader never sees half a file."""
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)

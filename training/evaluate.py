@@ -19,6 +19,7 @@ import logging
 import shutil
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +28,7 @@ import torch
 
 from training.corpus import Corpus, Probe
 from training.data import pad_hidden, pad_ids, prefix_hidden
+from training.reports import markdown, write_reports
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +44,7 @@ class Item:
     path: tuple[int, ...]
 
 
-def prepare_items(tokenizer, probes: list[Probe], paths: np.ndarray) -> list[Item]:
+def prepare_items(tokenizer, probes: list[Probe], paths: Sequence[Sequence[int]] | np.ndarray) -> list[Item]:
     items = []
     for p, path in zip(probes, paths, strict=True):
         pre = tokenizer(p.prompt, add_special_tokens=False)["input_ids"]
@@ -73,20 +75,21 @@ class BlockSource:
         self.bank = bank
         self.cache: dict = {}
 
-    def path_blocks(self, path) -> list[torch.Tensor]:
+    def block(self, key: tuple[int, int]) -> torch.Tensor | None:
+        """The block of node (level, index) as float32, None when the bank does not hold it."""
         from memory_store import NodeNotFound, NodeRef
 
-        out = []
-        for level, index in enumerate(path, start=1):
-            ref = NodeRef(level, int(index))
-            if ref not in self.cache:
-                try:
-                    self.cache[ref] = self.bank.read_block(ref).float()
-                except NodeNotFound:
-                    self.cache[ref] = None
-            if self.cache[ref] is not None:
-                out.append(self.cache[ref])
-        return out
+        ref = NodeRef(int(key[0]), int(key[1]))
+        if ref not in self.cache:
+            try:
+                self.cache[ref] = self.bank.read_block(ref).float()
+            except NodeNotFound:
+                self.cache[ref] = None
+        return self.cache[ref]
+
+    def path_blocks(self, path) -> list[torch.Tensor]:
+        blocks = [self.block((level, int(i))) for level, i in enumerate(path, start=1)]
+        return [b for b in blocks if b is not None]
 
 
 def _memory_for(rows: list[Item], system: str, sources: dict, layers: list[int]):
@@ -97,21 +100,7 @@ def _memory_for(rows: list[Item], system: str, sources: dict, layers: list[int])
     if system == "generic":
         return MemoryBatch.build([sources["generic"]], [[0]] * len(rows), layers)
     src = sources[system]
-    blocks: list[torch.Tensor] = []
-    index: dict[tuple[int, int], int] = {}
-    row_blocks: list[list[int]] = []
-    for it in rows:
-        ks = []
-        for level, b in enumerate(src.path_blocks(it.path)):
-            key = (level, id(b))
-            if key not in index:
-                index[key] = len(blocks)
-                blocks.append(b)
-            ks.append(index[key])
-        row_blocks.append(ks)
-    if not blocks:
-        return None
-    return MemoryBatch.build(blocks, row_blocks, layers)
+    return MemoryBatch.from_paths([list(enumerate(it.path, start=1)) for it in rows], src.block, layers)
 
 
 def greedy_correct(model, tokenizer, items: list[Item], hidden: list[torch.Tensor], l0: int, system: str,
@@ -189,7 +178,7 @@ def summarize(items: list[Item], correct: dict[str, np.ndarray], deleted_subtree
                                 "relation": it.probe.relation, "bucket": it.probe.bucket, "path": list(it.path)}
                                for k, it in enumerate(items) if known[k] and not correct["hierarchical"][k]]
     if deleted_subtree is not None and "hierarchical_deleted" in correct:
-        inside = np.array([it.path[0] == deleted_subtree for it in items]) & (split == "train")
+        inside = np.array([bool(it.path) and it.path[0] == deleted_subtree for it in items]) & (split == "train")
         rest = ~inside & (split == "train")
         out["deletion"] = {
             "subtree": int(deleted_subtree), "n_inside": int(inside.sum()), "n_rest": int(rest.sum()),
@@ -202,18 +191,25 @@ def summarize(items: list[Item], correct: dict[str, np.ndarray], deleted_subtree
 
 def evaluate_longtail(bank_dir: Path, corpus_dir: Path, anchor: str | None = None, out_dir: Path | None = None,
                       delete: int | None = None, batch_size: int = 64, limit: int = 0,
-                      hidden_lookup=None, progress: bool = True) -> dict:
+                      hidden_lookup=None, progress: bool = True, rag: tuple[int, ...] = (),
+                      general: bool = True) -> dict:
     """Run the long-tail evaluation and write longtail.json / .md / .png into `out_dir` (default BANK/eval).
 
     Args:
         delete: level-1 subtree to delete for the deletion test (default: the one most trained facts route to).
         hidden_lookup: optional callable(list[Item], layer) -> list[tensor | None], prefix states already
             computed (the training job's cache); None entries are computed here.
+        rag: also score the anchor with the top-k documents put before the prompt, for each k given.
+        general: score memory auto against memory off on the general prompts (training/general_use.py).
+
+    Prompts are routed as the model server routes them: through the bank's nearest-document router and
+    its gate when the bank has one (a gated prompt gets no memory), else by the tree's descent.
     """
     from lm import load_anchor
     from memory_store import Bank, NodeRef
     from memory_store.ops import delete_subtrees
-    from training.routing import embed, get_embedder
+    from memory_store.router import DocRouter
+    from training.routing import get_embedder
 
     t_start = time.perf_counter()
     bank_dir = Path(bank_dir)
@@ -228,10 +224,13 @@ def evaluate_longtail(bank_dir: Path, corpus_dir: Path, anchor: str | None = Non
     model, tok = a.model, a.tokenizer
     layers = list(spec.memory_layers)
     l0 = min(layers)
-    probes = Corpus.load(Path(corpus_dir)).probes
+    corpus = Corpus.load(Path(corpus_dir))
+    probes = [p for p in corpus.probes if p.split in ("train", "heldout")]  # valid*: for choosing settings
     if limit:
         probes = probes[:limit]
-    paths = bank.tree.route(embed([p.prompt for p in probes], get_embedder(spec.embedder_name)))
+    embedder = get_embedder(spec.embedder_name)
+    router = DocRouter.load(bank_dir)
+    paths = route_prompts(bank, router, [p.prompt for p in probes], embedder)
     items = prepare_items(tok, probes, paths)
     known: list[torch.Tensor | None] = hidden_lookup(items, l0) if hidden_lookup else [None] * len(items)
     todo = [i for i, h in enumerate(known) if h is None]
@@ -242,7 +241,7 @@ def evaluate_longtail(bank_dir: Path, corpus_dir: Path, anchor: str | None = Non
     log.info("eval prefix states: %d computed in %.1fs, %d reused", len(todo), time.perf_counter() - t0,
              len(items) - len(todo))
 
-    train_paths = [it.path[0] for it in items if it.probe.split == "train"]
+    train_paths = [it.path[0] for it in items if it.probe.split == "train" and it.path]
     if delete is None and train_paths:
         delete = int(np.bincount(train_paths).argmax())
     sources: dict = {"hierarchical": BlockSource(bank)}
@@ -268,6 +267,30 @@ def evaluate_longtail(bank_dir: Path, corpus_dir: Path, anchor: str | None = Non
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     result = summarize(items, correct, delete)
+    fact_paths = trained_paths(bank, router, corpus.docs, embedder)
+    result["routing"] = routing_report(items, correct, fact_paths, "documents + gate" if router else "tree descent")
+    if router is not None:
+        result["routing"]["gate"] = {"min_idf": router.min_idf, "min_cos": router.min_cos,
+                                     "calibration": router.calibration}
+    cost = {"hierarchical": {"extra_prompt_tokens": 0.0, "ms_per_probe": 1000 * seconds["hierarchical"] / len(items)}}
+    if rag:
+        from training.general_use import rag_eval
+
+        for k in rag:
+            t0 = time.perf_counter()
+            correct[f"rag{k}"], extra = rag_eval(model, tok, items, corpus.docs, embedder, k, l0, layers, batch_size)
+            cost[f"rag{k}"] = {"extra_prompt_tokens": extra,
+                               "ms_per_probe": 1000 * (time.perf_counter() - t0) / len(items)}
+        result.update({k: v for k, v in summarize(items, correct, delete).items() if k == "accuracy"})
+    result["cost"] = cost
+    if general:
+        from training.general_use import general_use
+
+        result["general"] = general_use(model, tok, a.chat_template, bank, router, embedder, sources, layers)
+    result["per_probe"] = [
+        {"prompt": it.probe.prompt, "answer": it.probe.answer, "split": it.probe.split, "bucket": it.probe.bucket,
+         "relation": it.probe.relation, "path": list(it.path), "reached": reached_fact(it, fact_paths),
+         **{s: bool(c[k]) for s, c in correct.items()}} for k, it in enumerate(items)]
     result.update({"bank": str(bank_dir), "bank_id": bank.bank_id, "corpus": str(corpus_dir),
                    "anchor": a.name, "memory_layers": layers, "branching": spec.branching,
                    "ranks": spec.ranks, "generation_fallbacks": fallbacks, "seconds": seconds,
@@ -277,6 +300,61 @@ def evaluate_longtail(bank_dir: Path, corpus_dir: Path, anchor: str | None = Non
     write_reports(result, out_dir)
     bank.close()
     return result
+
+
+def route_prompts(bank, router, texts: list[str], embedder) -> list[tuple[int, ...]]:
+    """Paths as the model server would choose them (() = no memory: the router's gate is closed)."""
+    from training.routing import embed
+
+    emb = embed(texts, embedder)
+    if router is not None:
+        return [r.path or () for r in router.route(emb, texts)]
+    return [tuple(int(x) for x in p) for p in bank.tree.route(emb)]
+
+
+def trained_paths(bank, router, docs: list[dict], embedder) -> dict[str, tuple[int, ...]]:
+    """doc id -> the path its document was trained into (the router's record, else the tree's descent)."""
+    if router is not None:
+        return {d: tuple(int(x) for x in p) for d, p in zip(router.doc_ids, router.doc_paths, strict=True)}
+    from training.routing import doc_route_texts, embed
+
+    paths = bank.tree.route(embed(doc_route_texts(docs), embedder))
+    return {d["id"]: tuple(int(x) for x in p) for d, p in zip(docs, paths, strict=True)}
+
+
+def _fact_docs(it: Item) -> list[str]:
+    return it.probe.doc_ids or ([it.probe.doc_id] if it.probe.doc_id else [])
+
+
+def reached_fact(it: Item, fact_paths: dict[str, tuple[int, ...]]) -> bool | None:
+    """Did the prompt reach a leaf trained on its fact? None for facts no document states."""
+    ids = _fact_docs(it)
+    if it.probe.split != "train" or not ids:
+        return None
+    return bool(it.path) and it.path in {fact_paths.get(d) for d in ids}
+
+
+def routing_report(items: list[Item], correct: dict[str, np.ndarray], fact_paths: dict, router: str) -> dict:
+    reached = [reached_fact(it, fact_paths) for it in items]
+    train = np.array([r is not None for r in reached])
+    ok = np.array([bool(r) for r in reached])
+    level1 = np.array([r is not None and bool(it.path) and any(
+        p and p[0] == it.path[0] for p in (fact_paths.get(d) for d in _fact_docs(it)))
+        for r, it in zip(reached, items, strict=True)])
+    gated = np.array([not it.path for it in items])
+    held = np.array([it.probe.split == "heldout" for it in items])
+    bucket = np.array([it.probe.bucket for it in items])
+    out: dict = {"router": router, "reached": _acc(train, ok), "reached_level1": _acc(train, level1),
+                 "gated_train": _acc(train, gated), "gated_heldout": _acc(held, gated), "accuracy_by_route": {}}
+    for s, c in correct.items():
+        out["accuracy_by_route"][s] = {"reached": _acc(train & ok, c), "missed": _acc(train & ~ok, c),
+                                       "n_reached": int((train & ok).sum()), "n_missed": int((train & ~ok).sum())}
+    if "hierarchical" in correct:
+        c = correct["hierarchical"]
+        out["by_bucket"] = {str(b): {"correct_reached": float((train & ok & c & (bucket == b)).sum())
+                                     / max(1, int((train & (bucket == b)).sum()))} for b in sorted(set(bucket))}
+        out["by_bucket"]["all"] = {"correct_reached": float((train & ok & c).sum()) / max(1, int(train.sum()))}
+    return out
 
 
 def resolve_anchor(identity) -> str:
@@ -289,72 +367,11 @@ def resolve_anchor(identity) -> str:
     raise ValueError(f"no cached anchor has identity {identity.hash[:12]}; pass --anchor")
 
 
-# ---- reports --------------------------------------------------------------------------------------------------
-
-
-def _pct(x) -> str:
-    return "-" if x is None else f"{100 * x:.1f}"
-
-
-def markdown(result: dict) -> str:
-    buckets = [str(b) for b in result["buckets"]]
-    lines = []
-    for sp in ("train", "heldout"):
-        lines += [f"### {sp} facts (n = {result['n'][sp]}), exact match %, bucket 1 = most popular", "",
-                  "| system | all | " + " | ".join(f"bucket {b}" for b in buckets) + " |",
-                  "|---|---|" + "---|" * len(buckets)]
-        for s, acc in result["accuracy"].items():
-            lines.append(f"| {s} | {_pct(acc[sp]['all'])} | " + " | ".join(_pct(acc[sp][b]) for b in buckets)
-                         + " |")
-        lines.append("")
-    lines.append(f"Held-out facts the anchor knew: {result['heldout_anchor_known']}; broken by memory: "
-                 + ", ".join(f"{s} {v['count']} ({_pct(v['fraction'])}%)" for s, v in result["broken"].items()))
-    d = result.get("deletion")
-    if d:
-        lines += ["", f"Deletion of level-1 subtree {d['subtree']}: trained facts routed there "
-                      f"(n = {d['n_inside']}) vs the rest (n = {d['n_rest']}), exact match %", "",
-                  "| facts | anchor | hierarchical | after deletion |", "|---|---|---|---|"]
-        for k in ("inside", "rest"):
-            lines.append(f"| {k} | {_pct(d[k]['anchor'])} | {_pct(d[k]['hierarchical'])} | "
-                         f"{_pct(d[k]['hierarchical_deleted'])} |")
-    return "\n".join(lines) + "\n"
-
-
-def bar_chart(result: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    buckets = [str(b) for b in result["buckets"]]
-    systems = [s for s in ("anchor", "generic", "hierarchical") if s in result["accuracy"]]
-    fig, ax = plt.subplots(figsize=(8, 4))
-    w = 0.8 / len(systems)
-    x = np.arange(len(buckets) + 1)
-    for k, s in enumerate(systems):
-        acc = result["accuracy"][s]["train"]
-        vals = [100 * (acc[b] or 0) for b in buckets] + [100 * (acc["all"] or 0)]
-        ax.bar(x + (k - (len(systems) - 1) / 2) * w, vals, w, label=s)
-    ax.set_xticks(x, [f"bucket {b}" for b in buckets] + ["all"])
-    ax.set_ylabel("exact match on trained facts (%)")
-    ax.set_ylim(0, 100)
-    ax.set_title("Long-tail facts by popularity bucket (1 = most popular)")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def write_reports(result: dict, out_dir: Path) -> None:
-    (out_dir / "longtail.json").write_text(json.dumps(result, indent=2) + "\n")
-    (out_dir / "longtail.md").write_text("# Long-tail evaluation\n\n" + markdown(result))
-    bar_chart(result, out_dir / "longtail.png")
-
-
 def run_eval_command(args) -> int:
     result = evaluate_longtail(Path(args.bank), Path(args.corpus), anchor=args.anchor,
                                out_dir=Path(args.out) if args.out else None, delete=args.delete,
-                               batch_size=args.batch_size, limit=args.limit)
+                               batch_size=args.batch_size, limit=args.limit,
+                               rag=tuple(args.rag), general=not args.no_general)
     print(markdown(result))
     return 0
 

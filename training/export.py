@@ -28,9 +28,11 @@ def bank_spec(job: dict, dtype: str):
 
 
 def _write_bank(bank_dir: Path, job: dict, tree, tensors: dict[str, torch.Tensor], generic: torch.Tensor,
-                n_shards: int, dtype: str) -> str:
-    """Every node's block (zeros for a node no job trained: a zero block changes nothing) + the generic."""
+                n_shards: int, dtype: str, router_dir: Path | None = None) -> str:
+    """Every node's block (zeros for a node no job trained: a zero block changes nothing) + the generic,
+    and the job's nearest-document router (memory_store.router) when it has one."""
     from memory_store import BankWriter, NodeRef
+    from memory_store.router import DocRouter
 
     spec = bank_spec(job, dtype)
     with BankWriter(bank_dir, spec, job["anchor_identity"], tree, n_shards, overwrite=True) as w:
@@ -40,6 +42,8 @@ def _write_bank(bank_dir: Path, job: dict, tree, tensors: dict[str, torch.Tensor
                 block = tensors.get(f"{level}_{index}")
                 w.write_block(NodeRef(level, index), block if block is not None else torch.zeros(shape))
         w.write_generic(generic)
+        if router_dir is not None:
+            DocRouter.copy_files(router_dir, w.tmp)  # inside the temporary directory: published together
     log.info("exported bank %s (%d shard(s), %s) to %s", w.bank_id[:12], n_shards, dtype, bank_dir)
     return w.bank_id
 
@@ -55,7 +59,7 @@ def export_job(job_dir: Path, bank_dir: Path, n_shards: int = 1, dtype: str = "f
     tensors = load_file(str(job_dir / "memory.safetensors"))
     generic = tensors.pop("generic")
     return _write_bank(Path(bank_dir), job, Tree.load(job_dir / "tree.safetensors"), tensors, generic,
-                       n_shards, dtype)
+                       n_shards, dtype, router_dir=job_dir / "router")
 
 
 def merge_subtree_jobs(job_dirs: list[Path], bank_dir: Path, n_shards: int = 1, dtype: str = "float32") -> str:
@@ -97,4 +101,6 @@ def merge_subtree_jobs(job_dirs: list[Path], bank_dir: Path, n_shards: int = 1, 
     if generic is None:
         raise ValueError("no subtree jobs to merge")
     log.info("merging subtrees %s", sorted(seen))
-    return _write_bank(Path(bank_dir), jobs[0], trees[0], tensors, generic / weight, n_shards, dtype)
+    # every subtree job routed all documents over the shared tree: their routers are the same
+    return _write_bank(Path(bank_dir), jobs[0], trees[0], tensors, generic / weight, n_shards, dtype,
+                       router_dir=Path(job_dirs[0]) / "router")

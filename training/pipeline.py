@@ -35,6 +35,16 @@ PRESETS: dict[str, dict] = {
                   "epochs": 16, "batch_size": 32, "lr": 1e-2, "warmup_steps": 5, "loss": "continuation",
                   "preserve_weight": 1.0, "preserve_batch": 32},
     },
+    # A corpus as a user brings it: paragraphs about each entity in several wordings, no route_text, no
+    # preserve file; probes in wordings no document uses. Nearest-document routing with a calibrated gate.
+    "docs": {
+        "corpus": {"style": "documents", "sizes": {"city_country": 200, "us_city_state": 50,
+                                                   "country_capital": 40, "element_number": 30},
+                   "heldout_fraction": 0.2, "heldout_extra": 0.75},
+        "train": {"anchor": "smollm2", "branching": [8, 8], "ranks": [64, 32], "mem_layers": 4,
+                  "epochs": 12, "batch_size": 32, "lr": 1e-2, "warmup_steps": 5, "loss": "all",
+                  "routing": "docs"},
+    },
     # the tiny random anchor: exercises every stage in seconds (tests)
     "tiny": {
         "corpus": {"sizes": {"city_country": 16, "us_city_state": 6, "country_capital": 6,
@@ -75,7 +85,8 @@ def job_hidden_lookup(job_dir: Path, corpus_docs: list[dict]):
 
 
 def run_build(preset: str = "demo", bank_dir: Path | None = None, work: Path | None = None,
-              epochs: int | None = None, evaluate: bool = True) -> dict:
+              epochs: int | None = None, evaluate: bool = True, rag: tuple[int, ...] = (),
+              train_overrides: dict | None = None) -> dict:
     from training.corpus import Corpus, build_facts_corpus, corpus_summary
 
     p = PRESETS[preset]
@@ -98,13 +109,20 @@ def run_build(preset: str = "demo", bank_dir: Path | None = None, work: Path | N
     if not (corpus_dir / "probes.jsonl").exists():
         log.info("[1/4] corpus -> %s", corpus_dir)
         t0 = time.perf_counter()
-        corpus = build_facts_corpus(**p["corpus"])
+        spec = dict(p["corpus"])
+        if spec.pop("style", "facts") == "documents":
+            from training.corpus_docs import build_documents_corpus
+
+            corpus = build_documents_corpus(**spec)
+        else:
+            corpus = build_facts_corpus(**spec)
         corpus.save(corpus_dir)
         stage_done("corpus", time.perf_counter() - t0, **corpus_summary(corpus))
     corpus = Corpus.load(corpus_dir)
 
     job = work / "job"
-    cfg = TrainConfig(corpus=str(corpus_dir), out=str(job), bank=str(bank_dir), **p["train"])
+    cfg = TrainConfig(corpus=str(corpus_dir), out=str(job), bank=str(bank_dir),
+                      **{**p["train"], **(train_overrides or {})})
     if epochs:
         cfg.epochs = epochs
     job_file = job / "job.json"
@@ -141,7 +159,7 @@ def run_build(preset: str = "demo", bank_dir: Path | None = None, work: Path | N
 
         t0 = time.perf_counter()
         result = evaluate_longtail(bank_dir, corpus_dir, anchor=cfg.anchor, out_dir=report.parent,
-                                   hidden_lookup=job_hidden_lookup(job, corpus.docs))
+                                   hidden_lookup=job_hidden_lookup(job, corpus.docs), rag=rag)
         stage_done("eval", time.perf_counter() - t0)
     status["last_run_seconds"] = round(time.perf_counter() - t_all, 1)
     if "first_run_seconds" not in status:  # the whole first run (process start-up aside), or its stages' sum

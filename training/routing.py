@@ -15,7 +15,9 @@ away from the prompt: measured here, only about half of the probes then reach th
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 
@@ -98,3 +100,163 @@ def agreement_study(docs: Sequence[dict], probes: Sequence, branching: Sequence[
         tree = build_corpus_tree(emb, branching, seed=seed)
         out[name] = routing_agreement(tree, docs, probes, tree.route(emb), embedder)
     return out
+
+
+# ---- routing through the nearest documents (memory_store.router) --------------------------------------------
+
+ROUTER_GROUP_MAX_DF = 4
+"""Documents that share a name-like word found in at most this many documents are trained into one leaf."""
+ROUTER_GROUP_MAX_SIZE = 8
+
+
+def group_documents(texts: Sequence[str], max_df: int = ROUTER_GROUP_MAX_DF,
+                    max_size: int = ROUTER_GROUP_MAX_SIZE) -> np.ndarray:
+    """Group id per document: documents sharing a rare alphabetic word (a name) are put together, so that
+    every wording of an entity's facts is trained into the same leaf (the tree's balancing alone would
+    split an entity's documents across leaves). Union-find; a merge that would exceed `max_size` is skipped.
+    """
+    from memory_store.router import words
+
+    per_doc = [{w for w in words(t) if w.isalpha()} for t in texts]
+    holders: dict[str, list[int]] = {}
+    for d, ws in enumerate(per_doc):
+        for w in ws:
+            holders.setdefault(w, []).append(d)
+    parent = list(range(len(texts)))
+    size = [1] * len(texts)
+
+    def find(x: int) -> int:
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    for w in sorted(holders, key=lambda w: (len(holders[w]), w)):  # rarest words first
+        docs = holders[w]
+        if not 2 <= len(docs) <= max_df:
+            continue
+        for d in docs[1:]:
+            a, b = find(docs[0]), find(d)
+            if a != b and size[a] + size[b] <= max_size:
+                parent[b] = a
+                size[a] += size[b]
+    roots = [find(d) for d in range(len(texts))]
+    _, group = np.unique(roots, return_inverse=True)
+    return group.astype(np.int64)
+
+
+def group_paths(tree, emb: np.ndarray, groups: np.ndarray) -> np.ndarray:
+    """Every document's path = the route of its group's mean embedding (one leaf per group)."""
+    n_groups = int(groups.max()) + 1 if len(groups) else 0
+    sums = np.zeros((n_groups, emb.shape[1]), dtype=np.float64)
+    np.add.at(sums, groups, emb)
+    means = (sums / np.maximum(np.linalg.norm(sums, axis=1, keepdims=True), 1e-12)).astype(np.float32)
+    return tree.route(means)[groups]
+
+
+def calibrate_gate(router, embedder, positives: Sequence[str], negatives: Sequence[str],
+                   max_false_open: float = 0.02) -> dict:
+    """Choose the router's gate thresholds on data: the most permissive (min_idf, min_cos) whose share of
+    `negatives` (prompts the bank should leave alone) let through is at most `max_false_open`, maximising
+    the share of `positives` (prompts about trained facts, in wordings not used for testing) let through.
+    Sets them on `router` and returns the figures (stored in the router's `calibration`)."""
+    def best(texts: Sequence[str]) -> np.ndarray:
+        if not texts:
+            return np.zeros((0, 2))
+        emb = embed(list(texts), embedder)
+        rows = []
+        for e, t in zip(emb, texts, strict=True):
+            c = router.candidates(e, t)
+            rows.append((c[0].idf, c[0].cos) if c else (0.0, -1.0))
+        return np.asarray(rows, dtype=np.float64)
+
+    pos, neg = best(positives), best(negatives)
+    idf_grid = sorted({0.0, *np.round(pos[:, 0], 6).tolist()}) if len(pos) else [router.min_idf]
+    cos_grid = [-1.0, *np.round(np.quantile(pos[:, 1], np.linspace(0, 0.3, 13)), 6).tolist()] if len(pos) else [0.0]
+    choice = (router.min_idf, router.min_cos, -1.0, 1.0)
+    for ti in idf_grid:
+        for tc in cos_grid:
+            tpr = float(np.mean((pos[:, 0] >= ti) & (pos[:, 1] >= tc))) if len(pos) else 0.0
+            fpr = float(np.mean((neg[:, 0] >= ti) & (neg[:, 1] >= tc))) if len(neg) else 0.0
+            if fpr <= max_false_open and (tpr, -fpr) > (choice[2], -choice[3]):
+                choice = (ti, tc, tpr, fpr)
+    if len(pos):
+        router.min_idf, router.min_cos = float(choice[0]), float(choice[1])
+    report = {"min_idf": router.min_idf, "min_cos": router.min_cos, "positives": len(pos),
+              "negatives": len(neg), "open_positives": choice[2] if len(pos) else None,
+              "open_negatives": choice[3] if len(pos) else None, "max_false_open": max_false_open}
+    router.calibration = report
+    log.info("gate calibrated: %s", report)
+    return report
+
+
+# ---- the training job's routing: the tree, every document's path, the router --------------------------------
+
+
+def route_documents(cfg, docs: list[dict], out: Path, d, probes: list | None = None):
+    """The tree and every document's path, built once by rank 0 and cached in the job directory.
+
+    With ``cfg.routing == "docs"`` the documents that share a name are grouped into one leaf and the
+    nearest-document router (memory_store.router) is built over them and its gate calibrated on the
+    corpus's ``valid`` probes (see training/routing.py); it is exported with the bank."""
+    from memory_store import Tree
+    from training.distributed import barrier
+
+    tree_file, paths_file, emb_file = out / "tree.safetensors", out / "doc_paths.npy", out / "doc_emb.npy"
+    if d.main and not paths_file.exists():
+        if emb_file.exists() and len(np.load(emb_file)) == len(docs):
+            emb = np.load(emb_file)
+        else:
+            t0 = time.perf_counter()
+            emb = embed(doc_route_texts(docs), get_embedder(cfg.embedder))
+            np.save(emb_file, emb)
+            log.info("embedded %d documents in %.1fs", len(docs), time.perf_counter() - t0)
+        if cfg.tree:
+            tree = Tree.load(cfg.tree)
+        elif tree_file.exists():
+            tree = Tree.load(tree_file)
+        else:
+            tree = build_corpus_tree(emb, cfg.branching, seed=cfg.seed)
+        if tree.branching != list(cfg.branching):
+            raise ValueError(f"tree branching {tree.branching} != --branching {cfg.branching}")
+        tree.save(tree_file)
+        if cfg.routing == "docs":
+            groups = group_documents([doc["text"] for doc in docs])
+            paths = group_paths(tree, emb, groups)
+            log.info("%d documents in %d groups (largest %d)", len(docs), int(groups.max()) + 1,
+                     int(np.bincount(groups).max()))
+            build_router(cfg, docs, paths, out / "router", probes or [])
+        else:
+            paths = tree.route(emb)
+        np.save(paths_file, paths)
+    barrier(d)
+    return Tree.load(tree_file), np.load(paths_file)
+
+
+def build_router(cfg, docs: list[dict], paths: np.ndarray, out: Path, probes: list) -> None:
+    """Index the documents for nearest-document routing and choose the gate's thresholds on data: the
+    corpus's ``valid`` probes (trained facts in wordings kept apart from the test probes) should pass, the
+    ``valid_heldout`` probes and the general-prompt validation set should not."""
+    from memory_store.router import DocRouter
+
+    t0 = time.perf_counter()
+    embedder = get_embedder(cfg.embedder)
+    texts = [doc.get("route_text", "") + " " + doc["text"] if doc.get("route_text") else doc["text"]
+             for doc in docs]
+    router = DocRouter.build(texts, paths, lambda xs: embed(xs, embedder), doc_ids=[doc["id"] for doc in docs])
+    positives = [p.prompt for p in probes if p.split == "valid"]
+    negatives = [p.prompt for p in probes if p.split == "valid_heldout"] + general_validation_prompts()
+    calibrate_gate(router, embedder, positives, negatives, max_false_open=cfg.gate_max_false_open)
+    out.mkdir(parents=True, exist_ok=True)
+    router.save(out)
+    log.info("router over %d documents (%d views) in %.1fs", router.n_docs, len(router.view_emb),
+             time.perf_counter() - t0)
+
+
+def general_validation_prompts() -> list[str]:
+    """The repository's general prompts kept for validation (never the evaluation half)."""
+    try:
+        from training.corpus_docs import load_general_prompts
+    except ImportError:
+        return []
+    return [r["text"] for r in load_general_prompts("valid")]

@@ -23,7 +23,7 @@ import math
 import os
 import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, cast
 
@@ -35,6 +35,7 @@ from training.corpus import Corpus
 from training.data import (
     MAX_DOC_TOKENS,
     Batch,
+    atomic_save,
     leaf_batches,
     loss_starts,
     loss_targets,
@@ -43,58 +44,12 @@ from training.data import (
     prefix_hidden,
     tokenize_docs,
 )
+from training.distributed import Dist, barrier, init_distributed, sync_gradients
 from training.memory import MemoryBank
+from training.preservation import Preservation
+from training.routing import route_documents
 
 log = logging.getLogger(__name__)
-
-
-# ---- distributed -----------------------------------------------------------------------------------------
-
-
-@dataclass
-class Dist:
-    rank: int = 0
-    world: int = 1
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-def init_distributed() -> Dist:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return Dist()
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    return Dist(dist.get_rank(), dist.get_world_size())
-
-
-def _barrier(d: Dist) -> None:
-    if d.world > 1:
-        import torch.distributed as dist
-
-        dist.barrier()
-
-
-def sync_gradients(params: list[torch.nn.Parameter], d: Dist) -> None:
-    """Average gradients over processes. A parameter no process touched keeps grad None (AdamW skips it);
-    one touched elsewhere gets a zero local gradient first, so every process steps the same parameters."""
-    if d.world <= 1:
-        return
-    import torch.distributed as dist
-
-    touched = torch.tensor([p.grad is not None for p in params], dtype=torch.float32)
-    dist.all_reduce(touched)
-    for p, t in zip(params, touched.tolist(), strict=True):
-        if t == 0:
-            continue
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-        dist.all_reduce(p.grad)
-        p.grad.div_(d.world)
 
 
 # ---- setup --------------------------------------------------------------------------------------------------
@@ -115,34 +70,6 @@ def load_model_for(cfg: TrainConfig):
     return anchor.model, anchor.tokenizer, anchor.name if cfg.anchor in ("smollm2", "tiny") else cfg.anchor
 
 
-def route_documents(cfg: TrainConfig, docs: list[dict], out: Path, d: Dist):
-    """The tree and every document's path, built once by rank 0 and cached in the job directory."""
-    from memory_store import Tree
-    from training.routing import build_corpus_tree, doc_route_texts, embed, get_embedder
-
-    tree_file, paths_file, emb_file = out / "tree.safetensors", out / "doc_paths.npy", out / "doc_emb.npy"
-    if d.main and not paths_file.exists():
-        if emb_file.exists() and len(np.load(emb_file)) == len(docs):
-            emb = np.load(emb_file)
-        else:
-            t0 = time.perf_counter()
-            emb = embed(doc_route_texts(docs), get_embedder(cfg.embedder))
-            np.save(emb_file, emb)
-            log.info("embedded %d documents in %.1fs", len(docs), time.perf_counter() - t0)
-        if cfg.tree:
-            tree = Tree.load(cfg.tree)
-        elif tree_file.exists():
-            tree = Tree.load(tree_file)
-        else:
-            tree = build_corpus_tree(emb, cfg.branching, seed=cfg.seed)
-        if tree.branching != list(cfg.branching):
-            raise ValueError(f"tree branching {tree.branching} != --branching {cfg.branching}")
-        tree.save(tree_file)
-        np.save(paths_file, tree.route(emb))
-    _barrier(d)
-    return Tree.load(tree_file), np.load(paths_file)
-
-
 def _lr_lambda(cfg: TrainConfig, total: int):
     def f(step: int) -> float:
         if step < cfg.warmup_steps:
@@ -150,14 +77,6 @@ def _lr_lambda(cfg: TrainConfig, total: int):
         t = min(1.0, (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps))
         return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t))
     return f
-
-
-def _atomic_save(obj, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 # ---- the trainer -------------------------------------------------------------------------------------------
@@ -173,7 +92,6 @@ class Trainer:
         self.out.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(cfg.seed)
         corpus = Corpus.load(Path(cfg.corpus))
-        self.preserve_prompts = [r["prompt"] for r in corpus.preserve] if cfg.preserve_weight > 0 else []
         self.docs = corpus.docs[: cfg.max_docs] if cfg.max_docs else corpus.docs
         self.model, self.tokenizer, self.anchor_name = load_model_for(cfg)
         mc = self.model.config
@@ -183,13 +101,13 @@ class Trainer:
         self.l0 = min(self.layers)
         self.train_anchor = bool(cfg.train_anchor or cfg.init_anchor)
         self.use_prefix = not (self.train_anchor or cfg.no_prefix_cache)
-        self.tree, self.paths = route_documents(cfg, self.docs, self.out, self.dist)
+        self.tree, self.paths = route_documents(cfg, self.docs, self.out, self.dist, corpus.probes)
         self.memory = MemoryBank(cfg.branching, cfg.ranks, len(self.layers), mc.d_model, seed=cfg.seed,
                                  subtree=cfg.subtree, parents=self.tree.parents)
         self.token_ids = tokenize_docs(self.tokenizer, [d["text"] for d in self.docs], MAX_DOC_TOKENS)
         self.loss_start = loss_starts(self.tokenizer, self.docs, self.token_ids, cfg.loss)
         self.prefix: list[torch.Tensor | None] | None = None  # None entries: not computed yet
-        self.preserve: dict[str, Any] | None = None
+        self.preservation = Preservation(self, corpus.preserve) if cfg.preserve_weight > 0 else None
         params: list[dict[str, Any]] = [{"params": list(self.memory.parameters()), "lr": cfg.lr}]
         if self.train_anchor:
             self.model.train().requires_grad_(True)
@@ -209,6 +127,14 @@ class Trainer:
         self.rng = random.Random(cfg.seed * 1000 + self.dist.rank)
         self.train_seconds = 0.0
         self.tokens_seen = 0
+        # bfloat16 autocast where this machine's bf16 matmuls are clearly faster (measured; lm/dtype.py)
+        from lm.dtype import fast_dtype
+
+        self.compute_dtype, self.dtype_measurement = fast_dtype(cfg.compute_dtype)
+
+    def _autocast(self):
+        return torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.compute_dtype == torch.bfloat16
+                              and self.model.device.type == "cpu")
 
     # -- prefix cache ------------------------------------------------------------------------------------
 
@@ -234,69 +160,7 @@ class Trainer:
         self.prefix = cache
         log.info("prefix cache of %d documents (layers 0..%d) in %.1fs", len(need), self.l0 - 1,
                  time.perf_counter() - t0)
-        _atomic_save(self.prefix, f)
-
-    def build_preserve(self) -> None:
-        """Route the preserve prompts, cache their prefix states and the anchor's log-probabilities after
-        them (the targets of the preservation loss)."""
-        if not self.preserve_prompts or self.train_anchor:
-            return
-        f = self.out / "preserve.pt"
-        if f.exists():
-            self.preserve = torch.load(f)
-            return
-        from training.routing import embed, get_embedder
-
-        t0 = time.perf_counter()
-        toks = tokenize_docs(self.tokenizer, self.preserve_prompts)
-        paths = self.tree.route(embed(self.preserve_prompts, get_embedder(self.cfg.embedder)))
-        hidden = prefix_hidden(self.model, toks, self.l0)
-        targets = []
-        with torch.no_grad():
-            for s in range(0, len(hidden), 64):
-                h = pad_hidden(hidden[s:s + 64])
-                select = torch.zeros(h.shape[:2], dtype=torch.bool)
-                for b, x in enumerate(hidden[s:s + 64]):
-                    select[b, x.shape[0] - 1] = True
-                targets.append(torch.log_softmax(self.model.forward_from(h, self.l0, select=select).float(), -1)
-                               .to(torch.float16))
-        self.preserve = {"hidden": hidden, "paths": [tuple(int(x) for x in p) for p in paths],
-                         "logp": torch.cat(targets)}
-        _atomic_save(self.preserve, f)
-        log.info("preserve targets for %d prompts in %.1fs", len(hidden), time.perf_counter() - t0)
-
-    def _preserved(self) -> dict[str, Any]:
-        """The preserve targets ("hidden", "paths", "logp"); `build_preserve` made them."""
-        if self.preserve is None:
-            raise RuntimeError("no preserve targets: build_preserve() has not run or found no prompts")
-        return self.preserve
-
-    def _preserve_rows(self, batch: Batch) -> list[int]:
-        """Preserve prompts routed to the batch's leaves first, then to its level-1 nodes, then any."""
-        paths = self._preserved()["paths"]
-        n = len(paths)
-        leaves, tops = set(batch.paths), {p[0] for p in batch.paths}
-        same_leaf = [i for i in range(n) if paths[i] in leaves]
-        same_top = [i for i in range(n) if paths[i][0] in tops and i not in set(same_leaf)]
-        self.rng.shuffle(same_leaf)
-        self.rng.shuffle(same_top)
-        rows = (same_leaf + same_top)[: self.cfg.preserve_batch]
-        if len(rows) < self.cfg.preserve_batch:
-            rows += self.rng.sample(range(n), min(n, self.cfg.preserve_batch - len(rows)))
-        return rows
-
-    def preserve_loss(self, rows: list[int], generic: bool) -> torch.Tensor:
-        """Mean KL(anchor || anchor + memory) of the next token after each preserve prompt."""
-        preserve = self._preserved()
-        hs = [preserve["hidden"][i] for i in rows]
-        select = torch.zeros(len(hs), max(h.shape[0] for h in hs), dtype=torch.bool)
-        for b, h in enumerate(hs):
-            select[b, h.shape[0] - 1] = True
-        memory = self.paths_memory([preserve["paths"][i] for i in rows], generic)
-        logits = self.model.forward_from(pad_hidden(hs), self.l0, memory=memory, select=select)
-        logp = torch.log_softmax(logits.float(), -1)
-        target = preserve["logp"][rows].float()
-        return torch.nn.functional.kl_div(logp, target, log_target=True, reduction="batchmean")
+        atomic_save(self.prefix, f)
 
     def _prefix_of(self, idx: list[int]) -> list[torch.Tensor]:
         prefix = self.prefix
@@ -324,18 +188,9 @@ class Trainer:
 
         if generic:
             return MemoryBatch.build([self.memory.generic], [[0]] * len(paths), self.layers)
-        blocks: list[torch.Tensor] = []
-        index: dict[tuple[int, int], int] = {}
-        row_blocks: list[list[int]] = []
-        for path in paths:
-            ks = []
-            for level, i in enumerate(path, start=1):
-                if (level, i) not in index:
-                    index[level, i] = len(blocks)
-                    blocks.append(self.memory.block(level, i))
-                ks.append(index[level, i])
-            row_blocks.append(ks)
-        return MemoryBatch.build(blocks, row_blocks, self.layers)
+        refs = [[(level, int(i)) for level, i in enumerate(path, start=1)] for path in paths]
+        return MemoryBatch.from_paths(refs, lambda key: self.memory.block(*cast("tuple[int, int]", key)),
+                                      self.layers)
 
     def batch_loss(self, batch: Batch, generic: bool = False) -> torch.Tensor:
         """Next-token loss of the batch's documents through anchor + their paths' blocks (or the generic)."""
@@ -343,31 +198,33 @@ class Trainer:
         ids, mask = pad_ids(seqs)
         select, targets = loss_targets(ids, mask, [self.loss_start[i] for i in batch.doc_index])
         memory = self.batch_memory(batch, generic)
-        if self.use_prefix:
-            hidden = pad_hidden(self._prefix_of(batch.doc_index))  # (B, T, d) entering layer l0
-            logits = self.model.forward_from(hidden, self.l0, memory=memory, select=select)  # (N, V)
-        else:
-            logits = self.model.forward_from(self.model.hidden_at(ids, 0), 0, memory=memory, select=select)
+        with self._autocast():
+            if self.use_prefix:
+                hidden = pad_hidden(self._prefix_of(batch.doc_index))  # (B, T, d) entering layer l0
+                logits = self.model.forward_from(hidden, self.l0, memory=memory, select=select)  # (N, V)
+            else:
+                logits = self.model.forward_from(self.model.hidden_at(ids, 0), 0, memory=memory, select=select)
         return torch.nn.functional.cross_entropy(logits.float(), targets)
 
     def step(self, batch: Batch | None) -> dict[str, float]:
         self.opt.zero_grad(set_to_none=True)
         stats: dict[str, float] = {}
         if batch is not None:
-            rows = self._preserve_rows(batch) if self.preserve else []
+            keep = self.preservation if self.preservation is not None and self.preservation.ready else None
+            rows = keep.rows_for(batch) if keep is not None else []
             loss = self.batch_loss(batch)
             total = loss
             stats["loss"] = float(loss.detach())
-            if rows:
-                kl = self.preserve_loss(rows, generic=False)
+            if keep is not None and rows:
+                kl = keep.loss(rows, generic=False)
                 total = total + self.cfg.preserve_weight * kl
                 stats["kl"] = float(kl.detach())
             if self.rng.random() < self.cfg.generic_prob:
                 loss_g = self.batch_loss(batch, generic=True)
                 total = total + loss_g
                 stats["loss_generic"] = float(loss_g.detach())
-                if rows:
-                    total = total + self.cfg.preserve_weight * self.preserve_loss(rows, generic=True)
+                if keep is not None and rows:
+                    total = total + self.cfg.preserve_weight * keep.loss(rows, generic=True)
             total.backward()
             self.tokens_seen += sum(len(self.token_ids[i]) for i in batch.doc_index)
         sync_gradients(self.params, self.dist)
@@ -388,7 +245,7 @@ class Trainer:
                  "tokens_seen": self.tokens_seen, "rng": self.rng.getstate(), "config": asdict(self.cfg)}
         if self.train_anchor:
             state["anchor"] = self.model.state_dict()
-        _atomic_save(state, self.out / "checkpoint.pt")
+        atomic_save(state, self.out / "checkpoint.pt")
 
     def resume(self) -> bool:
         f = self.out / "checkpoint.pt"
@@ -413,7 +270,8 @@ class Trainer:
     def train(self) -> dict:
         self.resume()
         self.build_prefix_cache()
-        self.build_preserve()
+        if self.preservation is not None and not self.train_anchor:
+            self.preservation.build()
         bar = None
         if self.cfg.progress and self.dist.main:
             from tqdm import tqdm
@@ -448,7 +306,7 @@ class Trainer:
         """Write memory.safetensors, the trained anchor (if any) and job.json (rank 0)."""
         from safetensors.torch import save_file
 
-        _barrier(self.dist)
+        barrier(self.dist)
         info: dict = {}
         if self.dist.main:
             tensors = {k: v.detach().contiguous() for k, v in self.memory.nodes.items()}
@@ -471,7 +329,7 @@ class Trainer:
                 "prefix_cache": self.use_prefix, "done": True,
             }
             (self.out / "job.json").write_text(json.dumps(info, indent=2) + "\n")
-        _barrier(self.dist)
+        barrier(self.dist)
         return info
 
     def _anchor_identity(self) -> tuple[dict, str]:
@@ -504,7 +362,7 @@ def train(cfg: TrainConfig) -> dict:
         info["bank_id"] = export_job(out, bank_dir, n_shards=cfg.shards, dtype=cfg.dtype)
         info["bank"] = str(bank_dir)
         (out / "job.json").write_text(json.dumps(info, indent=2) + "\n")
-    _barrier(d)
+    barrier(d)
     return info
 
 

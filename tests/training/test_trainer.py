@@ -3,6 +3,7 @@ the exported bank round-trips through memory_store."""
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from tests.training.conftest import tiny_config
@@ -119,17 +120,43 @@ def test_train_anchor_and_init_anchor_run_the_same_trainer(corpus_dir, tmp_path)
 
 def test_preserve_loss_is_zero_for_a_fresh_memory_and_trains_the_routed_blocks(corpus_dir, tmp_path):
     t = Trainer(tiny_config(corpus_dir, tmp_path / "p", preserve_weight=1.0, preserve_batch=6))
-    assert t.preserve_prompts
+    keep = t.preservation
+    assert keep is not None and keep.rows  # the corpus's preserve.jsonl
     t.build_prefix_cache()
-    t.build_preserve()
+    keep.build()
+    assert keep.data is not None and keep.data["source"] == "preserve.jsonl"
     batch = t._my_batches(0)[0]
-    rows = t._preserve_rows(batch)
+    rows = keep.rows_for(batch)
     assert len(rows) == 6
-    assert float(t.preserve_loss(rows, generic=False).detach()) < 1e-4  # down blocks start at zero: memory = anchor
+    assert float(keep.loss(rows, generic=False).detach()) < 1e-4  # down blocks start at zero: memory = anchor
     _nonzero_memory(t, scale=0.5)
-    kl = t.preserve_loss(rows, generic=False)
+    kl = keep.loss(rows, generic=False)
     assert float(kl) > 1e-3, float(kl)
     kl.backward()
     touched = {k for k, p in t.memory.named_parameters() if p.grad is not None}
-    routed = {f"nodes.{lv}_{i}" for r in rows for lv, i in enumerate(t.preserve["paths"][r], start=1)}
+    routed = {f"nodes.{lv}_{i}" for r in rows for lv, i in enumerate(keep.data["paths"][r], start=1)}
     assert touched == routed
+
+
+def test_without_a_preserve_file_the_prompts_are_derived_from_the_documents(tmp_path):
+    from training.corpus import Corpus
+    from training.preservation import derive_preserve_prompts
+
+    docs = [{"id": "a", "text": "Kisumu is a city in Kenya. It observes UTC+3."},
+            {"id": "b", "text": "The city of Kisumu lies in Kenya."},
+            {"id": "c", "text": "Zwolle is a city in the Netherlands."},
+            {"id": "d", "text": "Osmium has the atomic number 76."}]
+    paths = np.array([[0, 0], [0, 0], [1, 2], [1, 3]])
+    got = derive_preserve_prompts(docs, paths, seed=0)
+    # each opening carries the name of an entity from another level-1 subtree, on the original document's path
+    assert got and all(g["path"] in ([0, 0], [1, 2], [1, 3]) for g in got)
+    first = next(g for g in got if g["path"] == [0, 0])
+    assert "Kisumu" not in first["prompt"] and ("Zwolle" in first["prompt"] or "Osmium" in first["prompt"])
+    assert not first["prompt"].endswith("Kenya")  # cut before the fact
+    corpus_dir = tmp_path / "c"
+    Corpus(docs=docs * 3).save(corpus_dir)
+    t = Trainer(tiny_config(corpus_dir, tmp_path / "job", preserve_weight=1.0, branching=[2, 2]))
+    assert t.preservation is not None and not t.preservation.rows
+    t.build_prefix_cache()
+    t.preservation.build()
+    assert t.preservation.ready and t.preservation.data["source"] == "derived from the documents"

@@ -1,0 +1,56 @@
+"""Which compute dtype is fast on this machine: measured, not assumed.
+
+Machines of one kind differ: on a Xeon with AMX a bfloat16 matmul of a decode- or training-sized shape runs
+several times faster than float32, on an EPYC without bf16 units it crawls. `fast_dtype()` times the same
+matmul in both dtypes (a fraction of a second) and returns bfloat16 only where it wins clearly; the
+measurement is logged and returned so callers can record it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+
+log = logging.getLogger(__name__)
+
+_CACHE: dict[tuple[int, int, int], tuple[torch.dtype, dict]] = {}
+
+
+def _best_time(a: torch.Tensor, b: torch.Tensor, repeats: int) -> float:
+    torch.matmul(a, b)  # warm-up (kernel selection, page faults)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        torch.matmul(a, b)
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def measure(m: int = 256, k: int = 576, n: int = 8192, repeats: int = 5) -> dict:
+    """Best-of-`repeats` seconds of an (m, k) @ (k, n) matmul in float32 and in bfloat16."""
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(m, k, generator=g), torch.randn(k, n, generator=g)
+    f32 = _best_time(a, b, repeats)
+    bf16 = _best_time(a.bfloat16(), b.bfloat16(), repeats)
+    return {"shape": [m, k, n], "float32_s": f32, "bfloat16_s": bf16, "speedup": f32 / max(bf16, 1e-12)}
+
+
+def fast_dtype(choice: str = "auto", *, min_speedup: float = 1.3, shape: tuple[int, int, int] = (256, 576, 8192)
+               ) -> tuple[torch.dtype, dict]:
+    """(dtype, measurement) for `choice` in "auto" | "float32" | "bfloat16"; "auto" measures (once per shape)."""
+    if choice == "float32":
+        return torch.float32, {"choice": "float32", "reason": "asked for"}
+    if choice == "bfloat16":
+        return torch.bfloat16, {"choice": "bfloat16", "reason": "asked for"}
+    if choice != "auto":
+        raise ValueError(f"dtype must be auto, float32 or bfloat16, not {choice!r}")
+    if shape not in _CACHE:
+        m = measure(*shape)
+        dtype = torch.bfloat16 if m["speedup"] >= min_speedup else torch.float32
+        m["choice"] = "bfloat16" if dtype == torch.bfloat16 else "float32"
+        m["reason"] = f"bfloat16 matmul {m['speedup']:.2f}x float32 (threshold {min_speedup})"
+        log.info("compute dtype: %s (%s)", m["choice"], m["reason"])
+        _CACHE[shape] = (dtype, m)
+    return _CACHE[shape]

@@ -1,0 +1,112 @@
+"""Two checks beside the long-tail accuracy: general use unharmed, and the retrieval baseline.
+
+* `general_use`: a fixed set of everyday prompts and chat turns that are not about the corpus
+  (training/data/general_prompts.jsonl, split "eval"). For each, the anchor's greedy continuation of 8
+  tokens with memory off; then the same tokens teacher-forced through the model with the memory a request
+  with ``"memory": "auto"`` would get. Greedy decoding with memory gives the same 8 tokens iff every
+  argmax along that sequence is the off token, so one forward pass per prompt decides "identical", and the
+  same pass gives KL(off || memory) of each next-token distribution. Three memories are scored: the gated
+  router (what the model server does), the router's best path with the gate ignored (the gate's effect),
+  and the tree's greedy descent (what routing did before the router).
+* `rag_eval`: the anchor with the top-k documents (faiss over the same MiniLM embeddings) put before the
+  prompt -- what a user would try instead of memories.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+N_TOKENS = 8
+
+
+def _model_text(tok, chat_template, row: dict) -> str:
+    if row.get("kind") == "chat" and chat_template:
+        return tok.apply_chat_template([{"role": "user", "content": row["text"]}], add_generation_prompt=True,
+                                       tokenize=False)
+    return row["text"]
+
+
+def _memory(path, sources: dict, layers: list[int]):
+    from lm import MemoryBatch
+
+    if not path:
+        return None
+    return MemoryBatch.from_paths([list(enumerate(path, start=1))], sources["hierarchical"].block, layers)
+
+
+def general_use(model, tok, chat_template, bank, router, embedder, sources: dict, layers: list[int],
+                prompts: list[dict] | None = None) -> dict:
+    """Share of general prompts whose first 8 greedy tokens are unchanged by memory, and mean KL per position."""
+    from lm import SamplingParams, generate
+    from training.corpus_docs import load_general_prompts
+    from training.routing import embed
+
+    rows = prompts if prompts is not None else load_general_prompts("eval")
+    texts = [r["text"] for r in rows]
+    emb = embed(texts, embedder)
+    choices: dict[str, list[tuple[int, ...]]] = {"tree descent": [tuple(int(x) for x in p)
+                                                                for p in bank.tree.route(emb)]}
+    if router is not None:
+        cands = [router.candidates(e, t) for e, t in zip(emb, texts, strict=True)]
+        choices["router, gate ignored"] = [c[0].path or () if c else () for c in cands]
+        choices["auto (router + gate)"] = [c[0].path or () if c and router.open(c[0].cos, c[0].idf) else ()
+                                           for c in cands]
+    stats: dict[str, dict[str, list]] = {name: {"identical": [], "kl": [], "memory": []} for name in choices}
+    params = SamplingParams(max_new_tokens=N_TOKENS, temperature=0.0)
+    for i, row in enumerate(rows):
+        ids = tok(_model_text(tok, chat_template, row), add_special_tokens=False)["input_ids"]
+        with torch.no_grad():
+            off = generate(model, tok, ids, params).token_ids[:N_TOKENS]
+            if not off:
+                continue
+            full = torch.tensor([list(ids) + list(off)])
+            sl = slice(len(ids) - 1, len(ids) - 1 + len(off))
+            logp_off = torch.log_softmax(model(full)[0, sl].float(), -1)
+            for name, paths in choices.items():
+                memory = _memory(paths[i], sources, layers)
+                st = stats[name]
+                st["memory"].append(memory is not None)
+                if memory is None:
+                    st["identical"].append(True)
+                    st["kl"].append(0.0)
+                    continue
+                logp = torch.log_softmax(model(full, memory=memory)[0, sl].float(), -1)
+                st["identical"].append(bool((logp.argmax(-1) == torch.tensor(off)).all()))
+                st["kl"].append(float((logp_off.exp() * (logp_off - logp)).sum(-1).mean()))
+    systems: dict[str, dict[str, float]] = {}
+    for name, st in stats.items():
+        systems[name] = {"identical": float(np.mean(st["identical"])), "mean_kl": float(np.mean(st["kl"])),
+                                "memory_share": float(np.mean(st["memory"]))}
+    log.info("general use: %s", systems)
+    return {"n": len(rows), "tokens": N_TOKENS, "systems": systems}
+
+
+def rag_eval(model, tok, items: list, docs: list[dict], embedder, k: int, l0: int, layers: list[int],
+             batch_size: int = 64) -> tuple[np.ndarray, float]:
+    """(correct[N], mean extra prompt tokens): the anchor with the top-k documents before each prompt."""
+    import faiss
+
+    from training.data import prefix_hidden
+    from training.evaluate import greedy_correct, prepare_items
+    from training.routing import embed
+
+    doc_emb = embed([d["text"] for d in docs], embedder)
+    index = faiss.IndexFlatIP(doc_emb.shape[1])
+    index.add(doc_emb)
+    q = embed([it.probe.prompt for it in items], embedder)
+    _, top = index.search(q, k)
+    probes = []
+    for it, ids in zip(items, top, strict=True):
+        context = "\n".join(docs[int(j)]["text"] for j in reversed(ids) if j >= 0)  # the best one nearest
+        probes.append(dataclasses.replace(it.probe, prompt=context + "\n" + it.probe.prompt))
+    rag_items = prepare_items(tok, probes, np.zeros((len(probes), 0), dtype=np.int64))
+    hidden = prefix_hidden(model, [r.ids for r in rag_items], l0)
+    correct, _ = greedy_correct(model, tok, rag_items, hidden, l0, "anchor", {}, layers, batch_size)
+    extra = float(np.mean([r.n_prompt - it.n_prompt for r, it in zip(rag_items, items, strict=True)]))
+    return correct, extra
