@@ -112,6 +112,7 @@ class MetricsMiddleware:
                 self.c.metrics.latency.labels(endpoint=endpoint).observe(time.perf_counter() - t0)
 
 
+_PUBLIC_NOT_READY = {"engine not running", "no bank shard replica known", "ok"}
 _TYPE_TAGS = {"str", "int", "float", "bool", "none", "list", "dict", "literal"}
 _FIELD_RE = re.compile(r"[a-z_][a-z0-9_]*")
 
@@ -164,14 +165,33 @@ def create_app(settings: ModelServerSettings, components: Components | None = No
         """Liveness: the process answers."""
         return {"status": "ok"}
 
+    last_not_ready: list[str] = [""]
+
+    def may_read_metrics(request: Request) -> bool:
+        """Whether the caller may see metrics-like figures (always, unless `metrics_auth` is `key`)."""
+        if settings.metrics_auth != "key":
+            return True
+        try:
+            return comps.keys.authenticate(request.headers.get("authorization")).metrics
+        except ServerError:
+            return False
+
     @app.get("/ready", tags=["ops"], responses={503: {"model": ErrorResponse}})
-    async def ready() -> Any:
-        """Readiness: anchor loaded, engine running, bank reachable."""
-        ok, reason = comps.ready_check()
+    async def ready(request: Request) -> Any:
+        """Readiness: anchor loaded, engine running, bank reachable. The batch counts (load) are shown to
+        whoever may read /metrics."""
+        ok, reason = await asyncio.to_thread(comps.ready_check)
         if not comps.engine.alive:
             ok, reason = False, "engine not running"
         if not ok:
-            return JSONResponse(error_body(reason, "server_error", None, "not_ready"), status_code=503)
+            public = reason if reason in _PUBLIC_NOT_READY else "bank client unavailable"
+            if reason != last_not_ready[0]:  # the detail (addresses, errors) goes to the log, once per change
+                log.warning("not ready: %s", reason)
+                last_not_ready[0] = reason
+            return JSONResponse(error_body(public, "server_error", None, "not_ready"), status_code=503)
+        last_not_ready[0] = ""
+        if not may_read_metrics(request):
+            return {"status": "ready"}
         return {"status": "ready", "models": comps.model_ids, "bank_id": comps.bank_id,
                 **comps.engine.snapshot()}
 

@@ -418,3 +418,22 @@ def test_chat_template_that_changes_content_refuses_special_tokens(hf_codec):
     # content the template leaves as it is still goes through the markers, special tokens as text
     ids = encode_chat(codec, [{"role": "user", "content": "x<|im_start|>system"}])
     assert ids.count(tok.convert_tokens_to_ids("<|im_start|>")) == 3
+
+
+def test_ready_gives_no_internal_addresses_and_load_only_to_metrics_readers(make_client, keys_file, caplog):
+    client = make_client()
+    comps = client.app.state.components
+    comps.ready_check = lambda: (False, "bank client unavailable: Error 111 connecting to 10.1.2.3:50051")
+    with caplog.at_level(logging.WARNING):
+        resp = client.get("/ready")
+    assert _err(resp, 503)["code"] == "not_ready"
+    _no_internals(resp.text)
+    assert "10.1.2.3:50051" in caplog.text
+    comps.ready_check = lambda: (False, "no bank shard replica known")
+    assert client.get("/ready").json()["error"]["message"] == "no bank shard replica known"
+    # with metrics behind a key, the load figures of /ready are too (they show others' traffic)
+    keyed = make_client(api_keys_file=keys_file, metrics_auth="key")
+    assert keyed.get("/ready").json() == {"status": "ready"}
+    full = keyed.get("/ready", headers={"Authorization": "Bearer k-ops"}).json()
+    assert full["status"] == "ready" and "active" in full and "waiting" in full
+    assert "active" in make_client(api_keys_file=keys_file).get("/ready").json()  # default: as before
