@@ -234,6 +234,6 @@ def create_app(settings: ModelServerSettings, components: Components | None = No
         return JSONResponse(error_body("internal error", "server_error", None, "internal_error"),
                             status_code=500)
 
-    app.add_middleware(MetricsMiddleware, components=comps)
     app.add_middleware(BodyLimitMiddleware, limit=settings.max_body_bytes)
+    app.add_middleware(MetricsMiddleware, components=comps)  # outermost: counts the 413s too
     return app

@@ -139,9 +139,10 @@ def test_tokenizing_runs_off_the_event_loop(make_client):
 
 # ---- finding 6: request metrics per endpoint ---------------------------------------------------------
 def test_request_metrics_are_labelled_by_endpoint(make_client):
-    client = make_client()
+    client = make_client(max_body_bytes=2048)
     assert client.post("/v1/completions", json={"prompt": "x", "max_tokens": 1}).status_code == 200
     assert client.post("/generate", json={"inputs": "x", "parameters": {"max_new_tokens": 1}}).status_code == 200
+    assert client.post("/v1/completions", json={"prompt": "x" * 4000}).status_code == 413
     assert client.post("/v1/completions", json={"prompt": 3}).status_code == 400
     client.get("/v1/nope")
     text = client.get("/metrics").text
@@ -149,6 +150,7 @@ def test_request_metrics_are_labelled_by_endpoint(make_client):
     assert 'hiermem_requests_total{endpoint="/v1/completions",status="400"} 1.0' in text
     assert 'hiermem_requests_total{endpoint="/generate",status="200"} 1.0' in text
     assert 'hiermem_requests_total{endpoint="other",status="404"} 1.0' in text
+    assert 'hiermem_requests_total{endpoint="other",status="413"} 1.0' in text  # refused before routing
     assert 'hiermem_request_latency_seconds_count{endpoint="/v1/completions"} 2.0' in text
     assert 'hiermem_request_latency_seconds_count{endpoint="/generate"} 1.0' in text
 
