@@ -63,6 +63,11 @@ def register(subparsers) -> None:
     p.add_argument("--root", required=True, help="the root to create (versions/, current)")
     p.set_defaults(func=_init_root)
 
+    p = sub.add_parser("publish", help="add a bank (retrained, merged) as the next version of a versioned root")
+    p.add_argument("--bank", required=True, help="the new bank directory (hard-linked, not moved)")
+    p.add_argument("--root", required=True, help="the versioned root; its current then points at the copy")
+    p.set_defaults(func=_publish)
+
     p = sub.add_parser("versions", help="list the versions of a versioned root; --use NAME re-points current")
     p.add_argument("--bank", required=True, help="the versioned root")
     p.add_argument("--use", help="point current at this version (roll forward or back)")
@@ -202,6 +207,17 @@ def _init_root(args) -> int:
     def op() -> None:
         name = init_version_root(args.bank, args.root)
         print(f"versioned root {args.root}: version {name} (current)")
+
+    return _run_op(op)
+
+
+def _publish(args) -> int:
+    from memory_store.ops import add_version
+
+    def op() -> None:
+        name = add_version(args.bank, args.root)
+        print(f"{args.root}: version {name} is current; running replicas keep theirs until restarted: roll "
+              "them one by one (docs/operating.md)")
 
     return _run_op(op)
 

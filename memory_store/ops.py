@@ -134,11 +134,24 @@ def _adopt_version(root: Path, built: Path, bank_id: str) -> str:
 def init_version_root(src: str | Path, root: str | Path) -> str:
     """Make a versioned root at `root` whose first version is a copy of the bank at `src` (files hard-
     linked: bank files are never modified in place, so sharing inodes is safe). Returns the version name."""
-    src_dir, root = resolve_bank_dir(src), Path(root)
-    bank = Bank.open(src_dir)
+    root = Path(root)
     if root.exists() and any(root.iterdir()):
         raise BankError(f"{root} exists and is not empty")
     (root / VERSIONS).mkdir(parents=True, exist_ok=True)
+    return add_version(src, root)
+
+
+def add_version(src: str | Path, root: str | Path) -> str:
+    """Publish the bank at `src` (e.g. a retrained or merged bank) as the next version of a versioned root
+    and point `current` at it; `src` is hard-linked, not moved. Returns the version name."""
+    src_dir, root = resolve_bank_dir(src), Path(root)
+    bank = Bank.open(src_dir)
+    if not (root / VERSIONS).is_dir():
+        raise BankError(f"{root} is not a versioned bank root (make one with init-root)")
+    current = Bank.open(root) if is_version_root(root) else None
+    if current is not None:
+        current.check_anchor(bank.anchor)
+        current.check_embedder(bank.spec.embedder_name, bank.spec.embedder_dim)
     tmp = root / VERSIONS / f".new-{secrets.token_hex(4)}"
     for dirpath, _dirs, files in os.walk(src_dir):
         rel = Path(dirpath).relative_to(src_dir)

@@ -176,6 +176,29 @@ class BankClient:
         """The current shard -> addresses map (static and discovered)."""
         return self._submit(self._amap()).result()
 
+    def verified_replicas(self, timeout_s: float = 2.0) -> dict[str, list[str]]:
+        """shard -> the known replicas that answer GetInfo for this bank, shard and layout now (asks each;
+        e.g. to tell whether a new bank version can be served yet)."""
+        return self._submit(self._verified_map(timeout_s)).result()
+
+    async def _verified_map(self, timeout_s: float) -> dict[str, list[str]]:
+        amap = await self._amap()
+
+        async def ok(shard: str, addr: str) -> bool:
+            try:
+                await self._verify(addr, shard, timeout_s)
+                return True
+            except _AttemptFailed:
+                return False
+
+        pairs = [(s, a) for s, addrs in amap.items() for a in addrs]
+        answers = await asyncio.gather(*(ok(s, a) for s, a in pairs))
+        out: dict[str, list[str]] = {s: [] for s in self.bank.shard_ids}
+        for (shard, addr), good in zip(pairs, answers, strict=True):
+            if good and shard in out:
+                out[shard].append(addr)
+        return out
+
     def rejected_replicas(self) -> dict[str, int]:
         """address -> times it was found serving another bank version or shard layout (and dropped)."""
         return dict(self._rejected)

@@ -95,7 +95,8 @@ class MemoryResolver:
             block = self.generic_block()
             if block is None:
                 raise InvalidRequest("this bank has no generic memory", param="memory", code="no_generic_memory")
-            return [GENERIC], [block], MemoryInfo(mode="generic", levels=list(range(1, self.depth + 1)))
+            return [(self.version_key, GENERIC)], [block], MemoryInfo(mode="generic",
+                                                                       levels=list(range(1, self.depth + 1)))
         route_ms = 0.0
         mode: MemoryMode
         if spec == "auto":
@@ -118,8 +119,11 @@ class MemoryResolver:
         deleted = None if len(present) == len(path) else NodeRef(len(present) + 1, int(path[len(present)]))
         refs = path_refs(present)
         got = self.cache.get_many(refs)
-        keys: list[Hashable] = [r for r in refs if r in got.blocks]
-        info = MemoryInfo(mode=mode, path=present, levels=[r.level for r in refs if r in got.blocks],
+        used = [r for r in refs if r in got.blocks]
+        # Keys name blocks across the engine's batch: qualified by the bank version, so requests resolved
+        # before and after a switch to a new version never share a block by node alone.
+        keys: list[Hashable] = [(self.version_key, r) for r in used]
+        info = MemoryInfo(mode=mode, path=present, levels=[r.level for r in used],
                           cache_hits=got.hits, cache_misses=got.misses, fetch_ms=round(got.fetch_ms, 3),
                           route_ms=round(route_ms, 3))
         if deleted is not None:  # a fixed text: nothing about the tree beyond the path the client sees
@@ -137,7 +141,12 @@ class MemoryResolver:
             if self.strict:
                 raise MemoryUnavailable(f"memory levels {lost} unavailable (strict mode)",
                                         headers={"Retry-After": "5"})
-        return keys, [got.blocks[r] for r in keys], info
+        return keys, [got.blocks[r] for r in used], info
+
+    @property
+    def version_key(self) -> str:
+        """The bank version this resolver serves (its bank_id, shortened)."""
+        return str(getattr(self.bank, "bank_id", ""))[:16]
 
     def generic_block(self) -> torch.Tensor | None:
         with self._generic_lock:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -99,9 +101,25 @@ def build_memory_side(settings: ModelServerSettings, bank: Any, fetcher: Any, em
     return resolver, cache
 
 
+def make_fetcher(settings: ModelServerSettings, bank: Any, metrics: Metrics) -> Any:
+    """The bank client of `bank` (shard replicas through Redis / static addresses, TLS as configured), or
+    the bank's own files when no bank service is configured."""
+    if not (settings.redis_url or settings.static_addresses):
+        return LocalFetcher(bank)
+    from services.memory_bank.client import BankClient
+
+    return BankClient(
+        bank, redis_url=settings.redis_url, static_addresses=settings.static_addresses or None,
+        timeout_s=settings.fetch_timeout_s, tls_ca_file=settings.bank_tls_ca_file,
+        tls_cert_file=settings.bank_tls_cert_file, tls_key_file=settings.bank_tls_key_file,
+        tls_server_name=settings.bank_tls_server_name,
+        on_reject=lambda _addr, _why: metrics.rejected_replicas.inc())
+
+
 def build_components(settings: ModelServerSettings) -> Components:
     """Load the anchor, open the bank (refusing one built for another anchor), connect the bank client,
-    preload the pinned levels; the engine is started by the app's lifespan."""
+    preload the pinned levels; the engine is started by the app's lifespan. With a versioned bank root
+    (docs/operating.md) a `BankFollower` moves new requests to a new version once its replicas serve."""
     from .runner import load_codec_and_runner
 
     if settings.torch_threads:
@@ -113,31 +131,23 @@ def build_components(settings: ModelServerSettings) -> Components:
         from memory_store import Bank
 
         bank = Bank.open(settings.bank)
+        log.info("bank %s from %s", bank.bank_id[:12], bank.dir)
     anchor, codec, runner = load_codec_and_runner(
         settings.anchor, n_slots=2 * settings.max_batch, max_seq_len=settings.max_seq_len,
         memory_layers=bank.spec.memory_layers if bank is not None else None, memory_impl=settings.memory_impl)
     closers: list[Callable[[], Any]] = []
     resolver, bank_id, ready_check = None, None, (lambda: (True, "ok"))
+    embed = None
     if bank is not None:
         from memory_store import load_embedder
 
         check_identity(bank.anchor, anchor.identity)
         bank_id = bank.bank_id
-        if settings.redis_url or settings.static_addresses:
-            from services.memory_bank.client import BankClient
-
-            fetcher: BankClient | LocalFetcher = BankClient(
-                bank, redis_url=settings.redis_url, static_addresses=settings.static_addresses or None,
-                timeout_s=settings.fetch_timeout_s, tls_ca_file=settings.bank_tls_ca_file,
-                tls_cert_file=settings.bank_tls_cert_file, tls_key_file=settings.bank_tls_key_file,
-                tls_server_name=settings.bank_tls_server_name,
-                on_reject=lambda _addr, _why: metrics.rejected_replicas.inc())
-            if hasattr(fetcher, "close"):
-                closers.append(fetcher.close)
-        else:
-            fetcher = LocalFetcher(bank)
-        embedder = load_embedder(bank.spec.embedder_name)
-        resolver, cache = build_memory_side(settings, bank, fetcher, embedder.embed, metrics)
+        fetcher = make_fetcher(settings, bank, metrics)
+        if hasattr(fetcher, "close"):
+            closers.append(fetcher.close)
+        embed = load_embedder(bank.spec.embedder_name).embed
+        resolver, cache = build_memory_side(settings, bank, fetcher, embed, metrics)
         closers.append(cache.close)
         ready_check = _bank_ready_check(fetcher)
     engine = Engine(runner, scheduler=Scheduler(
@@ -145,9 +155,110 @@ def build_components(settings: ModelServerSettings) -> Components:
                     max_queue=settings.max_queue, prefill_chunk=settings.prefill_chunk, metrics=metrics,
                     retry_after_s=settings.retry_after_s, max_rows=settings.max_batch)
     ids = [settings.model_name] + ([settings.anchor] if settings.anchor != settings.model_name else [])
-    return Components(settings=settings, metrics=metrics, keys=keys, codec=codec, engine=engine,
-                      resolver=resolver, model_ids=ids, bank_id=bank_id, ready_check=ready_check,
-                      closers=closers)
+    comps = Components(settings=settings, metrics=metrics, keys=keys, codec=codec, engine=engine,
+                       resolver=resolver, model_ids=ids, bank_id=bank_id, ready_check=ready_check,
+                       closers=closers)
+    if bank is not None and embed is not None and settings.bank_follow_s > 0:
+        from memory_store.bank import is_version_root
+
+        if settings.bank is not None and is_version_root(settings.bank):
+            follower = BankFollower(comps, bank, anchor.identity, embed)
+            follower.start()
+            closers.append(follower.stop)  # closers run last first: the follower stops before the rest
+    return comps
+
+
+class BankFollower:
+    """Moves a running model server to the bank version its root's `current` points at, once every shard
+    of that version has a replica that serves it (GetInfo checked) and the pinned levels are loaded.
+
+    New requests then use the new version's resolver (its own bank client and block cache); a request
+    resolved before the switch keeps the blocks it has (keys are qualified by version, so the engine never
+    mixes them); the old client and cache are closed `2 * fetch_timeout_s` later. A version that does not
+    fit this server (another anchor, embedder or memory layers) is refused once, with an error in the log."""
+
+    def __init__(self, comps: Components, bank: Any, anchor_identity: Any, embed: Callable) -> None:
+        self.comps = comps
+        self.settings = comps.settings
+        self.bank = bank
+        self.anchor_identity = anchor_identity
+        self.embed = embed
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="bank-follower", daemon=True)
+        self._refused: set[str] = set()
+        self._retired: list[tuple[float, list[Callable[[], Any]]]] = []
+        self.switches = 0
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=30)
+        for _, closers in self._retired:
+            _close_all(closers)
+        self._retired.clear()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.settings.bank_follow_s):
+            try:
+                self.check_once()
+            except Exception:  # following must never take the server down
+                log.exception("bank follower: check failed")
+            now = time.monotonic()
+            for item in [r for r in self._retired if r[0] <= now]:
+                self._retired.remove(item)
+                _close_all(item[1])
+
+    def check_once(self) -> bool:
+        """Switch to the version `current` points at now if it can be served; returns whether it did."""
+        from memory_store import Bank
+        from memory_store.bank import resolve_bank_dir
+
+        assert self.settings.bank is not None
+        target = resolve_bank_dir(self.settings.bank)
+        if target == self.bank.dir or str(target) in self._refused:
+            return False
+        new = Bank.open(target)
+        try:
+            check_identity(new.anchor, self.anchor_identity)
+            new.check_embedder(self.bank.spec.embedder_name, self.bank.spec.embedder_dim)
+            if (new.spec.memory_layers, new.spec.d_model) != (self.bank.spec.memory_layers, self.bank.spec.d_model):
+                raise ValueError("its memory layers or width differ from the loaded bank's: restart the server")
+        except Exception as exc:
+            self._refused.add(str(target))
+            log.error("bank follower: not switching to %s: %s", target, exc)
+            return False
+        fetcher = make_fetcher(self.settings, new, self.comps.metrics)
+        verified = getattr(fetcher, "verified_replicas", None)
+        if verified is not None:
+            serving = verified()
+            missing = [s for s in new.shard_ids if not serving.get(s)]
+            if missing:
+                log.info("bank follower: version %s (%s) not served yet by shards %s; staying on %s",
+                         target.name, new.bank_id[:12], missing, self.bank.bank_id[:12])
+                fetcher.close()
+                return False
+        resolver, cache = build_memory_side(self.settings, new, fetcher, self.embed, self.comps.metrics)
+        old_closers = [c for c in self.comps.closers if c is not self.stop]
+        self.comps.resolver = resolver  # new requests resolve against the new version from here on
+        self.comps.bank_id = new.bank_id
+        self.comps.ready_check = _bank_ready_check(fetcher)
+        self.comps.closers[:] = [*([fetcher.close] if hasattr(fetcher, "close") else []), cache.close, self.stop]
+        self._retired.append((time.monotonic() + 2 * self.settings.fetch_timeout_s, old_closers))
+        log.info("bank follower: switched from %s to %s (%s)", self.bank.bank_id[:12], new.bank_id[:12], target)
+        self.bank = new
+        self.switches += 1
+        return True
+
+
+def _close_all(closers: list[Callable[[], Any]]) -> None:
+    for close in reversed(closers):
+        try:
+            close()
+        except Exception:
+            log.exception("error while closing")
 
 
 def _bank_ready_check(fetcher: Any) -> Callable[[], tuple[bool, str]]:

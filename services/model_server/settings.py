@@ -94,6 +94,9 @@ class ModelServerSettings(BaseSettings):
     """Answer 503 instead of serving with fewer memory levels when a shard cannot be reached."""
     fetch_timeout_s: float = Field(10.0, gt=0)
     """Deadline of one block fetch from the bank."""
+    bank_follow_s: float = Field(5.0, ge=0)
+    """With a versioned bank root (`current` pointer): seconds between checks whether it points at a new
+    version; new requests move to it once every shard has a replica serving it (0 = never)."""
     bank_tls_ca_file: Path | None = None
     """PEM CA bundle to verify the bank shards by: dial them over TLS (mirrors the shards'
     `HIERMEM_BANK_TLS_CERT_FILE`); unset = plaintext."""

@@ -33,6 +33,7 @@ PROMPT = "The river Nile flows"
 def _model_cmd(bank, redis_url, static, *extra):
     return [sys.executable, "-m", "services.model_server", "--anchor", "tiny", "--bank", str(bank),
             "--redis-url", redis_url, "--static-addresses", static, "--port", "0", "--pinned-levels", "0",
+            "--bank-follow-s", "0.5",
             "--cache-bytes", "0", "--max-batch", "4", "--max-seq-len", "256", "--fetch-timeout-s", "5",
             "--torch-threads", "1", *extra]
 
@@ -181,4 +182,74 @@ def test_a_deleted_subtree_is_not_an_outage(tmp_path_factory, redis_server, spec
             text = httpx.get(url + "/metrics").text
             assert _metric(text, "hiermem_degraded_requests_total") == 0
     finally:
+        stack.stop()
+
+
+def test_a_new_version_rolled_replica_by_replica_under_load(tmp_path_factory, redis_server, spec_and_anchor):
+    """`current` re-pointed at a retrained version; each shard's replica b restarts onto it, the model
+    server follows once every shard serves it, then the a replicas restart. Under a steady load no request
+    fails or degrades, and every answer is the old version's or the new one's, never a mix."""
+    import threading
+    import time
+
+    from memory_store.ops import add_version
+
+    spec, identity = spec_and_anchor
+    d = tmp_path_factory.mktemp("roll")
+    synth_bank(d / "v1", spec, 2, anchor=identity, std=0.5, seed=1)
+    synth_bank(d / "v2", spec, 2, anchor=identity, std=0.5, seed=2)
+    root = d / "root"
+    init_version_root(d / "v1", root)
+    v1, v2 = Bank.open(d / "v1").bank_id, Bank.open(d / "v2").bank_id
+    stack = Stack(root, redis_server.url, replicas=(("0", "a"), ("0", "b"), ("1", "a"), ("1", "b")))
+    url = stack.url["plain"]
+    stack.models["strict"].terminate()  # one model server is enough here
+    paths = [[0, 1], [3, 14]]
+
+    def answers():
+        return tuple(_complete(url, p)[0].json()["choices"][0]["text"] for p in paths)
+
+    def bank_id():
+        return httpx.get(url + "/ready", timeout=10).json().get("bank_id")
+
+    try:
+        old = answers()
+        results: list[tuple[int, bool, tuple]] = []
+        stop = threading.Event()
+
+        def load():
+            while not stop.is_set():
+                rs = [_complete(url, p)[0] for p in paths]
+                results.append((max(r.status_code for r in rs),
+                                any(r.status_code != 200 or r.json()["memory"]["degraded"] for r in rs),
+                                tuple(r.json()["choices"][0]["text"] if r.status_code == 200 else None for r in rs)))
+
+        threads = [threading.Thread(target=load) for _ in range(2)]
+        for t in threads:
+            t.start()
+        add_version(d / "v2", root)
+        for sid in ("0", "1"):
+            stack.restart(sid, "b")
+        deadline = time.monotonic() + 60
+        while bank_id() != v2 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert bank_id() == v2, "the model server did not follow the new version"
+        for sid in ("0", "1"):
+            stack.restart(sid, "a")
+        time.sleep(2)
+        stop.set()
+        for t in threads:
+            t.join(60)
+        new = answers()
+        assert all(o != n for o, n in zip(old, new, strict=True)), "versions answer alike: the check proves nothing"
+        assert len(results) >= 10
+        assert [r for r in results if r[0] != 200 or r[1]] == []
+        # each response is the old version's answer or the new one's (a switch may fall between the two
+        # requests of one round, not inside one request)
+        mixed = [(i, t) for r in results for i, t in enumerate(r[2]) if t not in (old[i], new[i])]
+        assert mixed == []
+        assert {r[2][0] for r in results} == {old[0], new[0]}  # both versions were really served
+        assert v1 != v2
+    finally:
+        stop.set()
         stack.stop()

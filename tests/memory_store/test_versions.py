@@ -13,6 +13,7 @@ import pytest
 
 from memory_store import Bank, BankError, NodeRef
 from memory_store.ops import (
+    add_version,
     delete_subtrees,
     init_version_root,
     inspect_bank,
@@ -72,6 +73,13 @@ def test_versioned_root_gets_a_new_version_and_the_served_one_is_untouched(tmp_p
     assert len(Bank.open(root).shard_ids) == 1 and len(list_versions(root)) == 3
     use_version(root, first)
     assert Bank.open(root).bank_id == old_id
+    # a retrained bank (here: another seed) is published as the next version
+    retrained_id, _, _ = write_bank(tmp_path / "retrained", spec, n_shards=2, seed=7)
+    name = add_version(tmp_path / "retrained", root)
+    assert Bank.open(root).bank_id == retrained_id and name.startswith("v0004-")
+    with pytest.raises(BankError):  # a bank for another anchor is refused
+        write_bank(tmp_path / "other", tiny_spec(branching=[2, 3], d_model=16), n_shards=1)
+        add_version(tmp_path / "other", tmp_path / "b")
 
 
 def test_manifest_records_deleted_roots_and_the_generic_memory_that_predates_them(tmp_path):
