@@ -144,14 +144,15 @@ async def completions(body: CompletionRequest, request: Request, who: Who) -> An
     for p in prompts:  # every size check before any tokenizing
         if isinstance(p, str):
             generation.check_prompt_chars(c.codec, len(p), c.settings.max_prompt_tokens)
-        elif max(p) >= c.codec.vocab_size:
-            raise InvalidRequest(f"token id {max(p)} out of the vocabulary", param="prompt")
+        else:
+            generation.check_limits(c.settings, len(p), sampling.max_new_tokens, c.max_seq_len)
+            if min(p) < 0 or max(p) >= c.codec.vocab_size:
+                raise InvalidRequest(f"token ids must be in [0, {c.codec.vocab_size})", param="prompt")
     encoded = []
     for p in prompts:
         if isinstance(p, str):
             encoded.append((await _encode(c, p), p))
         else:
-            generation.check_limits(c.settings, len(p), sampling.max_new_tokens, c.max_seq_len)
             encoded.append((p, await asyncio.to_thread(c.codec.decode, p)))
     rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     gens: list[Generation] = []
