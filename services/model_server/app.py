@@ -113,6 +113,8 @@ class MetricsMiddleware:
 
 
 _PUBLIC_NOT_READY = {"engine not running", "no bank shard replica known", "ok"}
+_TYPE_ERRORS = {"literal_error", "string_type", "list_type", "int_type", "bool_type", "float_type", "dict_type",
+                "model_type", "none_required"}
 _TYPE_TAGS = {"str", "int", "float", "bool", "none", "list", "dict", "literal"}
 _FIELD_RE = re.compile(r"[a-z_][a-z0-9_]*")
 
@@ -212,8 +214,10 @@ def create_app(settings: ModelServerSettings, components: Components | None = No
     @app.exception_handler(RequestValidationError)
     async def on_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         errors = list(exc.errors())
-        # of a union's failed members, the one that got furthest into the value says most
-        first = max(errors, key=lambda e: len(e.get("loc", ()))) if errors else {}
+        # of a union's failed members, the one that got furthest into the value says most, and a specific
+        # error (a value error, a limit) more than "should be a string"
+        first = max(errors, key=lambda e: (len(e.get("loc", ())), e.get("type") not in _TYPE_ERRORS)) \
+            if errors else {}
         loc = list(first.get("loc", ()))
         param = _param(loc[1:] if loc[:1] == ["body"] else loc)
         msg = str(first.get("msg", "invalid request"))

@@ -439,3 +439,17 @@ def test_ready_gives_no_internal_addresses_and_load_only_to_metrics_readers(make
     full = keyed.get("/ready", headers={"Authorization": "Bearer k-ops"}).json()
     assert full["status"] == "ready" and "active" in full and "waiting" in full
     assert "active" in make_client(api_keys_file=keys_file).get("/ready").json()  # default: as before
+
+
+def test_long_lists_are_refused_by_their_length_first(make_client):
+    client = make_client(max_body_bytes=2 << 20)
+    cases = [("/v1/chat/completions", {"messages": [{"role": "user", "content": "y"}] * 5000}, "messages"),
+             ("/v1/completions", {"prompt": "x", "memory": [0] * 100_000}, "memory"),
+             ("/v1/completions", {"prompt": "x", "stop": ["a"] * 100_000}, "stop"),
+             ("/v1/completions", {"prompt": ["a"] * 2000}, "prompt"),
+             ("/v1/route", {"messages": [{"role": "user", "content": "y"}] * 5000}, "messages")]
+    for path, body, param in cases:
+        err = _err(client.post(path, json=body), 400)
+        assert err["param"] == param and "at most" in err["message"], (path, err)
+    for ids in ([-1, 5], [5, 10**30], [1] * 100_000):
+        assert _err(client.post("/v1/completions", json={"prompt": ids}), 400)["param"] == "prompt"
