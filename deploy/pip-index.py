@@ -6,12 +6,13 @@ An image build cannot see the host's disk, so an index configured as `file:///sr
 pip settings (`python3 -m pip config list`, overridden by PIP_INDEX_URL / PIP_EXTRA_INDEX_URL /
 PIP_FIND_LINKS in the environment), serves every local entry read-only over HTTP on 127.0.0.1 (a
 `--network host` build reaches it; pip treats loopback as a secure origin), prints the settings the build
-should use as shell assignments, then serves until killed:
+should use as shell assignments, then serves until killed (on $HIERMEM_PIP_INDEX_PORT, default 38141: the
+URLs are build args, so a port that changes would invalidate the image's build cache):
 
     python3 deploy/pip-index.py > /tmp/pip.env &      # first lines: HIERMEM_PIP_*=...; then it serves
     HIERMEM_PIP_INDEX_URL=https://pypi.org/simple
-    HIERMEM_PIP_EXTRA_INDEX_URL='http://127.0.0.1:41234/0/simple/ ...'
-    HIERMEM_PIP_FIND_LINKS=http://127.0.0.1:41234/2/
+    HIERMEM_PIP_EXTRA_INDEX_URL='http://127.0.0.1:38141/0/simple/ ...'
+    HIERMEM_PIP_FIND_LINKS=http://127.0.0.1:38141/2/
     HIERMEM_PIP_INDEX_READY=1
 
 A local index `DIR/simple` is served from DIR (a PEP 503 page may link to `../../files/...`); a find-links
@@ -81,7 +82,13 @@ class Handler(http.server.SimpleHTTPRequestHandler):
 def main() -> None:
     settings = pip_settings()
     roots: list[Path] = []
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Handler))
+    # A fixed port: the URLs become build args, and a changed build arg invalidates the image's build cache.
+    port = int(os.environ.get("HIERMEM_PIP_INDEX_PORT", "38141"))
+    try:
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", port), functools.partial(Handler))
+    except OSError as exc:
+        print(f"# port {port} busy ({exc}): a free one is used, so the build cache is not reused", file=sys.stderr)
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Handler))
     base = f"http://127.0.0.1:{server.server_address[1]}"
 
     def serve(entry: str, index: bool) -> str | None:
