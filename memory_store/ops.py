@@ -19,6 +19,7 @@ from typing import Any
 from memory_store import layout
 from memory_store.bank import CURRENT, VERSIONS, Bank, is_version_root, resolve_bank_dir
 from memory_store.errors import BankError, BlockCorrupt
+from memory_store.router import DocRouter
 from memory_store.spec import NodeRef
 from memory_store.writer import BankWriter
 
@@ -237,6 +238,9 @@ def rewrite_bank(src: str | Path, out: str | Path | None = None, *, n_shards: in
                 del view
         if generic is not None:
             w.write_generic(generic)
+        # the nearest-document router goes with the blocks (routes into deleted subtrees stop at the
+        # deepest present level, Bank.present_prefix)
+        DocRouter.copy_files(bank.dir, w.tmp)
     bank.close()
     if root is not None and out is None:
         name = _adopt_version(root, dst, w.bank_id)

@@ -45,6 +45,9 @@ class TrainConfig:
     generic_prob: float = 1.0
     """chance that a step also trains the generic memory on its documents (1.0: the same-epochs control)"""
     loss: str = "all"
+    surprising_fraction: float = 0.3
+    """with --loss surprising: the share of each document's positions (those the frozen anchor predicts
+    worst) the loss covers"""
     """"all": next-token loss on every token; "continuation": only on tokens after a document's route_text
     (the fact's object in the built-in corpus), which skips most of the LM head's work"""
     preserve_weight: float = 0.0
@@ -116,7 +119,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weight-decay", type=float, default=d.weight_decay)
     p.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
     p.add_argument("--generic-prob", type=float, default=d.generic_prob)
-    p.add_argument("--loss", default=d.loss, choices=["all", "continuation"])
+    p.add_argument("--loss", default=d.loss, choices=["all", "continuation", "surprising"])
+    p.add_argument("--surprising-fraction", type=float, default=d.surprising_fraction)
     p.add_argument("--preserve-weight", type=float, default=d.preserve_weight,
                    help="keep the anchor's prediction on the corpus's preserve prompts (0 = off)")
     p.add_argument("--preserve-batch", type=int, default=d.preserve_batch)

@@ -110,7 +110,7 @@ def loss_starts(tokenizer, docs: Sequence[dict], token_ids: Sequence[Sequence[in
     """Index of the first token each document's loss covers: 1 (every next token) for mode "all"; for
     "continuation", the first token after the document's ``route_text`` when the text starts with it (the
     fact's object in the built-in corpus), else 1."""
-    if mode == "all":
+    if mode in ("all", "surprising"):  # "surprising" selects positions later (Trainer.build_surprising)
         return [1] * len(docs)
     if mode != "continuation":
         raise ValueError(f"loss mode must be 'all' or 'continuation', got {mode!r}")

@@ -91,14 +91,62 @@ def routing_agreement(tree, docs: Sequence[dict], probes: Sequence, doc_paths: n
 
 def agreement_study(docs: Sequence[dict], probes: Sequence, branching: Sequence[int], seed: int = 0,
                     embedder_name: str = "all-MiniLM-L6-v2") -> dict:
-    """Routing agreement for the two choices of what to embed for a document: its ``route_text`` (the
-    choice made here) and its whole ``text`` (the obvious alternative). Prompts are embedded as they are."""
+    """How often a trained fact's prompt reaches a leaf that a document stating the fact was trained in.
+
+    * ``route_text`` / ``text``: the tree's greedy descent, documents embedded by their ``route_text`` (when
+      the corpus gives one) or their whole text -- the routing before the document router;
+    * ``router``: documents grouped by shared names into one leaf (`group_documents`), prompts routed
+      through the nearest documents (memory_store.router), reported for the gate ignored (``reached``)
+      and with the gate calibrated on the corpus's ``valid`` probes (``gated``: share of prompts it closes).
+    Probes of every split that names documents (``doc_ids`` or ``doc_id``) are scored per split."""
     embedder = get_embedder(embedder_name)
-    out = {}
-    for name, texts in (("route_text", doc_route_texts(docs)), ("text", [d["text"] for d in docs])):
-        emb = embed(texts, embedder)
-        tree = build_corpus_tree(emb, branching, seed=seed)
-        out[name] = routing_agreement(tree, docs, probes, tree.route(emb), embedder)
+    out: dict = {}
+    if any(d.get("route_text") for d in docs):
+        for name, texts in (("route_text", doc_route_texts(docs)), ("text", [d["text"] for d in docs])):
+            emb = embed(texts, embedder)
+            tree = build_corpus_tree(emb, branching, seed=seed)
+            out[name] = routing_agreement(tree, docs, probes, tree.route(emb), embedder)
+    emb = embed([d["text"] for d in docs], embedder)
+    tree = build_corpus_tree(emb, branching, seed=seed)
+    out["descent"] = _reach(lambda texts: [tuple(p) for p in tree.route(embed(texts, embedder)).tolist()],
+                            docs, probes, tree.route(emb))
+    paths = group_paths(tree, emb, group_documents([d["text"] for d in docs]))
+    from memory_store.router import DocRouter
+
+    router = DocRouter.build([d["text"] for d in docs], paths, lambda xs: embed(xs, embedder),
+                             doc_ids=[d["id"] for d in docs])
+    calibrate_gate(router, embedder, [p.prompt for p in probes if p.split == "valid"],
+                   [p.prompt for p in probes if p.split == "valid_heldout"])
+
+    def via_router(texts: list[str]) -> list[tuple[tuple[int, ...] | None, bool]]:
+        e = embed(texts, embedder)
+        return [(c[0].path if c else None, router.open(c[0].cos, c[0].idf) if c else False)
+                for c in (router.candidates(x, t) for x, t in zip(e, texts, strict=True))]
+
+    out["router"] = _reach(via_router, docs, probes, paths, gated=True)
+    out["router"]["gate"] = router.calibration
+    log.info("routing agreement: %s", out)
+    return out
+
+
+def _reach(route, docs: Sequence[dict], probes: Sequence, doc_paths: np.ndarray, gated: bool = False) -> dict:
+    where = {d["id"]: tuple(int(x) for x in p) for d, p in zip(docs, doc_paths, strict=True)}
+    out: dict = {}
+    for split in sorted({p.split for p in probes}):
+        rows = [p for p in probes if p.split == split and (getattr(p, "doc_ids", None) or p.doc_id)]
+        if not rows:
+            continue
+        got = route([p.prompt for p in rows])
+        hit, top, closed = [], [], []
+        for p, g in zip(rows, got, strict=True):
+            path, opened = g if gated else (g, True)
+            want = {where[d] for d in (getattr(p, "doc_ids", None) or [p.doc_id]) if d in where}
+            hit.append(path in want)
+            top.append(path is not None and any(w[0] == path[0] for w in want))
+            closed.append(not opened)
+        out[split] = {"reached": float(np.mean(hit)), "level1": float(np.mean(top)), "n": len(rows)}
+        if gated:
+            out[split]["gated"] = float(np.mean(closed))
     return out
 
 

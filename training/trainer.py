@@ -107,6 +107,7 @@ class Trainer:
         self.token_ids = tokenize_docs(self.tokenizer, [d["text"] for d in self.docs], MAX_DOC_TOKENS)
         self.loss_start = loss_starts(self.tokenizer, self.docs, self.token_ids, cfg.loss)
         self.prefix: list[torch.Tensor | None] | None = None  # None entries: not computed yet
+        self.surprising: list[torch.Tensor] | None = None  # per document, with --loss surprising
         self.preservation = Preservation(self, corpus.preserve) if cfg.preserve_weight > 0 else None
         params: list[dict[str, Any]] = [{"params": list(self.memory.parameters()), "lr": cfg.lr}]
         if self.train_anchor:
@@ -162,6 +163,39 @@ class Trainer:
                  time.perf_counter() - t0)
         atomic_save(self.prefix, f)
 
+    def build_surprising(self) -> None:
+        """For ``--loss surprising``: per document, the positions whose next token the frozen anchor finds
+        hardest (the top ``surprising_fraction`` by its loss): names and facts rather than the words any
+        model predicts. The LM head -- most of a step's work -- then runs only there."""
+        if self.cfg.loss != "surprising" or not self.use_prefix:
+            return
+        f = self.out / "surprising.pt"
+        if f.exists():
+            self.surprising = torch.load(f)
+            return
+        t0 = time.perf_counter()
+        out: list[torch.Tensor] = []
+        with torch.no_grad():
+            for s in range(0, len(self.docs), 32):
+                idx = list(range(s, min(s + 32, len(self.docs))))
+                ids, mask = pad_ids([self.token_ids[i] for i in idx])
+                select, targets = loss_targets(ids, mask, [1] * len(idx))
+                with self._autocast():
+                    logits = self.model.forward_from(pad_hidden(self._prefix_of(idx)), self.l0, select=select)
+                nll = torch.nn.functional.cross_entropy(logits.float(), targets, reduction="none")
+                pos = 0
+                for b, i in enumerate(idx):
+                    n = int(select[b].sum())
+                    k = max(1, math.ceil(self.cfg.surprising_fraction * n))
+                    keep = torch.zeros(len(self.token_ids[i]), dtype=torch.bool)
+                    top = torch.topk(nll[pos:pos + n], k).indices
+                    keep[torch.nonzero(select[b]).flatten()[top]] = True
+                    out.append(keep)
+                    pos += n
+        self.surprising = out
+        atomic_save(out, f)
+        log.info("surprising positions of %d documents in %.1fs", len(out), time.perf_counter() - t0)
+
     def _prefix_of(self, idx: list[int]) -> list[torch.Tensor]:
         prefix = self.prefix
         if prefix is None:
@@ -196,7 +230,15 @@ class Trainer:
         """Next-token loss of the batch's documents through anchor + their paths' blocks (or the generic)."""
         seqs = [self.token_ids[i] for i in batch.doc_index]
         ids, mask = pad_ids(seqs)
-        select, targets = loss_targets(ids, mask, [self.loss_start[i] for i in batch.doc_index])
+        select, _ = loss_targets(ids, mask, [self.loss_start[i] for i in batch.doc_index])
+        if self.surprising is not None:  # only the positions where the anchor was most surprised
+            keep = torch.zeros_like(select)
+            for b, i in enumerate(batch.doc_index):
+                keep[b, :len(self.surprising[i])] = self.surprising[i]
+            select = select & keep
+        targets = torch.zeros_like(ids)
+        targets[:, :-1] = ids[:, 1:]
+        targets = targets[select]
         memory = self.batch_memory(batch, generic)
         with self._autocast():
             if self.use_prefix:
@@ -270,6 +312,7 @@ class Trainer:
     def train(self) -> dict:
         self.resume()
         self.build_prefix_cache()
+        self.build_surprising()
         if self.preservation is not None and not self.train_anchor:
             self.preservation.build()
         bar = None

@@ -1,7 +1,8 @@
 """From a request's `memory` field to the blocks it is generated with: route, check access, fetch.
 
-Routing is greedy descent (DESIGN §1) restricted to the level-1 subtrees the caller's key allows, so a
-key limited to subtree 3 never routes, and so never fetches, outside it.
+Routing goes through the bank's nearest-document router and its gate when the bank has one
+(memory_store.router, docs/training.md), else greedy descent (DESIGN §1); both are restricted to the level-1
+subtrees the caller's key allows, so a key limited to subtree 3 never routes, and so never fetches, outside it.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from memory_store.router import DocRouter
 
 from .auth import Principal
 from .block_cache import BlockCache
@@ -39,7 +42,13 @@ class MemoryResolver:
         self.strict = strict
         self.metrics = metrics
         self._dtype = dtype
-        self._tree = bank.tree  # routing is memory_store's Tree.route: the scoring used offline too
+        self._tree = bank.tree  # routing is memory_store's: the scoring used offline too
+        # A bank trained from documents carries a nearest-document router with a gate (memory_store.router):
+        # prompts go to the path of the documents they match, or get no memory when they match none.
+        self._router = DocRouter.load(bank.dir) if getattr(bank, "dir", None) is not None else None
+        if self._router is not None:
+            log.info("routing through %d trained documents (gate: min_idf %.2f, min_cos %.2f)",
+                     self._router.n_docs, self._router.min_idf, self._router.min_cos)
         self._sizes = [len(c) for c in bank.tree.centroids]
         self._generic: torch.Tensor | None = None
         self._generic_lock = threading.Lock()
@@ -64,11 +73,19 @@ class MemoryResolver:
         t0 = time.perf_counter()
         with self._embed_lock:  # the embedder is not guaranteed thread-safe
             emb = np.asarray(self._embed([text]), dtype=np.float32)[0]
-        path = [int(i) for i in self._tree.route(emb[None, :], allowed_level1=allowed)[0]]
+        reason = None
+        path: list[int] | None
+        if self._router is not None:
+            r = self._router.route_one(emb, text, allowed_level1=allowed)
+            path = list(r.path) if r.path is not None else None
+            if path is None:
+                reason = "no memory: the prompt matches no document of the bank (route gate)"
+        else:
+            path = [int(i) for i in self._tree.route(emb[None, :], allowed_level1=allowed)[0]]
         dt = time.perf_counter() - t0
         if self.metrics is not None:
             self.metrics.route_latency.observe(dt)
-        return path, dt * 1000.0, None
+        return path, dt * 1000.0, reason
 
     def check_path(self, path: Sequence[int], principal: Principal) -> list[int]:
         """Validate an explicit path: one index per level (a prefix is allowed), each a child of the last."""

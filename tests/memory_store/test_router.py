@@ -121,3 +121,22 @@ def test_calibrate_gate_lets_positives_through_and_keeps_negatives_out(router):
     assert report["open_positives"] == 1.0 and report["open_negatives"] == 0.0
     got = router.route(emb.embed(neg), neg)
     assert all(r.gated for r in got)
+
+
+def test_bank_operations_carry_the_router_into_the_new_bank(tmp_path):
+    from memory_store.ops import delete_subtrees, reshard
+    from memory_store.spec import NodeRef
+
+    from .conftest import tiny_spec, write_bank
+
+    spec = tiny_spec()
+    src = tmp_path / "bank"
+    write_bank(src, spec)
+    k = spec.branching[1]
+    leaves = np.array([[i % spec.branching[0], (i % spec.branching[0]) * k] for i in range(len(DOCS))])
+    DocRouter.build(DOCS, leaves, embedder()).save(src)
+    delete_subtrees(src, [NodeRef(1, 0)], out=tmp_path / "deleted")
+    reshard(src, 1, out=tmp_path / "resharded")
+    for d in ("deleted", "resharded"):
+        back = DocRouter.load(tmp_path / d)
+        assert back is not None and back.n_docs == len(DOCS)
