@@ -177,7 +177,8 @@ class DocRouter:
         return [self.route_one(e, t, allowed_level1) for e, t in zip(emb, texts, strict=True)]
 
     def open(self, cos: float, idf: float) -> bool:
-        return idf >= self.min_idf and cos >= self.min_cos
+        """The gate: a shared word that some documents lack (idf > 0), rare enough, and close enough."""
+        return idf > 0 and idf >= self.min_idf and cos >= self.min_cos
 
     def idf_of_df(self, df: float) -> float:
         return float(math.log((self.n_docs + 1) / (df + 1)))
