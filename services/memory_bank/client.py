@@ -101,6 +101,8 @@ class BankClient:
         channel_idle_s: a channel to an address that discovery no longer lists is closed once unused
             this long.
         verify_s: how long a replica's GetInfo verdict is trusted (a mismatch error re-checks at once).
+        recheck_s: how long a replica found serving another version is skipped before it is asked again
+            (it may have been restarted onto ours; it is still tried last, after every other replica).
         on_reject: called with (address, reason) when a replica is dropped for serving another bank
             version or layout (e.g. to count it in a metric).
     """
@@ -112,6 +114,7 @@ class BankClient:
                  failure_memory_s: float = 30.0, tls_ca_file: str | Path | None = None,
                  tls_cert_file: str | Path | None = None, tls_key_file: str | Path | None = None,
                  tls_server_name: str | None = None, channel_idle_s: float = 60.0, verify_s: float = 30.0,
+                 recheck_s: float = 2.0,
                  on_reject: Callable[[str, str], None] | None = None) -> None:
         if redis_url is None and not static_addresses:
             raise ValueError("BankClient needs redis_url or static_addresses")
@@ -126,6 +129,7 @@ class BankClient:
         self.failure_memory_s = failure_memory_s
         self.channel_idle_s = channel_idle_s
         self.verify_s = verify_s
+        self.recheck_s = min(recheck_s, verify_s)
         self._on_reject = on_reject
         # address -> (serves our bank and the shard asked?, when checked, why not); see _verify
         self._verdicts: dict[str, tuple[bool, float, str]] = {}
@@ -290,7 +294,7 @@ class BankClient:
         it serves another bank version or layout (then it is dropped and checked again later)."""
         now = time.monotonic()
         verdict = self._verdicts.get(addr)
-        if verdict is not None and now - verdict[1] < self.verify_s:
+        if verdict is not None and now - verdict[1] < (self.verify_s if verdict[0] else self.recheck_s):
             if verdict[0]:
                 return
             raise _AttemptFailed(grpc.StatusCode.FAILED_PRECONDITION, verdict[2])
@@ -329,21 +333,20 @@ class BankClient:
         return {s: list(dict.fromkeys(self._discovered.get(s, []) + self._static.get(s, []))) for s in shards}
 
     def _order(self, addresses: list[str]) -> list[str]:
-        """Round-robin among replicas without a recent failure, then the failed ones, oldest failure first;
-        replicas found serving another bank version or layout are left out until their verdict expires."""
-        now = time.monotonic()
-        addresses = [a for a in addresses if not (
-            (v := self._verdicts.get(a)) is not None and not v[0] and now - v[1] < self.verify_s)]
+        """Round-robin among replicas without a recent failure, then the failed ones, oldest failure first,
+        then those last found serving another bank version or layout (asked again after `recheck_s`)."""
         if not addresses:
             return []
+        now = time.monotonic()
         k = next(self._rr) % len(addresses)
         rotated = addresses[k:] + addresses[:k]
 
-        def last_failure(addr: str) -> float:
+        def rank(addr: str) -> tuple[bool, float]:
+            v = self._verdicts.get(addr)
             t = self._failed_at.get(addr, 0.0)
-            return t if now - t < self.failure_memory_s else 0.0
+            return (v is not None and not v[0], t if now - t < self.failure_memory_s else 0.0)
 
-        return sorted(rotated, key=last_failure)  # stable: equal keys keep the rotation
+        return sorted(rotated, key=rank)  # stable: equal keys keep the rotation
 
     # --- fetching ----------------------------------------------------------------------------------------
 

@@ -194,7 +194,7 @@ class BankFollower:
 
     def stop(self) -> None:
         self._stop.set()
-        if self._thread.is_alive():
+        if self._thread.is_alive() and threading.current_thread() is not self._thread:
             self._thread.join(timeout=30)
         for _, closers in self._retired:
             _close_all(closers)
@@ -241,7 +241,7 @@ class BankFollower:
                 fetcher.close()
                 return False
         resolver, cache = build_memory_side(self.settings, new, fetcher, self.embed, self.comps.metrics)
-        old_closers = [c for c in self.comps.closers if c is not self.stop]
+        old_closers = [c for c in self.comps.closers if c != self.stop]  # (bound methods: ==, not is)
         self.comps.resolver = resolver  # new requests resolve against the new version from here on
         self.comps.bank_id = new.bank_id
         self.comps.ready_check = _bank_ready_check(fetcher)

@@ -234,16 +234,30 @@ def test_a_new_version_rolled_replica_by_replica_under_load(tmp_path_factory, re
         while bank_id() != v2 and time.monotonic() < deadline:
             time.sleep(0.2)
         assert bank_id() == v2, "the model server did not follow the new version"
+        new_answers = answers()
+        for sid in ("0", "1"):
+            stack.restart(sid, "a")
+        time.sleep(11)  # past the retirement of the old version's client (2 x fetch timeout)
+        # and back again (a roll-back is a roll to an older version): the server follows a second time
+        add_version(d / "v1", root)
+        for sid in ("0", "1"):
+            stack.restart(sid, "b")
+        deadline = time.monotonic() + 60
+        while bank_id() != v1 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert bank_id() == v1, "the model server did not follow the second time"
         for sid in ("0", "1"):
             stack.restart(sid, "a")
         time.sleep(2)
         stop.set()
         for t in threads:
             t.join(60)
-        new = answers()
+        assert answers() == old and Bank.open(root).bank_id == v1
+        new = new_answers
         assert all(o != n for o, n in zip(old, new, strict=True)), "versions answer alike: the check proves nothing"
         assert len(results) >= 10
-        assert [r for r in results if r[0] != 200 or r[1]] == []
+        bad = [r for r in results if r[0] != 200 or r[1]]
+        assert bad == [], "\n".join(ln for ln in stack.models["plain"].lines if "WARNING" in ln or "follower" in ln or "ERROR" in ln)[-4000:]
         # each response is the old version's answer or the new one's (a switch may fall between the two
         # requests of one round, not inside one request)
         mixed = [(i, t) for r in results for i, t in enumerate(r[2]) if t not in (old[i], new[i])]
