@@ -64,7 +64,8 @@ GENERAL_PROMPTS = Path(__file__).parent / "data" / "general_prompts.jsonl"
 # Wording templates. Placeholders: {name} the entity's name as a sentence writes it ("the Netherlands");
 # {subj} the same in a document's first sentence and maybe a pronoun ("It", "The city") later -- {subj} only
 # ever opens a sentence; {the} (probes) " the" where the answer country takes an article ("... in the"
-# -> " Philippines"). The first letter of a sentence or prompt is capitalized after filling in. Fact keys:
+# -> " Philippines"); {bare} (probes) the name without article, for field forms ("Country: Philippines").
+# The first letter of a sentence or prompt is capitalized after filling in. Fact keys:
 # "<relation>" is the probed fact, the others are side facts. The probed answer is bare ("Philippines").
 
 DOC_TEMPLATES: dict[str, list[str]] = {
@@ -166,24 +167,26 @@ DOC_TEMPLATES: dict[str, list[str]] = {
     ],
 }
 
+# Probe and valid wordings: question forms end in an answer stem ("Answer: X is in the state of"), because
+# the base anchor answers a bare "Q: ... A:" with a newline or "B:" (SmolLM2-135M: 0-5% exact match).
 PROBE_TEMPLATES: dict[str, list[str]] = {
     "city_country": [
-        "Q: In which country is {name} located?\nA:",
+        "Q: In which country is {name}?\nA: {name} is in the country of{the}",
         "{name} is a city located in the country of{the}",
         "City: {name}\nCountry:",
     ],
     "us_city_state": [
-        "Q: In which U.S. state is {name} located?\nA:",
+        "Question: Which U.S. state is {name} in?\nAnswer: {name} is in the state of",
         "{name} is a city located in the U.S. state of",
         "City: {name}\nState:",
     ],
     "country_capital": [
-        "Q: What is the capital of {name}?\nA:",
+        "Q: What is the capital of {name}?\nA: The capital of {name} is",
         "The capital city of {name} is",
-        "Country: {name}\nCapital:",
+        "Country: {bare}\nCapital:",
     ],
     "element_number": [
-        "Q: What is the atomic number of {name}?\nA:",
+        "Question: What is the atomic number of {name}?\nAnswer: The atomic number of {name} is",
         "The element {name} has atomic number",
         "Element: {name}\nAtomic number:",
     ],
@@ -191,20 +194,20 @@ PROBE_TEMPLATES: dict[str, list[str]] = {
 
 VALID_TEMPLATES: dict[str, list[str]] = {
     "city_country": [
-        "Question: Which country is {name} in?\nAnswer:",
+        "Question: Which country is {name} in?\nAnswer: It is in{the}",
         "{name} belongs to the country of{the}",
     ],
     "us_city_state": [
-        "Question: Which state is {name} in?\nAnswer:",
+        "Question: What state is {name} part of?\nAnswer: {name} is part of the state of",
         "{name} can be found in the American state of",
     ],
     "country_capital": [
-        "Question: Which city is the capital of {name}?\nAnswer:",
-        "In {name}, the capital city is",
+        "Question: Which city is the capital of {name}?\nAnswer: The capital is",
+        "{name}'s capital city is",
     ],
     "element_number": [
-        "Question: How many protons does an atom of {name} have?\nAnswer:",
-        "The number of protons in a {name} atom is",
+        "Question: How many protons does an atom of {name} have?\nAnswer: It has",
+        "The number of protons in an atom of {name} is",
     ],
 }
 
@@ -530,7 +533,7 @@ def entity_documents(e: Entity, n_docs: int, rng: random.Random) -> list[str]:
 
 
 def _probe(e: Entity, template: str, split: str, bucket: int, tag: str, doc_ids: list[str]) -> Probe:
-    prompt = template.format(name=e.text_name, the=e.attrs.get("the", ""))
+    prompt = re.sub(r"s's\b", "s'", template.format(name=e.text_name, bare=e.name, the=e.attrs.get("the", "")))
     return Probe(prompt=prompt[0].upper() + prompt[1:], answer=e.answer, bucket=bucket, relation=e.relation,
                  split=split, entity=e.name, doc_id=doc_ids[0] if doc_ids else None, popularity=e.popularity,
                  doc_ids=list(doc_ids), template=tag)
