@@ -231,3 +231,23 @@ def test_general_prompts_sizes_and_entities(demo):
         toks = _words(r["text"])
         grams = {toks[i:i + k] for k in range(1, 6) for i in range(len(toks) - k + 1)}
         assert not {_words(n) for n in names} & grams, r["text"]
+
+
+def test_cli_writes_the_documents_corpus(tmp_path, capsys):
+    import argparse
+    import json
+
+    from training.cli import register
+
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["corpus", "facts", "--style", "documents", "--out", str(tmp_path),
+                              "--size", "city_country=20", "--size", "us_city_state=10",
+                              "--size", "country_capital=10", "--size", "element_number=10",
+                              "--heldout-extra", "0.5", "--docs-per-entity", "2,2"])
+    assert args.func(args) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["docs.jsonl", "probes.jsonl"]
+    corpus = Corpus.load(tmp_path)
+    assert summary["docs"] == len(corpus.docs) == 2 * summary["trained_facts"]
+    assert all("route_text" not in d for d in corpus.docs)
