@@ -32,25 +32,11 @@ def register(subparsers) -> None:
     p.set_defaults(func=_generate)
 
 
-def pick_threads(spec: str | int) -> int:
-    """'auto' -> cores minus the 1-minute load average, clipped to [1, cores]; else the number given."""
-    cores = os.cpu_count() or 1
-    if str(spec) != "auto":
-        n = int(spec)
-        if n < 1:
-            raise SystemExit("--threads must be >= 1 or 'auto'")
-        return n
-    try:
-        load = os.getloadavg()[0]
-    except OSError:  # pragma: no cover - platforms without getloadavg
-        return cores
-    return max(1, min(cores, round(cores - load)))
-
-
 def _generate(args: argparse.Namespace) -> int:
     import torch
 
     from lm import MemoryBatch, SamplingParams, generate, load_anchor
+    from lm.dtype import pick_threads
     from lm.model import ffn_param_count
     from lm.synthetic import PAPER_RANKS, random_path
 

@@ -1,4 +1,4 @@
-"""Which compute dtype is fast on this machine: measured, not assumed.
+"""Machine-dependent compute choices: which dtype is fast here (measured, not assumed), and how many threads.
 
 Machines of one kind differ: on a Xeon with AMX a bfloat16 matmul of a decode- or training-sized shape runs
 several times faster than float32, on an EPYC without bf16 units it crawls. `fast_dtype()` times the same
@@ -9,6 +9,7 @@ measurement is logged and returned so callers can record it.
 from __future__ import annotations
 
 import logging
+import os
 import time
 
 import torch
@@ -54,3 +55,19 @@ def fast_dtype(choice: str = "auto", *, min_speedup: float = 1.3, shape: tuple[i
         log.info("compute dtype: %s (%s)", m["choice"], m["reason"])
         _CACHE[shape] = (dtype, m)
     return _CACHE[shape]
+
+
+def pick_threads(spec: str | int) -> int:
+    """'auto' -> cores minus the 1-minute load average, clipped to [1, cores]; else the number given. On a
+    shared machine a thread team waiting for a descheduled member is slower than one thread."""
+    cores = os.cpu_count() or 1
+    if str(spec) != "auto":
+        n = int(spec)
+        if n < 1:
+            raise SystemExit("threads must be >= 1 or 'auto'")
+        return n
+    try:
+        load = os.getloadavg()[0]
+    except OSError:  # pragma: no cover - platforms without getloadavg
+        return cores
+    return max(1, min(cores, round(cores - load)))

@@ -67,6 +67,9 @@ class TrainConfig:
     anchor_lr: float = 1e-3
     dtype: str = "float32"
     """bank dtype on export"""
+    threads: str = "auto"
+    """torch threads: "auto" = the cores not busy with other work (1-minute load), at least 1; a number; or
+    "keep" (leave torch's setting alone)"""
     compute_dtype: str = "auto"
     """training matmuls: "auto" (bfloat16 autocast where a short measurement shows it clearly faster, see
     lm/dtype.py), "float32" or "bfloat16" """
@@ -134,6 +137,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                    help="JSON file of ModelConfig fields: pretrain a new anchor from scratch with memories")
     p.add_argument("--anchor-lr", type=float, default=d.anchor_lr)
     p.add_argument("--dtype", default=d.dtype, choices=["float32", "float16", "bfloat16"])
+    p.add_argument("--threads", default=d.threads, help="torch threads: auto | N | keep")
     p.add_argument("--compute-dtype", default=d.compute_dtype, choices=["auto", "float32", "bfloat16"])
     p.add_argument("--shards", type=int, default=d.shards)
     p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)

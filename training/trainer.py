@@ -392,6 +392,11 @@ class Trainer:
 def train(cfg: TrainConfig) -> dict:
     """Run (or resume) a training job; export the bank unless it is a subtree job. Returns job.json's dict."""
     d = init_distributed()
+    if cfg.threads != "keep":
+        from lm.dtype import pick_threads
+
+        torch.set_num_threads(pick_threads(cfg.threads) if d.world == 1 else 1)
+        log.info("torch threads: %d", torch.get_num_threads())
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     if d.main:

@@ -6,7 +6,8 @@ import argparse
 
 import pytest
 
-from lm.cli import pick_threads, register
+from lm.cli import register
+from lm.dtype import pick_threads
 
 
 def _run(argv: list[str]) -> int:

@@ -20,7 +20,7 @@ def corpus_dir(tmp_path_factory):
 def tiny_config(corpus_dir, out, **kw) -> TrainConfig:
     values = dict(corpus=str(corpus_dir), out=str(out), anchor="tiny", embedder="hash-trigram", branching=[2, 2],
                   ranks=[8, 4], mem_layers=2, epochs=1, batch_size=8, lr=1e-2, warmup_steps=1, progress=False,
-                  checkpoint_every=1000, compute_dtype="float32")
+                  checkpoint_every=1000, compute_dtype="float32", threads="keep")
     values.update(kw)
     return TrainConfig(**values)
 
