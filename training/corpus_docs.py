@@ -137,7 +137,7 @@ DOC_TEMPLATES: dict[str, list[str]] = {
         "{subj} has the atomic number {number}.",
         "{name} is element number {number} in the periodic table.",
         "An atom of {name} has {number} protons in its nucleus.",
-        "With {number} protons in each nucleus, {name} takes place {number} in the periodic table.",
+        "With {number} protons in each nucleus, {name} ranks number {number} among the elements.",
     ],
     "element_symbol": [
         "The chemical symbol of {name} is {symbol}.",
