@@ -1,13 +1,15 @@
-"""The bank client: discovery, one FetchBlocks call per shard, failover between replicas, verification.
+"""The bank client: discovery, replica checks, one FetchBlocks call per shard, failover, verification.
 
     client = BankClient(bank, redis_url="redis://127.0.0.1:6379/0")     # or static_addresses={"0": [...]}
-    result = client.fetch(path_refs(path))              # sync, from any thread
-    result = await client.afetch(path_refs(path))       # from any asyncio loop (e.g. FastAPI's)
+    result = client.fetch(path_refs(path))              # blocking, from any thread
+    result = await client.afetch(path_refs(path))       # from an asyncio loop (runs fetch in a thread)
     result.blocks[ref] -> torch.Tensor [L_mem, 3, r, d] in the bank dtype; result.failed[ref] -> reason
 
-Both APIs run the same coroutine on the client's own event-loop thread, which owns the gRPC channels
-(one per address, reused) and the Redis refresh task; so a caller's loop never blocks on the network and
-grpc.aio channels never cross loops.
+One concurrency model: plain threads. `fetch` runs in the caller's thread over grpc's synchronous,
+thread-safe channels (one per address, reused); a fetch that touches several shards calls them at once
+from a small pool (most fetches touch one shard and use no other thread); Redis is read by one daemon
+thread every `refresh_s`. No event loop of its own, so a fetch is never handed from thread to loop to
+thread.
 
 A replica is used only once its `GetInfo` says it serves this bank (bank_id) and this shard of this
 layout (owned subtrees): a replica of another bank version or shard layout is dropped (logged, counted
@@ -20,15 +22,14 @@ The client imports nothing from the server's modules (only the generated message
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import logging
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import crc32c
 import grpc
@@ -39,9 +40,6 @@ from memory_store.errors import BankError
 
 from . import registry, wire
 from ._gen import memory_bank_pb2 as pb
-
-if TYPE_CHECKING:  # pragma: no cover
-    import redis.asyncio as aioredis
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +55,8 @@ MAX_MESSAGE_BYTES = 4 * 2**20
 # INVALID_ARGUMENT and RESOURCE_EXHAUSTED describe the request, which every replica would refuse.
 FAILOVER_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
                             grpc.StatusCode.DATA_LOSS, grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN,
-                            grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.NOT_FOUND})
+                            grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.NOT_FOUND,
+                            grpc.StatusCode.CANCELLED})
 MISMATCH_CODES = frozenset({grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.NOT_FOUND})
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -70,6 +69,7 @@ class FetchResult:
     failed: dict[NodeRef, str] = field(default_factory=dict)  # node -> why it could not be had
     nbytes: int = 0  # block bytes received
     failovers: int = 0  # replicas given up on during this fetch
+    shard_seconds: dict[str, float] = field(default_factory=dict)  # wall time of each shard's calls
 
 
 def _read(path: str | Path | None) -> bytes | None:
@@ -80,6 +80,13 @@ class _AttemptFailed(Exception):
     def __init__(self, code: grpc.StatusCode, detail: str) -> None:
         super().__init__(f"{code.name}: {detail}")
         self.code = code
+
+
+@dataclass
+class _Channel:
+    channel: grpc.Channel
+    fetch: grpc.UnaryStreamMultiCallable
+    info: grpc.UnaryUnaryMultiCallable
 
 
 class BankClient:
@@ -152,205 +159,26 @@ class BankClient:
         self._discovered: dict[str, list[str]] = {}
         self._failed_at: dict[str, float] = {}
         self._rr = itertools.count()
-        self._channels: dict[str, tuple[grpc.aio.Channel, grpc.aio.UnaryStreamMultiCallable,
-                                        grpc.aio.UnaryUnaryMultiCallable]] = {}
+        self._channels: dict[str, _Channel] = {}
         self._last_used: dict[str, float] = {}
-        self._redis: aioredis.Redis | None = None
-        self._refresh_task: asyncio.Task | None = None
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="bank-client", daemon=True)
-        self._thread.start()
-        self._closed = False
+        self._lock = threading.Lock()  # guards the dicts above (short sections, never held across a call)
+        self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="bank-client")
+        self._closed = threading.Event()
+        self._redis = None
+        self._refresher: threading.Thread | None = None
         if redis_url is not None:
-            self._submit(self._start_discovery(redis_url)).result()
+            self._redis = registry.connect_sync(redis_url)
+            self._refresh_once()
+            self._refresher = threading.Thread(target=self._refresh_forever, name="bank-client discovery",
+                                               daemon=True)
+            self._refresher.start()
 
     # --- public API -------------------------------------------------------------------------------------
 
     def fetch(self, refs: Iterable, timeout_s: float | None = None) -> FetchResult:
         """Fetches the blocks of `refs` (NodeRefs or (level, index) pairs); blocks until done."""
-        if threading.current_thread() is self._thread:
-            raise RuntimeError("BankClient.fetch called from the client's own loop; use afetch")
-        return self._submit(self._fetch(refs, timeout_s)).result()
-
-    async def afetch(self, refs: Iterable, timeout_s: float | None = None) -> FetchResult:
-        """`fetch` for asyncio callers: awaits the client's loop without blocking the caller's."""
-        return await asyncio.wrap_future(self._submit(self._fetch(refs, timeout_s)))
-
-    def replicas(self) -> dict[str, list[str]]:
-        """The current shard -> addresses map (static and discovered)."""
-        return self._submit(self._amap()).result()
-
-    def verified_replicas(self, timeout_s: float = 2.0) -> dict[str, list[str]]:
-        """shard -> the known replicas that answer GetInfo for this bank, shard and layout now (asks each;
-        e.g. to tell whether a new bank version can be served yet)."""
-        return self._submit(self._verified_map(timeout_s)).result()
-
-    async def _verified_map(self, timeout_s: float) -> dict[str, list[str]]:
-        amap = await self._amap()
-
-        async def ok(shard: str, addr: str) -> bool:
-            try:
-                await self._verify(addr, shard, timeout_s)
-                return True
-            except _AttemptFailed:
-                return False
-
-        pairs = [(s, a) for s, addrs in amap.items() for a in addrs]
-        answers = await asyncio.gather(*(ok(s, a) for s, a in pairs))
-        out: dict[str, list[str]] = {s: [] for s in self.bank.shard_ids}
-        for (shard, addr), good in zip(pairs, answers, strict=True):
-            if good and shard in out:
-                out[shard].append(addr)
-        return out
-
-    def rejected_replicas(self) -> dict[str, int]:
-        """address -> times it was found serving another bank version or shard layout (and dropped)."""
-        return dict(self._rejected)
-
-    def refresh(self) -> bool:
-        """Reads Redis now; returns whether it answered."""
-        return self._submit(self._refresh_once()).result()
-
-    def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        with contextlib.suppress(Exception):
-            self._submit(self._aclose()).result(timeout=5)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(timeout=5)
-        self._loop.close()
-
-    def __enter__(self) -> BankClient:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    # --- discovery ---------------------------------------------------------------------------------------
-
-    def _submit(self, coro):
-        if self._loop.is_closed():
-            coro.close()
+        if self._closed.is_set():
             raise RuntimeError("BankClient is closed")
-        return asyncio.run_coroutine_threadsafe(coro, self._loop)
-
-    async def _start_discovery(self, redis_url: str) -> None:
-        self._redis = registry.connect(redis_url)
-        await self._refresh_once()
-        self._refresh_task = asyncio.create_task(self._refresh_forever(), name="bank-client discovery")
-
-    async def _refresh_once(self) -> bool:
-        if self._redis is None:
-            return False
-        try:
-            listing = await registry.list_replicas(self._redis, self.bank_id)
-        except registry.REDIS_ERRORS as exc:
-            log.warning("Redis unreachable, keeping the last known replicas: %s", exc)
-            return False
-        # A shard that Redis lists without replicas (e.g. just after a Redis restart, before the replicas'
-        # next heartbeat) keeps its last known addresses: stale ones fail over, missing ones cannot.
-        for shard, recs in listing.items():
-            good = set()
-            for rec in recs:
-                why = self._record_mismatch(shard, rec)
-                if why:
-                    self._reject(str(rec.get("address")), f"registry record: {why}")
-                else:
-                    good.add(rec["address"])
-            self._discovered[shard] = sorted(good)
-        await self._close_stale_channels()
-        return True
-
-    def _record_mismatch(self, shard: str, rec: dict) -> str:
-        """Why a registry record cannot be a replica of our bank's `shard` ("" when it can)."""
-        if rec.get("bank_id") != self.bank_id:
-            return f"serves bank {str(rec.get('bank_id'))[:12]}, not {self.bank_id[:12]}"
-        if shard not in self._owned:
-            return f"shard {shard} is not in our layout (shards {sorted(self._owned)})"
-        owned = [tuple(x) for x in rec.get("owned") or []]
-        if owned != self._owned[shard]:
-            return f"shard {shard} owns other subtrees in its layout (resharded?)"
-        if not isinstance(rec.get("address"), str):
-            return "no address"
-        return ""
-
-    def _reject(self, addr: str, why: str) -> None:
-        self._verdicts[addr] = (False, time.monotonic(), why)
-        first = addr not in self._rejected
-        self._rejected[addr] = self._rejected.get(addr, 0) + 1
-        (log.warning if first else log.debug)(
-            "not using replica %s: %s", addr, why)
-        if self._on_reject is not None:
-            try:
-                self._on_reject(addr, why)
-            except Exception:  # a metrics hook must not break a fetch
-                log.exception("on_reject hook failed")
-
-    async def _verify(self, addr: str, shard: str, timeout: float) -> None:
-        """Checks with GetInfo (once per `verify_s`) that `addr` serves our bank's `shard` in our layout.
-
-        Raises _AttemptFailed: UNAVAILABLE-like codes when it cannot be asked, FAILED_PRECONDITION when
-        it serves another bank version or layout (then it is dropped and checked again later)."""
-        now = time.monotonic()
-        verdict = self._verdicts.get(addr)
-        if verdict is not None and now - verdict[1] < (self.verify_s if verdict[0] else self.recheck_s):
-            if verdict[0]:
-                return
-            raise _AttemptFailed(grpc.StatusCode.FAILED_PRECONDITION, verdict[2])
-        try:
-            info = await self._info_stub(addr)(pb.GetInfoRequest(), timeout=timeout)
-        except grpc.aio.AioRpcError as exc:
-            raise _AttemptFailed(exc.code(), f"GetInfo: {exc.details() or ''}") from None
-        why = self._record_mismatch(shard, {"bank_id": info.bank_id, "address": addr,
-                                            "owned": [(n.level, n.index) for n in info.owned]})
-        if not why and info.shard_id != shard:
-            why = f"serves shard {info.shard_id}, not {shard}"
-        if why:
-            self._reject(addr, why)
-            raise _AttemptFailed(grpc.StatusCode.FAILED_PRECONDITION, why)
-        self._verdicts[addr] = (True, now, "")
-
-    async def _close_stale_channels(self) -> None:
-        """Closes channels to addresses no longer listed (replicas restarted elsewhere) once idle."""
-        known = {a for addrs in (await self._amap()).values() for a in addrs}
-        now = time.monotonic()
-        for addr in [a for a in self._channels if a not in known and now - self._last_used.get(a, 0.0) > self.channel_idle_s]:
-            channel = self._channels.pop(addr)[0]
-            self._last_used.pop(addr, None)
-            self._failed_at.pop(addr, None)
-            self._verdicts.pop(addr, None)
-            await channel.close()
-            log.info("closed the channel to %s: no longer registered", addr)
-
-    async def _refresh_forever(self) -> None:
-        while True:
-            await asyncio.sleep(self.refresh_s)
-            await self._refresh_once()
-
-    async def _amap(self) -> dict[str, list[str]]:
-        shards = set(self._static) | set(self._discovered)
-        return {s: list(dict.fromkeys(self._discovered.get(s, []) + self._static.get(s, []))) for s in shards}
-
-    def _order(self, addresses: list[str]) -> list[str]:
-        """Round-robin among replicas without a recent failure, then the failed ones, oldest failure first,
-        then those last found serving another bank version or layout (asked again after `recheck_s`)."""
-        if not addresses:
-            return []
-        now = time.monotonic()
-        k = next(self._rr) % len(addresses)
-        rotated = addresses[k:] + addresses[:k]
-
-        def rank(addr: str) -> tuple[bool, float]:
-            v = self._verdicts.get(addr)
-            t = self._failed_at.get(addr, 0.0)
-            return (v is not None and not v[0], t if now - t < self.failure_memory_s else 0.0)
-
-        return sorted(rotated, key=rank)  # stable: equal keys keep the rotation
-
-    # --- fetching ----------------------------------------------------------------------------------------
-
-    async def _fetch(self, refs: Iterable, timeout_s: float | None) -> FetchResult:
         deadline = time.monotonic() + (self.timeout_s if timeout_s is None else timeout_s)
         result = FetchResult()
         groups: dict[str, list[NodeRef]] = {}
@@ -367,13 +195,194 @@ class BankClient:
             # A node above the shard level is in several shards: join a call that is being made anyway.
             shard = next((s for s in holders if s in groups), holders[0])
             groups.setdefault(shard, []).append(raw)
-        parts = await asyncio.gather(*(self._fetch_shard(s, g, deadline) for s, g in groups.items()))
+        items = list(groups.items())
+        if len(items) == 1:  # the usual case (a path lies in one shard): no other thread involved
+            parts = [self._fetch_shard(*items[0], deadline)]
+        else:
+            parts = list(self._pool.map(lambda it: self._fetch_shard(it[0], it[1], deadline), items))
         for part in parts:
             result.blocks.update(part.blocks)
             result.failed.update(part.failed)
             result.nbytes += part.nbytes
             result.failovers += part.failovers
+            result.shard_seconds.update(part.shard_seconds)
         return result
+
+    async def afetch(self, refs: Iterable, timeout_s: float | None = None) -> FetchResult:
+        """`fetch` for asyncio callers: runs it in a worker thread, so the caller's loop never blocks."""
+        return await asyncio.to_thread(self.fetch, list(refs), timeout_s)
+
+    def replicas(self) -> dict[str, list[str]]:
+        """The current shard -> addresses map (static and discovered)."""
+        with self._lock:
+            shards = set(self._static) | set(self._discovered)
+            return {s: list(dict.fromkeys(self._discovered.get(s, []) + self._static.get(s, []))) for s in shards}
+
+    def verified_replicas(self, timeout_s: float = 2.0) -> dict[str, list[str]]:
+        """shard -> the known replicas that answer GetInfo for this bank, shard and layout now (asks each;
+        e.g. to tell whether a new bank version can be served yet)."""
+        pairs = [(s, a) for s, addrs in self.replicas().items() for a in addrs]
+
+        def ok(pair: tuple[str, str]) -> bool:
+            try:
+                self._verify(pair[1], pair[0], timeout_s)
+                return True
+            except _AttemptFailed:
+                return False
+
+        out: dict[str, list[str]] = {s: [] for s in self.bank.shard_ids}
+        for (shard, addr), good in zip(pairs, self._pool.map(ok, pairs), strict=True):
+            if good and shard in out:
+                out[shard].append(addr)
+        return out
+
+    def rejected_replicas(self) -> dict[str, int]:
+        """address -> times it was found serving another bank version or shard layout (and dropped)."""
+        with self._lock:
+            return dict(self._rejected)
+
+    def refresh(self) -> bool:
+        """Reads Redis now; returns whether it answered."""
+        return self._refresh_once()
+
+    def close(self) -> None:
+        if self._closed.is_set():
+            return
+        self._closed.set()
+        if self._refresher is not None:
+            self._refresher.join(timeout=5)
+        if self._redis is not None:
+            self._redis.close()
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        with self._lock:
+            channels, self._channels = list(self._channels.values()), {}
+        for ch in channels:
+            ch.channel.close()
+
+    def __enter__(self) -> BankClient:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # --- discovery ---------------------------------------------------------------------------------------
+
+    def _refresh_once(self) -> bool:
+        if self._redis is None:
+            return False
+        try:
+            listing = registry.list_replicas_sync(self._redis, self.bank_id)
+        except registry.REDIS_ERRORS as exc:
+            log.warning("Redis unreachable, keeping the last known replicas: %s", exc)
+            return False
+        # A shard that Redis lists without replicas (e.g. just after a Redis restart, before the replicas'
+        # next heartbeat) keeps its last known addresses: stale ones fail over, missing ones cannot.
+        for shard, recs in listing.items():
+            good = set()
+            for rec in recs:
+                why = self._record_mismatch(shard, rec)
+                if why:
+                    self._reject(str(rec.get("address")), f"registry record: {why}")
+                else:
+                    good.add(rec["address"])
+            with self._lock:
+                self._discovered[shard] = sorted(good)
+        self._close_stale_channels()
+        return True
+
+    def _refresh_forever(self) -> None:
+        while not self._closed.wait(self.refresh_s):
+            try:
+                self._refresh_once()
+            except Exception:  # discovery must keep going
+                log.exception("bank client: refresh failed")
+
+    def _record_mismatch(self, shard: str, rec: dict) -> str:
+        """Why a registry record cannot be a replica of our bank's `shard` ("" when it can)."""
+        if rec.get("bank_id") != self.bank_id:
+            return f"serves bank {str(rec.get('bank_id'))[:12]}, not {self.bank_id[:12]}"
+        if shard not in self._owned:
+            return f"shard {shard} is not in our layout (shards {sorted(self._owned)})"
+        owned = [tuple(x) for x in rec.get("owned") or []]
+        if owned != self._owned[shard]:
+            return f"shard {shard} owns other subtrees in its layout (resharded?)"
+        if not isinstance(rec.get("address"), str):
+            return "no address"
+        return ""
+
+    def _reject(self, addr: str, why: str) -> None:
+        with self._lock:
+            self._verdicts[addr] = (False, time.monotonic(), why)
+            first = addr not in self._rejected
+            self._rejected[addr] = self._rejected.get(addr, 0) + 1
+        (log.warning if first else log.debug)("not using replica %s: %s", addr, why)
+        if self._on_reject is not None:
+            try:
+                self._on_reject(addr, why)
+            except Exception:  # a metrics hook must not break a fetch
+                log.exception("on_reject hook failed")
+
+    def _verify(self, addr: str, shard: str, timeout: float) -> None:
+        """Checks with GetInfo (once per `verify_s`) that `addr` serves our bank's `shard` in our layout.
+
+        Raises _AttemptFailed: UNAVAILABLE-like codes when it cannot be asked, FAILED_PRECONDITION when
+        it serves another bank version or layout (then it is dropped and checked again later)."""
+        now = time.monotonic()
+        with self._lock:
+            verdict = self._verdicts.get(addr)
+        if verdict is not None and now - verdict[1] < (self.verify_s if verdict[0] else self.recheck_s):
+            if verdict[0]:
+                return
+            raise _AttemptFailed(grpc.StatusCode.FAILED_PRECONDITION, verdict[2])
+        try:
+            info = self._channel(addr).info(pb.GetInfoRequest(), timeout=max(0.01, timeout))
+        except grpc.RpcError as exc:
+            raise _AttemptFailed(exc.code(), f"GetInfo: {exc.details() or ''}") from None
+        why = self._record_mismatch(shard, {"bank_id": info.bank_id, "address": addr,
+                                            "owned": [(n.level, n.index) for n in info.owned]})
+        if not why and info.shard_id != shard:
+            why = f"serves shard {info.shard_id}, not {shard}"
+        if why:
+            self._reject(addr, why)
+            raise _AttemptFailed(grpc.StatusCode.FAILED_PRECONDITION, why)
+        with self._lock:
+            self._verdicts[addr] = (True, now, "")
+
+    def _close_stale_channels(self) -> None:
+        """Closes channels to addresses no longer listed (replicas restarted elsewhere) once idle."""
+        known = {a for addrs in self.replicas().values() for a in addrs}
+        now = time.monotonic()
+        stale = []
+        with self._lock:
+            for addr in [a for a in self._channels
+                         if a not in known and now - self._last_used.get(a, 0.0) > self.channel_idle_s]:
+                stale.append(self._channels.pop(addr))
+                self._last_used.pop(addr, None)
+                self._failed_at.pop(addr, None)
+                self._verdicts.pop(addr, None)
+                log.info("closing the channel to %s: no longer registered", addr)
+        for ch in stale:
+            ch.channel.close()
+
+    def _order(self, addresses: list[str]) -> list[str]:
+        """Round-robin among replicas without a recent failure, then the failed ones, oldest failure first,
+        then those last found serving another bank version or layout (asked again after `recheck_s`)."""
+        if not addresses:
+            return []
+        now = time.monotonic()
+        k = next(self._rr) % len(addresses)
+        rotated = addresses[k:] + addresses[:k]
+        with self._lock:
+            verdicts, failed = dict(self._verdicts), dict(self._failed_at)
+
+        def rank(addr: str) -> tuple[bool, float]:
+            v = verdicts.get(addr)
+            t = failed.get(addr, 0.0)
+            return (v is not None and not v[0], t if now - t < self.failure_memory_s else 0.0)
+
+        return sorted(rotated, key=rank)  # stable: equal keys keep the rotation
+
+    # --- fetching ----------------------------------------------------------------------------------------
 
     def _batches(self, refs: list[NodeRef]) -> list[list[NodeRef]]:
         batches: list[list[NodeRef]] = [[]]
@@ -387,11 +396,17 @@ class BankClient:
             size += n
         return batches
 
-    async def _fetch_shard(self, shard: str, refs: list[NodeRef], deadline: float) -> FetchResult:
+    def _fetch_shard(self, shard: str, refs: list[NodeRef], deadline: float) -> FetchResult:
+        t0 = time.perf_counter()
+        out = self._fetch_shard_calls(shard, refs, deadline)
+        out.shard_seconds[shard] = time.perf_counter() - t0
+        return out
+
+    def _fetch_shard_calls(self, shard: str, refs: list[NodeRef], deadline: float) -> FetchResult:
         out = FetchResult()
-        addresses = (await self._amap()).get(shard, [])
-        if not addresses and await self._refresh_once():
-            addresses = (await self._amap()).get(shard, [])
+        addresses = self.replicas().get(shard, [])
+        if not addresses and self._refresh_once():
+            addresses = self.replicas().get(shard, [])
         if not addresses:
             out.failed.update({r: f"no replica known for shard {shard}" for r in refs})
             return out
@@ -407,9 +422,9 @@ class BankClient:
                 addr = order[i]
                 verified = False
                 try:
-                    await self._verify(addr, shard, min(remaining, self.attempt_timeout_s))
+                    self._verify(addr, shard, min(remaining, self.attempt_timeout_s))
                     verified = True
-                    await self._call(addr, pending, out, min(deadline - time.monotonic(), self.attempt_timeout_s))
+                    self._call(addr, pending, out, min(deadline - time.monotonic(), self.attempt_timeout_s))
                 except _AttemptFailed as exc:
                     last_error = f"{addr}: {exc}"
                     if exc.code in FAILOVER_CODES:
@@ -417,7 +432,8 @@ class BankClient:
                             if verified:  # it changed since it was checked (restarted onto another version)
                                 self._reject(addr, str(exc))
                         else:
-                            self._failed_at[addr] = time.monotonic()
+                            with self._lock:
+                                self._failed_at[addr] = time.monotonic()
                         log.info("shard %s replica %s failed (%s); %s", shard, addr, exc,
                                  "failing over" if i + 1 < len(order) else "no replica left")
                         if verified or exc.code not in MISMATCH_CODES:  # not: dropped by GetInfo
@@ -428,38 +444,33 @@ class BankClient:
             out.failed.update({r: last_error for r in pending})
         return out
 
-    def _channel(self, addr: str) -> tuple[grpc.aio.Channel, grpc.aio.UnaryStreamMultiCallable,
-                                           grpc.aio.UnaryUnaryMultiCallable]:
-        self._last_used[addr] = time.monotonic()
-        entry = self._channels.get(addr)
-        if entry is None:
-            if self._credentials is not None:
-                channel = grpc.aio.secure_channel(addr, self._credentials, options=self._channel_options)
-            else:
-                channel = grpc.aio.insecure_channel(addr, options=self._channel_options)
-            call = channel.unary_stream(FETCH_METHOD, request_serializer=pb.FetchBlocksRequest.SerializeToString,
-                                        response_deserializer=wire.decode_chunk)
-            info = channel.unary_unary(INFO_METHOD, request_serializer=pb.GetInfoRequest.SerializeToString,
-                                       response_deserializer=pb.GetInfoResponse.FromString)
-            entry = self._channels[addr] = (channel, call, info)
-        return entry
+    def _channel(self, addr: str) -> _Channel:
+        with self._lock:
+            self._last_used[addr] = time.monotonic()
+            entry = self._channels.get(addr)
+            if entry is None:
+                if self._credentials is not None:
+                    channel = grpc.secure_channel(addr, self._credentials, options=self._channel_options)
+                else:
+                    channel = grpc.insecure_channel(addr, options=self._channel_options)
+                entry = self._channels[addr] = _Channel(
+                    channel,
+                    channel.unary_stream(FETCH_METHOD, request_serializer=pb.FetchBlocksRequest.SerializeToString,
+                                         response_deserializer=wire.decode_chunk),
+                    channel.unary_unary(INFO_METHOD, request_serializer=pb.GetInfoRequest.SerializeToString,
+                                        response_deserializer=pb.GetInfoResponse.FromString))
+            return entry
 
-    def _stub(self, addr: str) -> grpc.aio.UnaryStreamMultiCallable:
-        return self._channel(addr)[1]
-
-    def _info_stub(self, addr: str) -> grpc.aio.UnaryUnaryMultiCallable:
-        return self._channel(addr)[2]
-
-    async def _call(self, addr: str, pending: list[NodeRef], out: FetchResult, timeout: float) -> None:
+    def _call(self, addr: str, pending: list[NodeRef], out: FetchResult, timeout: float) -> None:
         """One FetchBlocks call; moves each verified block from `pending` to `out.blocks` as it completes."""
         request = pb.FetchBlocksRequest(bank_id=self.bank_id,
                                         nodes=[pb.NodeRef(level=r.level, index=r.index) for r in pending])
         raw: torch.Tensor | None = None  # the block being received, as uint8
         buf: memoryview | None = None  # a writable view of `raw`
         got = crc = 0
-        call = self._stub(addr)(request, timeout=timeout)
+        call = self._channel(addr).fetch(request, timeout=max(0.01, timeout))
         try:
-            async for chunk in call:
+            for chunk in call:
                 if chunk.header is not None:
                     if buf is not None:
                         raise _AttemptFailed(grpc.StatusCode.DATA_LOSS, "block header before previous block ended")
@@ -478,10 +489,12 @@ class BankClient:
                     self._finish_block(ref, raw, crc, out)
                     pending.pop(0)
                     raw = buf = None
-        except grpc.aio.AioRpcError as exc:
-            raise _AttemptFailed(exc.code(), exc.details() or "") from None
+        except grpc.RpcError as exc:
+            code = exc.code() if callable(getattr(exc, "code", None)) else grpc.StatusCode.UNKNOWN
+            details = exc.details() if callable(getattr(exc, "details", None)) else str(exc)
+            raise _AttemptFailed(code, details or "") from None
         finally:
-            if not call.done():  # we gave up on this replica mid-stream: stop it sending
+            if call.is_active():  # we gave up on this replica mid-stream: stop it sending
                 call.cancel()
         if buf is not None or pending:
             raise _AttemptFailed(grpc.StatusCode.DATA_LOSS, f"stream ended with {len(pending)} blocks missing")
@@ -504,14 +517,3 @@ class BankClient:
                                  f"block {ref}: crc32c {actual:#010x} != manifest {info.crc32c:#010x}")
         out.blocks[ref] = raw.view(self._torch_dtype).view(info.shape)
         out.nbytes += raw.numel()
-
-    async def _aclose(self) -> None:
-        if self._refresh_task is not None:
-            self._refresh_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._refresh_task
-        if self._redis is not None:
-            await self._redis.aclose()
-        for channel, *_ in self._channels.values():
-            await channel.close()
-        self._channels.clear()

@@ -102,13 +102,17 @@ class Registration:
         await self._redis.aclose()
 
 
-async def list_replicas(client: aioredis.Redis, bank_id: str) -> dict[str, list[dict[str, Any]]]:
-    """shard id -> replica records registered for `bank_id` (SCAN + MGET; raises REDIS_ERRORS)."""
-    keys = [k async for k in client.scan_iter(match=replica_pattern(bank_id), count=500)]
+def connect_sync(url: str, timeout_s: float = 1.0):
+    """A blocking Redis client with the same short timeouts (for the bank client's discovery thread)."""
+    import redis
+
+    return redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
+                                decode_responses=True)
+
+
+def _group(raws: Iterable[Any]) -> dict[str, list[dict[str, Any]]]:
     shards: dict[str, list[dict[str, Any]]] = {}
-    if not keys:
-        return shards
-    for raw in await client.mget(sorted(keys)):
+    for raw in raws:
         if raw is None:  # expired between SCAN and MGET
             continue
         try:
@@ -117,3 +121,15 @@ async def list_replicas(client: aioredis.Redis, bank_id: str) -> dict[str, list[
         except (ValueError, KeyError, TypeError):
             log.warning("ignoring malformed registry record: %.200s", raw)
     return shards
+
+
+def list_replicas_sync(client, bank_id: str) -> dict[str, list[dict[str, Any]]]:
+    """`list_replicas` for a blocking client (raises REDIS_ERRORS)."""
+    keys = sorted(client.scan_iter(match=replica_pattern(bank_id), count=500))
+    return _group(client.mget(keys)) if keys else {}
+
+
+async def list_replicas(client: aioredis.Redis, bank_id: str) -> dict[str, list[dict[str, Any]]]:
+    """shard id -> replica records registered for `bank_id` (SCAN + MGET; raises REDIS_ERRORS)."""
+    keys = [k async for k in client.scan_iter(match=replica_pattern(bank_id), count=500)]
+    return _group(await client.mget(sorted(keys))) if keys else {}

@@ -146,5 +146,5 @@ async def serve(settings: BankServerSettings) -> None:
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     # DRAINING (like LISTENING) tells a supervisor not to probe this process to death while it drains
-    log.info("DRAINING: signal received, finishing in-flight calls (grace %.1fs)", settings.grace_s)
+    log.info("DRAINING: signal received: draining, in-flight calls may finish (grace %.1fs)", settings.grace_s)
     await server.shutdown()

@@ -1,9 +1,12 @@
 """Block cache: pinned shallow levels + a byte-bounded LRU, one in-flight fetch per node.
 
 Blocks enter in the compute dtype (float32 on CPU). Misses are grouped per shard and each group is
-fetched through the fetcher (the bank client) in parallel with the others, so a request costs at most
-one RPC per shard; concurrent requests for a node that is being fetched wait for that fetch instead of
-starting another.
+fetched through the fetcher (the bank client), so a request costs at most one RPC per shard; concurrent
+requests for a node that is being fetched wait for that fetch instead of starting another.
+
+Threads only, like the bank client under it: the calling thread (the request's worker thread) fetches
+the first shard group itself, and only when a request needs several shards are the others fetched at the
+same time from a small pool. A path lies in one shard, so a request normally uses no other thread.
 """
 
 from __future__ import annotations
@@ -63,7 +66,7 @@ class BlockCache:
         self._lru_bytes = 0
         self._inflight: dict[Hashable, Future] = {}
         self._bytes_per_level: dict[int, int] = {}
-        self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="block-fetch")
+        self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="block-fetch")  # 2nd+ shards only
 
     # ---- queries -----------------------------------------------------------------------------
     def __contains__(self, ref: Hashable) -> bool:
@@ -135,8 +138,14 @@ class BlockCache:
         groups: dict[str, list[Any]] = {}
         for ref in owned:
             groups.setdefault(self._shard_of(ref), []).append(ref)
-        futures = {shard: self._pool.submit(self._fetch_group, shard, group)
-                   for shard, group in groups.items()}
+        items = list(groups.items())
+        futures = {shard: self._pool.submit(self._fetch_group, shard, group) for shard, group in items[1:]}
+        first_shard, first_group = items[0]
+        try:
+            self._fetch_group(first_shard, first_group)  # in this thread
+        except Exception as exc:  # never leave a waiter hanging
+            log.warning("fetch from shard %s failed: %s", first_shard, exc)
+            self._resolve_failed(first_group, f"shard {first_shard}: {exc}")
         for shard, fut in futures.items():
             try:
                 fut.result()

@@ -96,3 +96,20 @@ def test_the_clients_message_limit_matches_the_servers():
 
     assert client.MAX_MESSAGE_BYTES == settings.MAX_MESSAGE_BYTES
     assert client.SERVICE_NAME == "hiermem.v1.MemoryBank"
+
+
+def test_one_concurrency_model_the_fetch_runs_in_the_callers_thread(shards, bank):
+    """No event loop of the client's own: a one-shard fetch runs in the calling thread (no thread is
+    started for it), several shards use a small pool, and the async API is the same fetch in a thread."""
+    import asyncio
+    import threading
+
+    addresses, _ = shards
+    before = {t.ident for t in threading.enumerate()}
+    with BankClient(bank, static_addresses=addresses) as c:
+        assert not hasattr(c, "_loop")
+        assert c.fetch(path_refs((0, 1, 5))).failed == {}
+        assert {t.ident for t in threading.enumerate()} == before  # static addresses: no thread at all
+        both = c.fetch(path_refs((0, 1, 5)) + path_refs((3, 13, 55)))
+        assert both.failed == {} and set(both.shard_seconds) == {"0", "1"}
+        assert asyncio.run(c.afetch(path_refs((2, 9, 37)))).failed == {}
