@@ -503,7 +503,7 @@ def _render(template: str, e: Entity, subj: str) -> str:
 
 def entity_documents(e: Entity, n_docs: int, rng: random.Random) -> list[str]:
     """n_docs short paragraphs about e: each states the probed fact (a different template in each document)
-    and 1-3 side facts; every side fact the data has is stated in at least one document."""
+    and 2-3 side facts (fewer if it has fewer); every side fact the data has is stated in at least one document."""
     key_pool = DOC_TEMPLATES[e.relation]
     key_templates = rng.sample(key_pool, min(n_docs, len(key_pool)))
     side = [f for f in SIDE_FACTS[e.relation] if _FACT_NEEDS[f] in e.attrs]
@@ -511,8 +511,8 @@ def entity_documents(e: Entity, n_docs: int, rng: random.Random) -> list[str]:
     per_doc: list[list[str]] = [[] for _ in range(n_docs)]
     for i, f in enumerate(side):  # round robin: every side fact at least once
         per_doc[i % n_docs].append(f)
-    for facts in per_doc:  # then top up to 1-3 side facts per document
-        want = min(len(side), rng.randint(1, 3))
+    for facts in per_doc:  # then top up to 2-3 side facts per document
+        want = min(len(side), rng.randint(2, 3))
         extra = [f for f in side if f not in facts]
         rng.shuffle(extra)
         facts += extra[: max(0, want - len(facts))]
@@ -581,11 +581,12 @@ def build_documents_corpus(sizes: dict[str, int] | None = None, heldout_fraction
             rng.shuffle(idx)
             held |= set(idx[: round(len(idx) * heldout_fraction)])
         trained: dict[str, list[str]] = {}
+        drng = random.Random(f"{seed}:docs:{relation}")  # document layout: leaves the held-out draw alone
         for i, e in enumerate(sample):
             if i in held:
                 continue
             ids = []
-            for text in entity_documents(e, rng.randint(lo, hi), rng):
+            for text in entity_documents(e, drng.randint(lo, hi), drng):
                 ids.append(f"{relation}:{len(corpus.docs)}")
                 corpus.docs.append({"id": ids[-1], "text": text})
             trained[e.name] = ids
