@@ -281,8 +281,12 @@ def up(s: UpSettings, *, stop: threading.Event | None = None, out=None) -> int:
                                 f"requirepass {password}\n")
                 os.chmod(conf, 0o600)
                 redis_url = f"redis://:{password}@{s.host}:{rport}/0"
-                sup.start(ChildSpec("redis", lambda port: ["redis-server", str(conf)],
-                                    lambda addr, u=redis_url: probe_redis(u), port=rport))
+                own_url: str = redis_url
+
+                def redis_probe(addr: str) -> bool:
+                    return probe_redis(own_url)
+
+                sup.start(ChildSpec("redis", lambda port: ["redis-server", str(conf)], redis_probe, port=rport))
                 sup.wait_healthy(["redis"], s.startup_timeout_s)
             elif s.redis == "on":
                 raise SystemExit("redis='on' but redis-server is not installed")
