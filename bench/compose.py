@@ -1,9 +1,10 @@
-"""The docker-compose stack run for real (issue 13): images built, `docker compose up -d --wait`, one
+"""The docker-compose stack run for real (issue 13): images built, `docker compose up -d --wait` (with
+deploy/compose.mtls.yml: mutual TLS between model server and shards; Redis with a password), one
 completion with memory through the published port, shard-0 scaled to 3 replicas, one shard container
 killed under a short load, everything stopped and removed.
 
     python -m bench.compose            # writes bench/results/compose.{json,md}
-    python -m bench.compose --keep     # leaves the stack up (project hiermem-live) for a look around
+    python -m bench.compose --keep     # leaves the stack up (project hiermem-live-<pid>) for a look around
 
 Needs a Docker engine: one that answers `docker info` is used; else, as root with apt, docker.io and
 debootstrap are installed and `dockerd --iptables=false --bridge=none` is started for the run (and stopped
@@ -41,7 +42,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-PROJECT = "hiermem-live"
+PROJECT = "hiermem-live"  # + "-<pid>": runs on one engine at the same time never touch each other's stack
 IMAGE = "hiermem:live-test"
 DOCKERD_LOG = Path("/tmp/hiermem-dockerd.log")
 # Small block cache in the model server, so requests keep fetching from the shards (the kill is felt).
@@ -136,7 +137,8 @@ class Stack:
     """One compose project of docker-compose.yml, published on 127.0.0.1:port."""
 
     workdir: Path
-    project: str = PROJECT
+    mtls: bool = True  # add deploy/compose.mtls.yml: shards and model server talk mutual TLS
+    project: str = field(default_factory=lambda: f"{PROJECT}-{os.getpid()}")
     port: int = field(default_factory=_free_port)
     key: str = ""
     env: dict[str, str] = field(default_factory=dict)
@@ -159,9 +161,11 @@ class Stack:
             "HIERMEM_SHARD_HOT_CACHE_BYTES": "0",
         })
 
-    def compose(self, *args: str, timeout: float = 900, check: bool = True) -> subprocess.CompletedProcess:
-        cmd = [*compose_binary(), "--project-directory", str(ROOT), "-f", str(ROOT / "docker-compose.yml"),
-               "-p", self.project, *args]
+    def compose(self, *args: str, timeout: float = 900, check: bool = True,
+                project: str | None = None) -> subprocess.CompletedProcess:
+        files = [ROOT / "docker-compose.yml", *([ROOT / "deploy" / "compose.mtls.yml"] if self.mtls else [])]
+        cmd = [*compose_binary(), "--project-directory", str(ROOT), *(a for f in files for a in ("-f", str(f))),
+               "-p", project or self.project, *args]
         out = subprocess.run(cmd, capture_output=True, text=True, env=self.env, timeout=timeout, cwd=ROOT)
         if check and out.returncode != 0:
             raise RuntimeError(f"{' '.join(args)} failed ({out.returncode}):\n{out.stdout[-3000:]}\n"
@@ -194,16 +198,42 @@ class Stack:
     def containers(self, service: str) -> list[str]:
         return self.compose("ps", "-q", service).stdout.split()
 
+    def redis_cli(self, *args: str, auth: bool = True) -> str:
+        """redis-cli inside the redis container (with the stack's password from its volume)."""
+        env = 'REDISCLI_AUTH="$(cat /run/hiermem-redis/password)" ' if auth else ""
+        cmd = env + "redis-cli " + " ".join(f"'{a}'" for a in args)
+        return self.compose("exec", "-T", "redis", "sh", "-c", cmd).stdout
+
     def registered(self, shard: str) -> int:
-        out = self.compose("exec", "-T", "redis", "redis-cli", "--scan", "--pattern",
-                           f"hiermem:bank:*:replica:{shard}:*")
-        return len(out.stdout.split())
+        return len(self.redis_cli("--scan", "--pattern", f"hiermem:bank:*:replica:{shard}:*").split())
+
+    def security(self) -> dict[str, bool]:
+        """Redis refuses a client without the password; with mutual TLS on, a shard refuses a plaintext
+        gRPC client (the probe from the model server's container, over the compose network)."""
+        out = {"redis_refuses_no_password": "NOAUTH" in self.redis_cli("ping", auth=False)}
+        if self.mtls:
+            plain = self.compose("exec", "-T", "model", "python", "-m", "hiermem.launcher", "probe", "--grpc",
+                                 "shard-0:50051", check=False)
+            out["shard_refuses_plaintext_grpc"] = plain.returncode != 0
+        return out
 
     def logs(self) -> str:
         return self.compose("logs", "--no-color", "--tail", "60", check=False).stdout[-12000:]
 
-    def down(self) -> None:
-        self.compose("down", "--volumes", "--remove-orphans", "--timeout", "20", check=False, timeout=300)
+    def down(self, project: str | None = None) -> None:
+        self.compose("down", "--volumes", "--remove-orphans", "--timeout", "20", check=False, timeout=300,
+                     project=project)
+
+    def remove_stale(self) -> list[str]:
+        """Projects of earlier runs whose process is gone (an interrupted run): removed."""
+        out = self.compose("ls", "--all", "--format", "json", check=False)
+        stale = []
+        for proj in json.loads(out.stdout or "[]") if out.returncode == 0 else []:
+            name, _, pid = str(proj.get("Name", "")).rpartition("-")
+            if name == PROJECT and pid.isdigit() and not Path(f"/proc/{pid}").exists():
+                stale.append(proj["Name"])
+                self.down(proj["Name"])
+        return stale
 
 
 @dataclass
@@ -274,12 +304,14 @@ def scenario(stack: Stack, keep: bool = False, load_s: float = 20.0) -> dict[str
     keep)."""
     figures: dict[str, Any] = {"project": stack.project}
     t_start = time.monotonic()
-    stack.down()  # leftovers of an interrupted run
+    figures["stale_projects_removed"] = stack.remove_stale()
     try:
         figures.update(stack.images())
         t0 = time.monotonic()
         stack.compose("up", "-d", "--wait", "--wait-timeout", "600", "--no-build", timeout=700)
         figures["time_to_healthy_s"] = round(time.monotonic() - t0, 1)
+        figures["mutual_tls"] = stack.mtls
+        figures.update(stack.security())
 
         code, doc = stack.request({"prompt": "The capital of France is", "max_tokens": 8, "temperature": 0,
                                    "memory": "auto"})

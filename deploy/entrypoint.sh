@@ -8,11 +8,30 @@
 #   build         train a bank                                  hiermem build ...
 #   ensure-bank   one-shot: make sure a bank exists in $HIERMEM_INIT_BANK_DIR, build it when absent
 #   probe         health probe for compose healthchecks         python -m hiermem.launcher probe ...
+#   hiermem-make-certs DIR, hiermem-grpc-tls-probe: mutual TLS (deploy/make-certs.sh, deploy/grpc-tls-probe.py)
 #   anything else is executed as given (e.g. `hiermem --help`, `sh`).
 set -eu
 
 role="${1:-serve-model}"
 [ "$#" -gt 0 ] && shift
+
+# Redis password (docker-compose.yml: made by the redis service into a volume mounted read-only here):
+# put it into the redis URLs that have none, redis://host:port/db -> redis://:PASSWORD@host:port/db.
+if [ -n "${HIERMEM_REDIS_PASSWORD_FILE:-}" ]; then
+  if [ ! -r "$HIERMEM_REDIS_PASSWORD_FILE" ]; then
+    echo "hiermem-entrypoint: HIERMEM_REDIS_PASSWORD_FILE=$HIERMEM_REDIS_PASSWORD_FILE is not readable" >&2
+    exit 1
+  fi
+  pw="$(cat "$HIERMEM_REDIS_PASSWORD_FILE")"
+  for var in HIERMEM_BANK_REDIS_URL HIERMEM_MODEL_REDIS_URL HIERMEM_UP_REDIS_URL; do
+    eval "url=\${$var:-}"
+    case "$url" in
+      *@*|"") ;;
+      redis://*|rediss://*) export "$var=${url%%://*}://:$pw@${url#*://}" ;;
+    esac
+  done
+  unset pw url
+fi
 
 case "$role" in
   serve-bank)

@@ -1,5 +1,6 @@
 """docker-compose.yml run for real (issue 13): the image built from this checkout on Debian-made base
-images (deploy/local-images.sh, no image registry), `docker compose up -d --wait`, a completion with memory
+images (deploy/local-images.sh, no image registry), `docker compose up -d --wait` with deploy/compose.mtls.yml
+(shards and model server on mutual TLS, Redis with a password: issue 12), a completion with memory
 through the port published on 127.0.0.1, shard-0 scaled to 3 replicas (registered in Redis), one shard-0
 container killed under a short load (0 failed requests), then everything stopped and removed.
 
@@ -44,6 +45,8 @@ def test_the_compose_stack_serves_scales_and_survives_a_shard_kill(engine, tmp_p
     memory = figures["completion"]["memory"]
     assert memory["mode"] == "auto" and memory["path"] and not memory["degraded"], memory
     assert figures["scale_containers"] == 3
+    assert figures["mutual_tls"] and figures["shard_refuses_plaintext_grpc"], figures
+    assert figures["redis_refuses_no_password"], figures
     assert figures["kill"]["requests"] > 0, figures["kill"]
     missed = [t for t in targets_of(figures) if not t["met"]]
     assert not missed, (missed, figures["kill"])
