@@ -340,7 +340,7 @@ class EnsureBankSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="HIERMEM_INIT_", extra="ignore", use_attribute_docstrings=True)
 
     bank: Path = Field(default_factory=lambda: home() / "banks" / "demo")
-    """Bank directory; nothing is done when its manifest.json exists."""
+    """Bank directory; nothing is done when its manifest.json exists (or it is a versioned root)."""
     source: Literal["synth", "demo"] = "synth"
     """synth = random-weight bank for the anchor (seconds); demo = `hiermem build --preset demo` (trains)."""
     anchor: str = "smollm2"
@@ -364,7 +364,9 @@ class EnsureBankSettings(BaseSettings):
 
 def ensure_bank(s: EnsureBankSettings) -> Path:
     """Build the bank at `s.bank` unless one is there already; returns its directory."""
-    if (s.bank / "manifest.json").is_file():
+    from memory_store.bank import is_version_root
+
+    if (s.bank / "manifest.json").is_file() or is_version_root(s.bank):
         log.info("bank present at %s: nothing to do", s.bank)
         return s.bank
     if s.bank.is_dir() and not any(s.bank.iterdir()):

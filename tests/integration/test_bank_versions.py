@@ -267,3 +267,14 @@ def test_a_new_version_rolled_replica_by_replica_under_load(tmp_path_factory, re
     finally:
         stop.set()
         stack.stop()
+
+
+def test_ensure_bank_leaves_a_versioned_root_alone(tmp_path, spec_and_anchor):
+    from hiermem.launcher import EnsureBankSettings, ensure_bank
+
+    spec, identity = spec_and_anchor
+    synth_bank(tmp_path / "b", spec, 2, anchor=identity)
+    init_version_root(tmp_path / "b", tmp_path / "root")
+    before = sorted(p.name for p in (tmp_path / "root").iterdir())
+    assert ensure_bank(EnsureBankSettings(bank=tmp_path / "root", anchor="tiny")) == tmp_path / "root"
+    assert sorted(p.name for p in (tmp_path / "root").iterdir()) == before
