@@ -94,15 +94,20 @@ class UpSettings(BaseSettings):
 # ---------------------------------------------------------------- probes
 
 
-def probe_grpc(address: str, timeout: float = 2.0, tls: TlsFiles | None = None) -> bool:
-    """True when the gRPC server at host:port answers grpc.health.v1 Check("") with SERVING (over mutual
-    TLS with `tls`)."""
+def probe_grpc(address: str, timeout: float = 2.0, tls: TlsFiles | None = None, *,
+               ca_file: Path | None = None, cert_file: Path | None = None, key_file: Path | None = None) -> bool:
+    """True when the gRPC server at host:port answers grpc.health.v1 Check("") with SERVING: over TLS
+    verified by `ca_file` (with a client certificate for mutual TLS), or with `tls`'s CA and client
+    certificate."""
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     if tls is not None:
-        creds = grpc.ssl_channel_credentials(tls.ca.read_bytes(), tls.client_key.read_bytes(),
-                                             tls.client_cert.read_bytes())
+        ca_file, cert_file, key_file = tls.ca, tls.client_cert, tls.client_key
+    if ca_file is not None:
+        creds = grpc.ssl_channel_credentials(Path(ca_file).read_bytes(),
+                                             Path(key_file).read_bytes() if key_file else None,
+                                             Path(cert_file).read_bytes() if cert_file else None)
         channel = grpc.secure_channel(address, creds)
     else:
         channel = grpc.insecure_channel(address)
@@ -427,7 +432,8 @@ def _cmd_ensure_bank(args: argparse.Namespace) -> int:
 
 def _cmd_probe(args: argparse.Namespace) -> int:
     if args.grpc:
-        ok = probe_grpc(args.grpc, args.timeout)
+        ok = probe_grpc(args.grpc, args.timeout, ca_file=args.tls_ca_file, cert_file=args.tls_cert_file,
+                        key_file=args.tls_key_file)
     elif args.http:
         ok = probe_http(args.http, args.timeout)
     else:
@@ -451,6 +457,9 @@ def register(subparsers) -> None:
     g.add_argument("--http", metavar="URL", help="GET must answer 200 (e.g. http://127.0.0.1:8000/ready)")
     g.add_argument("--redis", metavar="URL", help="PING must answer")
     p.add_argument("--timeout", type=float, default=3.0)
+    p.add_argument("--tls-ca-file", type=Path, help="gRPC over TLS: verify the server by this CA")
+    p.add_argument("--tls-cert-file", type=Path, help="gRPC mutual TLS: this client certificate ...")
+    p.add_argument("--tls-key-file", type=Path, help="... and its key")
     p.set_defaults(func=_cmd_probe)
 
 

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import psutil
@@ -158,6 +159,13 @@ def test_up_tls_serves_over_mutual_tls_and_a_draining_model_server_finishes_its_
         assert answer["memory"]["levels"] == [1, 2] and answer["memory"]["degraded"] is False
         address = launcher.wait_for(r"shard-0/r0 healthy at (\S+)", launcher.err, timeout=5).group(1)
         assert not probe_grpc(address, 1.0)  # plaintext
+        shard_cmd = next(p.cmdline() for p in launcher.descendants() if "--tls-client-ca-file" in p.cmdline())
+        pki = Path(shard_cmd[shard_cmd.index("--tls-client-ca-file") + 1]).parent
+        tls_flags = ["--tls-ca-file", str(pki / "ca.pem"), "--tls-cert-file", str(pki / "client.pem"),
+                     "--tls-key-file", str(pki / "client.key")]
+        probe = [sys.executable, "-m", "hiermem.launcher", "probe", "--grpc", address, "--timeout", "2"]
+        assert subprocess.run([*probe, *tls_flags], capture_output=True, timeout=60).returncode == 0
+        assert subprocess.run([*probe, *tls_flags[:2]], capture_output=True, timeout=60).returncode == 1
         cmdlines = [" ".join(p.cmdline()) for p in launcher.descendants()]
         assert all("requirepass" not in c and "redis://" not in c for c in cmdlines)
         rport = int(shown_redis.rsplit(":", 1)[1].split("/")[0])
