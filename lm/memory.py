@@ -49,6 +49,29 @@ from lm.errors import MemoryShapeError
 STRATEGIES = ("grouped", "rowsets", "components", "single", "per_row")
 
 
+def distinct_blocks(rows: Sequence[Sequence[Hashable]], get_block: Callable[[Hashable], torch.Tensor | None]
+                    ) -> tuple[list[torch.Tensor], list[list[int]]]:
+    """(the distinct blocks, each row's indices into them) for rows given by their blocks' keys: what
+    `MemoryBatch.build` (and the model server's slot memories) take. Each key's block is fetched once;
+    None from `get_block` means absent and the key is skipped."""
+    blocks: list[torch.Tensor] = []
+    index: dict[Hashable, int | None] = {}
+    row_blocks: list[list[int]] = []
+    for keys in rows:
+        ks = []
+        for key in keys:
+            if key not in index:
+                block = get_block(key)
+                index[key] = None if block is None else len(blocks)
+                if block is not None:
+                    blocks.append(block)
+            k = index[key]
+            if k is not None:
+                ks.append(k)
+        row_blocks.append(ks)
+    return blocks, row_blocks
+
+
 @dataclass
 class _Group:
     """Classes with the same shape, stacked: n classes of m rows and U units each."""
@@ -105,21 +128,7 @@ class MemoryBatch:
         """The memory of rows given by the keys of their blocks (e.g. a path's `NodeRef`s): each distinct key's
         block is fetched once with `get_block` (None = absent, skipped) and shared by the rows naming it.
         Returns None when no row has a block. `options` go to `build`."""
-        blocks: list[torch.Tensor] = []
-        index: dict[Hashable, int | None] = {}
-        row_blocks: list[list[int]] = []
-        for keys in paths:
-            ks = []
-            for key in keys:
-                if key not in index:
-                    block = get_block(key)
-                    index[key] = None if block is None else len(blocks)
-                    if block is not None:
-                        blocks.append(block)
-                k = index[key]
-                if k is not None:
-                    ks.append(k)
-            row_blocks.append(ks)
+        blocks, row_blocks = distinct_blocks(paths, get_block)
         return cls.build(blocks, row_blocks, layers, **options) if blocks else None
 
     @classmethod

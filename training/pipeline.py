@@ -42,8 +42,18 @@ PRESETS: dict[str, dict] = {
                                                    "country_capital": 40, "element_number": 30},
                    "heldout_fraction": 0.2, "heldout_extra": 0.75},
         "train": {"anchor": "smollm2", "branching": [8, 8], "ranks": [64, 32], "mem_layers": 4,
-                  "epochs": 12, "batch_size": 32, "lr": 1e-2, "warmup_steps": 5, "loss": "all",
-                  "routing": "docs"},
+                  "epochs": 10, "batch_size": 32, "lr": 1e-2, "warmup_steps": 5, "loss": "all",
+                  "preserve_weight": 1.0, "routing": "docs"},
+    },
+    # The demo's facts corpus with its preserve file removed: the same pipeline as "docs" (document router,
+    # gate, derived preservation) on single-sentence documents, for comparison with the demo preset.
+    "facts-nopreserve": {
+        "corpus": {"sizes": {"city_country": 240, "us_city_state": 60, "country_capital": 60,
+                             "element_number": 40}, "heldout_fraction": 0.2, "preserve_ratio": 0.0,
+                   "heldout_extra": 0.75},
+        "train": {"anchor": "smollm2", "branching": [8, 8], "ranks": [64, 32], "mem_layers": 2,
+                  "epochs": 16, "batch_size": 32, "lr": 1e-2, "warmup_steps": 5, "loss": "continuation",
+                  "preserve_weight": 1.0, "preserve_batch": 32, "routing": "docs"},
     },
     # the tiny random anchor: exercises every stage in seconds (tests)
     "tiny": {

@@ -34,6 +34,8 @@ from typing import Any, Protocol
 
 import torch
 
+from lm.memory import distinct_blocks
+
 from .errors import Overloaded
 from .metrics import Metrics
 from .sampling import Sampling, sample
@@ -306,17 +308,9 @@ class Engine:
     def _rebuild_memory(self) -> None:
         self._reap()
         self._batch = list(self._active)
-        index: dict[Hashable, int] = {}
-        blocks: list[torch.Tensor] = []
-        row_blocks: list[list[int]] = []
-        for req in self._active:
-            ids = []
-            for key, block in zip(req.memory_keys, req.memory_blocks, strict=True):
-                if key not in index:
-                    index[key] = len(blocks)
-                    blocks.append(block)
-                ids.append(index[key])
-            row_blocks.append(ids)
+        held = {key: block for req in self._active
+                for key, block in zip(req.memory_keys, req.memory_blocks, strict=True)}
+        blocks, row_blocks = distinct_blocks([req.memory_keys for req in self._active], held.get)
         t0 = time.perf_counter()
         self._memory = self.runner.build_memory(blocks, row_blocks) if blocks else None
         self._memory_bytes = sum(b.numel() * b.element_size() for b in blocks)
