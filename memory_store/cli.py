@@ -256,15 +256,21 @@ def _route(args) -> int:
     bank = Bank.open(args.bank)
     embedder = load_embedder(args.embedder or bank.spec.embedder_name)
     embedder.embed(["warm-up"])  # first call pays one-off allocation costs
+    from memory_store.router import DocRouter
+
+    router = DocRouter.load(bank.dir)  # as the model server routes: through the documents when the bank has them
     times = np.empty(len(prompts))
     for i, prompt in enumerate(prompts):
         t0 = time.perf_counter()
-        path = bank.tree.route(embedder.embed([prompt]))[0]
+        emb = embedder.embed([prompt])
+        path = router.route_one(emb[0], prompt).path if router is not None else tuple(bank.tree.route(emb)[0])
         times[i] = time.perf_counter() - t0
+        shown = list(path) if path is not None else None  # None: the router's gate gives no memory
         if args.json:
-            print(json.dumps({"prompt": prompt, "path": path.tolist(), "ms": round(times[i] * 1e3, 3)}))
+            print(json.dumps({"prompt": prompt, "path": shown, "ms": round(times[i] * 1e3, 3)}))
         elif not args.quiet:
-            print(f"{'/'.join(map(str, path.tolist())):>16}  {times[i] * 1e3:7.2f} ms  {prompt[:70]}")
+            where = "/".join(map(str, shown)) if shown is not None else "(no memory)"
+            print(f"{where:>16}  {times[i] * 1e3:7.2f} ms  {prompt[:70]}")
     summary = {"prompts": len(prompts), "p50_ms": float(np.percentile(times, 50) * 1e3),
                "p99_ms": float(np.percentile(times, 99) * 1e3), "mean_ms": float(times.mean() * 1e3)}
     if args.json:
