@@ -263,7 +263,7 @@ def _route(args) -> int:
     for i, prompt in enumerate(prompts):
         t0 = time.perf_counter()
         emb = embedder.embed([prompt])
-        path = router.route_one(emb[0], prompt).path if router is not None else tuple(bank.tree.route(emb)[0])
+        path = router.route_one(emb[0], prompt).path if router is not None else tuple(bank.tree.route(emb)[0].tolist())
         times[i] = time.perf_counter() - t0
         shown = list(path) if path is not None else None  # None: the router's gate gives no memory
         if args.json:
