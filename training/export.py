@@ -30,10 +30,22 @@ def bank_spec(job: dict, dtype: str):
 def _write_bank(bank_dir: Path, job: dict, tree, tensors: dict[str, torch.Tensor], generic: torch.Tensor,
                 n_shards: int, dtype: str, router_dir: Path | None = None) -> str:
     """Every node's block (zeros for a node no job trained: a zero block changes nothing) + the generic,
-    and the job's nearest-document router (memory_store.router) when it has one."""
+    and the job's nearest-document router (memory_store.router) when it has one. A plain directory is
+    replaced atomically; a versioned bank root (docs/operating.md) gets a new version, `current` moved."""
     from memory_store import BankWriter, NodeRef
+    from memory_store.bank import is_version_root
     from memory_store.router import DocRouter
 
+    if is_version_root(bank_dir):  # a served, versioned root: publish the next version, touch nothing served
+        import tempfile
+
+        from memory_store.ops import add_version
+
+        with tempfile.TemporaryDirectory(prefix=".export-", dir=bank_dir) as tmp:
+            bank_id = _write_bank(Path(tmp) / "bank", job, tree, tensors, generic, n_shards, dtype, router_dir)
+            name = add_version(Path(tmp) / "bank", bank_dir)
+        log.info("published as version %s of %s", name, bank_dir)
+        return bank_id
     spec = bank_spec(job, dtype)
     with BankWriter(bank_dir, spec, job["anchor_identity"], tree, n_shards, overwrite=True) as w:
         for level in range(1, spec.depth + 1):

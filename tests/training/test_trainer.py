@@ -160,3 +160,18 @@ def test_without_a_preserve_file_the_prompts_are_derived_from_the_documents(tmp_
     t.build_prefix_cache()
     t.preservation.build()
     assert t.preservation.ready and t.preservation.data["source"] == "derived from the documents"
+
+
+def test_export_into_a_versioned_root_publishes_a_new_version(corpus_dir, tmp_path):
+    from memory_store import Bank
+    from memory_store.ops import init_version_root, list_versions
+    from training.export import export_job
+
+    info = train(tiny_config(corpus_dir, tmp_path / "job"))
+    root = tmp_path / "root"
+    init_version_root(info["bank"], root)
+    first = Bank.open(root).bank_id
+    export_job(tmp_path / "job", root)  # the same job again: a second version, the first untouched
+    versions = list_versions(root)
+    assert len(versions) == 2 and Bank.open(root).bank_id == first
+    assert (root / "current").is_symlink()
