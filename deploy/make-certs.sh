@@ -11,7 +11,8 @@
 # Replicas register their container IPs, so clients check the one shared name instead of the address they
 # dial (HIERMEM_MODEL_BANK_TLS_SERVER_NAME=hiermem-shard). Valid $HIERMEM_CERTS_DAYS days (default 365);
 # a DIR whose certificates are all present and valid for another day is kept as it is (exit 0), so this
-# runs as a one-shot service on every `up`. Keys are 0600, owned by the user running the script.
+# runs as a one-shot service on every `up`; HIERMEM_CERTS_RENEW=1 makes new ones anyway (rotation: a new
+# CA too, docs/operating.md). Keys are 0600, owned by the user running the script.
 set -eu
 dir="${1:?usage: make-certs.sh DIR}"
 name="${HIERMEM_CERTS_SERVER_NAME:-hiermem-shard}"
@@ -21,7 +22,7 @@ mkdir -p "$dir"
 cd "$dir"
 
 valid() { [ -s "$1" ] && openssl x509 -in "$1" -noout -checkend 86400 >/dev/null 2>&1; }
-if valid ca.pem && valid shard.pem && valid model.pem && [ -s shard.key ] && [ -s model.key ]; then
+if [ "${HIERMEM_CERTS_RENEW:-}" != 1 ] && valid ca.pem && valid shard.pem && valid model.pem && [ -s shard.key ] && [ -s model.key ]; then
   echo "make-certs: certificates in $dir are valid, kept"
   exit 0
 fi

@@ -1,6 +1,8 @@
 """docker-compose.yml run for real (issue 13): the image built from this checkout on Debian-made base
-images (deploy/local-images.sh, no image registry), `docker compose up -d --wait` with deploy/compose.mtls.yml
-(shards and model server on mutual TLS, Redis with a password: issue 12), a completion with memory
+images (deploy/local-images.sh, no image registry), `docker compose up -d --wait` of the default file
+(shards and model server on mutual TLS, Redis with a password: issue 12; bench.compose.Stack still adds
+deploy/compose.mtls.yml, now a no-op: test_compose.py checks the result equals docker-compose.yml alone,
+and the checks below fail unless a plaintext gRPC client is refused), a completion with memory
 through the port published on 127.0.0.1, shard-0 scaled to 3 replicas (registered in Redis), one shard-0
 container killed under a short load (0 failed requests), then everything stopped and removed.
 
