@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 
 CHART_SYSTEMS = ("anchor", "generic", "hierarchical", "rag1", "rag3")
+COLORS = {"anchor": "#4c72b0", "generic": "#dd8452", "hierarchical": "#55a868", "rag1": "#8172b3", "rag3": "#c44e52"}
 
 
 def _pct(x) -> str:
@@ -71,7 +72,7 @@ def bar_chart(result: dict, path: Path) -> None:
     buckets = [str(b) for b in result["buckets"]]
     systems = [s for s in CHART_SYSTEMS if s in result["accuracy"]]
     split = (result.get("routing") or {}).get("by_bucket", {})
-    fig, ax = plt.subplots(figsize=(9, 4.2))
+    fig, ax = plt.subplots(figsize=(10, 4.8))
     w = 0.8 / len(systems)
     x = np.arange(len(buckets) + 1)
     for k, s in enumerate(systems):
@@ -80,17 +81,18 @@ def bar_chart(result: dict, path: Path) -> None:
         pos = x + (k - (len(systems) - 1) / 2) * w
         if s == "hierarchical" and split:
             right = np.array([100 * split[b]["correct_reached"] for b in buckets] + [100 * split["all"]["correct_reached"]])
-            bars = ax.bar(pos, right, w, label="hierarchical (routed to its fact's leaf)", color="C2")
-            ax.bar(pos, vals - right, w, bottom=right, label="hierarchical (routed elsewhere)", color="C2",
-                   alpha=0.45, hatch="//")
+            ax.bar(pos, right, w, label="hierarchical, routed to its fact's leaf", color=COLORS[s])
+            bars = ax.bar(pos, vals - right, w, bottom=right, label="hierarchical, routed elsewhere",
+                          color=COLORS[s], alpha=0.4, hatch="//")
         else:
-            bars = ax.bar(pos, vals, w, label=s)
-        ax.bar_label(bars, labels=[f"{v:.0f}" for v in vals], fontsize=6, padding=1)
+            bars = ax.bar(pos, vals, w, label={"rag1": "rag, top-1 document", "rag3": "rag, top-3 documents"}
+                          .get(s, s), color=COLORS.get(s))
+        ax.bar_label(bars, labels=[f"{v:.0f}" for v in vals], fontsize=6, padding=1)  # the bar's total
     ax.set_xticks(x, [f"bucket {b}" for b in buckets] + ["all"])
     ax.set_ylabel("exact match on trained facts (%)")
-    ax.set_ylim(0, 105)
+    ax.set_ylim(0, 108)
     ax.set_title("Long-tail facts by popularity bucket (1 = most popular, higher = rarer)")
-    ax.legend(fontsize=7, ncol=2, loc="upper left")
+    ax.legend(fontsize=7, ncol=3, loc="upper center", bbox_to_anchor=(0.5, -0.1), frameon=False)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
