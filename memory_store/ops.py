@@ -21,7 +21,7 @@ from memory_store.bank import CURRENT, VERSIONS, Bank, is_version_root, resolve_
 from memory_store.errors import BankError, BlockCorrupt
 from memory_store.router import DocRouter
 from memory_store.spec import NodeRef
-from memory_store.writer import BankWriter
+from memory_store.writer import BankWriter, _fsync_dir
 
 log = logging.getLogger(__name__)
 
@@ -92,14 +92,6 @@ def _subtree_sets(bank: Bank, refs: Iterable[NodeRef]) -> dict[int, set[int]]:
 
 
 # --- versions ------------------------------------------------------------------------------------
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _version_name(root: Path, bank_id: str) -> str:

@@ -21,18 +21,24 @@ def cmd_corpus_facts(args: argparse.Namespace) -> int:
 
     if args.heldout_fraction is None:
         args.heldout_fraction = 0.15
-    sizes = dict(DEFAULT_SIZES)
-    for item in args.size or []:
-        name, _, n = item.partition("=")
-        if name not in sizes:
-            raise SystemExit(f"unknown relation {name!r}; known: {', '.join(sizes)}")
-        sizes[name] = int(n)
+    sizes = _sizes(DEFAULT_SIZES, args.size)
     corpus = build_facts_corpus(sizes, heldout_fraction=args.heldout_fraction, n_buckets=args.buckets,
                                 seed=args.seed, preserve_ratio=args.preserve_ratio,
                                 heldout_extra=args.heldout_extra)
     corpus.save(Path(args.out))
     print(json.dumps(corpus_summary(corpus), indent=2))
     return 0
+
+
+def _sizes(defaults: dict[str, int], items: list[str] | None) -> dict[str, int]:
+    """--size RELATION=N overrides on top of a corpus's default sizes."""
+    sizes = dict(defaults)
+    for item in items or []:
+        name, _, n = item.partition("=")
+        if name not in sizes:
+            raise SystemExit(f"unknown relation {name!r}; known: {', '.join(sizes)}")
+        sizes[name] = int(n)
+    return sizes
 
 
 def _corpus_documents(args: argparse.Namespace) -> int:
@@ -43,12 +49,7 @@ def _corpus_documents(args: argparse.Namespace) -> int:
         documents_summary,
     )
 
-    sizes = dict(DEMO_SIZES)
-    for item in args.size or []:
-        name, _, n = item.partition("=")
-        if name not in sizes:
-            raise SystemExit(f"unknown relation {name!r}; known: {', '.join(sizes)}")
-        sizes[name] = int(n)
+    sizes = _sizes(DEMO_SIZES, args.size)
     lo, _, hi = args.docs_per_entity.partition(",")
     corpus = build_documents_corpus(
         sizes, heldout_fraction=DEMO_HELDOUT_FRACTION if args.heldout_fraction is None else args.heldout_fraction,

@@ -227,25 +227,23 @@ def test_a_new_version_rolled_replica_by_replica_under_load(tmp_path_factory, re
         threads = [threading.Thread(target=load) for _ in range(2)]
         for t in threads:
             t.start()
-        add_version(d / "v2", root)
-        for sid in ("0", "1"):
-            stack.restart(sid, "b")
-        deadline = time.monotonic() + 60
-        while bank_id() != v2 and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert bank_id() == v2, "the model server did not follow the new version"
+        def roll_to(version: str, bank: str, what: str) -> None:
+            """Publish a version, restart one replica per shard, wait for the server to follow."""
+            add_version(d / version, root)
+            for sid in ("0", "1"):
+                stack.restart(sid, "b")
+            deadline = time.monotonic() + 60
+            while bank_id() != bank and time.monotonic() < deadline:
+                time.sleep(0.2)
+            assert bank_id() == bank, f"the model server did not follow {what}"
+
+        roll_to("v2", v2, "the new version")
         new_answers = answers()
         for sid in ("0", "1"):
             stack.restart(sid, "a")
         time.sleep(11)  # past the retirement of the old version's client (2 x fetch timeout)
         # and back again (a roll-back is a roll to an older version): the server follows a second time
-        add_version(d / "v1", root)
-        for sid in ("0", "1"):
-            stack.restart(sid, "b")
-        deadline = time.monotonic() + 60
-        while bank_id() != v1 and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert bank_id() == v1, "the model server did not follow the second time"
+        roll_to("v1", v1, "the second time")
         for sid in ("0", "1"):
             stack.restart(sid, "a")
         time.sleep(2)
