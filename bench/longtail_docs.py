@@ -70,6 +70,7 @@ def main() -> int:
     ap.add_argument("--fresh", action="store_true", help="delete the work directory and build again")
     ap.add_argument("--work", default=None, help="work directory (default $HIERMEM_HOME/work/PRESET)")
     ap.add_argument("--rag", default="1,3", help="retrieval baselines: top-k documents before the prompt")
+    ap.add_argument("--epochs", type=int, default=None, help="override the preset's epochs")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from hiermem.paths import home
@@ -81,7 +82,7 @@ def main() -> int:
         shutil.rmtree(work)
     load_before = os.getloadavg()
     t0 = time.perf_counter()
-    out = run_build(args.preset, work=work, bank_dir=work / "bank",
+    out = run_build(args.preset, work=work, bank_dir=work / "bank", epochs=args.epochs,
                     rag=tuple(int(k) for k in args.rag.split(",") if k))
     this_run = time.perf_counter() - t0
     status, r = out["status"], out["result"]
@@ -95,6 +96,7 @@ def main() -> int:
               + f"\n![long tail]({args.name}.png)\n")
     write_results(args.name, figures, targets, tables,
                   command=f"python -m bench.longtail_docs --preset {args.preset} --name {args.name}"
+                  + (f" --epochs {args.epochs}" if args.epochs else "") + f" --rag {args.rag}"
                   + (" --fresh" if args.fresh else ""))
     png = work / "eval" / "longtail.png"
     if png.exists():
