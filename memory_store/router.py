@@ -102,9 +102,9 @@ class DocRouter:
         self._word_id = {w: i for i, w in enumerate(self.vocab)}
         self._idf = np.log((self.n_docs + 1) / (self.df + 1)).astype(np.float32)
         self.max_idf = float(math.log(self.n_docs + 1))  # a word no document has
-        self._doc_views = _inverse(self.view_doc, self.n_docs)
-        self._word_docs = _inverse(np.repeat(np.arange(self.n_docs), np.diff(self.doc_word_ptr)),
-                                   len(self.vocab), order=self.doc_word_ids)
+        self._doc_views = _group(self.view_doc, np.arange(len(self.view_doc)), self.n_docs)  # views of a doc
+        self._word_docs = _group(self.doc_word_ids, np.repeat(np.arange(self.n_docs), np.diff(self.doc_word_ptr)),
+                                 len(self.vocab))  # documents holding a word
         self._index: Any = None  # faiss.IndexFlatIP over the views, made on first use
 
     # ---- building ---------------------------------------------------------------------------------------
@@ -180,9 +180,6 @@ class DocRouter:
         """The gate: a shared word that some documents lack (idf > 0), rare enough, and close enough."""
         return idf > 0 and idf >= self.min_idf and cos >= self.min_cos
 
-    def idf_of_df(self, df: float) -> float:
-        return float(math.log((self.n_docs + 1) / (df + 1)))
-
     def _search(self, emb: np.ndarray) -> np.ndarray:
         k = min(self.top_views, len(self.view_emb))
         if k == 0:
@@ -257,15 +254,11 @@ def default_min_idf(n_docs: int) -> float:
     return float(math.log((n_docs + 1) / (df + 1)))
 
 
-def _inverse(owner: np.ndarray, n: int, order: np.ndarray | None = None) -> list[np.ndarray]:
-    """For each of `n` keys, the positions (or `owner` values when `order` maps positions to keys)."""
-    if order is None:  # owner[i] = key of item i -> items of each key
-        keys, items = owner, np.arange(len(owner))
-    else:  # order[i] = key of item i, owner[i] = what to list
-        keys, items = order, owner
+def _group(keys: np.ndarray, values: np.ndarray, n: int) -> list[np.ndarray]:
+    """For each key 0..n-1, the `values[i]` whose `keys[i]` is that key (in order of i)."""
     sort = np.argsort(keys, kind="stable")
     bounds = np.searchsorted(keys[sort], np.arange(n + 1))
-    return [items[sort[bounds[k]:bounds[k + 1]]] for k in range(n)]
+    return [values[sort[bounds[k]:bounds[k + 1]]] for k in range(n)]
 
 
 def _sha256(path: Path) -> str:
