@@ -111,12 +111,7 @@ def agreement_study(docs: Sequence[dict], probes: Sequence, branching: Sequence[
     out["descent"] = _reach(lambda texts: [tuple(p) for p in tree.route(embed(texts, embedder)).tolist()],
                             docs, probes, tree.route(emb))
     paths = group_paths(tree, emb, group_documents([d["text"] for d in docs]))
-    from memory_store.router import DocRouter
-
-    router = DocRouter.build([d["text"] for d in docs], paths, lambda xs: embed(xs, embedder),
-                             doc_ids=[d["id"] for d in docs])
-    calibrate_gate(router, embedder, [p.prompt for p in probes if p.split == "valid"],
-                   [p.prompt for p in probes if p.split == "valid_heldout"])
+    router = make_router(docs, paths, embedder, probes)
 
     def via_router(texts: list[str]) -> list[tuple[tuple[int, ...] | None, bool]]:
         e = embed(texts, embedder)
@@ -281,20 +276,25 @@ def route_documents(cfg, docs: list[dict], out: Path, d, probes: list | None = N
     return Tree.load(tree_file), np.load(paths_file)
 
 
-def build_router(cfg, docs: list[dict], paths: np.ndarray, out: Path, probes: list) -> None:
-    """Index the documents for nearest-document routing and choose the gate's thresholds on data: the
-    corpus's ``valid`` probes (trained facts in wordings kept apart from the test probes) should pass, the
-    ``valid_heldout`` probes and the general-prompt validation set should not."""
+def make_router(docs: Sequence[dict], paths: np.ndarray, embedder, probes: Sequence,
+                max_false_open: float = 0.02):
+    """The nearest-document router of these documents (route_text, when given, is indexed with the text),
+    its gate calibrated on data: the corpus's ``valid`` probes (trained facts in wordings kept apart from the
+    test probes) should pass, its ``valid_heldout`` probes and the general-prompt validation set should not."""
     from memory_store.router import DocRouter
 
-    t0 = time.perf_counter()
-    embedder = get_embedder(cfg.embedder)
-    texts = [doc.get("route_text", "") + " " + doc["text"] if doc.get("route_text") else doc["text"]
-             for doc in docs]
+    texts = [doc["route_text"] + " " + doc["text"] if doc.get("route_text") else doc["text"] for doc in docs]
     router = DocRouter.build(texts, paths, lambda xs: embed(xs, embedder), doc_ids=[doc["id"] for doc in docs])
     positives = [p.prompt for p in probes if p.split == "valid"]
     negatives = [p.prompt for p in probes if p.split == "valid_heldout"] + general_validation_prompts()
-    calibrate_gate(router, embedder, positives, negatives, max_false_open=cfg.gate_max_false_open)
+    calibrate_gate(router, embedder, positives, negatives, max_false_open=max_false_open)
+    return router
+
+
+def build_router(cfg, docs: list[dict], paths: np.ndarray, out: Path, probes: list) -> None:
+    """`make_router` for a training job, saved into the job directory (exported with the bank)."""
+    t0 = time.perf_counter()
+    router = make_router(docs, paths, get_embedder(cfg.embedder), probes, cfg.gate_max_false_open)
     out.mkdir(parents=True, exist_ok=True)
     router.save(out)
     log.info("router over %d documents (%d views) in %.1fs", router.n_docs, len(router.view_emb),
@@ -303,8 +303,6 @@ def build_router(cfg, docs: list[dict], paths: np.ndarray, out: Path, probes: li
 
 def general_validation_prompts() -> list[str]:
     """The repository's general prompts kept for validation (never the evaluation half)."""
-    try:
-        from training.corpus_docs import load_general_prompts
-    except ImportError:
-        return []
+    from training.corpus_docs import load_general_prompts
+
     return [r["text"] for r in load_general_prompts("valid")]
