@@ -276,11 +276,10 @@ def evaluate_longtail(bank_dir: Path, corpus_dir: Path, anchor: str | None = Non
     if rag:
         from training.general_use import rag_eval
 
-        for k in rag:
-            t0 = time.perf_counter()
-            correct[f"rag{k}"], extra = rag_eval(model, tok, items, corpus.docs, embedder, k, l0, layers, batch_size)
-            cost[f"rag{k}"] = {"extra_prompt_tokens": extra,
-                               "ms_per_probe": 1000 * (time.perf_counter() - t0) / len(items)}
+        for k, (c, extra, sec) in rag_eval(model, tok, items, corpus.docs, embedder, rag, l0, layers,
+                                           batch_size).items():
+            correct[f"rag{k}"] = c
+            cost[f"rag{k}"] = {"extra_prompt_tokens": extra, "ms_per_probe": 1000 * sec / len(items)}
         result.update({k: v for k, v in summarize(items, correct, delete).items() if k == "accuracy"})
     result["cost"] = cost
     if general:

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -87,26 +89,33 @@ def general_use(model, tok, chat_template, bank, router, embedder, sources: dict
     return {"n": len(rows), "tokens": N_TOKENS, "systems": systems}
 
 
-def rag_eval(model, tok, items: list, docs: list[dict], embedder, k: int, l0: int, layers: list[int],
-             batch_size: int = 64) -> tuple[np.ndarray, float]:
-    """(correct[N], mean extra prompt tokens): the anchor with the top-k documents before each prompt."""
+def rag_eval(model, tok, items: list, docs: list[dict], embedder, ks: Sequence[int], l0: int, layers: list[int],
+             batch_size: int = 64) -> dict[int, tuple[np.ndarray, float, float]]:
+    """For each k: (correct[N], mean extra prompt tokens, seconds) of the anchor with the top-k documents before
+    each prompt. Documents and prompts are embedded and searched once, for the largest k; that retrieval time
+    is counted in every k's seconds."""
     import faiss
 
     from training.data import prefix_hidden
     from training.evaluate import greedy_correct, prepare_items
     from training.routing import embed
 
+    t_retrieve = time.perf_counter()
     doc_emb = embed([d["text"] for d in docs], embedder)
     index = faiss.IndexFlatIP(doc_emb.shape[1])
     index.add(doc_emb)
-    q = embed([it.probe.prompt for it in items], embedder)
-    _, top = index.search(q, k)
-    probes = []
-    for it, ids in zip(items, top, strict=True):
-        context = "\n".join(docs[int(j)]["text"] for j in reversed(ids) if j >= 0)  # the best one nearest
-        probes.append(dataclasses.replace(it.probe, prompt=context + "\n" + it.probe.prompt))
-    rag_items = prepare_items(tok, probes, np.zeros((len(probes), 0), dtype=np.int64))
-    hidden = prefix_hidden(model, [r.ids for r in rag_items], l0)
-    correct, _ = greedy_correct(model, tok, rag_items, hidden, l0, "anchor", {}, layers, batch_size)
-    extra = float(np.mean([r.n_prompt - it.n_prompt for r, it in zip(rag_items, items, strict=True)]))
-    return correct, extra
+    _, top = index.search(embed([it.probe.prompt for it in items], embedder), max(ks))
+    t_retrieve = time.perf_counter() - t_retrieve
+    out = {}
+    for k in ks:
+        t0 = time.perf_counter()
+        probes = []
+        for it, ids in zip(items, top[:, :k], strict=True):
+            context = "\n".join(docs[int(j)]["text"] for j in reversed(ids) if j >= 0)  # the best one nearest
+            probes.append(dataclasses.replace(it.probe, prompt=context + "\n" + it.probe.prompt))
+        rag_items = prepare_items(tok, probes, np.zeros((len(probes), 0), dtype=np.int64))
+        hidden = prefix_hidden(model, [r.ids for r in rag_items], l0)
+        correct, _ = greedy_correct(model, tok, rag_items, hidden, l0, "anchor", {}, layers, batch_size)
+        extra = float(np.mean([r.n_prompt - it.n_prompt for r, it in zip(rag_items, items, strict=True)]))
+        out[k] = (correct, extra, t_retrieve + time.perf_counter() - t0)
+    return out
