@@ -48,14 +48,29 @@ def test_tiny_preset_builds_and_evaluates(tmp_path):
     from memory_store import Bank
     from training.pipeline import run_build
 
-    out = run_build("tiny", bank_dir=tmp_path / "bank", work=tmp_path / "work")
+    out = run_build("tiny", bank_dir=tmp_path / "bank", work=tmp_path / "work", rag=(1, 3))
     result = out["result"]
     assert Bank.open(tmp_path / "bank").bank_id == result["bank_id"]
     report = tmp_path / "work" / "eval"
     assert json.loads((report / "longtail.json").read_text())["bank_id"] == result["bank_id"]
     assert (report / "longtail.png").stat().st_size > 1000
     assert "hierarchical" in (report / "longtail.md").read_text()
-    assert set(result["accuracy"]) == {"anchor", "generic", "hierarchical", "hierarchical_deleted"}
+    assert set(result["accuracy"]) == {"anchor", "generic", "hierarchical", "hierarchical_deleted", "rag1", "rag3"}
+    # the retrieval baseline puts documents before the prompt: more of them, more prompt tokens
+    cost = result["cost"]
+    assert 0 < cost["rag1"]["extra_prompt_tokens"] < cost["rag3"]["extra_prompt_tokens"]
+    assert cost["hierarchical"]["extra_prompt_tokens"] == 0
+    # routing columns, in aggregate and per probe
+    routing = result["routing"]
+    assert routing["router"] == "documents + gate" and 0 <= routing["reached"] <= 1
+    rows = [json.loads(line) for line in (report / "probes.jsonl").read_text().splitlines()]
+    assert len(rows) == result["n"]["train"] + result["n"]["heldout"]
+    assert all((r["reached"] is None) == (r["split"] == "heldout") for r in rows)
+    # general prompts: descent gives every prompt memory, the gated router at most as many
+    general = result["general"]["systems"]
+    assert general["tree descent"]["memory_share"] == 1.0
+    assert general["auto (router + gate)"]["memory_share"] <= general["router, gate ignored"]["memory_share"]
+    assert all(0 <= v["identical"] <= 1 and v["mean_kl"] >= 0 for v in general.values())
     broken = result["broken_facts"]  # listed one by one, with where they route
     assert len(broken) == result["broken"]["hierarchical"]["count"]
     assert all(len(b["path"]) == 2 and b["answer"].startswith(" ") for b in broken)
