@@ -87,10 +87,6 @@ class BlockSource:
                 self.cache[ref] = None
         return self.cache[ref]
 
-    def path_blocks(self, path) -> list[torch.Tensor]:
-        blocks = [self.block((level, int(i))) for level, i in enumerate(path, start=1)]
-        return [b for b in blocks if b is not None]
-
 
 def _memory_for(rows: list[Item], system: str, sources: dict, layers: list[int]):
     from lm import MemoryBatch
