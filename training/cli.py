@@ -10,6 +10,8 @@ import json
 import logging
 from pathlib import Path
 
+from training.pipeline import PRESETS
+
 log = logging.getLogger(__name__)
 
 
@@ -158,7 +160,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     lt.set_defaults(func=cmd_eval_longtail)
 
     build = sub.add_parser("build", help="corpus -> tree -> train -> export -> eval in one resumable command")
-    build.add_argument("--preset", default="demo", choices=["demo", "tiny"])
+    build.add_argument("--preset", default="demo", choices=list(PRESETS))
     build.add_argument("--out", default=None, help="bank directory (default: $HIERMEM_HOME/banks/<preset>)")
     build.add_argument("--work", default=None, help="work directory (default: $HIERMEM_HOME/work/<preset>)")
     build.add_argument("--epochs", type=int, default=None, help="override the preset's epochs")
