@@ -26,8 +26,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from base.paths import home  # noqa: E402
 from bench.common import markdown_table, memcpy_bandwidth, target, write_results  # noqa: E402
-from hiermem.paths import home  # noqa: E402
 from memory_store import Bank, NodeRef  # noqa: E402
 
 

@@ -244,7 +244,7 @@ def concurrent_clients(bank_dir: Path, addresses: dict, n_clients: int, seconds:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from hiermem.paths import home
+    from base.paths import home
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--bank", type=Path, default=home() / "banks" / "paper-smollm2")

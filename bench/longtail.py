@@ -28,7 +28,7 @@ def main() -> int:
     ap.add_argument("--work", default=None, help="work directory (default $HIERMEM_HOME/work/demo)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from hiermem.paths import home
+    from base.paths import home
     from training.evaluate import markdown
     from training.pipeline import run_build
 

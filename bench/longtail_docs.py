@@ -73,7 +73,7 @@ def main() -> int:
     ap.add_argument("--epochs", type=int, default=None, help="override the preset's epochs")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from hiermem.paths import home
+    from base.paths import home
     from training.pipeline import run_build
     from training.reports import markdown
 

@@ -19,8 +19,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from base.paths import home  # noqa: E402
 from bench.common import markdown_table, target, write_results  # noqa: E402
-from hiermem.paths import home  # noqa: E402
 
 TEMPLATES = [
     "What is the capital of {country}?",

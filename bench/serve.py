@@ -247,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.quick:
         args.clients, args.requests_per_client, args.max_tokens, args.max_batch = 4, 2, 8, 2
-    from hiermem.paths import home
+    from base.paths import home
 
     branching = [int(x) for x in args.branching.split(",")]
     bank = args.bank or ensure_bank(home() / "banks" / "serve-bench-smollm2", branching)

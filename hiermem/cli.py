@@ -10,7 +10,7 @@ import argparse
 import importlib
 import sys
 
-from hiermem.logsetup import configure
+from base.logsetup import configure
 
 # Modules that contribute subcommands, in the order they appear in --help.
 COMMAND_MODULES = (

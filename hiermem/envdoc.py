@@ -11,7 +11,7 @@ import importlib
 from collections.abc import Iterator
 from pathlib import Path
 
-from hiermem.paths import home
+from base.paths import home
 
 # (module, class, the command it configures)
 SETTINGS_CLASSES = (

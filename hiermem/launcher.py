@@ -32,8 +32,8 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from hiermem.logsetup import configure
-from hiermem.paths import home
+from base.logsetup import configure
+from base.paths import home
 from hiermem.supervisor import ChildSpec, Supervisor
 
 log = logging.getLogger("hiermem.up")

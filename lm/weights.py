@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from hiermem.paths import home
+from base.paths import home
 from lm.errors import AnchorNotFound, UnsupportedCheckpoint
 from lm.model import ModelConfig, Transformer
 

@@ -11,6 +11,6 @@ export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 echo "[test] ruff"
 ruff check .
 echo "[test] mypy"
-mypy lm memory_store services hiermem training
+mypy base lm memory_store services hiermem training
 echo "[test] pytest"
 exec python -m pytest "$@"

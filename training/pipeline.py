@@ -15,7 +15,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from hiermem.paths import home
+from base.paths import home
 from training.config import TrainConfig
 
 log = logging.getLogger(__name__)

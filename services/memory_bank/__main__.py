@@ -4,7 +4,7 @@ commands (torch, transformers), so a shard replica starts in about a second."""
 import argparse
 import sys
 
-from hiermem.logsetup import configure
+from base.logsetup import configure
 
 from .cli import add_serve_bank_arguments
 

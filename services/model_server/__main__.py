@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from hiermem.logsetup import configure
+from base.logsetup import configure
 
 from .cli import _add_settings_flags, _serve_model
 

@@ -1,4 +1,4 @@
-"""One logging set-up for every hiermem entry point (the CLI and the fast `python -m` entries)."""
+"""One logging set-up for every entry point (the `hiermem` CLI and the fast `python -m` service entries)."""
 
 from __future__ import annotations
 
