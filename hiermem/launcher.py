@@ -32,11 +32,18 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from base.logsetup import configure
+from base.entry import run
 from base.paths import home
+from base.settings_cli import add_settings_flags, settings_from_args
+from hiermem.pki import TlsFiles, make_pki
 from hiermem.supervisor import ChildSpec, Supervisor
 
 log = logging.getLogger("hiermem.up")
+
+
+def demo_bank() -> Path:
+    """Where `hiermem build --preset demo` puts its bank: `$HIERMEM_HOME/banks/demo`."""
+    return home() / "banks" / "demo"
 
 
 class UpSettings(BaseSettings):
@@ -44,7 +51,7 @@ class UpSettings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="HIERMEM_UP_", extra="ignore", use_attribute_docstrings=True)
 
-    bank: Path = Field(default_factory=lambda: home() / "banks" / "demo")
+    bank: Path = Field(default_factory=demo_bank)
     """Bank directory (manifest.json, tree.safetensors, shards/)."""
     shards: int | None = Field(None, ge=1)
     """Number of shards to serve; must equal the bank's shard count (default: the bank's)."""
@@ -145,62 +152,6 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))
         return s.getsockname()[1]
-
-
-# ---------------------------------------------------------------- mutual TLS inside the stack
-
-
-class TlsFiles:
-    """PEM files of a throw-away PKI: CA, server certificate (shards) and client certificate (model server
-    and probes)."""
-
-    def __init__(self, d: Path) -> None:
-        self.dir = d
-        self.ca = d / "ca.pem"
-        self.server_cert, self.server_key = d / "server.pem", d / "server.key"
-        self.client_cert, self.client_key = d / "client.pem", d / "client.key"
-
-    def shard_args(self) -> list[str]:
-        return ["--tls-cert-file", str(self.server_cert), "--tls-key-file", str(self.server_key),
-                "--tls-client-ca-file", str(self.ca)]
-
-    def model_args(self) -> list[str]:
-        return ["--bank-tls-ca-file", str(self.ca), "--bank-tls-cert-file", str(self.client_cert),
-                "--bank-tls-key-file", str(self.client_key)]
-
-
-def make_pki(d: Path, hosts: list[str]) -> TlsFiles:
-    """A CA (1 day), a server certificate for `hosts` (DNS names or IPs) and a client certificate, EC
-    P-256, with the openssl CLI; keys are readable by this user only."""
-    import ipaddress
-
-    if shutil.which("openssl") is None:
-        raise SystemExit("hiermem up --tls needs the openssl command (apt-get install -y openssl)")
-    d.mkdir(parents=True, exist_ok=True)
-    os.chmod(d, 0o700)
-
-    def run(*args: str) -> None:
-        subprocess.run(["openssl", *args], cwd=d, check=True, capture_output=True, timeout=60)
-
-    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
-    run("req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.pem", "-days", "1", "-subj", "/CN=hiermem-up-ca")
-    names = []
-    for h in dict.fromkeys([*hosts, "localhost", "127.0.0.1"]):
-        try:
-            ipaddress.ip_address(h)
-            names.append(f"IP:{h}")
-        except ValueError:
-            names.append(f"DNS:{h}")
-    (d / "server.ext").write_text(f"subjectAltName={','.join(names)}\nextendedKeyUsage=serverAuth\n")
-    (d / "client.ext").write_text("extendedKeyUsage=clientAuth\n")
-    for name in ("server", "client"):
-        run("req", *ec, "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", f"/CN=hiermem-{name}")
-        run("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
-            "-out", f"{name}.pem", "-days", "1", "-extfile", f"{name}.ext")
-    (d / "ca.key").unlink()  # nothing more is ever signed
-    for key in d.glob("*.key"):
-        os.chmod(key, 0o600)
-    return TlsFiles(d)
 
 
 # ---------------------------------------------------------------- the stack
@@ -344,7 +295,7 @@ class EnsureBankSettings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="HIERMEM_INIT_", extra="ignore", use_attribute_docstrings=True)
 
-    bank: Path = Field(default_factory=lambda: home() / "banks" / "demo")
+    bank: Path = Field(default_factory=demo_bank)
     """Bank directory; nothing is done when its manifest.json exists (or it is a versioned root)."""
     source: Literal["synth", "demo"] = "synth"
     """synth = random-weight bank for the anchor (seconds); demo = `hiermem build --preset demo` (trains)."""
@@ -398,20 +349,8 @@ def ensure_bank(s: EnsureBankSettings) -> Path:
 # ---------------------------------------------------------------- CLI
 
 
-def _add_settings_flags(parser: argparse.ArgumentParser, settings_cls: type[BaseSettings]) -> None:
-    for name, info in settings_cls.model_fields.items():
-        help_text = (info.description or "") + f" [env {settings_cls.model_config['env_prefix']}{name.upper()}]"
-        flag = f"--{name.replace('_', '-')}"
-        if info.annotation is bool:  # `hiermem up --tls`, `--no-tls`
-            parser.add_argument(flag, dest=name, default=None, action=argparse.BooleanOptionalAction,
-                                help=help_text)
-        else:
-            parser.add_argument(flag, dest=name, default=None, help=help_text)
-
-
 def _cmd_up(args: argparse.Namespace) -> int:
-    overrides = {k: v for k, v in vars(args).items() if k in UpSettings.model_fields and v is not None}
-    settings = UpSettings(**overrides)
+    settings = settings_from_args(UpSettings, args)
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per readiness poll otherwise
     stop = threading.Event()
 
@@ -425,8 +364,7 @@ def _cmd_up(args: argparse.Namespace) -> int:
 
 
 def _cmd_ensure_bank(args: argparse.Namespace) -> int:
-    overrides = {k: v for k, v in vars(args).items() if k in EnsureBankSettings.model_fields and v is not None}
-    print(ensure_bank(EnsureBankSettings(**overrides)))
+    print(ensure_bank(settings_from_args(EnsureBankSettings, args)))
     return 0
 
 
@@ -444,11 +382,11 @@ def _cmd_probe(args: argparse.Namespace) -> int:
 def register(subparsers) -> None:
     p = subparsers.add_parser("up", help="run redis, the bank shards and the model server, supervised",
                               description=__doc__.splitlines()[0])
-    _add_settings_flags(p, UpSettings)
+    add_settings_flags(p, UpSettings)
     p.set_defaults(func=_cmd_up)
 
     p = subparsers.add_parser("ensure-bank", help="build a bank (synthetic or the demo) when it is absent")
-    _add_settings_flags(p, EnsureBankSettings)
+    add_settings_flags(p, EnsureBankSettings)
     p.set_defaults(func=_cmd_ensure_bank)
 
     p = subparsers.add_parser("probe", help="health probe: exit 0 when the target is serving")
@@ -466,13 +404,9 @@ def register(subparsers) -> None:
 def main(argv: list[str] | None = None) -> int:
     """`python -m hiermem.launcher probe|up|ensure-bank ...`: these commands without importing the other
     packages' commands (torch), so a healthcheck answers in well under a second."""
-    parser = argparse.ArgumentParser(prog="python -m hiermem.launcher")
-    parser.add_argument("--log-level", default="INFO")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    register(sub)
-    args = parser.parse_args(argv)
-    configure(args.log_level)
-    return int(args.func(args) or 0)
+    return run("python -m hiermem.launcher",
+               lambda parser: register(parser.add_subparsers(dest="command", metavar="COMMAND", required=True)),
+               argv)
 
 
 if __name__ == "__main__":

@@ -3,34 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import types
-import typing
-from typing import Any
 
-
-def add_settings_flags(parser: argparse.ArgumentParser, settings_cls: Any) -> None:
-    """One flag per settings field (`max_nodes_per_call` -> `--max-nodes-per-call`), help from the field's
-    description and its environment variable. Absent flags stay absent, so the environment and the
-    defaults apply; pydantic validates and converts the strings."""
-    prefix = settings_cls.model_config.get("env_prefix", "")
-    for name, field in settings_cls.model_fields.items():
-        flag = "--" + name.replace("_", "-")
-        env = (prefix + name).upper()
-        required = field.is_required()
-        help_text = f"{field.description or ''} [env {env}]" + ("" if required else f" (default {field.default})")
-        annotation = field.annotation
-        args = typing.get_args(annotation) if isinstance(annotation, types.UnionType) else (annotation,)
-        if bool in args:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
-                                help=help_text)
-        else:
-            parser.add_argument(flag, default=argparse.SUPPRESS, metavar=name.upper(), help=help_text)
-
-
-def settings_from_args(settings_cls: Any, args: argparse.Namespace) -> Any:
-    """Builds the settings: flags given on the command line win over `<PREFIX>*` environment variables."""
-    given = {name: getattr(args, name) for name in settings_cls.model_fields if hasattr(args, name)}
-    return settings_cls(**given)
+from base.settings_cli import add_settings_flags, settings_from_args
 
 
 def add_serve_bank_arguments(parser: argparse.ArgumentParser) -> None:
@@ -50,18 +24,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _serve_bank(args: argparse.Namespace) -> int:
     import asyncio
 
-    from pydantic import ValidationError
-
     from memory_store.errors import BankError
 
     from .errors import BankServiceError
     from .server import serve
     from .settings import BankServerSettings
 
-    try:
-        settings = settings_from_args(BankServerSettings, args)
-    except ValidationError as exc:
-        raise SystemExit(f"hiermem serve-bank: invalid settings:\n{exc}") from None
+    settings = settings_from_args(BankServerSettings, args)
     try:
         asyncio.run(serve(settings))
     except (BankError, BankServiceError, OSError) as exc:  # a bank or shard that cannot be served, a busy port
