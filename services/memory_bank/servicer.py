@@ -213,8 +213,8 @@ class MemoryBankServicer:
 
 
 def method_handlers(servicer: MemoryBankServicer) -> grpc.GenericRpcHandler:
-    """The service's handlers, as the generated `add_MemoryBankServicer_to_server` would register them,
-    except that FetchBlocks sends pre-encoded chunks and both RPCs parse requests leniently."""
+    """The service's handlers, registered by hand (scripts/gen_proto.sh makes no service stubs): FetchBlocks
+    sends pre-encoded chunks and both RPCs parse requests leniently, which generated stubs cannot."""
     handlers = {
         "GetInfo": grpc.unary_unary_rpc_method_handler(
             servicer.GetInfo, request_deserializer=lenient_deserializer(pb.GetInfoRequest),
