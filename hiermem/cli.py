@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from typing import Any
 
 from base.logsetup import configure
 
@@ -23,6 +24,20 @@ COMMAND_MODULES = (
 )
 
 
+def anchor_for_bank(name: str) -> tuple[Any, int, int]:
+    """(AnchorIdentity, n_layers, d_model) of an anchor (smollm2, tiny or a directory; converted and cached on
+    first use): what a bank made for it must record. Handed to memory_store's commands, which cannot import lm."""
+    from lm import load_anchor
+    from memory_store import AnchorIdentity
+
+    anchor = load_anchor(name)
+    return AnchorIdentity(**anchor.identity), anchor.config.n_layers, anchor.config.d_model
+
+
+# What the entry point hands a package's register() beyond the subparsers: what that package may not import.
+WIRING: dict[str, dict[str, Any]] = {"memory_store.cli": {"resolve_anchor": anchor_for_bank}}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hiermem", description=__doc__.splitlines()[0])
     parser.add_argument("--log-level", default="INFO", help="logging level (DEBUG, INFO, WARNING, ...)")
@@ -35,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
             if exc.name and name.startswith(exc.name):
                 continue
             raise
-        module.register(sub)
+        module.register(sub, **WIRING.get(name, {}))
     return parser
 
 

@@ -5,21 +5,31 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from collections.abc import Callable
+from typing import Any
 
 log = logging.getLogger(__name__)
+
+# Given an anchor name or directory: (its AnchorIdentity, n_layers, d_model). memory_store does not import lm
+# (tests/test_layering.py), so the `hiermem` entry point, which may, hands this to register().
+AnchorResolver = Callable[[str], tuple[Any, int, int]]
 
 
 def _ints(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x.strip()]
 
 
-def register(subparsers) -> None:
+def register(subparsers, resolve_anchor: AnchorResolver | None = None) -> None:
     bank = subparsers.add_parser("bank", help="build, inspect, verify, reshard and edit memory banks")
     sub = bank.add_subparsers(dest="bank_command", metavar="ACTION", required=True)
 
     p = sub.add_parser("synth", help="write a random-weight bank of any layout (streaming, bounded RAM)")
     p.add_argument("--out", required=True, help="bank directory to create")
     p.add_argument("--preset", choices=["paper-smollm2", "tiny"], help="start from a preset layout")
+    p.add_argument("--anchor", help="the anchor the bank is for: smollm2, tiny or a Hugging Face Llama directory; "
+                   "the bank takes its identity (the model server refuses a bank made for another anchor), depth "
+                   "and width. 'synthetic' = an identity no anchor has (benchmarks of the bank alone). Default: "
+                   "the preset's (paper-smollm2: smollm2), else synthetic")
     p.add_argument("--branching", type=_ints, help="children per level, e.g. 16,16,16")
     p.add_argument("--ranks", type=_ints, help="r per level, e.g. 256,64,16")
     p.add_argument("--layers", default=None, help="'all' or comma-separated anchor layer indices")
@@ -32,7 +42,7 @@ def register(subparsers) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-generic", action="store_true", help="do not export a generic memory")
     p.add_argument("--force", action="store_true", help="replace an existing bank at --out")
-    p.set_defaults(func=_synth)
+    p.set_defaults(func=_synth, resolve_anchor=resolve_anchor)
 
     p = sub.add_parser("inspect", help="print a bank's spec, sizes and shards")
     p.add_argument("--bank", required=True)
@@ -86,9 +96,22 @@ def register(subparsers) -> None:
 
 def _synth(args) -> int:
     from memory_store.spec import BankSpec
-    from memory_store.synth import PRESETS, synth_bank
+    from memory_store.synth import PRESETS, SYNTH_ANCHOR, synth_bank
 
     fields = dict(PRESETS[args.preset]) if args.preset else {}
+    anchor_name = fields.pop("anchor", None) if args.anchor is None else args.anchor
+    fields.pop("anchor", None)
+    identity = SYNTH_ANCHOR
+    if anchor_name not in (None, "synthetic"):
+        if args.resolve_anchor is None:
+            raise SystemExit("--anchor needs the `hiermem` command (it loads the anchor); or pass --anchor synthetic")
+        identity, n_layers, d_model = args.resolve_anchor(anchor_name)
+        for flag, given, actual in (("--n-layers", args.n_layers, n_layers), ("--d-model", args.d_model, d_model)):
+            if given is not None and given != actual:
+                raise SystemExit(f"{flag} {given} does not match anchor {anchor_name} ({actual})")
+        if fields.get("memory_layers") == list(range(fields.get("n_layers", -1))):
+            fields["memory_layers"] = "all"  # a preset on all of its layers: all of this anchor's
+        fields["n_layers"], fields["d_model"] = n_layers, d_model
     for key, val in [("branching", args.branching), ("ranks", args.ranks), ("n_layers", args.n_layers),
                      ("d_model", args.d_model), ("dtype", args.dtype)]:
         if val is not None:
@@ -105,9 +128,10 @@ def _synth(args) -> int:
     fields.setdefault("dtype", "float16")
     spec = BankSpec(**fields, embedder_dim=args.embedder_dim, shard_level=args.shard_level)
     print(f"bank: {spec.bank_params / 1e9:.3f}B params, {spec.bank_bytes / 1e9:.2f} GB; "
-          f"path: {spec.fetched_params / 1e6:.2f}M params")
+          f"path: {spec.fetched_params / 1e6:.2f}M params; anchor {anchor_name or 'synthetic'} "
+          f"({identity.arch} {identity.hash[:16]})")
     bank_id = synth_bank(args.out, spec, args.shards, seed=args.seed, generic=not args.no_generic,
-                         overwrite=args.force, progress=True)
+                         anchor=identity, overwrite=args.force, progress=True)
     print(f"bank_id {bank_id}")
     return 0
 

@@ -14,10 +14,13 @@ from memory_store.writer import BankWriter, to_bank_bytes
 log = logging.getLogger(__name__)
 
 # The paper-scale bank for SmolLM2-135M: levels 16/256/4096, r = (256, 64, 16), all 30 layers of d = 576.
+# "anchor": the anchor whose identity (and depth and width) the bank is written for by `hiermem bank synth`,
+# so the model server serving that anchor accepts it; None = the synthetic identity (SYNTH_ANCHOR).
 PRESETS: dict[str, dict] = {
     "paper-smollm2": dict(branching=[16, 16, 16], ranks=[256, 64, 16], memory_layers=list(range(30)),
-                          n_layers=30, d_model=576, dtype="float16"),
-    "tiny": dict(branching=[2, 2], ranks=[4, 2], memory_layers=[0, 1], n_layers=2, d_model=8, dtype="float32"),
+                          n_layers=30, d_model=576, dtype="float16", anchor="smollm2"),
+    "tiny": dict(branching=[2, 2], ranks=[4, 2], memory_layers=[0, 1], n_layers=2, d_model=8, dtype="float32",
+                 anchor=None),
 }
 SYNTH_ANCHOR = AnchorIdentity(arch="synthetic", hash="random")
 _POOL_EXTRA = 1 << 22  # values beyond the largest block, so windows at random offsets differ per node

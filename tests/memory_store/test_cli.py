@@ -2,15 +2,16 @@ import argparse
 import json
 
 import numpy as np
+import pytest
 
-from memory_store import Bank
+from memory_store import AnchorIdentity, Bank
 from memory_store.cli import register
 
 
-def main(argv: list[str]) -> int:
+def main(argv: list[str], resolve_anchor=None) -> int:
     """Our subcommands alone (as hiermem.cli wires them), so other packages' CLIs cannot break these tests."""
     parser = argparse.ArgumentParser(prog="hiermem")
-    register(parser.add_subparsers(dest="command"))
+    register(parser.add_subparsers(dest="command"), resolve_anchor=resolve_anchor)
     args = parser.parse_args(argv)
     return int(args.func(args) or 0)
 
@@ -69,3 +70,38 @@ def test_route_prints_paths_and_timing(tmp_path, capsys):
     assert lines[0]["path"] == tree.route(emb)[0].tolist()
     assert lines[-1]["summary"]["prompts"] == 3 and lines[-1]["summary"]["p50_ms"] > 0
     assert np.all([len(x["path"]) == 2 for x in lines[:-1]])
+
+
+def test_paper_preset_is_made_for_the_served_anchor(tmp_path, capsys):
+    """`bank synth --preset paper-smollm2` takes the smollm2 anchor's identity (the model server refused the
+    synthetic one), depth and width; --anchor names another anchor, --anchor synthetic keeps the random one."""
+    smollm2 = AnchorIdentity(arch="llama", hash="5" * 64)
+    other = AnchorIdentity(arch="llama", hash="7" * 64)
+    anchors = {"smollm2": (smollm2, 30, 576), "other": (other, 4, 64)}
+    asked: list[str] = []
+
+    def resolve(name):
+        asked.append(name)
+        return anchors[name]
+
+    small = ["--branching", "2,2,2", "--ranks", "4,2,1", "--no-generic"]  # the paper's depth, not its size
+    assert main(["bank", "synth", "--preset", "paper-smollm2", *small, "--out", str(tmp_path / "a")], resolve) == 0
+    bank = Bank.open(tmp_path / "a")
+    assert asked == ["smollm2"] and bank.anchor == smollm2
+    assert bank.spec.memory_layers == list(range(30)) and bank.spec.d_model == 576
+    assert "anchor smollm2 (llama 5555" in capsys.readouterr().out
+
+    assert main(["bank", "synth", "--preset", "paper-smollm2", *small, "--anchor", "other",
+                 "--out", str(tmp_path / "b")], resolve) == 0
+    bank = Bank.open(tmp_path / "b")
+    assert bank.anchor == other and bank.spec.n_layers == 4 and bank.spec.memory_layers == [0, 1, 2, 3]
+    assert bank.spec.d_model == 64 and list(bank.spec.ranks) == [4, 2, 1]
+
+    assert main(["bank", "synth", "--preset", "paper-smollm2", *small, "--anchor", "synthetic",
+                 "--out", str(tmp_path / "c")], resolve) == 0
+    assert Bank.open(tmp_path / "c").anchor.arch == "synthetic" and asked == ["smollm2", "other"]
+    with pytest.raises(SystemExit, match="does not match anchor other"):
+        main(["bank", "synth", "--anchor", "other", "--branching", "2", "--ranks", "4", "--d-model", "8",
+              "--out", str(tmp_path / "d")], resolve)
+    with pytest.raises(SystemExit, match="needs the `hiermem` command"):  # memory_store alone cannot load it
+        main(["bank", "synth", "--preset", "paper-smollm2", *small, "--out", str(tmp_path / "e")])
