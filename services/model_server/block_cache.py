@@ -84,14 +84,39 @@ class BlockCache:
                     "bytes_per_level": dict(self._bytes_per_level)}
 
     # ---- fetching ----------------------------------------------------------------------------
-    def preload(self, refs: Iterable[Any]) -> dict[Any, str]:
-        """Fetch and pin `refs` (the shallow levels) at start-up; returns the ones that failed."""
+    def preload(self, refs: Iterable[Any], *, deadline_s: float = 0.0, retry_wait_s: float = 0.5,
+                max_wait_s: float = 5.0) -> dict[Any, str]:
+        """Fetch and pin `refs` (the shallow levels) at start-up; returns the ones still missing at the end.
+
+        A block that fails (a fetch that timed out on a busy machine, a shard not up yet) is asked for again,
+        after retry_wait_s doubling up to max_wait_s, until every block is pinned or `deadline_s` seconds have
+        passed since the start (0 = one attempt). A fetch still running when its wait timed out is waited for
+        again rather than started twice (one in-flight fetch per node). Each retry round is logged; what is
+        still missing at the deadline is fetched on demand later."""
         refs = list(refs)
-        result = self.get_many(refs, count=False)
-        if result.failed:
-            log.warning("preload: %d of %d blocks unavailable; they will be fetched on demand",
-                        len(result.failed), len(refs))
-        return result.failed
+        t0 = time.monotonic()
+        pending, failed = refs, {}
+        wait, attempt = retry_wait_s, 0
+        while pending:
+            attempt += 1
+            failed = self.get_many(pending, count=False).failed
+            left = deadline_s - (time.monotonic() - t0)
+            if not failed or left <= 0:
+                break
+            reasons = sorted(set(failed.values()))
+            log.info("preload: %d of %d blocks not pinned yet after attempt %d (%s); retrying in %.1fs "
+                     "(%.0fs left of the %.0fs deadline)", len(failed), len(refs), attempt,
+                     "; ".join(reasons[:3]), min(wait, left), left, deadline_s)
+            time.sleep(min(wait, left))
+            wait = min(2 * wait, max_wait_s)
+            pending = list(failed)
+        took = time.monotonic() - t0
+        if failed:
+            log.warning("preload: %d of %d blocks unavailable after %d attempt(s) in %.1fs; they will be fetched "
+                        "on demand", len(failed), len(refs), attempt, took)
+        elif attempt > 1:
+            log.info("preload: all %d blocks pinned after %d attempts in %.1fs", len(refs), attempt, took)
+        return failed
 
     def get_many(self, refs: Sequence[Any], *, count: bool = True) -> CacheResult:
         """Blocks for `refs` (compute dtype), from the cache or one shared fetch per missing node."""

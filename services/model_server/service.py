@@ -85,6 +85,12 @@ class LocalFetcher:
         return SimpleNamespace(blocks=blocks, failed=failed)
 
 
+def pin_deadline_s(settings: ModelServerSettings) -> float:
+    """How long start-up keeps retrying pinned blocks that failed (a fetch timed out on a loaded machine, a
+    shard still starting) before leaving them to be fetched on demand: 6 fetch timeouts, at least a minute."""
+    return max(60.0, 6.0 * settings.fetch_timeout_s)
+
+
 def build_memory_side(settings: ModelServerSettings, bank: Any, fetcher: Any, embed: Callable,
                       metrics: Metrics) -> tuple[MemoryResolver, BlockCache]:
     """Block cache (shallow levels preloaded) and the resolver over it."""
@@ -96,7 +102,9 @@ def build_memory_side(settings: ModelServerSettings, bank: Any, fetcher: Any, em
     resolver = MemoryResolver(bank, cache, embed, strict=settings.strict, metrics=metrics)
     if settings.pinned_levels:
         refs = resolver.pinned_refs(settings.pinned_levels)
-        failed = cache.preload(refs)
+        if hasattr(bank, "is_present"):
+            refs = [ref for ref in refs if bank.is_present(ref)]  # a deleted node never comes back: not retried
+        failed = cache.preload(refs, deadline_s=pin_deadline_s(settings))
         log.info("preloaded %d pinned blocks (%d unavailable)", len(refs) - len(failed), len(failed))
     return resolver, cache
 
