@@ -6,7 +6,7 @@ own length (`model(next_ids[B, 1], cache=cache, slots=[s0, s1, ...])`), and leav
 
 Semantics of one forward with the cache (row b, slot s = slots[b], T new tokens, L = length(s)):
 
-    cache.k[layer, s, :, L:L+T] = k_new[b]           # likewise v
+    cache.kv[layer, s, L:L+T] = kv_new[b]           # keys and values of the T tokens (T, 2*nkv, hd)
     row b's queries attend to keys 0 .. their own position (positions beyond L+T are masked)
     length(s) = L + T                                # after the forward
 
@@ -17,16 +17,20 @@ from __future__ import annotations
 
 import torch
 
+from lm.config import ModelConfig
 from lm.errors import CacheFull
-from lm.model import ModelConfig
 
 
 class KVCache:
     """Keys and values of up to `max_batch` sequences of up to `max_seq_len` tokens.
 
     Fields:
-        k, v: (n_layers, max_batch, n_kv_heads, max_seq_len, head_dim) preallocated.
+        kv: (n_layers, max_batch, max_seq_len, 2 * n_kv_heads, head_dim): per layer and slot, each token's
+            K heads then V heads, together, so one write stores both and a token's entry is contiguous.
         lengths: (max_batch,) int64 on CPU, tokens stored per slot (0 for a free slot).
+
+    Memory: `nbytes` are reserved at construction but zero pages from the OS (calloc), so the resident
+    size grows with the tokens actually stored (a page per ~5 tokens of a slot and layer), up to `nbytes`.
     """
 
     def __init__(self, config: ModelConfig, max_batch: int, max_seq_len: int | None = None, *,
@@ -35,9 +39,8 @@ class KVCache:
             raise ValueError("max_batch must be >= 1")
         self.max_batch = max_batch
         self.max_seq_len = int(max_seq_len or config.max_seq_len)
-        shape = (config.n_layers, max_batch, config.n_kv_heads, self.max_seq_len, config.head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        shape = (config.n_layers, max_batch, self.max_seq_len, 2 * config.n_kv_heads, config.head_dim)
+        self.kv = _lazy_zeros(shape, dtype, torch.device(device))
         self.lengths = torch.zeros(max_batch, dtype=torch.long)
         self._free = list(range(max_batch - 1, -1, -1))  # pop() hands out the lowest slot first
 
@@ -80,20 +83,35 @@ class KVCache:
 
     # ---- used by the model's attention ---------------------------------------------------------------
 
-    def update(self, layer: int, slots: torch.Tensor, positions: torch.Tensor, k_new: torch.Tensor,
-               v_new: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k_new/v_new (B, nkv, T, hd) at `positions` (B, T) of `slots` (B,) in `layer`; return the
-        keys and values (B, nkv, S, hd) of those slots for S = max position + 1."""
-        k_l, v_l = self.k[layer], self.v[layer]  # (max_batch, nkv, max_seq, hd)
-        idx_s = slots[:, None]  # (B, 1) broadcasts against positions (B, T)
-        k_l[idx_s, :, positions] = k_new.transpose(1, 2).to(k_l.dtype)  # indexed view is (B, T, nkv, hd)
-        v_l[idx_s, :, positions] = v_new.transpose(1, 2).to(v_l.dtype)
+    def update(self, layer: int, slots: torch.Tensor, positions: torch.Tensor, kv_new: torch.Tensor
+               ) -> torch.Tensor:
+        """Write kv_new (B, T, 2*nkv, hd) at `positions` (B, T) of `slots` (B,) in `layer`; return the keys
+        and values (B, S, 2*nkv, hd) of those slots for S = max position + 1 (a view when the slots are
+        consecutive)."""
+        kv_l = self.kv[layer]  # (max_batch, max_seq, 2*nkv, hd)
+        kv_l[slots[:, None], positions] = kv_new.to(kv_l.dtype)  # (B, 1) broadcasts against positions (B, T)
         end = int(positions.max()) + 1
         n = slots.shape[0]
         first = int(slots[0])
         if n == 1 or bool((slots == torch.arange(first, first + n, device=slots.device)).all()):
-            return k_l[first:first + n, :, :end], v_l[first:first + n, :, :end]  # contiguous slots: views
-        return k_l[slots, :, :end], v_l[slots, :, :end]
+            return kv_l[first:first + n, :end]
+        return kv_l[slots, :end]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes reserved for keys and values (the most it can hold resident)."""
+        return self.kv.nbytes
 
     def advance(self, slots: torch.Tensor, n_tokens: int) -> None:
         self.lengths[slots] += n_tokens
+
+
+def _lazy_zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Zeros whose pages become resident only when written: numpy's calloc on CPU (torch.zeros writes every
+    byte up front); a plain torch.zeros elsewhere."""
+    if device.type != "cpu":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    import numpy as np
+
+    n_bytes = int(np.prod(shape)) * torch.empty((), dtype=dtype).element_size()
+    return torch.from_numpy(np.zeros(n_bytes, dtype=np.uint8)).view(dtype).view(shape)

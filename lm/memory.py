@@ -1,4 +1,7 @@
-"""Per-row FFN-memories for a batch, prepared once per batch composition and reused every decode step.
+"""Per-row FFN-memories of a batch for training and evaluation (`MemoryBatch`), prepared once per batch.
+
+Serving keeps blocks in slots across batch compositions instead (services/model_server/slot_memory.py);
+both compute the same function, tested against each other.
 
 Semantics (DESIGN.md §1, CONTRACTS.md "lm"), for every memory layer l and row b:
 
@@ -6,7 +9,7 @@ Semantics (DESIGN.md §1, CONTRACTS.md "lm"), for every memory layer l and row b
 
 with block k = blocks[k] of shape (L_mem, 3, r_k, d): slot 0 = M_gate, 1 = M_up, 2 = M_down transposed.
 
-How it is computed (strategy "grouped", the default). Blocks used by exactly the same set of rows form a
+How it is computed. Blocks used by exactly the same set of rows form a
 class (for tree paths: a level-1 node shared by rows {0, 3}, or the deeper blocks private to row 5). A
 class's blocks are concatenated once, at `build`, into contiguous per-layer tensors GU (2U, d) = [gates; ups]
 and Dt (U, d), and every step does, for the class's m rows:
@@ -21,14 +24,10 @@ a tree-shaped batch of 16 paths takes a handful of matmuls per layer (e.g. level
 deep blocks private to one row).
 
 A row-set class never wastes a FLOP but a tree batch has up to three per level-1 subtree, and every group
-costs a few ops per layer; so "grouped" decides per connected component of the row-block graph: a component
+costs a few ops per layer; so `build` decides per connected component of the row-block graph: a component
 whose rows are few (masked FLOPs at most 2x the useful ones, e.g. two rows under one level-1 node) stays one
 masked class (act *= mask, 1 where the row uses the unit's block); a large one (16 rows under one level-1
 node) is split into row-set classes.
-
-Other strategies, kept for comparison in bench/decode.py: "rowsets" (always split), "components" (never
-split), "single" (one masked matmul over all distinct blocks) and "per_row" (every row its own copy of its
-blocks: no sharing at all).
 
 Autograd: `build` uses only differentiable ops (cat, stack, view, dtype casts) and the step does no in-place
 op on its inputs, so blocks that are `nn.Parameter`s receive gradients. Build inside the training step
@@ -45,8 +44,6 @@ import torch
 import torch.nn.functional as F
 
 from lm.errors import MemoryShapeError
-
-STRATEGIES = ("grouped", "rowsets", "components", "single", "per_row")
 
 
 def distinct_blocks(rows: Sequence[Sequence[Hashable]], get_block: Callable[[Hashable], torch.Tensor | None]
@@ -133,8 +130,7 @@ class MemoryBatch:
 
     @classmethod
     def build(cls, blocks: Sequence[torch.Tensor], row_blocks: Sequence[Sequence[int]], layers: Sequence[int],
-              *, dtype: torch.dtype | None = None, device: torch.device | str | None = None,
-              strategy: str = "grouped") -> MemoryBatch:
+              *, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> MemoryBatch:
         """Prepare the memories of a batch.
 
         Args:
@@ -142,10 +138,7 @@ class MemoryBatch:
             row_blocks: for each row b, the indices into `blocks` that row uses (empty = no memory).
             layers: the anchor layer of each of the L_mem block rows (the bank's `memory_layers`).
             dtype, device: compute dtype/device (default: those of the first block).
-            strategy: "grouped" (default), "components", "single" or "per_row" (see the module doc).
         """
-        if strategy not in STRATEGIES:
-            raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
         layers = [int(x) for x in layers]
         if len(set(layers)) != len(layers):
             raise MemoryShapeError(f"memory layers repeat: {layers}")
@@ -174,7 +167,7 @@ class MemoryBatch:
         device = device if device is not None else blocks[used[0]].device
 
         widths = [int(blk.shape[2]) for blk in blocks]
-        classes = _classes(row_blocks, widths, strategy)  # list of (rows, blocks)
+        classes = _classes(row_blocks, widths)  # list of (rows, blocks)
         by_shape: dict[tuple[int, int], list[tuple[list[int], list[int]]]] = defaultdict(list)
         for rows, ks in classes:
             by_shape[(len(rows), sum(int(blocks[k].shape[2]) for k in ks))].append((rows, ks))
@@ -231,26 +224,19 @@ class MemoryBatch:
         return h.new_zeros(B, T, d).index_add(0, self._all_rows, out.to(h.dtype))
 
 
-def _classes(row_blocks: Sequence[Sequence[int]], widths: Sequence[int], strategy: str):
+def _classes(row_blocks: Sequence[Sequence[int]], widths: Sequence[int]):
     """The units of work as (rows, blocks) lists; rows without memory are left out."""
     rows_with = [b for b, ks in enumerate(row_blocks) if ks]
-    if strategy == "per_row":
-        return [([b], list(row_blocks[b])) for b in rows_with]
-    if strategy == "single":
-        return [(rows_with, sorted({k for b in rows_with for k in row_blocks[b]}))]
-    components = _components(row_blocks, len(widths), rows_with)
-    if strategy == "components":
-        return components
     out = []
-    for rows, ks in components:
+    for rows, ks in _components(row_blocks, len(widths), rows_with):
         split = _rowsets(rows, ks, row_blocks)
-        if strategy == "grouped":  # a masked component costs FLOPs, a split one costs ops: pick per component
-            masked_cost = len(rows) * sum(widths[k] for k in ks)
-            split_cost = sum(len(r) * sum(widths[k] for k in kk) for r, kk in split)
-            if len(split) > 1 and masked_cost <= 2 * split_cost:
-                out.append((rows, ks))
-                continue
-        out += split
+        # a masked component costs FLOPs, a split one costs ops: pick per component
+        masked_cost = len(rows) * sum(widths[k] for k in ks)
+        split_cost = sum(len(r) * sum(widths[k] for k in kk) for r, kk in split)
+        if len(split) > 1 and masked_cost <= 2 * split_cost:
+            out.append((rows, ks))
+        else:
+            out += split
     return out
 
 

@@ -1,8 +1,13 @@
 """The anchor: a Llama-family decoder whose SwiGLU FFNs accept hierarchical FFN-memories.
 
 One readable file in the manner of nanoGPT's model.py. Parameter names are the Hugging Face Llama checkpoint
-keys (``model.layers.3.mlp.gate_proj.weight`` ...), so importing a checkpoint is a key-by-key copy with a
-shape check on each tensor (see ``lm/weights.py``).
+keys (``model.layers.3.mlp.down_proj.weight`` ...) except two fused projections, as vLLM fuses them:
+``self_attn.qkv_proj`` (q, k, v stacked by rows) and ``mlp.gate_up_proj`` (gate, up). Importing a checkpoint
+is a key-by-key copy with a shape check on each tensor after stacking those (``lm.weights.hf_to_fused``);
+saving splits them back, so the files stay HF-loadable.
+
+How fast it runs is a property of how it is run, not of this file: ``lm.fast.prepare_for_inference`` picks
+the compute dtype and swaps the `nn.Linear`s for weight-prepacked ones for serving.
 
 FFN-memory (DESIGN.md §1): for every block on a row's path, a memory layer adds
 
@@ -14,12 +19,14 @@ share its computation, is the business of ``lm.memory.MemoryBatch``; this file o
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from lm.config import ModelConfig
 
 if TYPE_CHECKING:  # pragma: no cover
     from lm.kv_cache import KVCache
@@ -39,77 +46,6 @@ class FFNMemory(Protocol):
         ...
 
 
-@dataclass
-class ModelConfig:
-    vocab_size: int = 49152
-    d_model: int = 576
-    n_layers: int = 30
-    n_heads: int = 9
-    n_kv_heads: int = 3
-    head_dim: int = 64
-    ffn_dim: int = 1536
-    rope_theta: float = 100000.0
-    norm_eps: float = 1e-5
-    tie_embeddings: bool = True
-    max_seq_len: int = 8192
-    bos_token_id: int | None = 1
-    eos_token_ids: list[int] = field(default_factory=lambda: [2])
-
-    def __post_init__(self) -> None:
-        if self.n_heads % self.n_kv_heads:
-            raise ValueError(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
-        if self.head_dim % 2:
-            raise ValueError("head_dim must be even for RoPE")
-
-    @property
-    def n_params(self) -> int:
-        attn = self.d_model * self.head_dim * (2 * self.n_heads + 2 * self.n_kv_heads)
-        per_layer = attn + 3 * self.d_model * self.ffn_dim + 2 * self.d_model
-        emb = self.vocab_size * self.d_model * (1 if self.tie_embeddings else 2)
-        return self.n_layers * per_layer + emb + self.d_model
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_hf(cls, hf: dict[str, Any]) -> ModelConfig:
-        """From a Hugging Face LlamaConfig dict (config.json), transformers 4.x or 5.x spelling."""
-        if hf.get("model_type", "llama") not in ("llama", "mistral", "qwen2"):
-            raise ValueError(f"unsupported architecture {hf.get('model_type')!r}: only Llama-family")
-        if hf.get("attention_bias") or hf.get("mlp_bias"):
-            raise ValueError("attention/MLP biases are not supported")
-        rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
-        if rope.get("rope_type", rope.get("type", "default")) not in ("default", None):
-            raise ValueError(f"unsupported RoPE scaling {rope!r}")
-        theta = hf.get("rope_theta", rope.get("rope_theta", 10000.0))
-        n_heads = hf["num_attention_heads"]
-        eos = hf.get("eos_token_id")
-        eos_ids = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
-        return cls(
-            vocab_size=hf["vocab_size"], d_model=hf["hidden_size"], n_layers=hf["num_hidden_layers"],
-            n_heads=n_heads, n_kv_heads=hf.get("num_key_value_heads") or n_heads,
-            head_dim=hf.get("head_dim") or hf["hidden_size"] // n_heads, ffn_dim=hf["intermediate_size"],
-            rope_theta=float(theta), norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-            tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-            max_seq_len=int(hf.get("max_position_embeddings", 8192)),
-            bos_token_id=hf.get("bos_token_id"), eos_token_ids=eos_ids,
-        )
-
-    def to_hf(self) -> dict[str, Any]:
-        """The equivalent Hugging Face LlamaConfig dict (what our cache writes as config.json)."""
-        return {
-            "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": self.vocab_size,
-            "hidden_size": self.d_model, "num_hidden_layers": self.n_layers,
-            "num_attention_heads": self.n_heads, "num_key_value_heads": self.n_kv_heads,
-            "head_dim": self.head_dim, "intermediate_size": self.ffn_dim, "hidden_act": "silu",
-            "rope_theta": self.rope_theta, "rms_norm_eps": self.norm_eps,
-            "tie_word_embeddings": self.tie_embeddings, "max_position_embeddings": self.max_seq_len,
-            "bos_token_id": self.bos_token_id,
-            "eos_token_id": self.eos_token_ids[0] if len(self.eos_token_ids) == 1 else self.eos_token_ids,
-            "attention_bias": False, "mlp_bias": False, "torch_dtype": "float32",
-        }
-
-
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -117,64 +53,74 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)  # statistics in float32 for any dtype
 
 
-def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
-    """cos, sin of shape (B, 1, T, hd) for integer positions (B, T); HF's rotate-half convention."""
+def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype, *,
+                 n_heads: int = 1, n_rotated: int | None = None):
+    """cos, signed sin of shape (B, T, n_heads, hd) for integer positions (B, T), HF's rotate-half convention
+    written with a roll (see `apply_rope`). Heads from `n_rotated` on get cos 1 and sin 0: `apply_rope` then
+    returns them unchanged (the V heads of a fused QKV tensor ride along exactly)."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim))
     freqs = positions.float()[..., None] * inv_freq  # (B, T, hd/2)
-    emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, T, hd)
-    return emb.cos().to(dtype), emb.sin().to(dtype)
+    cos = freqs.cos().repeat(1, 1, 2)[:, :, None].repeat(1, 1, n_heads, 1)  # (B, T, H, hd)
+    sin = freqs.sin()
+    sin = torch.cat((-sin, sin), dim=-1)[:, :, None].repeat(1, 1, n_heads, 1)  # rotate_half's sign folded in
+    if n_rotated is not None and n_rotated < n_heads:
+        cos[:, :, n_rotated:], sin[:, :, n_rotated:] = 1.0, 0.0
+    return cos.to(dtype), sin.to(dtype)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+    """x (..., hd) rotated: HF's x*cos + rotate_half(x)*sin, where rotate_half(x) = cat(-x2, x1) equals
+    roll(x, hd/2) with the sign folded into `sin` (`rope_cos_sin`). Three ops for all heads at once."""
+    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), sin)
 
 
 class Attention(nn.Module):
+    """Grouped-query attention; Q, K and V come from one fused projection (HF's q/k/v_proj stacked by rows,
+    see `lm.weights.hf_to_fused`), so a step reads the three weights in one matmul."""
+
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
         self.cfg, self.layer_idx = cfg, layer_idx
-        self.q_proj = nn.Linear(cfg.d_model, cfg.n_heads * cfg.head_dim, bias=False)
-        self.k_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=False)
-        self.v_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.qkv_split = [cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim]
+        self.qkv_proj = nn.Linear(cfg.d_model, sum(self.qkv_split), bias=False)
         self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=False)
 
     def forward(self, x, cos, sin, ctx: _StepContext) -> torch.Tensor:
         B, T, _ = x.shape
-        hd = self.cfg.head_dim
-        q = self.q_proj(x).view(B, T, self.cfg.n_heads, hd).transpose(1, 2)  # (B, nh, T, hd)
-        k = self.k_proj(x).view(B, T, self.cfg.n_kv_heads, hd).transpose(1, 2)  # (B, nkv, T, hd)
-        v = self.v_proj(x).view(B, T, self.cfg.n_kv_heads, hd).transpose(1, 2)  # (B, nkv, T, hd)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        nh, nkv, hd = self.cfg.n_heads, self.cfg.n_kv_heads, self.cfg.head_dim
+        qkv = self.qkv_proj(x).view(B, T, nh + 2 * nkv, hd)
+        qkv = apply_rope(qkv, cos, sin)  # rotates the Q and K heads; V heads have cos 1, sin 0 (unchanged)
+        q, kv = qkv[:, :, :nh], qkv[:, :, nh:]  # (B, T, nh, hd), (B, T, 2*nkv, hd): K heads then V heads
         if ctx.kv is not None:
             cache, slots = ctx.kv
-            k, v = cache.update(self.layer_idx, slots, ctx.positions, k, v)  # (B, nkv, S, hd)
-        gqa = self.cfg.n_kv_heads != self.cfg.n_heads
+            kv = cache.update(self.layer_idx, slots, ctx.positions, kv)  # (B, S, 2*nkv, hd)
+        q, kv = q.transpose(1, 2), kv.transpose(1, 2)  # (B, nh, T, hd), (B, 2*nkv, S, hd)
+        k, v = kv[:, :nkv], kv[:, nkv:]
+        gqa = nkv != nh
         if ctx.attn_mask is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=gqa)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.attn_mask, enable_gqa=gqa)
-        y = y.transpose(1, 2).reshape(B, T, self.cfg.n_heads * hd)  # (B, T, nh*hd)
+        y = y.transpose(1, 2).reshape(B, T, nh * hd)  # (B, T, nh*hd)
         return self.o_proj(y)
 
 
 class MLP(nn.Module):
-    """SwiGLU FFN; `memory` adds the row's FFN-memory units on the same input (DESIGN.md §1)."""
+    """SwiGLU FFN with gate and up fused into one projection (gate rows, then up rows); `memory` adds the
+    row's FFN-memory units on the same input (DESIGN.md §1)."""
 
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
         self.layer_idx = layer_idx
-        self.gate_proj = nn.Linear(cfg.d_model, cfg.ffn_dim, bias=False)
-        self.up_proj = nn.Linear(cfg.d_model, cfg.ffn_dim, bias=False)
+        self.gate_up_proj = nn.Linear(cfg.d_model, 2 * cfg.ffn_dim, bias=False)
         self.down_proj = nn.Linear(cfg.ffn_dim, cfg.d_model, bias=False)
 
     def forward(self, h: torch.Tensor, memory: FFNMemory | None = None) -> torch.Tensor:
-        y = self.down_proj(F.silu(self.gate_proj(h)) * self.up_proj(h))
+        gate, up = self.gate_up_proj(h).chunk(2, dim=-1)
+        y = self.down_proj(F.silu(gate) * up)
         if memory is not None:
             delta = memory.ffn_delta(self.layer_idx, h)  # (B, T, d) or None for a layer without memory
             if delta is not None:
@@ -238,12 +184,17 @@ class Transformer(nn.Module):
     def init_weights(self, seed: int = 0, std: float = 0.02) -> Transformer:
         """Deterministic random init (normal(0, std) matrices, unit norms), for tiny test anchors."""
         g = torch.Generator().manual_seed(seed)
+        hf = fused_to_hf(self.state_dict(), self.config)  # drawn in HF layout and order, as before fusing
+        new = {}
+        for name, p in hf.items():
+            if name == "lm_head.weight" and self.config.tie_embeddings:
+                continue
+            new[name] = torch.ones(p.shape) if name.endswith("norm.weight") else torch.randn(p.shape, generator=g) * std
+        fused = hf_to_fused(new)
         with torch.no_grad():
-            for name, p in self.named_parameters():
-                if name.endswith("norm.weight"):
-                    p.fill_(1.0)
-                else:
-                    p.copy_(torch.randn(p.shape, generator=g) * std)
+            for name, p in self.state_dict(keep_vars=True).items():
+                if name in fused:
+                    p.copy_(fused[name])
         return self
 
     @property
@@ -282,7 +233,9 @@ class Transformer(nn.Module):
                             attn_mask=attn_mask)
 
     def _run_layers(self, x, ctx: _StepContext, start: int = 0, stop: int | None = None) -> torch.Tensor:
-        cos, sin = rope_cos_sin(ctx.positions, self.config.head_dim, self.config.rope_theta, x.dtype)
+        c = self.config
+        cos, sin = rope_cos_sin(ctx.positions, c.head_dim, c.rope_theta, x.dtype,
+                                n_heads=c.n_heads + 2 * c.n_kv_heads, n_rotated=c.n_heads + c.n_kv_heads)
         for layer in self.model.layers[start:stop]:
             x = layer(x, cos, sin, ctx)
         return x
@@ -345,9 +298,46 @@ class Transformer(nn.Module):
         return self.lm_head(x)
 
 
+# (our fused key suffix, the HF key suffixes stacked into it by rows, in order)
+_FUSED = (("self_attn.qkv_proj.weight", ("self_attn.q_proj.weight", "self_attn.k_proj.weight",
+                                         "self_attn.v_proj.weight")),
+          ("mlp.gate_up_proj.weight", ("mlp.gate_proj.weight", "mlp.up_proj.weight")))
+
+
+def hf_to_fused(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """HF Llama keys -> ours: each layer's q/k/v and gate/up weights stacked by rows into qkv_proj and
+    gate_up_proj (lm/model.py). Other keys pass through; a layer missing one part keeps its parts (the
+    shape check of `_to_state_dict` then names what is missing)."""
+    out = dict(tensors)
+    for fused, parts in _FUSED:
+        prefixes = {k[: -len(parts[0])] for k in tensors if k.endswith(parts[0])}
+        for pre in prefixes:
+            if all(pre + part in tensors for part in parts):
+                out[pre + fused] = torch.cat([out.pop(pre + part) for part in parts])
+    return out
+
+
+def fused_to_hf(tensors: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
+    """The inverse of `hf_to_fused`: what a HF Llama checkpoint (and the anchor identity hash) names."""
+    widths = {"self_attn.qkv_proj.weight": [config.n_heads * config.head_dim, config.n_kv_heads * config.head_dim,
+                                            config.n_kv_heads * config.head_dim],
+              "mlp.gate_up_proj.weight": [config.ffn_dim, config.ffn_dim]}
+    out = {}
+    for key, t in tensors.items():
+        for fused, parts in _FUSED:
+            if key.endswith(fused):
+                pre = key[: -len(fused)]
+                out.update({pre + part: piece for part, piece in zip(parts, t.split(widths[fused]), strict=True)})
+                break
+        else:
+            out[key] = t
+    return out
+
+
 def ffn_param_count(config: ModelConfig) -> int:
     """Parameters of all anchor FFNs (for 'memory size relative to the anchor' figures)."""
     return 3 * config.d_model * config.ffn_dim * config.n_layers
 
 
-__all__ = ["FFNMemory", "ModelConfig", "RMSNorm", "Transformer", "apply_rope", "ffn_param_count", "rope_cos_sin"]
+__all__ = ["FFNMemory", "ModelConfig", "RMSNorm", "Transformer", "apply_rope", "ffn_param_count", "fused_to_hf",
+           "hf_to_fused", "rope_cos_sin"]

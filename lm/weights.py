@@ -30,7 +30,7 @@ import torch
 
 from base.paths import home
 from lm.errors import AnchorNotFound, UnsupportedCheckpoint
-from lm.model import ModelConfig, Transformer
+from lm.model import ModelConfig, Transformer, fused_to_hf, hf_to_fused
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +124,9 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
 
 
 def _to_state_dict(model: Transformer, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Key-by-key copy with a shape check on each; tied lm_head may be absent from the checkpoint."""
+    """Key-by-key copy with a shape check on each, after `hf_to_fused`; tied lm_head may be absent from the
+    checkpoint."""
+    tensors = hf_to_fused(tensors)
     expected = model.state_dict()
     tied = model.config.tie_embeddings
     out = {}
@@ -146,7 +148,9 @@ def _to_state_dict(model: Transformer, tensors: dict[str, torch.Tensor]) -> dict
 
 
 def anchor_hash(config: ModelConfig, tensors: dict[str, torch.Tensor]) -> str:
-    """sha256 of the config and every tensor (sorted keys; name, shape and float32 bytes)."""
+    """sha256 of the config and every tensor (sorted HF keys; name, shape and float32 bytes). Our fused
+    state dict and the HF checkpoint it came from hash the same."""
+    tensors = fused_to_hf(tensors, config)
     h = hashlib.sha256(json.dumps(config.to_hf(), sort_keys=True).encode())
     for key in sorted(tensors):
         if key.endswith(_IGNORED_KEYS) or (key == "lm_head.weight" and config.tie_embeddings):
@@ -214,7 +218,8 @@ def save_anchor_dir(model: Transformer, tokenizer, target: Path, *, name: str, s
     from safetensors.torch import save_file
 
     config = model.config
-    tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()
+    tensors = {k: v.detach().to("cpu", torch.float32).contiguous()
+               for k, v in fused_to_hf(model.state_dict(), config).items()
                if not (k == "lm_head.weight" and config.tie_embeddings)}
     identity = {"arch": ARCH, "hash": anchor_hash(config, tensors)}
     target.parent.mkdir(parents=True, exist_ok=True)

@@ -2,23 +2,20 @@
 
 Requests join the running batch between decode steps (prefilled a chunk at a time, so running rows
 never wait for a whole prompt) and leave it when they finish or their client goes away. Each row carries
-its own memory blocks; the `MemoryBatch` of the decode step holds every *distinct* block once and is
-rebuilt only when the batch composition changes.
+its own memory blocks, named by key; the runner keeps every *distinct* block of the admitted rows once, in
+slots (services/model_server/slot_memory.py), and each forward points its rows at them by index.
 
 Semantics of one engine iteration:
 
     take new requests and cancellations from the inbox
     admit waiting requests into free slots, in the scheduler's order
+    when rows were admitted or left: runner.set_blocks(distinct blocks of every admitted row)
     prefill one chunk of the oldest admitted-but-not-prefilled request (its first token when done)
-    decode a token for every running row: logits = model(last_tokens, memory=batch_memory)
-    emit tokens; finished and cancelled rows are answered at once
+    decode a token for every running row: logits = runner.decode(slots, last_tokens, each row's block keys)
+    emit tokens; finished and cancelled rows are answered at once and leave the batch at once
 
-When rebuilding the batch's memory copies every block (`lm.MemoryBatch.build`, runner attribute
-`rebuild_copies`), it is done only when rows *join*: a row that finishes is answered at once but stays in
-the decode batch as a "zombie" (its output is dropped, its KV slot kept) until the next join rebuilds the
-batch without it. Decoding is bound by the bytes of weights read, so a zombie row costs little, where a
-rebuild per leave would cost a copy of every distinct block. The runner therefore has more KV slots than
-`max_rows`. With a cheap rebuild (slot or node memories) finished rows leave at once.
+A row that joins costs a copy of the blocks no admitted row had (once); a row that leaves costs nothing but
+the slot moves that keep the pools compact. One KV-cache slot per row: `max_rows` = the runner's slots.
 """
 
 from __future__ import annotations
@@ -28,13 +25,11 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Protocol
 
 import torch
-
-from lm.memory import distinct_blocks
 
 from .errors import Overloaded
 from .metrics import Metrics
@@ -51,11 +46,18 @@ class Runner(Protocol):
     max_seq_len: int
     eos_token_ids: set[int]
 
-    def build_memory(self, blocks: Sequence[torch.Tensor], row_blocks: Sequence[Sequence[int]]) -> Any: ...
+    def set_blocks(self, blocks: Mapping[Hashable, torch.Tensor]) -> None:
+        """Hold exactly these blocks (every admitted row's), by key, for the forwards that follow."""
+        ...
 
-    def prefill(self, slot: int, ids: Sequence[int], start: int, memory: Any) -> torch.Tensor: ...
+    def prefill(self, slot: int, ids: Sequence[int], start: int, keys: Sequence[Hashable]) -> torch.Tensor:
+        """Logits (V,) after appending `ids` at `start` of KV slot `slot`, with the blocks named `keys`."""
+        ...
 
-    def decode(self, slots: Sequence[int], tokens: Sequence[int], memory: Any) -> torch.Tensor: ...
+    def decode(self, slots: Sequence[int], tokens: Sequence[int], rows: Sequence[Sequence[Hashable]]
+               ) -> torch.Tensor:
+        """Logits (B, V) of one token per row; `rows[b]` names row b's blocks."""
+        ...
 
     def release(self, slot: int) -> None: ...
 
@@ -96,7 +98,6 @@ class GenRequest:
     fed: int = 0  # tokens fed by decode steps (KV length = prefilled + fed)
     skipped: int = 0  # times the scheduler admitted a later arrival first
     _gen: torch.Generator | None = None
-    _single_memory: Any = None
 
     @property
     def memory_nodes(self) -> dict[Hashable, int]:
@@ -113,7 +114,7 @@ class EngineStats:
     decode_seconds: float = 0.0
     prefill_chunks: int = 0
     distinct_memory_bytes: int = 0  # summed over decode steps
-    memory_rebuilds: int = 0
+    memory_rebuilds: int = 0  # set_blocks calls (the admitted rows changed)
     rebuild_seconds: float = 0.0
     completed: int = 0
     cancelled: int = 0
@@ -126,8 +127,7 @@ class Engine:
     def __init__(self, runner: Runner, *, scheduler: Scheduler, max_queue: int, prefill_chunk: int = 256,
                  metrics: Metrics | None = None, retry_after_s: int = 1, max_rows: int | None = None) -> None:
         self.runner = runner
-        self.max_rows = max_rows or runner.n_slots
-        self.keep_zombies = bool(getattr(runner, "rebuild_copies", True))
+        self.max_rows = min(max_rows or runner.n_slots, runner.n_slots)
         self.scheduler = scheduler
         self.max_queue = max_queue
         self.prefill_chunk = prefill_chunk
@@ -139,13 +139,11 @@ class Engine:
         self._waiting: list[GenRequest] = []
         self._prefilling: list[GenRequest] = []
         self._active: list[GenRequest] = []
-        self._batch: list[GenRequest] = []  # rows of the built memory, in order: live rows and zombies
         self._free_slots = list(range(runner.n_slots))
         self._n_waiting = 0  # inbox + waiting, read under _cv
         self._stop = False
-        self._memory: Any = None
-        self._memory_bytes = 0
-        self._dirty = True
+        self._memory_bytes = 0  # distinct block bytes of the decoding rows
+        self._dirty = True  # admitted rows changed since the last set_blocks
         self._ids = itertools.count()
         self._thread = threading.Thread(target=self._run, name="hiermem-engine", daemon=True)
 
@@ -189,15 +187,13 @@ class Engine:
         """Rows running, prefilling and waiting right now."""
         with self._cv:
             return {"active": len(self._active), "prefilling": len(self._prefilling),
-                    "waiting": self._n_waiting, "free_slots": len(self._free_slots),
-                    "zombies": sum(1 for r in self._batch if r.finished)}
+                    "waiting": self._n_waiting, "free_slots": len(self._free_slots)}
 
     # ---- the loop ----------------------------------------------------------------------------
     def _run(self) -> None:
         while True:
             with self._cv:
-                while not self._stop and not (self._inbox or self._waiting or self._prefilling
-                                              or self._active or self._batch):
+                while not self._stop and not (self._inbox or self._waiting or self._prefilling or self._active):
                     self._cv.wait(timeout=0.5)
                 if self._stop:
                     break
@@ -209,21 +205,21 @@ class Engine:
                 log.exception("engine step failed")
                 for req in self._prefilling + self._active:
                     self._finish(req, error=exc)
-                self._reap()
                 self._prefilling, self._active, self._dirty = [], [], True
         for req in self._waiting + list(self._inbox) + self._prefilling + self._active:
             self._finish(req, error=RuntimeError("server shutting down"))
-        self._reap()
 
     def _step(self) -> None:
         self._drop_cancelled()
         self._admit()
+        if self._dirty:
+            self._sync_blocks()
         if self._prefilling:
             self._prefill_one_chunk()
         if self._active:
             self._decode()
-        elif self._batch:
-            self._reap()  # only zombies left: nothing to decode
+        if self._dirty and not (self._active or self._prefilling):
+            self._sync_blocks()  # the last rows left: hold no block while idle
         self._set_gauges()
 
     def _drop_cancelled(self) -> None:
@@ -235,14 +231,12 @@ class Engine:
                 self.stats.cancelled += 1
                 if self.metrics is not None:
                     self.metrics.cancelled.inc()
-                self._finish(req, reason="cancelled", keep_slot=self.keep_zombies and req in self._batch)
+                self._finish(req, reason="cancelled")
 
     def _admit(self) -> None:
         rows_free = self.max_rows - len(self._active) - len(self._prefilling)
         if rows_free <= 0 or not self._waiting:
             return
-        if not self._free_slots:
-            self._reap()  # zombies hold every KV slot: drop them now
         n = min(rows_free, len(self._free_slots))
         if n <= 0:
             return
@@ -256,31 +250,26 @@ class Engine:
             req.slot = self._free_slots.pop(0)
             req._gen = req.params.generator()
             self._prefilling.append(req)
+            self._dirty = True
 
     def _prefill_one_chunk(self) -> None:
         req = self._prefilling[0]
-        if req._single_memory is None and req.memory_blocks:
-            build = getattr(self.runner, "build_row_memory", self.runner.build_memory)
-            req._single_memory = build(req.memory_blocks, [list(range(len(req.memory_blocks)))])
         chunk = req.prompt_ids[req.prefilled:req.prefilled + self.prefill_chunk]
-        logits = self.runner.prefill(req.slot, chunk, req.prefilled, req._single_memory)
+        logits = self.runner.prefill(req.slot, chunk, req.prefilled, req.memory_keys)
         req.prefilled += len(chunk)
         self.stats.prefill_chunks += 1
         if req.prefilled < len(req.prompt_ids):
             return
         self._prefilling.pop(0)
-        req._single_memory = None
         self._active.append(req)
-        self._dirty = True
+        self._memory_bytes = self._distinct_bytes(self._active)
         self._accept(req, sample(logits, req.params, req._gen))
 
     def _decode(self) -> None:
-        limit = self.runner.max_seq_len
-        if self._dirty or any(r.finished and r.prefilled + r.fed + 1 >= limit for r in self._batch):
-            self._rebuild_memory()
-        rows = list(self._batch)
+        rows = list(self._active)
         t0 = time.perf_counter()
-        logits = self.runner.decode([r.slot for r in rows], [r.generated[-1] for r in rows], self._memory)
+        logits = self.runner.decode([r.slot for r in rows], [r.generated[-1] for r in rows],
+                                    [r.memory_keys for r in rows])
         for r in rows:
             r.fed += 1
         dt = time.perf_counter() - t0
@@ -294,33 +283,27 @@ class Engine:
             self.metrics.decode_seconds.inc(dt)
             self.metrics.decode_memory_bytes.inc(self._memory_bytes)
         for i, req in enumerate(rows):
-            if not req.finished:
-                self._accept(req, sample(logits[i], req.params, req._gen))
+            self._accept(req, sample(logits[i], req.params, req._gen))
 
-    def _reap(self) -> None:
-        """Free the KV slots of zombie rows; the memory must be rebuilt before the next decode."""
-        for req in self._batch:
-            if req.finished and req.slot >= 0:
-                self._release(req)
-        self._batch = [r for r in self._batch if not r.finished]
-        self._dirty = True
+    @staticmethod
+    def _distinct_bytes(reqs: Sequence[GenRequest]) -> int:
+        held = {k: b for r in reqs for k, b in zip(r.memory_keys, r.memory_blocks, strict=True)}
+        return sum(b.numel() * b.element_size() for b in held.values())
 
-    def _rebuild_memory(self) -> None:
-        self._reap()
-        self._batch = list(self._active)
-        held = {key: block for req in self._active
-                for key, block in zip(req.memory_keys, req.memory_blocks, strict=True)}
-        blocks, row_blocks = distinct_blocks([req.memory_keys for req in self._active], held.get)
+    def _sync_blocks(self) -> None:
+        """Hand the runner the distinct blocks of every admitted row (decoding or prefilling)."""
+        rows = self._active + self._prefilling
+        held = {k: b for r in rows for k, b in zip(r.memory_keys, r.memory_blocks, strict=True)}
         t0 = time.perf_counter()
-        self._memory = self.runner.build_memory(blocks, row_blocks) if blocks else None
-        self._memory_bytes = sum(b.numel() * b.element_size() for b in blocks)
+        self.runner.set_blocks(held)
+        dt = time.perf_counter() - t0
+        self._memory_bytes = self._distinct_bytes(self._active)
         self.stats.memory_rebuilds += 1
-        self.stats.rebuild_seconds += time.perf_counter() - t0
+        self.stats.rebuild_seconds += dt
         if self.metrics is not None:
-            self.metrics.rebuild_seconds.inc(time.perf_counter() - t0)
-        self._dirty = False
-        if self.metrics is not None:
+            self.metrics.rebuild_seconds.inc(dt)
             self.metrics.distinct_memory_bytes.set(self._memory_bytes)
+        self._dirty = False
 
     # ---- per-token bookkeeping ---------------------------------------------------------------
     def _accept(self, req: GenRequest, token: int) -> None:
@@ -364,7 +347,7 @@ class Engine:
             if req in self._active:
                 self._active.remove(req)
             self.stats.completed += 1
-            self._finish(req, reason=reason, keep_slot=self.keep_zombies and req in self._batch)
+            self._finish(req, reason=reason)
 
     def _release(self, req: GenRequest) -> None:
         try:
@@ -373,16 +356,14 @@ class Engine:
             self._free_slots.append(req.slot)
             req.slot = -1
 
-    def _finish(self, req: GenRequest, *, reason: str | None = None, error: BaseException | None = None,
-                keep_slot: bool = False) -> None:
-        """Answer `req`; `keep_slot` leaves it in the decode batch as a zombie until the next rebuild."""
+    def _finish(self, req: GenRequest, *, reason: str | None = None, error: BaseException | None = None) -> None:
+        """Answer `req` and free its KV slot; its blocks leave the runner's slots at the next sync."""
         if req.finished:
             return
         req.finished = True
-        if req.slot >= 0 and not keep_slot:
+        if req.slot >= 0:
             self._release(req)
-            if req in self._batch:
-                self._dirty = True  # rebuild without it before the next decode
+            self._dirty = True
         if error is not None:
             self.stats.failed += 1
             req.sink(Event("error", error=error))

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Hashable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .slot_memory import SlotMemory
 
 log = logging.getLogger(__name__)
 
@@ -38,63 +41,56 @@ class HFCodec:
 
 
 class LmRunner:
-    """Maps the engine's slots onto an `lm.KVCache` and runs prefill chunks and decode steps."""
+    """Maps the engine's slots onto an `lm.KVCache` and runs prefill chunks and decode steps, the anchor
+    prepared for inference (`lm.fast`: compute dtype measured here, prepacked weights) and the memories in
+    slot pools (`SlotPools`) of that dtype."""
 
     def __init__(self, anchor: Any, n_slots: int, max_seq_len: int, memory_layers: Sequence[int] | None = None,
-                 codec: HFCodec | None = None, memory_impl: str = "slots") -> None:
+                 codec: HFCodec | None = None, *, dtype: str = "auto") -> None:
         from lm import KVCache
+        from lm.fast import prepare_for_inference
+
+        from .slot_memory import SlotPools
 
         self.model = anchor.model
         self.config = anchor.config
+        self.compute = prepare_for_inference(self.model, dtype)  # {"dtype", "packed_linears", "measurement"}
         self.n_slots = n_slots
         self.max_seq_len = min(int(max_seq_len), int(anchor.config.max_seq_len))
         self.cache = KVCache(anchor.config, n_slots, self.max_seq_len, dtype=self.model.dtype)
         self.memory_layers = list(memory_layers if memory_layers is not None else range(anchor.config.n_layers))
+        self.pools = SlotPools(self.memory_layers, dtype=self.model.dtype)
         self.eos_token_ids = set(int(i) for i in (anchor.config.eos_token_ids or []))
         self.codec = codec
-        self.memory_impl = memory_impl
-        self._pools: Any = None
         self._slot_of: dict[int, int] = {}  # engine slot -> cache slot
+        self._decode_memory: tuple[tuple, SlotMemory | None] | None = None  # (rows + pools version, memory)
 
-    @property
-    def rebuild_copies(self) -> bool:
-        """Whether `build_memory` copies every block (then the engine keeps finished rows until a join)."""
-        return self.memory_impl == "grouped"
+    def set_blocks(self, blocks: Mapping[Hashable, torch.Tensor]) -> None:
+        self.pools.sync(blocks)
 
-    def build_memory(self, blocks: Sequence[torch.Tensor], row_blocks: Sequence[Sequence[int]]) -> Any:
-        """The decode batch's memory (one per batch composition)."""
-        if self.memory_impl == "slots":
-            if self._pools is None:
-                from .slot_memory import SlotPools
-
-                self._pools = SlotPools(self.memory_layers, dtype=self.model.dtype)
-            return self._pools.build(blocks, row_blocks)
-        return self.build_row_memory(blocks, row_blocks)
-
-    def build_row_memory(self, blocks: Sequence[torch.Tensor], row_blocks: Sequence[Sequence[int]]) -> Any:
-        """Memory of a prefill, outside the decode batch's slots (stateless)."""
-        if self.memory_impl in ("nodes", "slots"):
-            from .node_memory import NodeMemory
-
-            return NodeMemory(blocks, row_blocks, self.memory_layers, dtype=self.model.dtype)
-        from lm import MemoryBatch
-
-        return MemoryBatch.build(blocks, row_blocks, self.memory_layers, dtype=self.model.dtype)
+    def _memory(self, rows: Sequence[Sequence[Hashable]]) -> SlotMemory | None:
+        return self.pools.memory_for(rows) if any(rows) else None
 
     @torch.no_grad()
-    def prefill(self, slot: int, ids: Sequence[int], start: int, memory: Any) -> torch.Tensor:
+    def prefill(self, slot: int, ids: Sequence[int], start: int, keys: Sequence[Hashable]) -> torch.Tensor:
         if start == 0:
             if slot in self._slot_of:
                 self.release(slot)
             self._slot_of[slot] = self.cache.allocate()
         x = torch.tensor([list(ids)], dtype=torch.long)  # (1, T)
-        logits = self.model(x, cache=self.cache, slots=[self._slot_of[slot]], memory=memory, last_only=True)
+        logits = self.model(x, cache=self.cache, slots=[self._slot_of[slot]], memory=self._memory([keys]),
+                            last_only=True)
         return logits[0, -1].float()  # (V,)
 
     @torch.no_grad()
-    def decode(self, slots: Sequence[int], tokens: Sequence[int], memory: Any) -> torch.Tensor:
+    def decode(self, slots: Sequence[int], tokens: Sequence[int], rows: Sequence[Sequence[Hashable]]
+               ) -> torch.Tensor:
+        key = (self.pools.version, tuple(tuple(r) for r in rows))
+        if self._decode_memory is None or self._decode_memory[0] != key:  # the batch or its slots changed
+            self._decode_memory = (key, self._memory(rows))
         x = torch.tensor(list(tokens), dtype=torch.long)[:, None]  # (B, 1)
-        logits = self.model(x, cache=self.cache, slots=[self._slot_of[s] for s in slots], memory=memory)
+        logits = self.model(x, cache=self.cache, slots=[self._slot_of[s] for s in slots],
+                            memory=self._decode_memory[1])
         return logits[:, -1].float()  # (B, V)
 
     def release(self, slot: int) -> None:
@@ -106,14 +102,20 @@ class LmRunner:
         assert self.codec is not None
         return self.codec.decode(list(ids))
 
+    @property
+    def reserved_bytes(self) -> dict[str, int]:
+        """Bytes the runner holds by part: weights (as prepared), KV cache (reserved), memory slot pools."""
+        weights = sum(t.nbytes for t in self.model.parameters()) + sum(t.nbytes for t in self.model.buffers())
+        return {"weights": weights, "kv_cache": self.cache.nbytes, "memory_slots": self.pools.nbytes}
+
 
 def load_codec_and_runner(anchor_name: str, *, n_slots: int, max_seq_len: int,
-                          memory_layers: Sequence[int] | None = None, memory_impl: str = "slots"
+                          memory_layers: Sequence[int] | None = None, dtype: str = "auto"
                           ) -> tuple[Any, HFCodec, LmRunner]:
     """Load the anchor (`lm.load_anchor`) and wrap it for the engine."""
     from lm import load_anchor
 
     anchor = load_anchor(anchor_name, dtype=torch.float32)
     codec = HFCodec(anchor.tokenizer, int(anchor.config.vocab_size), anchor.config.bos_token_id)
-    runner = LmRunner(anchor, n_slots, max_seq_len, memory_layers, codec, memory_impl)
+    runner = LmRunner(anchor, n_slots, max_seq_len, memory_layers, codec, dtype=dtype)
     return anchor, codec, runner

@@ -141,8 +141,8 @@ def build_components(settings: ModelServerSettings) -> Components:
         bank = Bank.open(settings.bank)
         log.info("bank %s from %s", bank.bank_id[:12], bank.dir)
     anchor, codec, runner = load_codec_and_runner(
-        settings.anchor, n_slots=2 * settings.max_batch, max_seq_len=settings.max_seq_len,
-        memory_layers=bank.spec.memory_layers if bank is not None else None, memory_impl=settings.memory_impl)
+        settings.anchor, n_slots=settings.max_batch, max_seq_len=settings.max_seq_len,
+        memory_layers=bank.spec.memory_layers if bank is not None else None, dtype=settings.dtype)
     closers: list[Callable[[], Any]] = []
     resolver, bank_id, ready_check = None, None, (lambda: (True, "ok"))
     embed = None

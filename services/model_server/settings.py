@@ -69,11 +69,9 @@ class ModelServerSettings(BaseSettings):
     admit_group: int = Field(2, ge=1)
     """Subtree scheduler: while the batch runs, admit only when this many rows are free (or fewer wait), so
     the admitted requests are chosen to share memory with each other too."""
-    memory_impl: Literal["slots", "nodes", "grouped"] = "slots"
-    """How the decode batch's memories are computed: `slots` (SlotMemory: blocks stay in per-rank slot
-    buffers across batch compositions, two bmm per rank and layer), `nodes` (NodeMemory: no copy, one
-    matmul per distinct node) or `grouped` (lm.MemoryBatch: every distinct block copied at each rebuild).
-    bench/serve.py compares them."""
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    """Compute dtype of the anchor, its KV cache and the memory slots: `auto` times a matmul in both at
+    start-up and takes bfloat16 only where it is clearly faster on this CPU (logged as `compute dtype`)."""
     prefill_chunk: int = Field(256, ge=1)
     """Prompt tokens prefilled per engine step, so running sequences never stall for a whole prompt."""
     max_seq_len: int = Field(2048, ge=8)

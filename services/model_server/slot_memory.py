@@ -1,143 +1,221 @@
-"""Batch memory in slots that persist across batch compositions (the LoRA-slot idea of vLLM / LoRAX).
+"""The serving path of FFN-memories: blocks in slots that persist across batch compositions, rows that point
+at them through an index (the LoRA-slot design of vLLM's LoRA manager and LoRAX), used by prefill and
+decode alike.
 
-Blocks of equal rank r share a pool: per-layer buffers GU (L, S, 2r, d) and Dt (L, S, r, d) whose first
-`n` slots hold the blocks of the current batch. A block is copied into a slot once, when it enters the
-batch, and stays there while rows use it; a rebuild after a join or leave copies only the blocks that
-entered (plus the few moved to keep the slots compact), where `lm.MemoryBatch.build` copies every distinct
-block. Each decode step is then two `bmm`s per pool and layer, reading each distinct block once.
+Storage. Blocks of equal rank r share a pool: per-layer buffers GU (L, S, 2r, d) = [gate rows; up rows] and
+Dt (L, S, r, d) = M_down transposed, in the compute dtype. `SlotPools.sync(blocks)` makes the pools hold
+exactly the blocks of every row the engine has admitted (decoding or prefilling): a block is copied into a
+slot once, when its first row is admitted, and stays while any row uses it; a block whose last row left
+gives its slot to the block in the pool's last slot (so slots stay 0..n-1). Nothing else is ever copied.
 
-Semantics, for memory layer j and input h (B, T, d); pool P with blocks in slots 0..n-1:
+Index. `SlotPools.memory_for(rows)` returns the `SlotMemory` of one forward (a prefill chunk of one row, or
+the decode step of the batch): for every pool, which rows use which slot. It is index tensors only
+(microseconds), rebuilt whenever the rows or the slots change.
 
-    for each slot s: R_s = rows that use the block in slot s      (padded to m = max |R_s| with a zero row)
-    x = h[R]                                  # (n, m*T, d)
-    a = bmm(x, GU[j, :n].T)                   # (n, m*T, 2r)
-    y = bmm(silu(a[..., :r]) * a[..., r:], Dt[j, :n])              # (n, m*T, d)
-    out[R_s] += y[s]                          # padding dropped
+Compute, for memory layer j and input h (B, T, d), per pool with used slots U:
+
+    batched (U spans slots lo..hi-1 with few gaps: the decode batch):
+        R_s = rows that use slot s, padded to m = max |R_s| with a zero row
+        x = h[R]                                       # (n, m*T, d), n = hi - lo
+        a = bmm(x, GU[j, lo:hi].T)                     # (n, m*T, 2r)   one matmul per pool and layer
+        y = bmm(silu(a[..., :r]) * a[..., r:], Dt[j, lo:hi])           # (n, m*T, d)
+        out[R_s] += y[s]                               # padding dropped
+    per slot (few slots far apart: a prefill's own 1-3 blocks among the batch's):
+        for s in U:  out[R_s] += (silu(x GU[j,s]ᵀ[:, :r]) * x GU[j,s]ᵀ[:, r:]) Dt[j, s]   with x = h[R_s]
+
+Both read every used block once per forward (views of the pool, never copies), whatever the number of rows
+sharing it. bench/decode.py measures the cost per step against the memory-bandwidth floor; docs/model_server.md
+records why this replaced the other strategies.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Hashable, Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 
 class _Pool:
-    """Slots for the blocks of one rank r; slots 0..n-1 are in use."""
+    """Slots for the blocks of one rank r; slots 0..n-1 are in use, `keys[s]` names the block in slot s."""
 
     def __init__(self, n_layers: int, r: int, d: int, dtype: torch.dtype, capacity: int = 4) -> None:
         self.r, self.d, self.dtype = r, d, dtype
         self.gu = torch.empty(n_layers, capacity, 2 * r, d, dtype=dtype)  # (L, S, 2r, d)
         self.dt = torch.empty(n_layers, capacity, r, d, dtype=dtype)  # (L, S, r, d)
-        self.held: list[torch.Tensor] = []  # block in slot s (kept alive: its id() names the slot)
-        self.copies = 0  # blocks copied in, for tests and stats
+        self.keys: list[Hashable] = []
+        self.copies = 0  # blocks copied in (tests, stats)
 
-    def slot_of(self) -> dict[int, int]:
-        return {id(b): s for s, b in enumerate(self.held)}
-
-    def sync(self, wanted: list[torch.Tensor]) -> None:
-        """Make slots 0..len(wanted)-1 hold exactly `wanted` (in any order), copying as little as possible."""
-        keep = {id(b) for b in wanted}
+    def sync(self, wanted: Mapping[Hashable, torch.Tensor]) -> None:
+        """Make slots 0..len(wanted)-1 hold exactly `wanted` (in any order), copying only what entered."""
         s = 0
-        while s < len(self.held):  # drop unused blocks, moving the last slot into the hole
-            if id(self.held[s]) in keep:
+        while s < len(self.keys):  # drop blocks no row uses, moving the last slot into the hole
+            if self.keys[s] in wanted:
                 s += 1
                 continue
-            last = len(self.held) - 1
+            last = len(self.keys) - 1
             if s != last:
                 self.gu[:, s] = self.gu[:, last]
                 self.dt[:, s] = self.dt[:, last]
-                self.held[s] = self.held[last]
-            self.held.pop()
-        have = {id(b) for b in self.held}
-        new = [b for b in wanted if id(b) not in have]
-        need = len(self.held) + len(new)
-        if need > self.gu.shape[1]:
-            self._grow(max(need, 2 * self.gu.shape[1]))
-        for b in new:
-            s = len(self.held)
+                self.keys[s] = self.keys[last]
+            self.keys.pop()
+        have = set(self.keys)
+        new = [k for k in wanted if k not in have]
+        if len(self.keys) + len(new) > self.gu.shape[1]:
+            self._grow(max(len(self.keys) + len(new), 2 * self.gu.shape[1]))
+        for key in new:
+            b = wanted[key]  # (L, 3, r, d)
+            s = len(self.keys)
             self.gu[:, s] = b[:, :2].reshape(b.shape[0], 2 * self.r, self.d)
             self.dt[:, s] = b[:, 2]
-            self.held.append(b)
+            self.keys.append(key)
             self.copies += 1
 
     def _grow(self, capacity: int) -> None:
-        n = len(self.held)
+        n = len(self.keys)
         gu = torch.empty(self.gu.shape[0], capacity, 2 * self.r, self.d, dtype=self.dtype)
         dt = torch.empty(self.dt.shape[0], capacity, self.r, self.d, dtype=self.dtype)
         gu[:, :n], dt[:, :n] = self.gu[:, :n], self.dt[:, :n]
         self.gu, self.dt = gu, dt
 
+    @property
+    def nbytes(self) -> int:
+        return self.gu.nbytes + self.dt.nbytes
+
 
 class SlotPools:
-    """The pools of one engine; `build` returns the batch memory for `Transformer.forward`."""
+    """The pools of one model runner: `sync` the blocks of the admitted rows, then `memory_for` each forward."""
 
     def __init__(self, layers: Sequence[int], dtype: torch.dtype = torch.float32) -> None:
         self.layers = [int(x) for x in layers]
         self.dtype = dtype
         self.pools: dict[int, _Pool] = {}
+        self.version = 0  # bumped by every sync that changed a slot: plans made before are stale
 
-    def build(self, blocks: Sequence[torch.Tensor], row_blocks: Sequence[Sequence[int]]) -> SlotMemory:
-        blocks = [b if b.dtype == self.dtype else b.to(self.dtype) for b in blocks]
-        used = sorted({k for ks in row_blocks for k in ks})
-        by_rank: dict[int, list[torch.Tensor]] = {}
-        for k in used:
-            by_rank.setdefault(int(blocks[k].shape[2]), []).append(blocks[k])
-        for r, idle in list(self.pools.items()):
+    def sync(self, blocks: Mapping[Hashable, torch.Tensor]) -> None:
+        """Hold exactly `blocks` (key -> (L_mem, 3, r, d)), each in a slot of the pool of its rank."""
+        by_rank: dict[int, dict[Hashable, torch.Tensor]] = {}
+        for key, b in blocks.items():
+            if b.dim() != 4 or b.shape[0] != len(self.layers) or b.shape[1] != 3:
+                raise ValueError(f"block {key!r} has shape {tuple(b.shape)}, expected ({len(self.layers)}, 3, r, d)")
+            by_rank.setdefault(int(b.shape[2]), {})[key] = b if b.dtype == self.dtype else b.to(self.dtype)
+        before = {r: list(p.keys) for r, p in self.pools.items()}
+        for r, pool in self.pools.items():
             if r not in by_rank:
-                idle.sync([])  # release references; buffers stay for the next batch
-        plans = []
+                pool.sync({})  # buffers stay allocated for the next batch
         for r, wanted in by_rank.items():
-            b0 = wanted[0]
-            pool = self.pools.get(r)
-            if pool is None:
-                pool = self.pools[r] = _Pool(b0.shape[0], r, b0.shape[3], self.dtype)
-            pool.sync(wanted)
-            slot = pool.slot_of()
-            rows_of: list[list[int]] = [[] for _ in range(len(pool.held))]
-            for b, ks in enumerate(row_blocks):
-                for k in ks:
-                    if int(blocks[k].shape[2]) == r:
-                        rows_of[slot[id(blocks[k])]].append(b)
-            plans.append((pool, len(pool.held), rows_of))
-        return SlotMemory(len(row_blocks), self.layers, plans)
+            if r not in self.pools:
+                b0 = next(iter(wanted.values()))
+                self.pools[r] = _Pool(b0.shape[0], r, b0.shape[3], self.dtype)
+            self.pools[r].sync(wanted)
+        if {r: p.keys for r, p in self.pools.items()} != before:
+            self.version += 1
+
+    def memory_for(self, rows: Sequence[Sequence[Hashable]]) -> SlotMemory | None:
+        """The memory of one forward whose row b uses the blocks named `rows[b]` (all held: see `sync`);
+        None when no row has a block."""
+        plans = []
+        for pool in self.pools.values():
+            slot_of = {k: s for s, k in enumerate(pool.keys)}
+            users: dict[int, list[int]] = {}
+            for b, keys in enumerate(rows):
+                for key in keys:
+                    s = slot_of.get(key)
+                    if s is not None:
+                        users.setdefault(s, []).append(b)
+            if users:
+                plans.append(_plan(pool, users, len(rows)))
+        missing = {k for keys in rows for k in keys} - {k for p in self.pools.values() for k in p.keys}
+        if missing:
+            raise KeyError(f"blocks not synced into the slots: {sorted(map(repr, missing))[:3]}")
+        return SlotMemory(len(rows), self.layers, plans, self.version) if plans else None
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of every pool's buffers (resident; they grow to the largest batch's distinct blocks)."""
+        return sum(p.nbytes for p in self.pools.values())
+
+    @property
+    def copies(self) -> int:
+        return sum(p.copies for p in self.pools.values())
+
+
+@dataclass
+class _Batched:
+    pool: _Pool
+    lo: int
+    hi: int  # slots lo..hi-1, one bmm
+    m: int  # rows per slot after padding
+    gather: torch.Tensor  # (n*m,) row per (slot, position); padding -> the zero row B
+    valid: torch.Tensor  # positions of real rows in the flat layout
+    targets: torch.Tensor  # their rows
+
+
+@dataclass
+class _PerSlot:
+    pool: _Pool
+    slots: list[tuple[int, torch.Tensor | None]]  # (slot, rows using it; None = every row 0..B-1)
+
+
+def _plan(pool: _Pool, users: dict[int, list[int]], n_rows: int) -> _Batched | _PerSlot:
+    lo, hi = min(users), max(users) + 1
+    if hi - lo - len(users) > max(1, len(users) // 4):  # too many unused slots in between: one matmul each
+        every = list(range(n_rows))
+        return _PerSlot(pool, [(s, None if rows == every else torch.tensor(rows, dtype=torch.long))
+                               for s, rows in sorted(users.items())])
+    m = max(len(rows) for rows in users.values())
+    gather = torch.full((hi - lo, m), n_rows, dtype=torch.long)
+    for s, rows in users.items():
+        gather[s - lo, :len(rows)] = torch.tensor(rows, dtype=torch.long)
+    flat = gather.reshape(-1)
+    valid = (flat < n_rows).nonzero().reshape(-1)
+    return _Batched(pool, lo, hi, m, flat, valid, flat[valid])
 
 
 class SlotMemory:
-    """Duck-types `lm.MemoryBatch` for `Transformer.forward`: `n_rows`, `ffn_delta(layer, h)`."""
+    """One forward's memories (`lm.model.FFNMemory`): `n_rows`, `ffn_delta(layer, h)`."""
 
-    def __init__(self, n_rows: int, layers: list[int], plans: list[tuple[_Pool, int, list[list[int]]]]) -> None:
+    def __init__(self, n_rows: int, layers: list[int], plans: list[_Batched | _PerSlot], version: int) -> None:
         self.n_rows = n_rows
+        self.version = version
         self._layer_pos = {layer: j for j, layer in enumerate(layers)}
-        self._plans = []
-        self.distinct_nbytes = 0
-        for pool, n, rows_of in plans:
-            m = max(len(rows) for rows in rows_of)
-            # gather (n, m): row index per (slot, position), padding -> the zero row n_rows
-            gather = torch.full((n, m), n_rows, dtype=torch.long)
-            for s, rows in enumerate(rows_of):
-                gather[s, :len(rows)] = torch.tensor(rows, dtype=torch.long)
-            flat = gather.reshape(-1)
-            valid = (flat < n_rows).nonzero().reshape(-1)  # positions of real rows in the flat layout
-            self._plans.append((pool, n, m, flat, valid, flat[valid]))
-            self.distinct_nbytes += n * (pool.gu[0, 0].numel() + pool.dt[0, 0].numel()) * pool.gu.element_size() \
-                * pool.gu.shape[0]
+        self._plans = plans
+        self.distinct_nbytes = 0  # bytes of the blocks one forward reads
+        for p in plans:
+            per_slot = (p.pool.gu[0, 0].numel() + p.pool.dt[0, 0].numel()) * p.pool.gu.element_size() \
+                * p.pool.gu.shape[0]
+            self.distinct_nbytes += per_slot * (p.hi - p.lo if isinstance(p, _Batched) else len(p.slots))
 
     def ffn_delta(self, layer: int, h: torch.Tensor) -> torch.Tensor | None:
         j = self._layer_pos.get(layer)
-        if j is None or not self._plans:
+        if j is None:
             return None
         B, T, d = h.shape
-        hz = torch.cat([h, h.new_zeros(1, T, d)])  # (B+1, T, d): row B is the padding row
         out = torch.zeros_like(h)
-        for pool, n, m, flat, valid, targets in self._plans:
-            x = hz.index_select(0, flat).reshape(n, m * T, d)  # (n, m*T, d)
-            a = torch.bmm(x, pool.gu[j, :n].transpose(1, 2))  # (n, m*T, 2r)
-            r = pool.r
-            y = torch.bmm(F.silu(a[..., :r]) * a[..., r:], pool.dt[j, :n])  # (n, m*T, d)
-            y = y.reshape(n * m, T, d)
-            if valid.numel() != n * m:
-                y = y.index_select(0, valid)
-            out.index_add_(0, targets, y)
+        hz = None
+        for p in self._plans:
+            r = p.pool.r
+            if isinstance(p, _PerSlot):
+                for s, rows in p.slots:
+                    x = h if rows is None else h.index_select(0, rows)  # (m, T, d)
+                    a = x @ p.pool.gu[j, s].T  # (m, T, 2r)
+                    y = (F.silu(a[..., :r]) * a[..., r:]) @ p.pool.dt[j, s]  # (m, T, d)
+                    if rows is None:
+                        out.add_(y)
+                    else:
+                        out.index_add_(0, rows, y)
+                continue
+            if hz is None:
+                hz = torch.cat([h, h.new_zeros(1, T, d)])  # (B+1, T, d): row B is the padding row
+            n = p.hi - p.lo
+            x = hz.index_select(0, p.gather).reshape(n, p.m * T, d)  # (n, m*T, d)
+            a = torch.bmm(x, p.pool.gu[j, p.lo:p.hi].transpose(1, 2))  # (n, m*T, 2r)
+            y = torch.bmm(F.silu(a[..., :r]) * a[..., r:], p.pool.dt[j, p.lo:p.hi]).reshape(n * p.m, T, d)
+            if p.valid.numel() != n * p.m:
+                y = y.index_select(0, p.valid)
+            out.index_add_(0, p.targets, y)
         return out
+
+
+__all__ = ["SlotMemory", "SlotPools"]

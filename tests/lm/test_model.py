@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 
-from lm.memory import STRATEGIES, MemoryBatch
+from lm.memory import MemoryBatch
 from lm.model import ModelConfig, Transformer
 from lm.weights import _to_state_dict
 from tests.lm.conftest import random_block, rel_err, tiny_model
@@ -52,8 +52,8 @@ def _wide_anchor(model: Transformer, blocks: list[torch.Tensor], layers: list[in
         else:
             g = u = torch.randn(r, cfg.d_model)
             dt = torch.zeros(r, cfg.d_model)
-        sd[p + "gate_proj.weight"] = torch.cat([sd[p + "gate_proj.weight"], g])
-        sd[p + "up_proj.weight"] = torch.cat([sd[p + "up_proj.weight"], u])
+        gate, up = sd[p + "gate_up_proj.weight"].chunk(2)
+        sd[p + "gate_up_proj.weight"] = torch.cat([gate, g, up, u])
         sd[p + "down_proj.weight"] = torch.cat([sd[p + "down_proj.weight"], dt.T], dim=1)
     wide.load_state_dict(sd)
     return wide
@@ -82,32 +82,29 @@ def test_zero_down_leaves_logits_unchanged(model):
         assert torch.equal(model(ids, memory=MemoryBatch.build([blk], [[0], [0]], [0, 1, 2])), model(ids))
 
 
-@pytest.mark.parametrize("strategy", STRATEGIES)
-def test_batch_of_different_memories_equals_each_row_alone(model, strategy):
+def test_batch_of_different_memories_equals_each_row_alone(model):
     d = model.config.d_model
     layers = [0, 1, 2]
     # a small tree: two level-1 nodes (r=8), three level-2 nodes (r=4), four level-3 nodes (r=2)
     blocks = [random_block(3, r, d, seed=10 + i) for i, r in enumerate((8, 8, 4, 4, 4, 2, 2, 2, 2))]
     row_blocks = [[0, 2, 5], [0, 2, 6], [0, 3, 7], [1, 4, 8], [], [1], [0, 2]]  # shared, single, none, short
     ids = torch.randint(0, 128, (len(row_blocks), 6))
-    mb = MemoryBatch.build(blocks, row_blocks, layers, strategy=strategy)
+    mb = MemoryBatch.build(blocks, row_blocks, layers)
     assert mb.row_units == [14, 14, 14, 14, 0, 8, 12]
     with torch.no_grad():
         batched = model(ids, memory=mb)
         for b, ks in enumerate(row_blocks):
             alone = model(ids[b:b + 1], memory=MemoryBatch.build([blocks[k] for k in ks], [list(range(len(ks)))],
                                                                  layers))
-            assert rel_err(batched[b:b + 1], alone) <= 1e-5, (b, strategy)
+            assert rel_err(batched[b:b + 1], alone) <= 1e-5, b
 
 
 def test_shared_blocks_are_prepared_once():
     d, layers = 16, [0]
     blocks = [random_block(1, r, d, seed=i) for i, r in enumerate((8, 4, 4))]
     grouped = MemoryBatch.build(blocks, [[0, 1], [0, 2], [0, 1]], layers)
-    per_row = MemoryBatch.build(blocks, [[0, 1], [0, 2], [0, 1]], layers, strategy="per_row")
-    assert grouped.distinct_params == per_row.distinct_params == 16 * 3 * d
+    assert grouped.distinct_params == 16 * 3 * d
     assert grouped.prepared_nbytes == grouped.distinct_nbytes  # each distinct block stored once
-    assert per_row.prepared_nbytes == 3 * 12 * 3 * d * 4  # three rows of 12 units
 
 
 def test_memory_rejects_mismatched_shapes(model):
@@ -197,26 +194,6 @@ def test_tiny_random_model_is_deterministic():
     a, b = tiny_model(seed=3), tiny_model(seed=3)
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
     assert a.lm_head.weight is a.model.embed_tokens.weight  # tied
-
-
-def test_rowset_classes_follow_the_tree_and_waste_no_flops(model):
-    """Rows 0-1 share a level-1 node, rows 2-3 have private paths of equal width: the rowsets strategy
-    makes one class per row set, none masked, and still equals each row alone."""
-    d, layers = model.config.d_model, [0, 1, 2]
-    blocks = [random_block(3, r, d, seed=40 + i) for i, r in enumerate((8, 4, 4, 8, 4, 8, 4))]
-    row_blocks = [[0, 1], [0, 2], [3, 4], [5, 6]]
-    mb = MemoryBatch.build(blocks, row_blocks, layers, strategy="rowsets")
-    shapes = sorted((tuple(g.rows.shape), g.units, g.mask is None) for g in mb._groups)
-    assert shapes == [((1, 2), 8, True), ((2, 1), 4, True), ((2, 1), 12, True)]
-    ids = torch.randint(0, 128, (4, 3))
-    private = MemoryBatch.build(blocks, row_blocks[2:], layers)  # one bmm over both rows, no gather
-    assert private._direct and len(private._groups) == 1
-    with torch.no_grad():
-        batched = model(ids, memory=mb)
-        assert rel_err(model(ids[2:], memory=private), batched[2:]) <= 1e-5
-        for b, ks in enumerate(row_blocks):
-            alone = MemoryBatch.build([blocks[k] for k in ks], [list(range(len(ks)))], layers)
-            assert rel_err(batched[b:b + 1], model(ids[b:b + 1], memory=alone)) <= 1e-5
 
 
 def test_grouped_masks_small_subtrees_and_splits_large_ones():

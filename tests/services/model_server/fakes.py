@@ -43,13 +43,17 @@ class FakeRunner:
         self.lengths: dict[int, int] = {}
         self.decode_batches: list[int] = []
         self.prefill_calls: list[tuple[int, int]] = []
-        self.built: list[tuple[int, list[list[int]]]] = []
+        self.blocks: dict = {}  # what set_blocks holds
+        self.synced: list[set] = []  # the keys of every set_blocks call
+        self.decoded_rows: list[list[tuple]] = []  # each decode step's rows (their block keys)
         self.eos_after: int | None = None  # emit EOS after this many tokens of a row
 
-    def build_memory(self, blocks: Sequence[torch.Tensor], row_blocks: Sequence[Sequence[int]]):
-        self.built.append((len(blocks), [list(r) for r in row_blocks]))
-        shifts = [int(sum(float(blocks[i].reshape(-1)[0]) for i in row)) for row in row_blocks]
-        return shifts
+    def set_blocks(self, blocks) -> None:
+        self.blocks = dict(blocks)
+        self.synced.append(set(blocks))
+
+    def _shift(self, keys) -> int:
+        return int(sum(float(self.blocks[k].reshape(-1)[0]) for k in keys))
 
     def _logits(self, last: int, shift: int, n_generated: int) -> torch.Tensor:
         out = torch.zeros(VOCAB)
@@ -59,26 +63,27 @@ class FakeRunner:
         out[ord("a") + (last + 1 + shift) % 26] = 10.0
         return out
 
-    def prefill(self, slot: int, ids: Sequence[int], start: int, memory) -> torch.Tensor:
+    def prefill(self, slot: int, ids: Sequence[int], start: int, keys) -> torch.Tensor:
         assert self.lengths.get(slot, 0) == start, "prefill chunks must follow each other"
         self.prefill_calls.append((slot, len(ids)))
         self.lengths[slot] = start + len(ids)
-        shift = memory[0] if memory else 0
+        shift = self._shift(keys)
         self._gen = getattr(self, "_gen", {})
         self._gen[slot] = 0
         return self._logits(ids[-1], shift, 0)
 
-    def decode(self, slots: Sequence[int], tokens: Sequence[int], memory) -> torch.Tensor:
+    def decode(self, slots: Sequence[int], tokens: Sequence[int], rows) -> torch.Tensor:
         if self.step_delay:
             threading.Event().wait(self.step_delay)
         self.decode_batches.append(len(slots))
-        rows = []
+        self.decoded_rows.append([tuple(r) for r in rows])
+        out = []
         for i, (slot, tok) in enumerate(zip(slots, tokens, strict=True)):
             assert slot in self.lengths, "decode of a slot that was never prefilled"
             self.lengths[slot] += 1
             self._gen[slot] += 1
-            rows.append(self._logits(tok, memory[i] if memory else 0, self._gen[slot]))
-        return torch.stack(rows)
+            out.append(self._logits(tok, self._shift(rows[i]), self._gen[slot]))
+        return torch.stack(out)
 
     def release(self, slot: int) -> None:
         self.lengths.pop(slot, None)

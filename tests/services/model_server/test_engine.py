@@ -62,8 +62,8 @@ def engine_factory():
 
 
 def test_rows_join_and_leave_between_steps(engine_factory):
-    runner = FakeRunner(n_slots=8, step_delay=0.01)
-    eng = engine_factory(runner, max_rows=4)
+    runner = FakeRunner(n_slots=4, step_delay=0.01)
+    eng = engine_factory(runner)
     long_req, long_sink = _req("hello world prompt", n=60)
     eng.submit(long_req)
     eng.start()
@@ -72,31 +72,21 @@ def test_rows_join_and_leave_between_steps(engine_factory):
     eng.submit(short_req)
     assert short_sink.done.wait(5)
     assert not long_sink.done.is_set()  # the short one was answered while the long one runs
-    assert eng.snapshot()["zombies"] == 1  # ... and stays in the batch until a join rebuilds it
     third, third_sink = _req("y", n=3)
     eng.submit(third)
     assert third_sink.done.wait(5) and long_sink.done.wait(5)
     assert len(short_sink.text) == 3 and len(long_sink.text) == 60 and len(third_sink.text) == 3
-    assert max(runner.decode_batches) == 2  # the zombie was dropped when the third row joined
+    assert max(runner.decode_batches) == 2 and runner.decode_batches[-1] == 1  # joined, then left at once
     # the 18-token prompt was prefilled in chunks of 4 while nothing else ran
     assert [n for s, n in runner.prefill_calls][:5] == [4, 4, 4, 4, 2]
-    assert _wait_free(eng, 8) and eng.stats.completed == 3
+    assert _wait_free(eng, 4) and eng.stats.completed == 3
     assert not runner.lengths  # every KV slot released
 
 
-def test_rows_leave_at_once_when_rebuilds_are_cheap(engine_factory):
-    runner = FakeRunner(n_slots=8, step_delay=0.01)
-    runner.rebuild_copies = False
-    eng = engine_factory(runner, max_rows=4)
-    long_req, long_sink = _req("hello", n=60)
-    eng.submit(long_req)
-    eng.start()
-    time.sleep(0.1)
-    short_req, short_sink = _req("x", n=3)
-    eng.submit(short_req)
-    assert short_sink.done.wait(5) and long_sink.done.wait(5)
-    assert max(runner.decode_batches) == 2 and runner.decode_batches[-1] == 1  # joined, then left at once
-    assert _wait_free(eng, 8)
+def test_one_kv_slot_per_row(engine_factory):
+    """max_rows never exceeds the runner's KV slots (there is no spare slot for finished rows any more)."""
+    eng = engine_factory(FakeRunner(n_slots=2), max_rows=8)
+    assert eng.max_rows == 2
 
 
 def test_shared_nodes_are_one_block_in_the_batch(engine_factory):
@@ -108,9 +98,30 @@ def test_shared_nodes_are_one_block_in_the_batch(engine_factory):
     eng.start()
     for _, sink in reqs:
         assert sink.done.wait(5)
-    n_blocks, rows = max(runner.built, key=lambda b: len(b[1]))
-    assert len(rows) == 4 and n_blocks == 3  # L1 once + two distinct level-2 blocks
-    assert len({tuple(r) for r in rows}) == 2
+    assert max(len(s) for s in runner.synced) == 3  # L1 once + two distinct level-2 blocks
+    widest = max(runner.decoded_rows, key=len)
+    assert len(widest) == 4 and len(set(widest)) == 2
+    deadline = time.monotonic() + 2
+    while runner.synced[-1] and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert runner.synced[-1] == set()  # when every row has left, no block is held
+
+
+def test_blocks_of_admitted_rows_are_held_until_they_leave(engine_factory):
+    """set_blocks holds the union of the blocks of every admitted row: a prefilling row's blocks join
+    the decoding rows' ones, and a finished row's private block goes at the next sync."""
+    runner = FakeRunner(n_slots=4, step_delay=0.01)
+    eng = engine_factory(runner)
+    long_req, long_sink = _req("p", n=40, keys=("L1", "L2-long"))
+    eng.submit(long_req)
+    eng.start()
+    time.sleep(0.1)
+    short_req, short_sink = _req("q", n=2, keys=("L1", "L2-short"))
+    eng.submit(short_req)
+    assert short_sink.done.wait(5) and long_sink.done.wait(5)
+    assert {"L1", "L2-long", "L2-short"} in runner.synced
+    after = runner.synced[runner.synced.index({"L1", "L2-long", "L2-short"}) + 1]
+    assert after == {"L1", "L2-long"}
 
 
 def test_cancel_frees_slot(engine_factory):

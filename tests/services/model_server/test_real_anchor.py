@@ -38,7 +38,10 @@ def bank_dir(anchor, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def client(bank_dir):
-    settings = ModelServerSettings(anchor="tiny", bank=bank_dir, max_batch=4, max_seq_len=128, prefill_chunk=3)
+    # float32: outputs are compared with lm.generate's float32 reference token for token (the bfloat16 path
+    # has its own agreement test, tests/lm/test_fast.py)
+    settings = ModelServerSettings(anchor="tiny", bank=bank_dir, max_batch=4, max_seq_len=128, prefill_chunk=3,
+                                   dtype="float32")
     with TestClient(create_app(settings)) as c:
         yield c
 
@@ -103,76 +106,56 @@ def test_bank_for_another_anchor_is_refused(anchor, tmp_path):
         create_app(ModelServerSettings(anchor="tiny", bank=other, max_seq_len=64))
 
 
-def test_node_memory_matches_memory_batch(bank_dir):
-    import torch
-
-    from services.model_server.node_memory import NodeMemory
-
-    bank = Bank.open(bank_dir)
-    refs = path_refs([1, 5]) + path_refs([1, 6])[1:] + path_refs([3, 12])
-    blocks = [bank.read_block(r).float() for r in refs]  # 0: 1:1, 1: 2:5, 2: 2:6, 3: 1:3, 4: 2:12
-    rows = [[0, 1], [0, 2], [], [3, 4], [0, 1]]
-    h = torch.randn(len(rows), 3, bank.spec.d_model, generator=torch.Generator().manual_seed(0))
-    want = MemoryBatch.build(blocks, rows, bank.spec.memory_layers)
-    got = NodeMemory(blocks, rows, bank.spec.memory_layers)
-    for layer in bank.spec.memory_layers:
-        torch.testing.assert_close(got.ffn_delta(layer, h), want.ffn_delta(layer, h), rtol=1e-4, atol=1e-4)
-    assert got.ffn_delta(99, h) is None
-    assert got.distinct_nbytes == sum(b.numel() * 4 for b in blocks)
-
-
-@pytest.mark.parametrize("impl", ["grouped", "nodes"])
-def test_other_memory_impls_serve_the_same_text(bank_dir, client, impl):
-    settings = ModelServerSettings(anchor="tiny", bank=bank_dir, max_batch=4, max_seq_len=128, memory_impl=impl)
-    with TestClient(create_app(settings)) as grouped:
-        for prompt, mem in [(PROMPTS[0], [1, 4]), (PROMPTS[3], "generic")]:
-            assert _complete(grouped, prompt, mem)["choices"][0]["text"] == \
-                _complete(client, prompt, mem)["choices"][0]["text"]
-
-
 def test_slot_memory_matches_memory_batch_across_rebuilds(bank_dir):
     """Pools keep blocks across compositions (rows join and leave), copy only newcomers, and compute what
-    MemoryBatch computes for every composition."""
+    MemoryBatch computes for every composition: for the whole batch (one bmm per pool, with gaps) and for
+    any subset of its rows, such as one prefilling row whose blocks sit far apart (one matmul per slot)."""
     import torch
 
-    from services.model_server.slot_memory import SlotPools
+    from services.model_server.slot_memory import SlotPools, _Batched, _PerSlot
 
     bank = Bank.open(bank_dir)
-    cache = {}
+    generic = bank.generic_block().float()
 
-    def blk(ref):
-        if ref not in cache:
-            cache[ref] = bank.read_block(ref).float()
-        return cache[ref]
+    def items(path):
+        if path is None:
+            return []
+        if path == "generic":
+            return [("g", generic)]
+        return [(ref, bank.read_block(ref).float()) for ref in path_refs(path)]
 
     pools = SlotPools(bank.spec.memory_layers)
-    generic = bank.generic_block().float()
     compositions = [
         [[1, 5], [1, 6], None, [3, 12]],
         [[1, 5], [3, 12], [1, 5], [0, 1], [2, 9], [2, 10], "generic"],  # growth past 4 slots, shared rows
         [[0, 1], [1, 5]],  # rows left: slots compacted
-        [[0, 2], [0, 1], [3, 13]],
+        [[0, 2], [0, 1], [3, 13], [2, 9], [1, 6], [3, 14]],
     ]
-    copies_before = 0
+    kinds = set()
     for comp in compositions:
-        blocks, index, rows = [], {}, []
-        for path in comp:
-            ks = []
-            items = [] if path is None else [("g", generic)] if path == "generic" else \
-                [(ref, blk(ref)) for ref in path_refs(path)]
-            for key, b in items:
-                if key not in index:
-                    index[key] = len(blocks)
-                    blocks.append(b)
-                ks.append(index[key])
-            rows.append(ks)
-        got = pools.build(blocks, rows)
-        want = MemoryBatch.build(blocks, rows, bank.spec.memory_layers)
-        h = torch.randn(len(rows), 2, bank.spec.d_model, generator=torch.Generator().manual_seed(len(rows)))
-        for layer in bank.spec.memory_layers:
-            torch.testing.assert_close(got.ffn_delta(layer, h), want.ffn_delta(layer, h), rtol=1e-4, atol=1e-4)
-        copies = sum(p.copies for p in pools.pools.values())
-        assert copies - copies_before <= len(blocks)
-        copies_before = copies
-    # 5 blocks, then 6 newcomers (1:0 2:1 1:2 2:9 2:10 generic), none, then 2:2 1:3 2:13 (1:3 had left)
-    assert copies_before == 5 + 6 + 0 + 3
+        rows_items = [items(path) for path in comp]
+        held = {k: b for its in rows_items for k, b in its}
+        copies_before, version_before = pools.copies, pools.version
+        pools.sync(held)
+        assert pools.copies - copies_before <= len(held) and pools.version > version_before
+        for subset in (list(range(len(comp))), [len(comp) - 1], [0, len(comp) - 1]):
+            sub = [rows_items[b] for b in subset]
+            got = pools.memory_for([[k for k, _ in its] for its in sub])
+            if not any(sub):
+                assert got is None
+                continue
+            kinds |= {type(p) for p in got._plans}
+            blocks = list({id(b): b for its in sub for _, b in its}.values())
+            index = {id(b): i for i, b in enumerate(blocks)}
+            want = MemoryBatch.build(blocks, [[index[id(b)] for _, b in its] for its in sub],
+                                     bank.spec.memory_layers)
+            h = torch.randn(len(sub), 2, bank.spec.d_model, generator=torch.Generator().manual_seed(len(sub)))
+            for layer in bank.spec.memory_layers:
+                torch.testing.assert_close(got.ffn_delta(layer, h), want.ffn_delta(layer, h), rtol=1e-4, atol=1e-4)
+            assert got.ffn_delta(99, h) is None
+    assert kinds == {_Batched, _PerSlot}  # both loop shapes were exercised
+    pools.sync({})
+    assert all(not p.keys for p in pools.pools.values())
+    with pytest.raises(KeyError, match="not synced"):
+        pools.memory_for([[path_refs([1, 5])[0]]])
+
