@@ -82,9 +82,6 @@ class TrainConfig:
     """use at most this many documents (0 = all)"""
     progress: bool = True
 
-    def first_memory_layer(self) -> int:
-        return min(self.memory_layers) if self.memory_layers else -1
-
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
 

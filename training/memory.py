@@ -69,17 +69,5 @@ class MemoryBank(nn.Module):
     def key(level: int, index: int) -> str:
         return f"{level}_{index}"
 
-    def has(self, level: int, index: int) -> bool:
-        return self.key(level, index) in self.nodes
-
     def block(self, level: int, index: int) -> nn.Parameter:
         return self.nodes[self.key(level, index)]
-
-    def path_blocks(self, path: Sequence[int]) -> list[nn.Parameter]:
-        return [self.block(level, int(i)) for level, i in enumerate(path, start=1)]
-
-    def node_items(self):
-        """(level, index, parameter) for every node held."""
-        for key, p in self.nodes.items():
-            level, index = key.split("_")
-            yield int(level), int(index), p

@@ -79,9 +79,11 @@ def job_hidden_lookup(job_dir: Path, corpus_docs: list[dict]):
         from lm import load_anchor
 
         out = [None] * len(items)
-        if cache is None or len(cache) != len(corpus_docs):
+        job = json.loads((Path(job_dir) / "job.json").read_text())
+        # the cache holds the residual stream entering the job's first memory layer, and no other layer's
+        if cache is None or len(cache) != len(corpus_docs) or layer != min(job["memory_layers"]):
             return out
-        tok = load_anchor(json.loads((Path(job_dir) / "job.json").read_text())["anchor"]).tokenizer
+        tok = load_anchor(job["anchor"]).tokenizer
         for k, it in enumerate(items):
             i = index.get(it.probe.doc_id)
             if i is None:

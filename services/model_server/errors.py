@@ -83,13 +83,5 @@ class MemoryUnavailable(ServerError):
     code = "memory_unavailable"
 
 
-class NotReady(ServerError):
-    """The server is starting or draining (503)."""
-
-    status = 503
-    type = "server_error"
-    code = "not_ready"
-
-
 class BankIdentityMismatch(RuntimeError):
     """At start-up: the bank was built for another anchor than the one loaded."""
