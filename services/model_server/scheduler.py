@@ -23,7 +23,9 @@ of a burst are in arrival order until it grows.
 from __future__ import annotations
 
 from collections.abc import Hashable, Mapping, Sequence
-from typing import Literal, Protocol, TypeVar
+from typing import Any, Literal, Protocol, TypeVar
+
+from .settings import ModelServerSettings
 
 
 class Waiting(Protocol):
@@ -38,11 +40,18 @@ class Waiting(Protocol):
 W = TypeVar("W", bound=Waiting)
 
 
+def _server_default(field: str) -> Any:
+    """The scheduler's defaults are the server's (settings.py): one place for each number."""
+    return ModelServerSettings.model_fields[field].default
+
+
 class Scheduler:
     """Picks which waiting requests join the batch when slots free up."""
 
-    def __init__(self, mode: Literal["subtree", "fifo"] = "subtree", max_wait_s: float = 30.0,
-                 max_skips: int = 16, wait_factor: float = 0.0, admit_group: int = 1) -> None:
+    def __init__(self, mode: Literal["subtree", "fifo"] = _server_default("scheduler"),
+                 max_wait_s: float = _server_default("max_wait_s"), max_skips: int = _server_default("max_skips"),
+                 wait_factor: float = _server_default("wait_factor"),
+                 admit_group: int = _server_default("admit_group")) -> None:
         if mode not in ("subtree", "fifo"):
             raise ValueError(f"unknown scheduler mode {mode!r}")
         self.mode = mode
