@@ -1,7 +1,7 @@
 """Shared plumbing for benchmarks: machine description, memcpy bandwidth, and the results files.
 
 Every benchmark writes `bench/results/<name>.json` (machine, command, raw figures, targets), a Markdown
-table `bench/results/<name>.md`, and optionally PNG plots, as DESIGN.md §8 asks.
+table `bench/results/<name>.md`, and optionally PNG plots, as docs/design.md §8 asks.
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ def machine_info() -> dict[str, Any]:
 
 def memcpy_bandwidth(nbytes: int, n_buffers: int = 4, repeats: int = 5) -> float:
     """Bytes per second of a plain numpy copy of `nbytes`, rotating over `n_buffers` sources so the
-    CPU caches do not help (DESIGN.md §8's "memcpy bandwidth"). Returns the best of `repeats` rounds."""
+    CPU caches do not help (docs/design.md §8's "memcpy bandwidth"). Returns the best of `repeats` rounds."""
     n = max(1, nbytes)
     srcs = [np.ones(n, dtype=np.uint8) for _ in range(n_buffers)]
     dst = np.empty(n, dtype=np.uint8)

@@ -1,7 +1,7 @@
 """Decode speed of SmolLM2 anchor-only vs with hierarchical memory, against the memory-bandwidth floor.
 
-DESIGN.md §8: the extra time per decode step that memory costs must be <= 1.25 x (distinct memory bytes read
-per step / memcpy bandwidth measured in the same run), at batch 1 and batch 16. Per-path memory of the
+docs/design.md §8: the extra time per decode step that memory costs must be <= 1.25 x (distinct memory bytes
+read per step / memcpy bandwidth measured in the same run), at batch 1 and batch 16. Per-path memory of the
 paper's proportion: r = (256, 64, 16) units on all 30 layers (17.4M params, 69.7 MB float32).
 
 Batches:

@@ -1,4 +1,4 @@
-"""Fetch latency and bandwidth of whole paths from bank shard servers on loopback (issue 4, DESIGN.md §8).
+"""Fetch latency and bandwidth of whole paths from bank shard servers on loopback (docs/design.md §8).
 
 Starts one `serve-bank` subprocess per shard of the paper-scale synthetic bank, then measures with the real
 BankClient:

@@ -1,4 +1,4 @@
-"""Routing latency (issue 3, DESIGN.md §8): embed one prompt with all-MiniLM-L6-v2 and descend the
+"""Routing latency (issue 3, docs/design.md §8): embed one prompt with all-MiniLM-L6-v2 and descend the
 paper-scale tree, one prompt at a time as the model server does. Target: p50 <= 25 ms per prompt.
 
     python bench/route.py [--bank DIR] [--prompts 1000]

@@ -18,8 +18,8 @@ memory bytes per decode step, block cache hits/misses; from the clients: tokens/
 p50/p99.
 
 Targets (issue 5, at 16 concurrent clients):
-* memory-on throughput >= 0.85 x what DESIGN §8's decode cost allows for the distinct blocks actually
-  batched: allowed = off_throughput x t_off / (t_off + distinct_bytes_per_step / memcpy_bw), where t_off is
+* memory-on throughput >= 0.85 x what the decode cost of docs/design.md §8 allows for the distinct blocks
+  actually batched: allowed = off_throughput x t_off / (t_off + distinct_bytes_per_step / memcpy_bw), where t_off is
   the anchor-only decode step time measured in the memory-off run;
 * the subtree-aware scheduler reads >= 25% fewer distinct memory bytes per decode step than FIFO on the
   same load, with p99 TTFT no worse than 1.5x FIFO's.

@@ -3,7 +3,7 @@
 Serving keeps blocks in slots across batch compositions instead (services/model_server/slot_memory.py);
 both compute the same function, tested against each other.
 
-Semantics (DESIGN.md §1, CONTRACTS.md "lm"), for every memory layer l and row b:
+Semantics (docs/design.md §1 and §9), for every memory layer l and row b:
 
     y[b] += sum over k in row_blocks[b]:  (silu(h[b] @ G_k[l].T) * (h[b] @ U_k[l].T)) @ Dt_k[l]
 

@@ -9,7 +9,7 @@ saving splits them back, so the files stay HF-loadable.
 How fast it runs is a property of how it is run, not of this file: ``lm.fast.prepare_for_inference`` picks
 the compute dtype and swaps the `nn.Linear`s for weight-prepacked ones for serving.
 
-FFN-memory (DESIGN.md §1): for every block on a row's path, a memory layer adds
+FFN-memory (docs/design.md §1): for every block on a row's path, a memory layer adds
 
     y += M_down · [silu(M_gate · h) ⊙ (M_up · h)]
 
@@ -110,7 +110,7 @@ class Attention(nn.Module):
 
 class MLP(nn.Module):
     """SwiGLU FFN with gate and up fused into one projection (gate rows, then up rows); `memory` adds the
-    row's FFN-memory units on the same input (DESIGN.md §1)."""
+    row's FFN-memory units on the same input (docs/design.md §1)."""
 
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()

@@ -8,7 +8,7 @@ import torch
 
 from lm.model import ModelConfig
 
-PAPER_RANKS = (256, 64, 16)  # r per level of the paper's SmolLM2-scale setting (DESIGN.md §1)
+PAPER_RANKS = (256, 64, 16)  # r per level of the paper's SmolLM2-scale setting (docs/design.md §1)
 
 
 def random_block(n_mem_layers: int, r: int, d: int, *, seed: int, gate_std: float = 0.02,

@@ -65,7 +65,7 @@ def bytes_to_tensor(buf, dtype: str, shape):
 
 
 class Bank:
-    """A bank on disk (DESIGN.md §3). `Bank.open(dir)` reads manifest.json and tree.safetensors only;
+    """A bank on disk (docs/design.md §3). `Bank.open(dir)` reads manifest.json and tree.safetensors only;
     shard files are memory-mapped on first use. Safe to share between threads."""
 
     def __init__(self, dir: Path, manifest: dict, tree: Tree, readahead: bool = True,

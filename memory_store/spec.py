@@ -61,7 +61,7 @@ class AnchorIdentity(BaseModel):
 
 
 class BankSpec(BaseModel):
-    """Layout of a bank (DESIGN.md §3). Validation raises InvalidSpec with the field and the reason."""
+    """Layout of a bank (docs/design.md §3). Validation raises InvalidSpec with the field and the reason."""
 
     model_config = ConfigDict(frozen=True)
 

@@ -1,4 +1,4 @@
-"""Discovery through Redis (DESIGN.md §5, key layout in docs/CONTRACTS.md).
+"""Discovery through Redis (docs/design.md §5, with the key layout).
 
 A replica writes `hiermem:bank:<bank_id>:replica:<shard_id>:<replica_id>` -> JSON record with a TTL, and
 refreshes it every heartbeat; it deletes the key before draining. Redis is never on the data path: a

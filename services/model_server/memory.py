@@ -1,8 +1,9 @@
 """From a request's `memory` field to the blocks it is generated with: route, check access, fetch.
 
 Routing goes through the bank's nearest-document router and its gate when the bank has one
-(memory_store.router, docs/training.md), else greedy descent (DESIGN §1); both are restricted to the level-1
-subtrees the caller's key allows, so a key limited to subtree 3 never routes, and so never fetches, outside it.
+(memory_store.router, docs/training.md), else greedy descent (docs/design.md §1); both are restricted to
+the level-1 subtrees the caller's key allows, so a key limited to subtree 3 never routes, and so never
+fetches, outside it.
 """
 
 from __future__ import annotations

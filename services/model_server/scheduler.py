@@ -2,7 +2,7 @@
 
 The subtree-aware policy admits first the waiting request whose memory nodes overlap most (in bytes)
 with the nodes already in the running batch, so the batch reads fewer distinct blocks per decode step
-(DESIGN §8); among equals, the one that shares most with the other waiting requests (so the admissions
+(docs/design.md §8); among equals, the one that shares most with the other waiting requests (so the admissions
 after it can share too), then the oldest. Nothing starves: a request is *overdue*, and admitted before any
 other (oldest first), once it has been passed over `max_skips` times by later arrivals, or has waited
 `max_wait_s`, or has waited `wait_factor` times the recent mean wait (an exponential average over the

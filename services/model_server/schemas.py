@@ -1,4 +1,4 @@
-"""HTTP request/response bodies: OpenAI-compatible, TGI-style, and the `memory` object of DESIGN §6."""
+"""HTTP request/response bodies: OpenAI-compatible, TGI-style, and the `memory` of docs/design.md §6."""
 
 from __future__ import annotations
 
@@ -253,7 +253,7 @@ class RouteRequest(_Request):
 
 # ---- responses ----------------------------------------------------------------------------------
 class MemoryInfo(BaseModel):
-    """The memory a response was generated with (DESIGN §6)."""
+    """The memory a response was generated with (docs/design.md §6)."""
 
     mode: MemoryMode
     path: list[int] | None = None

@@ -53,7 +53,7 @@ class Components:
 
 
 def check_identity(bank_anchor: Any, anchor_identity: Any) -> None:
-    """Refuse a bank built for another anchor (DESIGN §3)."""
+    """Refuse a bank built for another anchor (docs/design.md §3)."""
 
     def as_pair(x: Any) -> tuple[str, str]:
         if isinstance(x, dict):

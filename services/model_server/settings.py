@@ -40,7 +40,7 @@ class ModelServerSettings(BaseSettings):
     bank: Path | None = None
     """Bank directory (manifest.json + tree.safetensors); None serves the anchor alone."""
     redis_url: str | None = None
-    """Redis URL for shard discovery (DESIGN §5); None uses static addresses or the local bank files."""
+    """Redis URL for shard discovery (docs/design.md §5); None uses static addresses or the bank's files."""
     static_addresses: Annotated[dict[str, list[str]], NoDecode] = Field(default_factory=dict)
     """Shard replicas without Redis: `shard=host:port,...`; empty with no Redis reads blocks from `bank`."""
     host: str = "127.0.0.1"

@@ -2,7 +2,7 @@
 
 Shared by every integration test (bank service, model server). Processes are started in their own process
 group, their stderr+stdout is drained by a thread into `proc.lines` (so pipes never fill), and the
-`LISTENING host:port` line they log (docs/CONTRACTS.md "Processes") tells the chosen port.
+`LISTENING host:port` line they log (docs/design.md §2) tells the chosen port.
 
     redis = start_redis()                                   # real redis-server on a free port
     shard = start_bank_shard(bank_dir, "0", redis_url=redis.url, replica_id="a")
