@@ -9,6 +9,10 @@ Batches:
   * b16-tree: 16 paths drawn as leaves of a 16/256/4096 tree (uniform leaves, so level-1 nodes repeat).
   * b16-l1=K (sharing sweep): 16 distinct paths whose level-1 nodes take K distinct values (K = 1, 4, 16).
 
+The memory is the model server's: blocks synced into `SlotPools` (services/model_server/slot_memory.py), the
+batch's rows pointing at them by index, in the compute dtype the server would pick (`--dtype auto`, i.e.
+`lm.fast.prepare_for_inference`: measured here; the anchor's linears prepacked), blocks counted in that dtype.
+
 Measurement: every condition is prefilled once into its own KV cache; then each round resets the caches to
 the prefill length and runs `--steps` decode steps, alternating conditions at every step (A/B/A/B), because
 the machine is shared and its speed drifts. Step times are medians over all steps of all rounds; the extra
@@ -16,7 +20,7 @@ time of memory is the median of the paired differences (memory step - the anchor
 memcpy bandwidth (bench.common.memcpy_bandwidth over buffers of one path's bytes, one repeat) is measured
 after every step pair too, and its median is used (a median like the step times, not a best-of).
 
-Run: python -m bench.decode [--rounds 5 --steps 6 --threads 1 --quick]
+Run: python -m bench.decode [--rounds 5 --steps 6 --threads 1 --dtype auto --quick]
 """
 
 from __future__ import annotations
@@ -57,21 +61,20 @@ def tree_rows(kind: str, n_rows: int, rng: np.random.Generator) -> list[tuple[in
 
 
 def blocks_for(paths, n_layers: int, d: int, seed: int):
-    """Distinct blocks of the batch (random, small norm) and each row's block indices."""
+    """Distinct blocks of the batch by key (level, node) (random, small norm) and each row's keys."""
     from lm.synthetic import random_block
 
-    index: dict[tuple[int, int], int] = {}
-    blocks, row_blocks = [], []
+    blocks: dict[tuple[int, int], torch.Tensor] = {}
+    rows = []
     for path in paths:
         row = []
         for level, node in enumerate(path):
             key = (level, node)
-            if key not in index:
-                index[key] = len(blocks)
-                blocks.append(random_block(n_layers, RANKS[level], d, seed=seed + 7919 * level + node))
-            row.append(index[key])
-        row_blocks.append(row)
-    return blocks, row_blocks
+            if key not in blocks:
+                blocks[key] = random_block(n_layers, RANKS[level], d, seed=seed + 7919 * level + node)
+            row.append(key)
+        rows.append(row)
+    return blocks, rows
 
 
 class Runner:
@@ -81,7 +84,7 @@ class Runner:
         from lm import KVCache
 
         self.model, self.memory, self.batch = model, memory, batch
-        self.cache = KVCache(model.config, batch, PROMPT_LEN + steps + 1)
+        self.cache = KVCache(model.config, batch, PROMPT_LEN + steps + 1, dtype=model.dtype)
         self.slots = [self.cache.allocate() for _ in range(batch)]
         g = torch.Generator().manual_seed(0)
         ids = torch.randint(0, model.config.vocab_size, (batch, PROMPT_LEN), generator=g)
@@ -101,21 +104,20 @@ class Runner:
             return time.perf_counter() - t0
 
 
-def measure(model, name: str, paths, strategies, rounds: int, steps: int, path_bytes: int) -> list[dict]:
-    from lm import MemoryBatch
+def measure(model, name: str, paths, rounds: int, steps: int, path_bytes: int) -> list[dict]:
+    from services.model_server.slot_memory import SlotPools
 
     cfg = model.config
-    blocks, row_blocks = blocks_for(paths, cfg.n_layers, cfg.d_model, seed=zlib.crc32(name.encode()) % 10_000)
-    layers = list(range(cfg.n_layers))
+    blocks, rows_keys = blocks_for(paths, cfg.n_layers, cfg.d_model, seed=zlib.crc32(name.encode()) % 10_000)
     B = len(paths)
     runners = {"anchor": Runner(model, B, None, steps)}
-    builds = {}
-    for s in strategies:
-        t0 = time.perf_counter()
-        mb = MemoryBatch.build(blocks, row_blocks, layers, strategy=s)
-        builds[s] = time.perf_counter() - t0
-        runners[s] = Runner(model, B, mb, steps)
-    distinct_bytes = runners[strategies[0]].memory.distinct_nbytes
+    t0 = time.perf_counter()
+    pools = SlotPools(list(range(cfg.n_layers)), dtype=model.dtype)
+    pools.sync(blocks)
+    memory = pools.memory_for(rows_keys)
+    build_s = time.perf_counter() - t0
+    runners["slots"] = Runner(model, B, memory, steps)
+    distinct_bytes = memory.distinct_nbytes
     del blocks
     times: dict[str, list[float]] = {k: [] for k in runners}
     bws = []
@@ -130,7 +132,7 @@ def measure(model, name: str, paths, strategies, rounds: int, steps: int, path_b
     t_anchor = statistics.median(times["anchor"])
     floor = distinct_bytes / bw
     rows = []
-    for s in strategies:
+    for s in ("slots",):
         t_mem = statistics.median(times[s])
         # paired estimate: median over steps of (memory step - the anchor step run beside it), with a
         # bootstrap 95% interval, because on the shared machine the noise can exceed the effect at batch 1
@@ -139,7 +141,7 @@ def measure(model, name: str, paths, strategies, rounds: int, steps: int, path_b
         boot = np.median(np.random.default_rng(1).choice(diffs, (2000, diffs.size)), axis=1)
         lo, hi = np.percentile(boot, [2.5, 97.5])
         rows.append({
-            "batch": name, "rows": B, "strategy": s,
+            "batch": name, "rows": B, "dtype": str(model.dtype).removeprefix("torch."),
             "distinct_l1": len({p[0] for p in paths}), "distinct_blocks": len({(lv, n) for p in paths
                                                                                 for lv, n in enumerate(p)}),
             "distinct_MB": distinct_bytes / 1e6, "memcpy_GBps": bw / 1e9,
@@ -148,11 +150,11 @@ def measure(model, name: str, paths, strategies, rounds: int, steps: int, path_b
             "extra_over_floor_ci95": f"{lo / floor:.2f}..{hi / floor:.2f}",
             "floor_ms": floor * 1e3, "extra_over_floor": extra / floor,
             "ratio_tps": t_anchor / t_mem, "best_ratio": t_anchor / (t_anchor + floor),
-            "anchor_tok_s": B / t_anchor, "memory_tok_s": B / t_mem, "build_s": builds[s],
+            "anchor_tok_s": B / t_anchor, "memory_tok_s": B / t_mem, "build_s": build_s,
             "steps_each": len(times[s]), "diffs_ms": [round(x * 1e3, 2) for x in diffs],
         })
-        log.info("%s %s: anchor %.1f ms, memory %.1f ms, extra %.1f ms vs floor %.1f ms (%.2fx), ratio %.3f",
-                 name, s, t_anchor * 1e3, t_mem * 1e3, extra * 1e3, floor * 1e3, extra / floor, t_anchor / t_mem)
+        log.info("%s: anchor %.1f ms, memory %.1f ms, extra %.1f ms vs floor %.1f ms (%.2fx), ratio %.3f",
+                 name, t_anchor * 1e3, t_mem * 1e3, extra * 1e3, floor * 1e3, extra / floor, t_anchor / t_mem)
     return rows
 
 
@@ -162,7 +164,7 @@ def plot(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels = [f"{r['batch']}\n{r['strategy']}" for r in rows]
+    labels = [r["batch"] for r in rows]
     x = np.arange(len(rows))
     fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(rows)), 4))
     ax.bar(x - 0.2, [r["extra_ms"] for r in rows], 0.4, label="extra time per step (memory - anchor)")
@@ -181,7 +183,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--steps", type=int, default=6, help="decode steps per condition per round")
-    ap.add_argument("--quick", action="store_true", help="batch 1 and b16-tree only, grouped strategy only")
+    ap.add_argument("--quick", action="store_true", help="batch 1 and b16-tree only")
+    ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                    help="compute dtype, as the model server's --dtype (auto: measured here)")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads (default 1: the 2 cores are shared with other jobs, and a 2-thread "
                          "OpenMP team stalls whenever one thread is descheduled, which swings step times 5-10x; "
@@ -192,31 +196,31 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     from lm import load_anchor
+    from lm.fast import prepare_for_inference
 
     anchor = load_anchor("smollm2")
     model, cfg = anchor.model, anchor.config
-    path_bytes = sum(3 * r * cfg.d_model * cfg.n_layers for r in RANKS) * 4
+    compute = prepare_for_inference(model, args.dtype)
+    path_bytes = sum(3 * r * cfg.d_model * cfg.n_layers for r in RANKS) * model.dtype.itemsize
     rng = np.random.default_rng(0)
-    plan: list[tuple[str, list, list[str], int]]
-    all_strategies = ["grouped"] if args.quick else ["grouped", "rowsets", "components", "single", "per_row"]
-    plan = [("b1", [(3, 3 * 16 + 5, (3 * 16 + 5) * 16 + 9)], ["grouped"], 4),
-            ("b16-tree", tree_rows("tree", 16, rng), all_strategies, 1)]
+    plan: list[tuple[str, list, int]]
+    plan = [("b1", [(3, 3 * 16 + 5, (3 * 16 + 5) * 16 + 9)], 4),
+            ("b16-tree", tree_rows("tree", 16, rng), 1)]
     if not args.quick:
-        plan += [(f"b16-l1={k}", tree_rows(str(k), 16, rng), ["grouped", "rowsets", "components"], 1)
-                 for k in (1, 4, 16)]
+        plan += [(f"b16-l1={k}", tree_rows(str(k), 16, rng), 1) for k in (1, 4, 16)]
     rows = []
-    for name, paths, strategies, more in plan:  # batch 1 steps are cheap: take more of them (less noise)
-        rows += measure(model, name, paths, strategies, args.rounds * more, args.steps, path_bytes)
+    for name, paths, more in plan:  # batch 1 steps are cheap: take more of them (less noise)
+        rows += measure(model, name, paths, args.rounds * more, args.steps, path_bytes)
 
     def pick(batch):
-        return next(r for r in rows if r["batch"] == batch and r["strategy"] == "grouped")
+        return next(r for r in rows if r["batch"] == batch)
 
     targets = []
     for batch in ("b1", "b16-tree"):
         r = pick(batch)
         targets.append(target(f"{batch}: extra ms per step / (distinct bytes / memcpy bw)",
                               round(r["extra_over_floor"], 3), "<=", 1.25))
-    cols = ["batch", "strategy", "rows", "distinct_l1", "distinct_MB", "anchor_ms", "memory_ms", "extra_ms",
+    cols = ["batch", "dtype", "rows", "distinct_l1", "distinct_MB", "anchor_ms", "memory_ms", "extra_ms",
             "floor_ms", "extra_over_floor", "extra_over_floor_ci95", "ratio_tps", "best_ratio", "memcpy_GBps",
             "build_s"]
     md = ("Per decode step, medians over interleaved rounds (A/B/A/B). `extra_over_floor` = extra_ms / floor_ms, "
@@ -226,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     args.results_dir.mkdir(parents=True, exist_ok=True)
     plot(rows, args.results_dir / "decode.png")
     figures = {"rows": rows, "ranks": list(RANKS), "memory_layers": cfg.n_layers, "d_model": cfg.d_model,
-               "path_params": path_bytes // 4, "prompt_len": PROMPT_LEN, "rounds": args.rounds,
+               "path_params": path_bytes // model.dtype.itemsize, "compute": compute, "prompt_len": PROMPT_LEN, "rounds": args.rounds,
                "steps": args.steps, "torch_threads": torch.get_num_threads()}
     command = "python -m bench.decode " + " ".join(sys.argv[1:] if argv is None else argv)
     write_results("decode", figures, targets, md, command=command.strip(), results_dir=args.results_dir)

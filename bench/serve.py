@@ -3,7 +3,7 @@ whose memory paths follow a Zipf law; memory on vs off, subtree-aware vs FIFO sc
 
     python bench/serve.py                       # 16 clients, writes bench/results/serve.{json,md,png}
     python bench/serve.py --quick               # a smaller run to check the harness
-    python bench/serve.py --bank $HIERMEM_HOME/banks/demo --other-impls "" --name serve-demo   # trained demo bank
+    python bench/serve.py --bank $HIERMEM_HOME/banks/demo --name serve-demo   # trained demo bank
 
 The bank has r = (256, 64, 16) on all 30 layers of SmolLM2 (d = 576), like the paper's, with a 16/4/4
 branching (16 / 64 / 256 nodes, 1.3 GB in float16) so it builds in seconds; it is cached under
@@ -100,13 +100,13 @@ def make_workload(n_clients: int, per_client: int, branching: list[int], zipf_s:
 
 
 def start_server(bank: Path, scheduler: str, max_batch: int, cache_bytes: int, max_queue: int,
-                 memory_impl: str = "grouped", torch_threads: int = 0):
+                 dtype: str = "auto", torch_threads: int = 0):
     from tests.integration.procs import start_process
 
     cmd = [sys.executable, "-m", "services.model_server", "--anchor", "smollm2", "--bank", str(bank),
            "--port", "0", "--scheduler", scheduler, "--max-batch", str(max_batch), "--max-queue", str(max_queue),
            "--cache-bytes", str(cache_bytes), "--pinned-levels", "1", "--max-seq-len", "256",
-           "--memory-impl", memory_impl, "--torch-threads", str(torch_threads)]
+           "--dtype", dtype, "--torch-threads", str(torch_threads)]
     proc = start_process(cmd, f"model-server {scheduler}", timeout=300)
     import httpx
 
@@ -167,10 +167,9 @@ async def run_clients(url: str, work: list[list[dict[str, Any]]], memory_on: boo
     return results
 
 
-def run_config(bank: Path, name: str, scheduler: str, memory_on: bool, work, args,
-               memory_impl: str = "grouped") -> dict[str, Any]:
+def run_config(bank: Path, name: str, scheduler: str, memory_on: bool, work, args) -> dict[str, Any]:
     proc, url = start_server(bank, scheduler, args.max_batch, args.cache_bytes, max_queue=4 * args.clients,
-                             memory_impl=memory_impl, torch_threads=args.torch_threads)
+                             dtype=args.dtype, torch_threads=args.torch_threads)
     try:
         warm = [[{"prompt": "Warm up the kernels.", "path": work[0][0]["path"]}] for _ in range(2)]
         asyncio.run(run_clients(url, warm, memory_on, 4))
@@ -191,7 +190,7 @@ def run_config(bank: Path, name: str, scheduler: str, memory_on: bool, work, arg
     tokens = sum(r["tokens"] for r in res)
     lookups = d["hiermem_block_cache_hits_total"] + d["hiermem_block_cache_misses_total"]
     row = {
-        "config": name, "scheduler": scheduler, "memory_impl": memory_impl, "memory": "on" if memory_on else "off", "requests": len(res),
+        "config": name, "scheduler": scheduler, "dtype": args.dtype, "memory": "on" if memory_on else "off", "requests": len(res),
         "tokens": tokens, "wall_s": wall, "throughput_tok_s": tokens / wall,
         "ttft_p50_s": float(np.percentile(ttft, 50)), "ttft_p99_s": float(np.percentile(ttft, 99)),
         "e2e_p50_s": float(np.percentile(e2e, 50)), "e2e_p99_s": float(np.percentile(e2e, 99)),
@@ -234,9 +233,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cache-bytes", type=int, default=3 * 2**30)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--bank", type=Path, default=None, help="bank dir (default: build the bench bank)")
-    p.add_argument("--memory-impl", default="slots", choices=["slots", "nodes", "grouped"],
-                   help="the server's memory_impl for the main runs")
-    p.add_argument("--other-impls", default="grouped", help="memory_impls also run (subtree), comma-separated")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="the server's --dtype (auto: measured at its start-up)")
     p.add_argument("--torch-threads", type=int, default=0,
                    help="the server's --torch-threads (0 = torch's default, one per core)")
     p.add_argument("--quick", action="store_true", help="4 clients x 2 requests, 8 tokens")
@@ -257,12 +255,9 @@ def main(argv: list[str] | None = None) -> int:
     branching = list(spec.branching)
     path_bytes_f32 = spec.fetched_params * 4
     work = make_workload(args.clients, args.requests_per_client, branching, args.zipf, args.seed)
-    impl = args.memory_impl
-    rows = [run_config(bank, "off", "subtree", False, work, args, impl),
-            run_config(bank, "on-fifo", "fifo", True, work, args, impl),
-            run_config(bank, "on-subtree", "subtree", True, work, args, impl)]
-    for other in filter(None, args.other_impls.split(",")):
-        rows.append(run_config(bank, f"on-subtree-{other}", "subtree", True, work, args, other))
+    rows = [run_config(bank, "off", "subtree", False, work, args),
+            run_config(bank, "on-fifo", "fifo", True, work, args),
+            run_config(bank, "on-subtree", "subtree", True, work, args)]
     bw = memcpy_bandwidth(path_bytes_f32)
     off, fifo, sub = rows[:3]
     t_off = off["decode_step_ms"] / 1000
@@ -283,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
     figures = {"rows": rows, "memcpy_bandwidth_gb_s": bw / 1e9, "path_bytes_f32": path_bytes_f32,
                "bank": str(bank), "bank_spec": spec.model_dump(), "clients": args.clients,
                "requests_per_client": args.requests_per_client, "max_tokens": args.max_tokens,
-               "max_batch": args.max_batch, "torch_threads": args.torch_threads, "zipf_s": args.zipf, "memory_impl": args.memory_impl, "distinct_bytes_cut": cut,
+               "max_batch": args.max_batch, "torch_threads": args.torch_threads, "zipf_s": args.zipf, "dtype": args.dtype, "distinct_bytes_cut": cut,
                "ttft_p99_ratio": ttft_ratio}
     cols = ["config", "throughput_tok_s", "ttft_p50_s", "ttft_p99_s", "e2e_p50_s", "e2e_p99_s", "rows_per_step",
             "decode_step_ms", "distinct_memory_mb_per_step", "cache_hit_rate", "allowed_tok_s", "vs_allowed",

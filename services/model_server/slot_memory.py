@@ -150,6 +150,7 @@ class _Batched:
     gather: torch.Tensor  # (n*m,) row per (slot, position); padding -> the zero row B
     valid: torch.Tensor  # positions of real rows in the flat layout
     targets: torch.Tensor  # their rows
+    direct: bool = False  # slot lo+b serves exactly row b, every row once: h in, y out, no gather or scatter
 
 
 @dataclass
@@ -170,7 +171,8 @@ def _plan(pool: _Pool, users: dict[int, list[int]], n_rows: int) -> _Batched | _
         gather[s - lo, :len(rows)] = torch.tensor(rows, dtype=torch.long)
     flat = gather.reshape(-1)
     valid = (flat < n_rows).nonzero().reshape(-1)
-    return _Batched(pool, lo, hi, m, flat, valid, flat[valid])
+    direct = m == 1 and flat.tolist() == list(range(n_rows))  # e.g. batch 1, or private blocks in row order
+    return _Batched(pool, lo, hi, m, flat, valid, flat[valid], direct)
 
 
 class SlotMemory:
@@ -180,7 +182,7 @@ class SlotMemory:
         self.n_rows = n_rows
         self.version = version
         self._layer_pos = {layer: j for j, layer in enumerate(layers)}
-        self._plans = plans
+        self._plans = sorted(plans, key=lambda p: not (isinstance(p, _Batched) and p.direct))  # direct first
         self.distinct_nbytes = 0  # bytes of the blocks one forward reads
         for p in plans:
             per_slot = (p.pool.gu[0, 0].numel() + p.pool.dt[0, 0].numel()) * p.pool.gu.element_size() \
@@ -192,11 +194,13 @@ class SlotMemory:
         if j is None:
             return None
         B, T, d = h.shape
-        out = torch.zeros_like(h)
+        out: torch.Tensor | None = None  # the first direct plan writes it, the others add into it
         hz = None
         for p in self._plans:
             r = p.pool.r
             if isinstance(p, _PerSlot):
+                if out is None:
+                    out = torch.zeros_like(h)
                 for s, rows in p.slots:
                     x = h if rows is None else h.index_select(0, rows)  # (m, T, d)
                     a = x @ p.pool.gu[j, s].T  # (m, T, 2r)
@@ -206,9 +210,16 @@ class SlotMemory:
                     else:
                         out.index_add_(0, rows, y)
                 continue
+            n = p.hi - p.lo
+            if p.direct:
+                a = torch.bmm(h, p.pool.gu[j, p.lo:p.hi].transpose(1, 2))  # (B, T, 2r)
+                y = torch.bmm(F.silu(a[..., :r]) * a[..., r:], p.pool.dt[j, p.lo:p.hi])  # (B, T, d)
+                out = y if out is None else out.add_(y)
+                continue
+            if out is None:
+                out = torch.zeros_like(h)
             if hz is None:
                 hz = torch.cat([h, h.new_zeros(1, T, d)])  # (B+1, T, d): row B is the padding row
-            n = p.hi - p.lo
             x = hz.index_select(0, p.gather).reshape(n, p.m * T, d)  # (n, m*T, d)
             a = torch.bmm(x, p.pool.gu[j, p.lo:p.hi].transpose(1, 2))  # (n, m*T, 2r)
             y = torch.bmm(F.silu(a[..., :r]) * a[..., r:], p.pool.dt[j, p.lo:p.hi]).reshape(n * p.m, T, d)
