@@ -16,7 +16,7 @@ from bench.common import RESULTS_DIR
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
-ORDER = ("decode", "bank", "route", "fetch", "serve", "longtail")
+ORDER = ("decode", "peers", "bank", "route", "fetch", "serve", "longtail")
 
 
 def _fmt(v) -> str:

@@ -28,10 +28,8 @@ def test_bank_synth_for_an_anchor_is_accepted_by_the_model_server(tmp_path):
     from memory_store import Bank
     from services.model_server.service import check_identity
 
-    from hiermem.cli import main
-
     out = tmp_path / "bank"
-    assert main(["bank", "synth", "--anchor", "tiny", "--branching", "2,2", "--ranks", "4,2", "--layers", "all",
+    assert cli.main(["bank", "synth", "--anchor", "tiny", "--branching", "2,2", "--ranks", "4,2", "--layers", "all",
                  "--out", str(out)]) == 0
     anchor = load_anchor("tiny")
     bank = Bank.open(out)
@@ -45,7 +43,7 @@ def test_bank_synth_for_an_anchor_is_accepted_by_the_model_server(tmp_path):
         return cli.anchor_for_bank("tiny")
 
     with mock.patch.dict(cli.WIRING, {"memory_store.cli": {"resolve_anchor": tiny_instead}}):
-        assert main(["bank", "synth", "--preset", "paper-smollm2", "--branching", "2,2,2", "--ranks", "4,2,1",
+        assert cli.main(["bank", "synth", "--preset", "paper-smollm2", "--branching", "2,2,2", "--ranks", "4,2,1",
                      "--out", str(tmp_path / "paper")]) == 0
     assert asked == ["smollm2"]
     check_identity(Bank.open(tmp_path / "paper").anchor, anchor.identity)
