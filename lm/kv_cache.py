@@ -107,11 +107,18 @@ class KVCache:
 
 
 def _lazy_zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """Zeros whose pages become resident only when written: numpy's calloc on CPU (torch.zeros writes every
-    byte up front); a plain torch.zeros elsewhere."""
+    """Zeros whose pages become resident only when written, on CPU: an anonymous mapping (zero pages from
+    the OS; torch.zeros writes every byte up front) with transparent huge pages off, because with THP a
+    write of one token would fault in the whole 2 MB around it, i.e. every slot's full length per layer.
+    Elsewhere a plain torch.zeros."""
     if device.type != "cpu":
         return torch.zeros(shape, dtype=dtype, device=device)
-    import numpy as np
+    import math
+    import mmap
 
-    n_bytes = int(np.prod(shape)) * torch.empty((), dtype=dtype).element_size()
-    return torch.from_numpy(np.zeros(n_bytes, dtype=np.uint8)).view(dtype).view(shape)
+    n_bytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    buf = mmap.mmap(-1, max(n_bytes, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    if hasattr(mmap, "MADV_NOHUGEPAGE"):
+        buf.madvise(mmap.MADV_NOHUGEPAGE)
+    # the tensor keeps `buf` alive through the buffer protocol
+    return torch.frombuffer(buf, dtype=torch.uint8, count=n_bytes).view(dtype).view(shape)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from collections.abc import Callable
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
@@ -50,3 +53,26 @@ class Metrics:
                                        buckets=_FETCH_BUCKETS, registry=r)
         self.cancelled = Counter("hiermem_cancelled_requests", "Requests cancelled by their client",
                                  registry=r)
+        self.resident_bytes = Gauge("hiermem_resident_bytes", "Resident memory (RSS) of the model server process",
+                                    registry=r)
+        self.resident_bytes.set_function(resident_bytes)
+        self.reserved_bytes = Gauge("hiermem_reserved_bytes", "Bytes the model runner holds, by part: weights, "
+                                    "kv_cache (reserved; resident as tokens are stored), memory_slots",
+                                    ["part"], registry=r)
+
+    def track_reserved(self, parts: Callable[[], dict[str, int]]) -> None:
+        """Export `parts()` (e.g. `LmRunner.reserved_bytes`) as hiermem_reserved_bytes{part}, read at scrape."""
+        def reader(name: str) -> Callable[[], float]:
+            return lambda: float(parts()[name])
+
+        for name in parts():
+            self.reserved_bytes.labels(part=name).set_function(reader(name))
+
+
+def resident_bytes() -> float:
+    """This process's resident set size in bytes (Linux /proc; 0 where unavailable)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return float(int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE"))
+    except (OSError, ValueError, IndexError):  # pragma: no cover - not Linux
+        return 0.0

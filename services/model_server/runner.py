@@ -58,12 +58,30 @@ class LmRunner:
         self.n_slots = n_slots
         self.max_seq_len = min(int(max_seq_len), int(anchor.config.max_seq_len))
         self.cache = KVCache(anchor.config, n_slots, self.max_seq_len, dtype=self.model.dtype)
+        self.compute_dtype: torch.dtype = self.model.dtype
         self.memory_layers = list(memory_layers if memory_layers is not None else range(anchor.config.n_layers))
         self.pools = SlotPools(self.memory_layers, dtype=self.model.dtype)
         self.eos_token_ids = set(int(i) for i in (anchor.config.eos_token_ids or []))
         self.codec = codec
         self._slot_of: dict[int, int] = {}  # engine slot -> cache slot
         self._decode_memory: tuple[tuple, SlotMemory | None] | None = None  # (rows + pools version, memory)
+
+    @torch.no_grad()
+    def warm_up(self, batch_sizes: Sequence[int] = (1, 2, 4, 8, 16)) -> None:
+        """One prefill and one decode step per batch size before serving: oneDNN builds its kernels for these
+        shapes and the allocator reaches its working size now, not during the first requests (the first
+        request is no slower than the rest, and RSS after start is what serving needs)."""
+        sizes = sorted({min(b, self.n_slots) for b in batch_sizes})
+        slots = [self.cache.allocate() for _ in range(max(sizes))]
+        try:
+            ids = torch.zeros(1, 16, dtype=torch.long)
+            for s in slots:
+                self.model(ids, cache=self.cache, slots=[s], last_only=True)
+            for b in sizes:
+                self.model(torch.zeros(b, 1, dtype=torch.long), cache=self.cache, slots=slots[:b])
+        finally:
+            for s in slots:
+                self.cache.free(s)
 
     def set_blocks(self, blocks: Mapping[Hashable, torch.Tensor]) -> None:
         self.pools.sync(blocks)
@@ -118,4 +136,5 @@ def load_codec_and_runner(anchor_name: str, *, n_slots: int, max_seq_len: int,
     anchor = load_anchor(anchor_name, dtype=torch.float32)
     codec = HFCodec(anchor.tokenizer, int(anchor.config.vocab_size), anchor.config.bos_token_id)
     runner = LmRunner(anchor, n_slots, max_seq_len, memory_layers, codec, dtype=dtype)
+    runner.warm_up()
     return anchor, codec, runner

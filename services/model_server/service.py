@@ -92,14 +92,15 @@ def pin_deadline_s(settings: ModelServerSettings) -> float:
 
 
 def build_memory_side(settings: ModelServerSettings, bank: Any, fetcher: Any, embed: Callable,
-                      metrics: Metrics) -> tuple[MemoryResolver, BlockCache]:
-    """Block cache (shallow levels preloaded) and the resolver over it."""
+                      metrics: Metrics, dtype: torch.dtype = torch.float32) -> tuple[MemoryResolver, BlockCache]:
+    """Block cache (shallow levels preloaded) and the resolver over it; blocks are held in `dtype`, the
+    runner's compute dtype, so they are converted once, when fetched."""
     sizes = [len(c) for c in bank.tree.centroids]
     cache = BlockCache(fetcher, capacity_bytes=settings.cache_bytes, pinned_levels=settings.pinned_levels,
                        shard_of=lambda ref: str(bank.shard_of(ref)),
                        subtree_of=lambda ref: ref.index // (sizes[ref.level - 1] // sizes[0]), metrics=metrics,
-                       timeout_s=settings.fetch_timeout_s)
-    resolver = MemoryResolver(bank, cache, embed, strict=settings.strict, metrics=metrics)
+                       timeout_s=settings.fetch_timeout_s, dtype=dtype)
+    resolver = MemoryResolver(bank, cache, embed, strict=settings.strict, metrics=metrics, dtype=dtype)
     if settings.pinned_levels:
         refs = resolver.pinned_refs(settings.pinned_levels)
         if hasattr(bank, "is_present"):
@@ -143,6 +144,8 @@ def build_components(settings: ModelServerSettings) -> Components:
     anchor, codec, runner = load_codec_and_runner(
         settings.anchor, n_slots=settings.max_batch, max_seq_len=settings.max_seq_len,
         memory_layers=bank.spec.memory_layers if bank is not None else None, dtype=settings.dtype)
+    if hasattr(runner, "reserved_bytes"):
+        metrics.track_reserved(lambda: runner.reserved_bytes)
     closers: list[Callable[[], Any]] = []
     resolver, bank_id, ready_check = None, None, (lambda: (True, "ok"))
     embed = None
@@ -155,7 +158,7 @@ def build_components(settings: ModelServerSettings) -> Components:
         if hasattr(fetcher, "close"):
             closers.append(fetcher.close)
         embed = load_embedder(bank.spec.embedder_name).embed
-        resolver, cache = build_memory_side(settings, bank, fetcher, embed, metrics)
+        resolver, cache = build_memory_side(settings, bank, fetcher, embed, metrics, runner.compute_dtype)
         closers.append(cache.close)
         ready_check = _bank_ready_check(fetcher)
     engine = Engine(runner, scheduler=Scheduler(
@@ -248,7 +251,8 @@ class BankFollower:
                          target.name, new.bank_id[:12], missing, self.bank.bank_id[:12])
                 fetcher.close()
                 return False
-        resolver, cache = build_memory_side(self.settings, new, fetcher, self.embed, self.comps.metrics)
+        resolver, cache = build_memory_side(self.settings, new, fetcher, self.embed, self.comps.metrics,
+                                            self.comps.engine.runner.compute_dtype)
         old_closers = [c for c in self.comps.closers if c != self.stop]  # (bound methods: ==, not is)
         self.comps.resolver = resolver  # new requests resolve against the new version from here on
         self.comps.bank_id = new.bank_id

@@ -39,6 +39,7 @@ class FakeRunner:
         self.n_slots = n_slots
         self.max_seq_len = max_seq_len
         self.eos_token_ids = {EOS}
+        self.compute_dtype = torch.float32
         self.step_delay = step_delay
         self.lengths: dict[int, int] = {}
         self.decode_batches: list[int] = []
