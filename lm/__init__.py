@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from lm.generate import GenerationResult, SamplingParams, generate, sample_next
 from lm.kv_cache import KVCache
-from lm.memory import MemoryBatch
+from lm.memory_batch import MemoryBatch
 from lm.model import ModelConfig, Transformer
 from lm.weights import Anchor, load_anchor
 

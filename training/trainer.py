@@ -45,9 +45,9 @@ from training.data import (
     tokenize_docs,
 )
 from training.distributed import Dist, barrier, init_distributed, sync_gradients
-from training.memory import MemoryBank
 from training.preservation import Preservation
 from training.routing import route_documents
+from training.trainable_bank import TrainableBank
 
 log = logging.getLogger(__name__)
 
@@ -102,8 +102,8 @@ class Trainer:
         self.train_anchor = bool(cfg.train_anchor or cfg.init_anchor)
         self.use_prefix = not (self.train_anchor or cfg.no_prefix_cache)
         self.tree, self.paths = route_documents(cfg, self.docs, self.out, self.dist, corpus.probes)
-        self.memory = MemoryBank(cfg.branching, cfg.ranks, len(self.layers), mc.d_model, seed=cfg.seed,
-                                 subtree=cfg.subtree, parents=self.tree.parents)
+        self.memory = TrainableBank(cfg.branching, cfg.ranks, len(self.layers), mc.d_model, seed=cfg.seed,
+                                    subtree=cfg.subtree, parents=self.tree.parents)
         self.token_ids = tokenize_docs(self.tokenizer, [d["text"] for d in self.docs], MAX_DOC_TOKENS)
         self.loss_start = loss_starts(self.tokenizer, self.docs, self.token_ids, cfg.loss)
         self.prefix: list[torch.Tensor | None] | None = None  # None entries: not computed yet

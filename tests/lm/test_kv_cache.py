@@ -7,7 +7,7 @@ import torch
 
 from lm.errors import CacheFull
 from lm.kv_cache import KVCache
-from lm.memory import MemoryBatch
+from lm.memory_batch import MemoryBatch
 from tests.lm.conftest import random_block, rel_err
 
 

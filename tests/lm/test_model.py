@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 
-from lm.memory import MemoryBatch
+from lm.memory_batch import MemoryBatch
 from lm.model import ModelConfig, Transformer
 from lm.weights import _to_state_dict
 from tests.lm.conftest import random_block, rel_err, tiny_model

@@ -26,7 +26,7 @@ def init_block(shape: Sequence[int], generator: torch.Generator, std: float = IN
     return block
 
 
-class MemoryBank(nn.Module):
+class TrainableBank(nn.Module):
     """Trainable blocks for the nodes of a tree (optionally only one level-1 subtree's) + the generic memory.
 
     Args:
@@ -57,7 +57,7 @@ class MemoryBank(nn.Module):
                 indices = [subtree]
             else:
                 if parents is None:
-                    raise ValueError("MemoryBank(subtree=...) needs the tree's parents below level 1")
+                    raise ValueError("TrainableBank(subtree=...) needs the tree's parents below level 1")
                 par = parents[level - 1]
                 indices = [i for i in range(n) if int(par[i]) in owned]
             owned = set(indices)
