@@ -1,4 +1,4 @@
-"""The bank client: discovery, replica checks, one FetchBlocks call per shard, failover, verification.
+"""The bank client: one FetchBlocks call per shard, failover, verification of every block.
 
     client = BankClient(bank, redis_url="redis://127.0.0.1:6379/0")     # or static_addresses={"0": [...]}
     result = client.fetch(path_refs(path))              # blocking, from any thread
@@ -11,10 +11,10 @@ from a small pool (most fetches touch one shard and use no other thread); Redis 
 thread every `refresh_s`. No event loop of its own, so a fetch is never handed from thread to loop to
 thread.
 
-A replica is used only once its `GetInfo` says it serves this bank (bank_id) and this shard of this
-layout (owned subtrees): a replica of another bank version or shard layout is dropped (logged, counted
-in `rejected_replicas()`, reported to `on_reject`) and checked again later. Every block is checked against
-the local manifest, so one fetch's blocks always come from the client's bank version.
+Which replicas serve each shard, and in which order to ask them, is the replica set's (replicas.py:
+discovery, GetInfo checks, rejects, channels): a replica is used only once it is known to serve this bank
+(bank_id) and this shard of this layout. Every block is checked against the local manifest, so one fetch's
+blocks always come from the client's bank version.
 
 The client imports nothing from the server's modules (only the generated messages and wire.py).
 """
@@ -22,33 +22,26 @@ The client imports nothing from the server's modules (only the generated message
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import crc32c
 import grpc
 import torch
 
-from memory_store import NodeRef
+from memory_store import Bank, NodeRef
 from memory_store.errors import BankError
 
-from . import registry, wire
 from ._gen import memory_bank_pb2 as pb
+from .replicas import AttemptFailed, ReplicaSet
+from .result import FetchResult
 
 log = logging.getLogger(__name__)
 
-SERVICE_NAME = pb.DESCRIPTOR.services_by_name["MemoryBank"].full_name  # "hiermem.v1.MemoryBank"
-FETCH_METHOD = f"/{SERVICE_NAME}/FetchBlocks"
-INFO_METHOD = f"/{SERVICE_NAME}/GetInfo"
-# Message size limit set on the channel (a chunk is at most 3 MiB, plus headroom for its header); the
-# server sets the same (tests/services/memory_bank checks they agree).
-MAX_MESSAGE_BYTES = 4 * 2**20
 # Codes after which another replica may well succeed. FAILED_PRECONDITION (another bank_id) and NOT_FOUND
 # (the node is not in that replica's shard: another layout; nodes deleted from our bank are never asked
 # for) mean the replica serves another bank version than ours: drop it and use a matching one.
@@ -60,33 +53,7 @@ FAILOVER_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLIN
 MISMATCH_CODES = frozenset({grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.NOT_FOUND})
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
-
-@dataclass
-class FetchResult:
-    """What one fetch got: every requested node is in exactly one of `blocks` and `failed`."""
-
-    blocks: dict[NodeRef, torch.Tensor] = field(default_factory=dict)  # [L_mem, 3, r_l, d], bank dtype
-    failed: dict[NodeRef, str] = field(default_factory=dict)  # node -> why it could not be had
-    nbytes: int = 0  # block bytes received
-    failovers: int = 0  # replicas given up on during this fetch
-    shard_seconds: dict[str, float] = field(default_factory=dict)  # wall time of each shard's calls
-
-
-def _read(path: str | Path | None) -> bytes | None:
-    return Path(path).read_bytes() if path is not None else None
-
-
-class _AttemptFailed(Exception):
-    def __init__(self, code: grpc.StatusCode, detail: str) -> None:
-        super().__init__(f"{code.name}: {detail}")
-        self.code = code
-
-
-@dataclass
-class _Channel:
-    channel: grpc.Channel
-    fetch: grpc.UnaryStreamMultiCallable
-    info: grpc.UnaryUnaryMultiCallable
+__all__ = ["BankClient", "FetchResult"]
 
 
 class BankClient:
@@ -114,7 +81,7 @@ class BankClient:
             version or layout (e.g. to count it in a metric).
     """
 
-    def __init__(self, bank, redis_url: str | None = None,
+    def __init__(self, bank: Bank, redis_url: str | None = None,
                  static_addresses: Mapping[str, Sequence[str] | str] | None = None, *,
                  timeout_s: float = 10.0, attempt_timeout_s: float = 5.0, refresh_s: float = 2.0,
                  max_nodes_per_call: int = 64, max_bytes_per_call: int = 512 * 2**20,
@@ -130,48 +97,16 @@ class BankClient:
         self.redis_url = redis_url
         self.timeout_s = timeout_s
         self.attempt_timeout_s = attempt_timeout_s
-        self.refresh_s = refresh_s
         self.max_nodes_per_call = max_nodes_per_call
         self.max_bytes_per_call = max_bytes_per_call
-        self.failure_memory_s = failure_memory_s
-        self.channel_idle_s = channel_idle_s
-        self.verify_s = verify_s
-        self.recheck_s = min(recheck_s, verify_s)
-        self._on_reject = on_reject
-        # address -> (serves our bank and the shard asked?, when checked, why not); see _verify
-        self._verdicts: dict[str, tuple[bool, float, str]] = {}
-        self._rejected: dict[str, int] = {}
-        self._owned = {sid: [(r.level, r.index) for r in bank.owned_subtrees(sid)] for sid in bank.shard_ids}
         self._torch_dtype = TORCH_DTYPES[bank.spec.dtype]
-        self._credentials = None
-        if tls_ca_file is not None:
-            self._credentials = grpc.ssl_channel_credentials(
-                root_certificates=_read(tls_ca_file), private_key=_read(tls_key_file),
-                certificate_chain=_read(tls_cert_file))
-        elif tls_cert_file is not None or tls_key_file is not None:
-            raise ValueError("a client certificate needs tls_ca_file (TLS) as well")
-        self._channel_options: list[tuple[str, int | str]] = [
-            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
-        if tls_server_name:
-            self._channel_options.append(("grpc.ssl_target_name_override", tls_server_name))
-        self._static = {str(s): [a] if isinstance(a, str) else list(a) for s, a in (static_addresses or {}).items()}
-        self._discovered: dict[str, list[str]] = {}
-        self._failed_at: dict[str, float] = {}
-        self._rr = itertools.count()
-        self._channels: dict[str, _Channel] = {}
-        self._last_used: dict[str, float] = {}
-        self._lock = threading.Lock()  # guards the dicts above (short sections, never held across a call)
+        self.replica_set = ReplicaSet(
+            bank, redis_url, static_addresses, refresh_s=refresh_s, failure_memory_s=failure_memory_s,
+            tls_ca_file=tls_ca_file, tls_cert_file=tls_cert_file, tls_key_file=tls_key_file,
+            tls_server_name=tls_server_name, channel_idle_s=channel_idle_s, verify_s=verify_s,
+            recheck_s=recheck_s, on_reject=on_reject)
         self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="bank-client")
         self._closed = threading.Event()
-        self._redis = None
-        self._refresher: threading.Thread | None = None
-        if redis_url is not None:
-            self._redis = registry.connect_sync(redis_url)
-            self._refresh_once()
-            self._refresher = threading.Thread(target=self._refresh_forever, name="bank-client discovery",
-                                               daemon=True)
-            self._refresher.start()
 
     # --- public API -------------------------------------------------------------------------------------
 
@@ -214,9 +149,7 @@ class BankClient:
 
     def replicas(self) -> dict[str, list[str]]:
         """The current shard -> addresses map (static and discovered)."""
-        with self._lock:
-            shards = set(self._static) | set(self._discovered)
-            return {s: list(dict.fromkeys(self._discovered.get(s, []) + self._static.get(s, []))) for s in shards}
+        return self.replica_set.replicas()
 
     def verified_replicas(self, timeout_s: float = 2.0) -> dict[str, list[str]]:
         """shard -> the known replicas that answer GetInfo for this bank, shard and layout now (asks each;
@@ -225,9 +158,9 @@ class BankClient:
 
         def ok(pair: tuple[str, str]) -> bool:
             try:
-                self._verify(pair[1], pair[0], timeout_s)
+                self.replica_set.verify(pair[1], pair[0], timeout_s)
                 return True
-            except _AttemptFailed:
+            except AttemptFailed:
                 return False
 
         out: dict[str, list[str]] = {s: [] for s in self.bank.shard_ids}
@@ -238,149 +171,24 @@ class BankClient:
 
     def rejected_replicas(self) -> dict[str, int]:
         """address -> times it was found serving another bank version or shard layout (and dropped)."""
-        with self._lock:
-            return dict(self._rejected)
+        return self.replica_set.rejected()
 
     def refresh(self) -> bool:
         """Reads Redis now; returns whether it answered."""
-        return self._refresh_once()
+        return self.replica_set.refresh()
 
     def close(self) -> None:
         if self._closed.is_set():
             return
         self._closed.set()
-        if self._refresher is not None:
-            self._refresher.join(timeout=5)
-        if self._redis is not None:
-            self._redis.close()
+        self.replica_set.close()
         self._pool.shutdown(wait=False, cancel_futures=True)
-        with self._lock:
-            channels, self._channels = list(self._channels.values()), {}
-        for ch in channels:
-            ch.channel.close()
 
     def __enter__(self) -> BankClient:
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-    # --- discovery ---------------------------------------------------------------------------------------
-
-    def _refresh_once(self) -> bool:
-        if self._redis is None:
-            return False
-        try:
-            listing = registry.list_replicas_sync(self._redis, self.bank_id)
-        except registry.REDIS_ERRORS as exc:
-            log.warning("Redis unreachable, keeping the last known replicas: %s", exc)
-            return False
-        # A shard that Redis lists without replicas (e.g. just after a Redis restart, before the replicas'
-        # next heartbeat) keeps its last known addresses: stale ones fail over, missing ones cannot.
-        for shard, recs in listing.items():
-            good = set()
-            for rec in recs:
-                why = self._record_mismatch(shard, rec)
-                if why:
-                    self._reject(str(rec.get("address")), f"registry record: {why}")
-                else:
-                    good.add(rec["address"])
-            with self._lock:
-                self._discovered[shard] = sorted(good)
-        self._close_stale_channels()
-        return True
-
-    def _refresh_forever(self) -> None:
-        while not self._closed.wait(self.refresh_s):
-            try:
-                self._refresh_once()
-            except Exception:  # discovery must keep going
-                log.exception("bank client: refresh failed")
-
-    def _record_mismatch(self, shard: str, rec: dict) -> str:
-        """Why a registry record cannot be a replica of our bank's `shard` ("" when it can)."""
-        if rec.get("bank_id") != self.bank_id:
-            return f"serves bank {str(rec.get('bank_id'))[:12]}, not {self.bank_id[:12]}"
-        if shard not in self._owned:
-            return f"shard {shard} is not in our layout (shards {sorted(self._owned)})"
-        owned = [tuple(x) for x in rec.get("owned") or []]
-        if owned != self._owned[shard]:
-            return f"shard {shard} owns other subtrees in its layout (resharded?)"
-        if not isinstance(rec.get("address"), str):
-            return "no address"
-        return ""
-
-    def _reject(self, addr: str, why: str) -> None:
-        with self._lock:
-            self._verdicts[addr] = (False, time.monotonic(), why)
-            first = addr not in self._rejected
-            self._rejected[addr] = self._rejected.get(addr, 0) + 1
-        (log.warning if first else log.debug)("not using replica %s: %s", addr, why)
-        if self._on_reject is not None:
-            try:
-                self._on_reject(addr, why)
-            except Exception:  # a metrics hook must not break a fetch
-                log.exception("on_reject hook failed")
-
-    def _verify(self, addr: str, shard: str, timeout: float) -> None:
-        """Checks with GetInfo (once per `verify_s`) that `addr` serves our bank's `shard` in our layout.
-
-        Raises _AttemptFailed: UNAVAILABLE-like codes when it cannot be asked, FAILED_PRECONDITION when
-        it serves another bank version or layout (then it is dropped and checked again later)."""
-        now = time.monotonic()
-        with self._lock:
-            verdict = self._verdicts.get(addr)
-        if verdict is not None and now - verdict[1] < (self.verify_s if verdict[0] else self.recheck_s):
-            if verdict[0]:
-                return
-            raise _AttemptFailed(grpc.StatusCode.FAILED_PRECONDITION, verdict[2])
-        try:
-            info = self._channel(addr).info(pb.GetInfoRequest(), timeout=max(0.01, timeout))
-        except grpc.RpcError as exc:
-            raise _AttemptFailed(exc.code(), f"GetInfo: {exc.details() or ''}") from None
-        why = self._record_mismatch(shard, {"bank_id": info.bank_id, "address": addr,
-                                            "owned": [(n.level, n.index) for n in info.owned]})
-        if not why and info.shard_id != shard:
-            why = f"serves shard {info.shard_id}, not {shard}"
-        if why:
-            self._reject(addr, why)
-            raise _AttemptFailed(grpc.StatusCode.FAILED_PRECONDITION, why)
-        with self._lock:
-            self._verdicts[addr] = (True, now, "")
-
-    def _close_stale_channels(self) -> None:
-        """Closes channels to addresses no longer listed (replicas restarted elsewhere) once idle."""
-        known = {a for addrs in self.replicas().values() for a in addrs}
-        now = time.monotonic()
-        stale = []
-        with self._lock:
-            for addr in [a for a in self._channels
-                         if a not in known and now - self._last_used.get(a, 0.0) > self.channel_idle_s]:
-                stale.append(self._channels.pop(addr))
-                self._last_used.pop(addr, None)
-                self._failed_at.pop(addr, None)
-                self._verdicts.pop(addr, None)
-                log.info("closing the channel to %s: no longer registered", addr)
-        for ch in stale:
-            ch.channel.close()
-
-    def _order(self, addresses: list[str]) -> list[str]:
-        """Round-robin among replicas without a recent failure, then the failed ones, oldest failure first,
-        then those last found serving another bank version or layout (asked again after `recheck_s`)."""
-        if not addresses:
-            return []
-        now = time.monotonic()
-        k = next(self._rr) % len(addresses)
-        rotated = addresses[k:] + addresses[:k]
-        with self._lock:
-            verdicts, failed = dict(self._verdicts), dict(self._failed_at)
-
-        def rank(addr: str) -> tuple[bool, float]:
-            v = verdicts.get(addr)
-            t = failed.get(addr, 0.0)
-            return (v is not None and not v[0], t if now - t < self.failure_memory_s else 0.0)
-
-        return sorted(rotated, key=rank)  # stable: equal keys keep the rotation
 
     # --- fetching ----------------------------------------------------------------------------------------
 
@@ -405,14 +213,14 @@ class BankClient:
     def _fetch_shard_calls(self, shard: str, refs: list[NodeRef], deadline: float) -> FetchResult:
         out = FetchResult()
         addresses = self.replicas().get(shard, [])
-        if not addresses and self._refresh_once():
+        if not addresses and self.replica_set.refresh():
             addresses = self.replicas().get(shard, [])
         if not addresses:
             out.failed.update({r: f"no replica known for shard {shard}" for r in refs})
             return out
         for batch in self._batches(refs):
             pending = list(batch)
-            order = self._order(addresses)
+            order = self.replica_set.order(addresses)
             i, last_error = 0, f"no replica of bank {self.bank_id[:12]} for shard {shard} ({len(addresses)} known)"
             while pending and i < len(order):
                 remaining = deadline - time.monotonic()
@@ -422,18 +230,17 @@ class BankClient:
                 addr = order[i]
                 verified = False
                 try:
-                    self._verify(addr, shard, min(remaining, self.attempt_timeout_s))
+                    self.replica_set.verify(addr, shard, min(remaining, self.attempt_timeout_s))
                     verified = True
                     self._call(addr, pending, out, min(deadline - time.monotonic(), self.attempt_timeout_s))
-                except _AttemptFailed as exc:
+                except AttemptFailed as exc:
                     last_error = f"{addr}: {exc}"
                     if exc.code in FAILOVER_CODES:
                         if exc.code in MISMATCH_CODES:
                             if verified:  # it changed since it was checked (restarted onto another version)
-                                self._reject(addr, str(exc))
+                                self.replica_set.reject(addr, str(exc))
                         else:
-                            with self._lock:
-                                self._failed_at[addr] = time.monotonic()
+                            self.replica_set.failed(addr)
                         log.info("shard %s replica %s failed (%s); %s", shard, addr, exc,
                                  "failing over" if i + 1 < len(order) else "no replica left")
                         if verified or exc.code not in MISMATCH_CODES:  # not: dropped by GetInfo
@@ -444,23 +251,6 @@ class BankClient:
             out.failed.update({r: last_error for r in pending})
         return out
 
-    def _channel(self, addr: str) -> _Channel:
-        with self._lock:
-            self._last_used[addr] = time.monotonic()
-            entry = self._channels.get(addr)
-            if entry is None:
-                if self._credentials is not None:
-                    channel = grpc.secure_channel(addr, self._credentials, options=self._channel_options)
-                else:
-                    channel = grpc.insecure_channel(addr, options=self._channel_options)
-                entry = self._channels[addr] = _Channel(
-                    channel,
-                    channel.unary_stream(FETCH_METHOD, request_serializer=pb.FetchBlocksRequest.SerializeToString,
-                                         response_deserializer=wire.decode_chunk),
-                    channel.unary_unary(INFO_METHOD, request_serializer=pb.GetInfoRequest.SerializeToString,
-                                        response_deserializer=pb.GetInfoResponse.FromString))
-            return entry
-
     def _call(self, addr: str, pending: list[NodeRef], out: FetchResult, timeout: float) -> None:
         """One FetchBlocks call; moves each verified block from `pending` to `out.blocks` as it completes."""
         request = pb.FetchBlocksRequest(bank_id=self.bank_id,
@@ -468,18 +258,18 @@ class BankClient:
         raw: torch.Tensor | None = None  # the block being received, as uint8
         buf: memoryview | None = None  # a writable view of `raw`
         got = crc = 0
-        call = self._channel(addr).fetch(request, timeout=max(0.01, timeout))
+        call = self.replica_set.channel(addr).fetch(request, timeout=max(0.01, timeout))
         try:
             for chunk in call:
                 if chunk.header is not None:
                     if buf is not None:
-                        raise _AttemptFailed(grpc.StatusCode.DATA_LOSS, "block header before previous block ended")
+                        raise AttemptFailed(grpc.StatusCode.DATA_LOSS, "block header before previous block ended")
                     self._check_header(chunk.header, pending[0] if pending else None)
                     # torch.empty maps fresh pages lazily; bytearray(n) would zero-fill them first (~1 ms/MB)
                     raw = torch.empty(chunk.header.nbytes, dtype=torch.uint8)
                     buf, got, crc = raw.numpy().data, 0, 0  # a writable memoryview of raw's bytes
                 if raw is None or buf is None or chunk.offset != got or got + len(chunk.data) > len(buf):
-                    raise _AttemptFailed(grpc.StatusCode.DATA_LOSS, "chunk out of order")
+                    raise AttemptFailed(grpc.StatusCode.DATA_LOSS, "chunk out of order")
                 end = got + len(chunk.data)
                 buf[got:end] = chunk.data
                 crc = crc32c.crc32c(buf[got:end], crc)  # while the chunk is still in the CPU cache
@@ -492,28 +282,28 @@ class BankClient:
         except grpc.RpcError as exc:
             code = exc.code() if callable(getattr(exc, "code", None)) else grpc.StatusCode.UNKNOWN
             details = exc.details() if callable(getattr(exc, "details", None)) else str(exc)
-            raise _AttemptFailed(code, details or "") from None
+            raise AttemptFailed(code, details or "") from None
         finally:
             if call.is_active():  # we gave up on this replica mid-stream: stop it sending
                 call.cancel()
         if buf is not None or pending:
-            raise _AttemptFailed(grpc.StatusCode.DATA_LOSS, f"stream ended with {len(pending)} blocks missing")
+            raise AttemptFailed(grpc.StatusCode.DATA_LOSS, f"stream ended with {len(pending)} blocks missing")
 
     def _check_header(self, header: pb.BlockHeader, expected: NodeRef | None) -> None:
         ref = NodeRef(header.node.level, header.node.index)
         if ref != expected:
-            raise _AttemptFailed(grpc.StatusCode.DATA_LOSS, f"got block {ref}, expected {expected}")
+            raise AttemptFailed(grpc.StatusCode.DATA_LOSS, f"got block {ref}, expected {expected}")
         if header.bank_id != self.bank_id:
-            raise _AttemptFailed(grpc.StatusCode.DATA_LOSS, f"block {ref} is from bank {header.bank_id}")
+            raise AttemptFailed(grpc.StatusCode.DATA_LOSS, f"block {ref} is from bank {header.bank_id}")
         info = self.bank.block_info(ref)
         if (tuple(header.shape) != tuple(info.shape) or header.dtype != info.dtype
                 or header.nbytes != info.nbytes or header.crc32c != info.crc32c):
-            raise _AttemptFailed(grpc.StatusCode.DATA_LOSS, f"block {ref}: header disagrees with the manifest")
+            raise AttemptFailed(grpc.StatusCode.DATA_LOSS, f"block {ref}: header disagrees with the manifest")
 
     def _finish_block(self, ref: NodeRef, raw: torch.Tensor, actual: int, out: FetchResult) -> None:
         info = self.bank.block_info(ref)
         if actual != info.crc32c:
-            raise _AttemptFailed(grpc.StatusCode.DATA_LOSS,
+            raise AttemptFailed(grpc.StatusCode.DATA_LOSS,
                                  f"block {ref}: crc32c {actual:#010x} != manifest {info.crc32c:#010x}")
         out.blocks[ref] = raw.view(self._torch_dtype).view(info.shape)
         out.nbytes += raw.numel()

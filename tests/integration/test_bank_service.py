@@ -230,10 +230,10 @@ def test_kill9_of_a_replica_during_fetches(cluster):
             worker.join(60)
             # Its registration expires (TTL 2 s); then the client drops it and closes the idle channel.
             deadline = time.monotonic() + 10
-            while extra.address in client._channels and time.monotonic() < deadline:
+            while extra.address in client.replica_set.channel_addresses() and time.monotonic() < deadline:
                 time.sleep(0.2)
             assert extra.address not in client.replicas()["0"]
-            assert extra.address not in client._channels
+            assert extra.address not in client.replica_set.channel_addresses()
         assert not worker.is_alive()
         assert errors == [] and len(results) == 36
         assert sum(r.failovers for r in results) >= 1  # replica c was asked after its death, and skipped
