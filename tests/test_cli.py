@@ -26,14 +26,13 @@ def test_bank_synth_for_an_anchor_is_accepted_by_the_model_server(tmp_path):
     import hiermem.cli as cli
     from lm import load_anchor
     from memory_store import Bank
-    from services.model_server.service import check_identity
 
     out = tmp_path / "bank"
     assert cli.main(["bank", "synth", "--anchor", "tiny", "--branching", "2,2", "--ranks", "4,2", "--layers", "all",
                  "--out", str(out)]) == 0
     anchor = load_anchor("tiny")
     bank = Bank.open(out)
-    check_identity(bank.anchor, anchor.identity)  # raises BankIdentityMismatch for another anchor
+    bank.check_anchor(anchor.identity)  # raises BankMismatch for another anchor
     assert bank.spec.n_layers == anchor.config.n_layers and bank.spec.d_model == anchor.config.d_model
 
     asked = []
@@ -46,4 +45,4 @@ def test_bank_synth_for_an_anchor_is_accepted_by_the_model_server(tmp_path):
         assert cli.main(["bank", "synth", "--preset", "paper-smollm2", "--branching", "2,2,2", "--ranks", "4,2,1",
                      "--out", str(tmp_path / "paper")]) == 0
     assert asked == ["smollm2"]
-    check_identity(Bank.open(tmp_path / "paper").anchor, anchor.identity)
+    Bank.open(tmp_path / "paper").check_anchor(anchor.identity)

@@ -27,10 +27,12 @@ from .schemas import (
     GenerateRequest,
     GenerateResponse,
     MemoryInfo,
+    MemorySpec,
     ModelList,
     RouteNode,
     RouteRequest,
     RouteResponse,
+    SamplingFields,
 )
 from .service import Components
 
@@ -61,7 +63,7 @@ def _check_model(c: Components, model: str | None) -> str:
     return model
 
 
-def _sampling(c: Components, body: Any, stop: list[str]) -> Sampling:
+def _sampling(c: Components, body: SamplingFields, stop: list[str]) -> Sampling:
     asked = body.new_tokens()
     max_new = asked if asked is not None else c.settings.default_max_tokens
     return Sampling(max_new_tokens=max_new, temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
@@ -75,7 +77,7 @@ async def _encode(c: Components, text: str) -> list[int]:
 
 
 async def _begin(request: Request, c: Components, prompt_ids: list[int], route_text: str, sampling: Sampling,
-                 memory: Any, who: Principal) -> Generation:
+                 memory: MemorySpec, who: Principal) -> Generation:
     generation.check_limits(c.settings, len(prompt_ids), sampling.max_new_tokens, c.max_seq_len)
     return await generation.start(c.engine, c.resolver, prompt_ids=prompt_ids, route_text=route_text,
                                   sampling=sampling, memory=memory, principal=who)

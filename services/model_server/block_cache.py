@@ -15,13 +15,16 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Hashable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Protocol
 
 import torch
+
+from memory_store import NodeRef
+from services.memory_bank.result import FetchResult
 
 from .metrics import Metrics
 
@@ -29,27 +32,29 @@ log = logging.getLogger(__name__)
 
 
 class Fetcher(Protocol):
-    """What the cache needs of the bank client: `fetch(refs)` -> object with `.blocks` and `.failed`."""
+    """Where the cache gets blocks: the bank client (services.memory_bank.client.BankClient), or the bank's
+    own files (service.LocalFetcher). Every node asked for is in the result's `blocks` or `failed`."""
 
-    def fetch(self, refs: Sequence[Any]) -> Any: ...
+    def fetch(self, refs: Sequence[NodeRef]) -> FetchResult: ...
 
 
 @dataclass
 class CacheResult:
     """Outcome of one `get_many`: the blocks that could be had and why the others could not."""
 
-    blocks: dict[Any, torch.Tensor] = field(default_factory=dict)
-    failed: dict[Any, str] = field(default_factory=dict)
+    blocks: dict[NodeRef, torch.Tensor] = field(default_factory=dict)
+    failed: dict[NodeRef, str] = field(default_factory=dict)
     hits: int = 0
     misses: int = 0
     fetch_ms: float = 0.0
 
 
 class BlockCache:
-    """Pinned + LRU store of memory blocks keyed by NodeRef (anything with `.level`)."""
+    """Pinned + LRU store of memory blocks keyed by NodeRef."""
 
     def __init__(self, fetcher: Fetcher, *, capacity_bytes: int, pinned_levels: int = 0,
-                 shard_of: Callable[[Any], str] | None = None, subtree_of: Callable[[Any], int] | None = None,
+                 shard_of: Callable[[NodeRef], str] | None = None,
+                 subtree_of: Callable[[NodeRef], int] | None = None,
                  metrics: Metrics | None = None,
                  dtype: torch.dtype = torch.float32, timeout_s: float = 10.0) -> None:
         self._fetcher = fetcher
@@ -61,15 +66,15 @@ class BlockCache:
         self._dtype = dtype
         self._timeout_s = timeout_s
         self._lock = threading.Lock()
-        self._pinned: dict[Hashable, torch.Tensor] = {}
-        self._lru: OrderedDict[Hashable, torch.Tensor] = OrderedDict()
+        self._pinned: dict[NodeRef, torch.Tensor] = {}
+        self._lru: OrderedDict[NodeRef, torch.Tensor] = OrderedDict()
         self._lru_bytes = 0
-        self._inflight: dict[Hashable, Future] = {}
+        self._inflight: dict[NodeRef, Future] = {}
         self._bytes_per_level: dict[int, int] = {}
         self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="block-fetch")  # 2nd+ shards only
 
     # ---- queries -----------------------------------------------------------------------------
-    def __contains__(self, ref: Hashable) -> bool:
+    def __contains__(self, ref: NodeRef) -> bool:
         with self._lock:
             return ref in self._pinned or ref in self._lru
 
@@ -77,15 +82,15 @@ class BlockCache:
     def lru_bytes(self) -> int:
         return self._lru_bytes
 
-    def stats(self) -> dict[str, Any]:
+    def stats(self) -> dict[str, int | dict[int, int]]:
         with self._lock:
             return {"pinned_blocks": len(self._pinned), "lru_blocks": len(self._lru),
                     "lru_bytes": self._lru_bytes, "capacity_bytes": self.capacity_bytes,
                     "bytes_per_level": dict(self._bytes_per_level)}
 
     # ---- fetching ----------------------------------------------------------------------------
-    def preload(self, refs: Iterable[Any], *, deadline_s: float = 0.0, retry_wait_s: float = 0.5,
-                max_wait_s: float = 5.0) -> dict[Any, str]:
+    def preload(self, refs: Iterable[NodeRef], *, deadline_s: float = 0.0, retry_wait_s: float = 0.5,
+                max_wait_s: float = 5.0) -> dict[NodeRef, str]:
         """Fetch and pin `refs` (the shallow levels) at start-up; returns the ones still missing at the end.
 
         A block that fails (a fetch that timed out on a busy machine, a shard not up yet) is asked for again,
@@ -118,11 +123,11 @@ class BlockCache:
             log.info("preload: all %d blocks pinned after %d attempts in %.1fs", len(refs), attempt, took)
         return failed
 
-    def get_many(self, refs: Sequence[Any], *, count: bool = True) -> CacheResult:
+    def get_many(self, refs: Sequence[NodeRef], *, count: bool = True) -> CacheResult:
         """Blocks for `refs` (compute dtype), from the cache or one shared fetch per missing node."""
         out = CacheResult()
-        owned: list[Any] = []
-        waits: dict[Any, Future] = {}
+        owned: list[NodeRef] = []
+        waits: dict[NodeRef, Future] = {}
         with self._lock:
             for ref in refs:
                 block = self._pinned.get(ref)
@@ -159,8 +164,8 @@ class BlockCache:
         out.fetch_ms = (time.perf_counter() - t0) * 1000.0
         return out
 
-    def _fetch_owned(self, owned: list[Any]) -> None:
-        groups: dict[str, list[Any]] = {}
+    def _fetch_owned(self, owned: list[NodeRef]) -> None:
+        groups: dict[str, list[NodeRef]] = {}
         for ref in owned:
             groups.setdefault(self._shard_of(ref), []).append(ref)
         items = list(groups.items())
@@ -178,7 +183,7 @@ class BlockCache:
                 log.warning("fetch from shard %s failed: %s", shard, exc)
                 self._resolve_failed(groups[shard], f"shard {shard}: {exc}")
 
-    def _fetch_group(self, shard: str, refs: list[Any]) -> None:
+    def _fetch_group(self, shard: str, refs: list[NodeRef]) -> None:
         t0 = time.perf_counter()
         try:
             result = self._fetcher.fetch(refs)
@@ -204,7 +209,7 @@ class BlockCache:
             if fut is not None:
                 fut.set_result(block)
 
-    def _resolve_failed(self, refs: list[Any], reason: str) -> None:
+    def _resolve_failed(self, refs: list[NodeRef], reason: str) -> None:
         for ref in refs:
             with self._lock:
                 fut = self._inflight.pop(ref, None)
@@ -212,9 +217,9 @@ class BlockCache:
                 fut.set_exception(RuntimeError(reason))
 
     # ---- storage (lock held) -----------------------------------------------------------------
-    def _insert(self, ref: Any, block: torch.Tensor) -> None:
+    def _insert(self, ref: NodeRef, block: torch.Tensor) -> None:
         nbytes = block.numel() * block.element_size()
-        level = int(getattr(ref, "level", 0))
+        level = ref.level
         if level <= self.pinned_levels:
             if ref not in self._pinned:
                 self._pinned[ref] = block
@@ -229,17 +234,17 @@ class BlockCache:
             old_ref, old = self._lru.popitem(last=False)
             old_bytes = old.numel() * old.element_size()
             self._lru_bytes -= old_bytes
-            self._add_bytes(int(getattr(old_ref, "level", 0)), -old_bytes)
+            self._add_bytes(old_ref.level, -old_bytes)
 
     def _add_bytes(self, level: int, delta: int) -> None:
         self._bytes_per_level[level] = self._bytes_per_level.get(level, 0) + delta
         if self._metrics is not None:
             self._metrics.cache_bytes.labels(level=str(level)).set(self._bytes_per_level[level])
 
-    def _count(self, ref: Any, *, hit: bool, enabled: bool) -> None:
+    def _count(self, ref: NodeRef, *, hit: bool, enabled: bool) -> None:
         if not enabled or self._metrics is None:
             return
-        level = str(getattr(ref, "level", 0))
+        level = str(ref.level)
         (self._metrics.cache_hits if hit else self._metrics.cache_misses).labels(level=level).inc()
 
     def close(self) -> None:

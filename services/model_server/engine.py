@@ -33,6 +33,7 @@ import torch
 
 from .errors import Overloaded
 from .metrics import Metrics
+from .request_memory import RequestMemory
 from .sampling import Sampling, sample
 from .scheduler import Scheduler
 
@@ -78,13 +79,12 @@ class Event:
 
 @dataclass
 class GenRequest:
-    """One sequence to generate. `memory_keys[i]` names `memory_blocks[i]` (NodeRef or "generic")."""
+    """One sequence to generate, with the blocks of its memory (request_memory.py)."""
 
     prompt_ids: list[int]
     params: Sampling
     sink: Callable[[Event], None]
-    memory_keys: list[Hashable] = field(default_factory=list)
-    memory_blocks: list[torch.Tensor] = field(default_factory=list)
+    memory: RequestMemory = field(default_factory=RequestMemory)
     request_id: str = ""
     # --- engine state ---
     enqueued_at: float = 0.0
@@ -101,9 +101,8 @@ class GenRequest:
     _gen: torch.Generator | None = None
 
     @property
-    def memory_nodes(self) -> dict[Hashable, int]:
-        return {k: b.numel() * b.element_size() for k, b in zip(self.memory_keys, self.memory_blocks,
-                                                               strict=True)}
+    def block_bytes(self) -> Mapping[Hashable, int]:
+        return self.memory.block_bytes
 
 
 @dataclass
@@ -243,7 +242,7 @@ class Engine:
             return
         if n < self.scheduler.min_admit(len(self._waiting), bool(self._active or self._prefilling), self.max_rows):
             return  # let a group of slots free up, so the scheduler has a choice among the waiting
-        running = set().union(*(r.memory_keys for r in self._active + self._prefilling))
+        running = set().union(*(r.memory.keys for r in self._active + self._prefilling))
         picks = self.scheduler.pick(self._waiting, running, n, time.monotonic())
         for req in picks:
             self._waiting.remove(req)
@@ -256,7 +255,7 @@ class Engine:
     def _prefill_one_chunk(self) -> None:
         req = self._prefilling[0]
         chunk = req.prompt_ids[req.prefilled:req.prefilled + self.prefill_chunk]
-        logits = self.runner.prefill(req.slot, chunk, req.prefilled, req.memory_keys)
+        logits = self.runner.prefill(req.slot, chunk, req.prefilled, req.memory.keys)
         req.prefilled += len(chunk)
         self.stats.prefill_chunks += 1
         if req.prefilled < len(req.prompt_ids):
@@ -270,7 +269,7 @@ class Engine:
         rows = list(self._active)
         t0 = time.perf_counter()
         logits = self.runner.decode([r.slot for r in rows], [r.generated[-1] for r in rows],
-                                    [r.memory_keys for r in rows])
+                                    [r.memory.keys for r in rows])
         for r in rows:
             r.fed += 1
         dt = time.perf_counter() - t0
@@ -288,13 +287,13 @@ class Engine:
 
     @staticmethod
     def _distinct_bytes(reqs: Sequence[GenRequest]) -> int:
-        held = {k: b for r in reqs for k, b in zip(r.memory_keys, r.memory_blocks, strict=True)}
-        return sum(b.numel() * b.element_size() for b in held.values())
+        held = {k: n for r in reqs for k, n in r.memory.block_bytes.items()}
+        return sum(held.values())
 
     def _sync_blocks(self) -> None:
         """Hand the runner the distinct blocks of every admitted row (decoding or prefilling)."""
         rows = self._active + self._prefilling
-        held = {k: b for r in rows for k, b in zip(r.memory_keys, r.memory_blocks, strict=True)}
+        held = {k: b for r in rows for k, b in r.memory.blocks.items()}
         t0 = time.perf_counter()
         self.runner.set_blocks(held)
         dt = time.perf_counter() - t0

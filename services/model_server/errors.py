@@ -81,7 +81,3 @@ class MemoryUnavailable(ServerError):
     status = 503
     type = "server_error"
     code = "memory_unavailable"
-
-
-class BankIdentityMismatch(RuntimeError):
-    """At start-up: the bank was built for another anchor than the one loaded."""

@@ -6,20 +6,18 @@ import asyncio
 import logging
 import threading
 import uuid
-from collections.abc import AsyncIterator, Callable, Hashable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 from .auth import Principal
 from .engine import Engine, Event, GenRequest
 from .errors import InvalidRequest, Overloaded
-from .memory import MemoryResolver
+from .request_memory import NO_MEMORY
+from .resolver import MemoryResolver
 from .sampling import Sampling
-from .schemas import MemoryInfo
+from .schemas import MemoryInfo, MemorySpec
 from .settings import ModelServerSettings
-
-if TYPE_CHECKING:
-    import torch
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +46,7 @@ class Generation:
     engine: Engine
     prompt_tokens: int
 
-    async def events(self, poll: Callable[[], Any] | None = None) -> AsyncIterator[Event]:
+    async def events(self, poll: Callable[[], Awaitable[bool]] | None = None) -> AsyncIterator[Event]:
         """Yield token events, then one done/error event. `poll` (async, -> bool) is asked every 0.5 s
         whether the client went away; if so the request is cancelled."""
         try:
@@ -184,7 +182,7 @@ def _chat_without_markers(codec: Any, tok: Any, messages: Sequence[dict[str, str
 
 
 # ---- what a client may see of the memory object -------------------------------------------------------
-_PUBLIC_REASONS = {  # fixed texts that say nothing internal (memory.py and this module produce them)
+_PUBLIC_REASONS = {  # fixed texts that say nothing internal (resolver.py and this module produce them)
     "the API key allows no memory subtree",
     "no memory bank configured",
     "no memory: the prompt matches no document of the bank (route gate)",
@@ -224,25 +222,23 @@ def check_limits(settings: ModelServerSettings, n_prompt: int, max_new: int, max
 
 
 async def start(engine: Engine, resolver: MemoryResolver | None, *, prompt_ids: list[int], route_text: str,
-                sampling: Sampling, memory: Any, principal: Principal) -> Generation:
+                sampling: Sampling, memory: MemorySpec, principal: Principal) -> Generation:
     """Resolve memory (off the event loop), then queue the request; raises the request's 4xx/503."""
     if engine.snapshot()["waiting"] >= engine.max_queue:  # refuse before spending a fetch on it
         raise Overloaded(f"queue full ({engine.max_queue} waiting); retry later", engine.retry_after_s)
     if resolver is None:
         if memory not in ("off", "auto"):
             raise InvalidRequest("this server has no memory bank", param="memory", code="no_bank")
-        keys: list[Hashable] = []
-        blocks: list[torch.Tensor] = []
-        info = MemoryInfo(mode="none", reason="no memory bank configured")
+        request_memory, info = NO_MEMORY, MemoryInfo(mode="none", reason="no memory bank configured")
     else:
-        keys, blocks, info = await asyncio.to_thread(resolver.resolve, memory, route_text, principal)
+        request_memory, info = await asyncio.to_thread(resolver.resolve, memory, route_text, principal)
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue = asyncio.Queue()
 
     def sink(ev: Event) -> None:
         loop.call_soon_threadsafe(queue.put_nowait, ev)
 
-    req = GenRequest(prompt_ids=prompt_ids, params=sampling, sink=sink, memory_keys=keys, memory_blocks=blocks)
+    req = GenRequest(prompt_ids=prompt_ids, params=sampling, sink=sink, memory=request_memory)
     engine.submit(req)
     if engine.metrics is not None:
         engine.metrics.tokens.labels(kind="prompt").inc(len(prompt_ids))

@@ -33,8 +33,8 @@ class Waiting(Protocol):
     skipped: int  # times a later arrival was admitted before it
 
     @property
-    def memory_nodes(self) -> Mapping[Hashable, int]:
-        """Node key -> bytes of its block."""
+    def block_bytes(self) -> Mapping[Hashable, int]:
+        """Block key -> bytes of the block (the blocks of its memory)."""
 
 
 W = TypeVar("W", bound=Waiting)
@@ -67,16 +67,16 @@ class Scheduler:
             return 1
         return max(1, min(self.admit_group, n_waiting, max_rows))
 
-    def pick(self, waiting: Sequence[W], running_nodes: set[Hashable], n: int, now: float) -> list[W]:
+    def pick(self, waiting: Sequence[W], running_keys: set[Hashable], n: int, now: float) -> list[W]:
         """Up to `n` requests of `waiting` to admit now, in admission order; counts the skips."""
         pool = list(waiting)
         chosen: list[W] = []
-        nodes = set(running_nodes)
+        nodes = set(running_keys)
         while pool and len(chosen) < n:
             best = self._best(pool, nodes, now)
             pool.remove(best)
             chosen.append(best)
-            nodes.update(best.memory_nodes)
+            nodes.update(best.block_bytes)
             wait = now - best.enqueued_at
             self.mean_wait = wait if self.mean_wait is None else 0.9 * self.mean_wait + 0.1 * wait
             for w in pool:
@@ -93,10 +93,10 @@ class Scheduler:
             return min(overdue or pool, key=lambda w: w.enqueued_at)
 
         def score(w: Waiting) -> tuple[int, int, float]:
-            shared = sum(b for key, b in w.memory_nodes.items() if key in nodes)
+            shared = sum(b for key, b in w.block_bytes.items() if key in nodes)
             # tie-break: bytes it shares with the other waiting requests, so the next admissions share too
-            affinity = sum(b for o in pool if o is not w for key, b in o.memory_nodes.items()
-                           if key in w.memory_nodes)
+            affinity = sum(b for o in pool if o is not w for key, b in o.block_bytes.items()
+                           if key in w.block_bytes)
             return (shared, affinity, -w.enqueued_at)
 
         return max(pool, key=score)

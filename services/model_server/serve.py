@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from .errors import BankIdentityMismatch
+from memory_store import BankMismatch
+
 from .settings import ModelServerSettings
 
 log = logging.getLogger(__name__)
@@ -58,7 +59,8 @@ def run(settings: ModelServerSettings) -> int:
     limit_malloc_arenas()
     try:
         asyncio.run(serve(settings))
-    except BankIdentityMismatch as exc:
-        log.error("%s", exc)
-        raise SystemExit(f"hiermem serve-model: {exc}") from None
+    except BankMismatch as exc:  # the bank was built for another anchor (service.build_components)
+        why = f"{exc}; serve it with the anchor it was built for, or rebuild the bank for this one"
+        log.error("%s", why)
+        raise SystemExit(f"hiermem serve-model: {why}") from None
     return 0

@@ -5,21 +5,26 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 
+from memory_store import AnchorIdentity, Bank, NodeRef
+from services.memory_bank.result import FetchResult
+
 from .auth import KeyStore
-from .block_cache import BlockCache
+from .block_cache import BlockCache, Fetcher
 from .engine import Engine
-from .errors import BankIdentityMismatch
 from .generation import Codec
-from .memory import MemoryResolver
 from .metrics import Metrics
+from .resolver import BankView, Embed, MemoryResolver
 from .scheduler import Scheduler
 from .settings import ModelServerSettings
+
+if TYPE_CHECKING:  # pragma: no cover
+    from services.memory_bank.client import BankClient
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +42,7 @@ class Components:
     model_ids: list[str] = field(default_factory=list)
     bank_id: str | None = None
     ready_check: Callable[[], tuple[bool, str]] = lambda: (True, "ok")
-    closers: list[Callable[[], Any]] = field(default_factory=list)
+    closers: list[Callable[[], object]] = field(default_factory=list)
 
     @property
     def max_seq_len(self) -> int:
@@ -52,37 +57,26 @@ class Components:
                 log.exception("error while closing")
 
 
-def check_identity(bank_anchor: Any, anchor_identity: Any) -> None:
-    """Refuse a bank built for another anchor (docs/design.md §3)."""
-
-    def as_pair(x: Any) -> tuple[str, str]:
-        if isinstance(x, dict):
-            return str(x.get("arch")), str(x.get("hash"))
-        return str(x.arch), str(x.hash)
-
-    bank_pair, anchor_pair = as_pair(bank_anchor), as_pair(anchor_identity)
-    if bank_pair != anchor_pair:
-        raise BankIdentityMismatch(
-            f"the bank was built for anchor {bank_pair[0]} (hash {bank_pair[1][:16]}), but the loaded anchor "
-            f"is {anchor_pair[0]} (hash {anchor_pair[1][:16]}); load the matching anchor or rebuild the bank")
-
-
 class LocalFetcher:
     """Reads blocks straight from the bank's shard files (no bank service configured)."""
 
-    def __init__(self, bank: Any) -> None:
+    def __init__(self, bank: Bank) -> None:
         self.bank = bank
 
-    def fetch(self, refs: list[Any]) -> Any:
-        from types import SimpleNamespace
-
-        blocks, failed = {}, {}
+    def fetch(self, refs: Sequence[NodeRef]) -> FetchResult:
+        result = FetchResult()
         for ref in refs:
             try:
-                blocks[ref] = self.bank.read_block(ref)
+                block = self.bank.read_block(ref)
             except Exception as exc:  # reported per node, like the bank client
-                failed[ref] = f"{type(exc).__name__}: {exc}"
-        return SimpleNamespace(blocks=blocks, failed=failed)
+                result.failed[ref] = f"{type(exc).__name__}: {exc}"
+                continue
+            result.blocks[ref] = block
+            result.nbytes += block.numel() * block.element_size()
+        return result
+
+    def close(self) -> None:
+        """Nothing to close: the bank is the server's."""
 
 
 def pin_deadline_s(settings: ModelServerSettings) -> float:
@@ -91,26 +85,23 @@ def pin_deadline_s(settings: ModelServerSettings) -> float:
     return max(60.0, 6.0 * settings.fetch_timeout_s)
 
 
-def build_memory_side(settings: ModelServerSettings, bank: Any, fetcher: Any, embed: Callable,
+def build_memory_side(settings: ModelServerSettings, bank: BankView, fetcher: Fetcher, embed: Embed,
                       metrics: Metrics, dtype: torch.dtype = torch.float32) -> tuple[MemoryResolver, BlockCache]:
     """Block cache (shallow levels preloaded) and the resolver over it; blocks are held in `dtype`, the
     runner's compute dtype, so they are converted once, when fetched."""
-    sizes = [len(c) for c in bank.tree.centroids]
     cache = BlockCache(fetcher, capacity_bytes=settings.cache_bytes, pinned_levels=settings.pinned_levels,
-                       shard_of=lambda ref: str(bank.shard_of(ref)),
-                       subtree_of=lambda ref: ref.index // (sizes[ref.level - 1] // sizes[0]), metrics=metrics,
-                       timeout_s=settings.fetch_timeout_s, dtype=dtype)
+                       shard_of=bank.shard_of, subtree_of=lambda ref: bank.tree.ancestor(ref.level, ref.index, 1),
+                       metrics=metrics, timeout_s=settings.fetch_timeout_s, dtype=dtype)
     resolver = MemoryResolver(bank, cache, embed, strict=settings.strict, metrics=metrics, dtype=dtype)
     if settings.pinned_levels:
-        refs = resolver.pinned_refs(settings.pinned_levels)
-        if hasattr(bank, "is_present"):
-            refs = [ref for ref in refs if bank.is_present(ref)]  # a deleted node never comes back: not retried
+        # a deleted node never comes back: not asked for, not retried
+        refs = [ref for ref in resolver.pinned_refs(settings.pinned_levels) if bank.is_present(ref)]
         failed = cache.preload(refs, deadline_s=pin_deadline_s(settings))
         log.info("preloaded %d pinned blocks (%d unavailable)", len(refs) - len(failed), len(failed))
     return resolver, cache
 
 
-def make_fetcher(settings: ModelServerSettings, bank: Any, metrics: Metrics) -> Any:
+def make_fetcher(settings: ModelServerSettings, bank: Bank, metrics: Metrics) -> LocalFetcher | BankClient:
     """The bank client of `bank` (shard replicas through Redis / static addresses, TLS as configured), or
     the bank's own files when no bank service is configured."""
     if not (settings.redis_url or settings.static_addresses):
@@ -137,26 +128,22 @@ def build_components(settings: ModelServerSettings) -> Components:
     keys = KeyStore.load(settings.api_keys_file)
     bank = None
     if settings.bank is not None:
-        from memory_store import Bank
-
         bank = Bank.open(settings.bank)
         log.info("bank %s from %s", bank.bank_id[:12], bank.dir)
     anchor, codec, runner = load_codec_and_runner(
         settings.anchor, n_slots=settings.max_batch, max_seq_len=settings.max_seq_len,
         memory_layers=bank.spec.memory_layers if bank is not None else None, dtype=settings.dtype)
-    if hasattr(runner, "reserved_bytes"):
-        metrics.track_reserved(lambda: runner.reserved_bytes)
-    closers: list[Callable[[], Any]] = []
+    metrics.track_reserved(lambda: runner.reserved_bytes)
+    closers: list[Callable[[], object]] = []
     resolver, bank_id, ready_check = None, None, (lambda: (True, "ok"))
     embed = None
     if bank is not None:
         from memory_store import load_embedder
 
-        check_identity(bank.anchor, anchor.identity)
+        bank.check_anchor(anchor.identity)  # BankMismatch: serve.py ends the process with its message
         bank_id = bank.bank_id
         fetcher = make_fetcher(settings, bank, metrics)
-        if hasattr(fetcher, "close"):
-            closers.append(fetcher.close)
+        closers.append(fetcher.close)
         embed = load_embedder(bank.spec.embedder_name).embed
         resolver, cache = build_memory_side(settings, bank, fetcher, embed, metrics, runner.compute_dtype)
         closers.append(cache.close)
@@ -188,7 +175,8 @@ class BankFollower:
     mixes them); the old client and cache are closed `2 * fetch_timeout_s` later. A version that does not
     fit this server (another anchor, embedder or memory layers) is refused once, with an error in the log."""
 
-    def __init__(self, comps: Components, bank: Any, anchor_identity: Any, embed: Callable) -> None:
+    def __init__(self, comps: Components, bank: Bank, anchor_identity: AnchorIdentity | dict[str, str],
+                 embed: Embed) -> None:
         self.comps = comps
         self.settings = comps.settings
         self.bank = bank
@@ -197,7 +185,7 @@ class BankFollower:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="bank-follower", daemon=True)
         self._refused: set[str] = set()
-        self._retired: list[tuple[float, list[Callable[[], Any]]]] = []
+        self._retired: list[tuple[float, list[Callable[[], object]]]] = []
         self.switches = 0
 
     def start(self) -> None:
@@ -224,7 +212,6 @@ class BankFollower:
 
     def check_once(self) -> bool:
         """Switch to the version `current` points at now if it can be served; returns whether it did."""
-        from memory_store import Bank
         from memory_store.bank import resolve_bank_dir
 
         assert self.settings.bank is not None
@@ -233,7 +220,7 @@ class BankFollower:
             return False
         new = Bank.open(target)
         try:
-            check_identity(new.anchor, self.anchor_identity)
+            new.check_anchor(self.anchor_identity)
             new.check_embedder(self.bank.spec.embedder_name, self.bank.spec.embedder_dim)
             if (new.spec.memory_layers, new.spec.d_model) != (self.bank.spec.memory_layers, self.bank.spec.d_model):
                 raise ValueError("its memory layers or width differ from the loaded bank's: restart the server")
@@ -242,9 +229,8 @@ class BankFollower:
             log.error("bank follower: not switching to %s: %s", target, exc)
             return False
         fetcher = make_fetcher(self.settings, new, self.comps.metrics)
-        verified = getattr(fetcher, "verified_replicas", None)
-        if verified is not None:
-            serving = verified()
+        if not isinstance(fetcher, LocalFetcher):
+            serving = fetcher.verified_replicas()
             missing = [s for s in new.shard_ids if not serving.get(s)]
             if missing:
                 log.info("bank follower: version %s (%s) not served yet by shards %s; staying on %s",
@@ -257,7 +243,7 @@ class BankFollower:
         self.comps.resolver = resolver  # new requests resolve against the new version from here on
         self.comps.bank_id = new.bank_id
         self.comps.ready_check = _bank_ready_check(fetcher)
-        self.comps.closers[:] = [*([fetcher.close] if hasattr(fetcher, "close") else []), cache.close, self.stop]
+        self.comps.closers[:] = [fetcher.close, cache.close, self.stop]
         self._retired.append((time.monotonic() + 2 * self.settings.fetch_timeout_s, old_closers))
         log.info("bank follower: switched from %s to %s (%s)", self.bank.bank_id[:12], new.bank_id[:12], target)
         self.bank = new
@@ -265,7 +251,7 @@ class BankFollower:
         return True
 
 
-def _close_all(closers: list[Callable[[], Any]]) -> None:
+def _close_all(closers: list[Callable[[], object]]) -> None:
     for close in reversed(closers):
         try:
             close()
@@ -273,11 +259,11 @@ def _close_all(closers: list[Callable[[], Any]]) -> None:
             log.exception("error while closing")
 
 
-def _bank_ready_check(fetcher: Any) -> Callable[[], tuple[bool, str]]:
+def _bank_ready_check(fetcher: LocalFetcher | BankClient) -> Callable[[], tuple[bool, str]]:
     """Ready when the bank client knows at least one replica of some shard (local files: always)."""
-    replicas = getattr(fetcher, "replicas", None)
-    if replicas is None:
+    if isinstance(fetcher, LocalFetcher):
         return lambda: (True, "ok")
+    replicas = fetcher.replicas
 
     def check() -> tuple[bool, str]:
         try:

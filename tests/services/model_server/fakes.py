@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Sequence
-from types import SimpleNamespace
 
 import numpy as np
 import torch
 
 from memory_store import Tree
+from services.memory_bank.result import FetchResult
 
 VOCAB = 128
 EOS = 0
@@ -98,9 +98,11 @@ def block_value(ref) -> float:
 
 
 class FakeBank:
-    """Tree 4 x 2 (level 1: 4 nodes, level 2: 8), dim 4; shard = level-1 subtree parity."""
+    """Tree 4 x 2 (level 1: 4 nodes, level 2: 8), dim 4; shard = level-1 subtree parity; no directory (so no
+    document router), nothing deleted. What the model server reads of a bank: resolver.BankView."""
 
     bank_id = "fake-bank"
+    dir = None
 
     def __init__(self, generic: bool = True) -> None:
         eye = np.eye(4, dtype=np.float32)
@@ -109,6 +111,12 @@ class FakeBank:
                          parents=[np.zeros(4, dtype=np.int64), np.arange(8) // 2])
         self.anchor = {"arch": "fake", "hash": "0"}
         self._generic = generic
+
+    def present_prefix(self, path) -> list[int]:
+        return [int(i) for i in path]
+
+    def is_present(self, ref) -> bool:
+        return True
 
     def shard_of(self, ref) -> str:
         top = ref.index if ref.level == 1 else ref.index // 2
@@ -142,13 +150,13 @@ class FakeFetcher:
             self.calls.append(list(refs))
         if self.delay:
             threading.Event().wait(self.delay)
-        blocks, failed = {}, {}
+        result = FetchResult()
         for ref in refs:
             if self.bank.shard_of(ref) in self.down:
-                failed[ref] = f"shard {self.bank.shard_of(ref)} unreachable"
+                result.failed[ref] = f"shard {self.bank.shard_of(ref)} unreachable"
             else:
-                blocks[ref] = torch.full((1, 3, 2, 4), block_value(ref), dtype=torch.float16)
-        return SimpleNamespace(blocks=blocks, failed=failed)
+                result.blocks[ref] = torch.full((1, 3, 2, 4), block_value(ref), dtype=torch.float16)
+        return result
 
     @property
     def fetched(self) -> list:

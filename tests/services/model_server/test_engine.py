@@ -10,6 +10,7 @@ import torch
 
 from services.model_server.engine import Engine, GenRequest
 from services.model_server.errors import Overloaded
+from services.model_server.request_memory import RequestMemory
 from services.model_server.sampling import Sampling
 from services.model_server.scheduler import Scheduler
 
@@ -34,7 +35,7 @@ def _req(prompt="ab", n=4, keys=(), value=1.0, **kw):
     sink = Collector()
     blocks = [torch.full((1, 3, 2, 4), value) for _ in keys]
     return GenRequest(prompt_ids=[ord(c) for c in prompt], params=Sampling(max_new_tokens=n, **kw), sink=sink,
-                      memory_keys=list(keys), memory_blocks=blocks), sink
+                      memory=RequestMemory(dict(zip(keys, blocks, strict=True)))), sink
 
 
 def _wait_free(eng, n, timeout=2.0):

@@ -10,7 +10,7 @@ from memory_store.embed import HashEmbedder
 from memory_store.router import DocRouter
 from services.model_server.auth import Principal
 from services.model_server.block_cache import BlockCache
-from services.model_server.memory import MemoryResolver
+from services.model_server.resolver import MemoryResolver
 from services.model_server.service import LocalFetcher
 from tests.memory_store.conftest import tiny_spec, write_bank
 
@@ -38,10 +38,10 @@ def test_prompts_go_to_their_documents_path_and_unknown_ones_get_no_memory(tmp_p
     assert r.route("Q: Where is Zwolle?\nA:", EVERYONE)[0] == [1, 5]
     path, _, reason = r.route("The planet closest to the sun is", EVERYONE)
     assert path is None and reason is not None and "gate" in reason
-    keys, blocks, info = r.resolve("auto", "The planet closest to the sun is", EVERYONE)
-    assert keys == [] and blocks == [] and info.mode == "auto" and not info.degraded and info.path is None
-    keys, blocks, info = r.resolve("auto", "Which element has the symbol Os?", EVERYONE)
-    assert info.path == [1, 4] and len(blocks) == 2 and not info.degraded
+    memory, info = r.resolve("auto", "The planet closest to the sun is", EVERYONE)
+    assert memory.keys == () and info.mode == "auto" and not info.degraded and info.path is None
+    memory, info = r.resolve("auto", "Which element has the symbol Os?", EVERYONE)
+    assert info.path == [1, 4] and len(memory.blocks) == 2 and not info.degraded
     # a key limited to subtree 0 is never routed into subtree 1, even by the router
     limited = Principal("t", frozenset({0}))
     path, _, _ = r.route("Which element has the symbol Os?", limited)

@@ -19,7 +19,7 @@ from .fakes import FakeFetcher
 class W:
     name: str
     enqueued_at: float
-    memory_nodes: dict = field(default_factory=dict)
+    block_bytes: dict = field(default_factory=dict)
     skipped: int = 0
 
 

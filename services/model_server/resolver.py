@@ -1,5 +1,8 @@
 """From a request's `memory` field to the blocks it is generated with: route, check access, fetch.
 
+`MemoryResolver.resolve(spec, text, principal)` -> (RequestMemory, MemoryInfo): the blocks for the engine
+(request_memory.py follows them on to the FFN) and what the response says about them.
+
 Routing goes through the bank's nearest-document router and its gate when the bank has one
 (memory_store.router, docs/training.md), else greedy descent (docs/design.md §1); both are restricted to
 the level-1 subtrees the caller's key allows, so a key limited to subtree 3 never routes, and so never
@@ -11,30 +14,61 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Hashable, Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Final, Protocol
 
 import numpy as np
 import torch
 
+from memory_store import NodeRef, Tree, path_refs
 from memory_store.router import DocRouter
 
 from .auth import Principal
 from .block_cache import BlockCache
 from .errors import Forbidden, InvalidRequest, MemoryUnavailable
 from .metrics import Metrics
-from .schemas import MemoryInfo, MemoryMode
+from .request_memory import NO_MEMORY, RequestMemory
+from .schemas import MemoryInfo, MemoryMode, MemorySpec
 
 log = logging.getLogger(__name__)
 
-GENERIC = "generic"
+GENERIC: Final = "generic"
 DELETED_REASON = "the routed subtree was deleted from the bank: memory of the levels above it"
 
 
-class MemoryResolver:
-    """Turns a memory request into (keys, blocks, MemoryInfo). Thread-safe; called off the event loop."""
+Embed = Callable[[list[str]], np.ndarray]
+"""Texts -> their embeddings, one row each (the bank's embedder: memory_store.load_embedder)."""
 
-    def __init__(self, bank: Any, cache: BlockCache, embed: Callable[[list[str]], np.ndarray], *,
+
+class BankView(Protocol):
+    """What the model server reads of a bank (a `memory_store.Bank`) besides its blocks: the tree it routes
+    in, which nodes it has, where they are stored, its generic memory."""
+
+    @property
+    def bank_id(self) -> str: ...
+
+    @property
+    def dir(self) -> Path | None:
+        """The bank's directory (its document router, if any, is stored there); None: no directory."""
+
+    @property
+    def tree(self) -> Tree: ...
+
+    def present_prefix(self, path: Sequence[int]) -> list[int]:
+        """The longest prefix of `path` whose nodes have blocks (a deleted subtree cuts it)."""
+
+    def is_present(self, ref: NodeRef) -> bool: ...
+
+    def shard_of(self, ref: NodeRef) -> str: ...
+
+    def generic_block(self) -> torch.Tensor | None: ...
+
+
+class MemoryResolver:
+    """Turns a memory request into (RequestMemory, MemoryInfo). Thread-safe; called off the event loop."""
+
+    def __init__(self, bank: BankView, cache: BlockCache, embed: Embed, *,
                  strict: bool = False, metrics: Metrics | None = None,
                  dtype: torch.dtype = torch.float32) -> None:
         self.bank = bank
@@ -46,7 +80,7 @@ class MemoryResolver:
         self._tree = bank.tree  # routing is memory_store's: the scoring used offline too
         # A bank trained from documents carries a nearest-document router with a gate (memory_store.router):
         # prompts go to the path of the documents they match, or get no memory when they match none.
-        self._router = DocRouter.load(bank.dir) if getattr(bank, "dir", None) is not None else None
+        self._router = DocRouter.load(bank.dir) if bank.dir is not None else None
         if self._router is not None:
             log.info("routing through %d trained documents (gate: min_idf %.2f, min_cos %.2f)",
                      self._router.n_docs, self._router.min_idf, self._router.min_cos)
@@ -59,9 +93,7 @@ class MemoryResolver:
     def depth(self) -> int:
         return len(self._sizes)
 
-    def pinned_refs(self, levels: int) -> list[Any]:
-        from memory_store import NodeRef
-
+    def pinned_refs(self, levels: int) -> list[NodeRef]:
         return [NodeRef(lv, i) for lv in range(1, min(levels, self.depth) + 1) for i in range(self._sizes[lv - 1])]
 
     def route(self, text: str, principal: Principal) -> tuple[list[int] | None, float, str | None]:
@@ -104,43 +136,38 @@ class MemoryResolver:
             raise Forbidden(f"this API key may not use memory subtree {path[0]}", param="memory")
         return list(path)
 
-    def resolve(self, spec: Any, text: str, principal: Principal
-                ) -> tuple[list[Hashable], list[torch.Tensor], MemoryInfo]:
-        """Blocks for one request. `spec` is "auto" | "off" | "generic" | list of node indices."""
+    def resolve(self, spec: MemorySpec, text: str, principal: Principal) -> tuple[RequestMemory, MemoryInfo]:
+        """The memory of one request and what its response says about it; `text` is what "auto" routes."""
         if spec == "off":
-            return [], [], MemoryInfo(mode="off")
+            return NO_MEMORY, MemoryInfo(mode="off")
         if spec == GENERIC:
             block = self.generic_block()
             if block is None:
                 raise InvalidRequest("this bank has no generic memory", param="memory", code="no_generic_memory")
-            return [(self.version_key, GENERIC)], [block], MemoryInfo(mode="generic",
-                                                                       levels=list(range(1, self.depth + 1)))
+            return (RequestMemory({(self.version_key, GENERIC): block}),
+                    MemoryInfo(mode="generic", levels=list(range(1, self.depth + 1))))
         route_ms = 0.0
         mode: MemoryMode
         if spec == "auto":
             path, route_ms, reason = self.route(text, principal)
             if path is None:
-                return [], [], MemoryInfo(mode="auto", reason=reason)
+                return NO_MEMORY, MemoryInfo(mode="auto", reason=reason)
             mode = "auto"
         else:
             path, mode = self.check_path(spec, principal), "path"
         return self._fetch_path(path, mode, route_ms)
 
-    def _fetch_path(self, path: list[int], mode: MemoryMode, route_ms: float
-                    ) -> tuple[list[Hashable], list[torch.Tensor], MemoryInfo]:
-        from memory_store import NodeRef, path_refs
-
+    def _fetch_path(self, path: list[int], mode: MemoryMode, route_ms: float) -> tuple[RequestMemory, MemoryInfo]:
         # Deleted is not down: whatever produced the path (router or caller), it is cut at the deepest
         # level whose node the bank has; that request is served in full, not degraded, also in strict mode.
-        prefix = getattr(self.bank, "present_prefix", None)  # a stand-in bank without deletions may lack it
-        present = list(path) if prefix is None else prefix(path)
+        present = self.bank.present_prefix(path)
         deleted = None if len(present) == len(path) else NodeRef(len(present) + 1, int(path[len(present)]))
         refs = path_refs(present)
         got = self.cache.get_many(refs)
         used = [r for r in refs if r in got.blocks]
         # Keys name blocks across the engine's batch: qualified by the bank version, so requests resolved
         # before and after a switch to a new version never share a block by node alone.
-        keys: list[Hashable] = [(self.version_key, r) for r in used]
+        memory = RequestMemory({(self.version_key, r): got.blocks[r] for r in used})
         info = MemoryInfo(mode=mode, path=present, levels=[r.level for r in used],
                           cache_hits=got.hits, cache_misses=got.misses, fetch_ms=round(got.fetch_ms, 3),
                           route_ms=round(route_ms, 3))
@@ -159,12 +186,12 @@ class MemoryResolver:
             if self.strict:
                 raise MemoryUnavailable(f"memory levels {lost} unavailable (strict mode)",
                                         headers={"Retry-After": "5"})
-        return keys, [got.blocks[r] for r in used], info
+        return memory, info
 
     @property
     def version_key(self) -> str:
         """The bank version this resolver serves (its bank_id, shortened)."""
-        return str(getattr(self.bank, "bank_id", ""))[:16]
+        return self.bank.bank_id[:16]
 
     def generic_block(self) -> torch.Tensor | None:
         with self._generic_lock:
