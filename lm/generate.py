@@ -160,3 +160,45 @@ def generate(model: Transformer, tokenizer, prompt_ids: Sequence[int] | torch.Te
     if text is None or finish != "stop":
         text = tokenizer.decode(out, skip_special_tokens=True)
     return GenerationResult(out, text, finish, ids.shape[1], t_prefill, decode_s)
+
+
+@torch.no_grad()
+def greedy_batch(model: Transformer, prompts: Sequence[Sequence[int]], n_tokens: int, batch: int = 32
+                 ) -> list[list[int]]:
+    """Greedy continuations of `n_tokens` tokens (EOS not special) for many prompts, `batch` of them decoded
+    together: each prompt prefilled into its own KV slot, then one step for all rows at their own lengths."""
+    out: list[list[int]] = []
+    for s in range(0, len(prompts), batch):
+        group = [list(p) for p in prompts[s:s + batch]]
+        cache = KVCache(model.config, len(group), max(map(len, group)) + n_tokens, dtype=model.dtype)
+        slots = [cache.allocate() for _ in group]
+        last = torch.stack([model(torch.tensor([p]), cache=cache, slots=[slot], last_only=True)[0, -1]
+                            for p, slot in zip(group, slots, strict=True)])  # (B, V)
+        tokens: list[list[int]] = [[] for _ in group]
+        for t in range(n_tokens):
+            nxt = last.argmax(-1)  # (B,)
+            for row, tok in zip(tokens, nxt.tolist(), strict=True):
+                row.append(int(tok))
+            if t + 1 < n_tokens:
+                last = model(nxt[:, None], cache=cache, slots=slots)[:, -1]
+        out += tokens
+    return out
+
+
+@torch.no_grad()
+def teacher_forced_argmax(model: Transformer, prompts: Sequence[Sequence[int]],
+                          continuations: Sequence[Sequence[int]], batch: int = 16) -> list[list[int]]:
+    """For each continuation position i, the model's argmax given the prompt and continuation[:i]: how often a
+    model would pick another model's tokens, without one early difference changing every later position."""
+    out: list[list[int]] = []
+    for s in range(0, len(prompts), batch):
+        seqs = [list(p) + list(c[:-1]) for p, c in zip(prompts[s:s + batch], continuations[s:s + batch],
+                                                        strict=True)]
+        width = max(map(len, seqs))
+        ids = torch.zeros(len(seqs), width, dtype=torch.long)  # right padding: causal positions stay exact
+        for b, seq in enumerate(seqs):
+            ids[b, :len(seq)] = torch.tensor(seq)
+        pred = model(ids).argmax(-1)  # (B, T)
+        for b, (p, c) in enumerate(zip(prompts[s:s + batch], continuations[s:s + batch], strict=True)):
+            out.append(pred[b, len(p) - 1:len(p) - 1 + len(c)].tolist())
+    return out

@@ -14,7 +14,7 @@ FFN-memory (docs/design.md §1): for every block on a row's path, a memory layer
     y += M_down · [silu(M_gate · h) ⊙ (M_up · h)]
 
 to the anchor FFN's output, with the same input h. Which blocks a row uses, and how rows that share a block
-share its computation, is the business of ``lm.memory.MemoryBatch``; this file only calls it.
+share its computation, is the business of ``lm.memory_batch.MemoryBatch``; this file only calls it.
 """
 
 from __future__ import annotations
@@ -33,8 +33,8 @@ if TYPE_CHECKING:  # pragma: no cover
 
 
 class FFNMemory(Protocol):
-    """What the `memory=` argument must offer: `lm.memory.MemoryBatch`, or any object with the same two
-    members (the model server's slot and node memories keep blocks in place across batch compositions)."""
+    """What the `memory=` argument must offer: `lm.memory_batch.MemoryBatch`, or any object with the same two
+    members (the model server's `SlotMemory` keeps blocks in slots across batch compositions)."""
 
     @property
     def n_rows(self) -> int:
@@ -53,7 +53,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)  # statistics in float32 for any dtype
+        """Normalized in float32 whatever x's dtype (the residual stream may be wider than the weights),
+        returned in the weights' dtype, the dtype the next matmul runs in."""
+        return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps).to(self.weight.dtype)
 
 
 def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype, *,
@@ -175,6 +177,10 @@ class Transformer(nn.Module):
         self.config = config
         self.model = _Backbone(config)
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        # dtype of the residual stream: None = the weights' dtype. `lm.fast` sets float32 when the weights are
+        # bfloat16, so 30 layers of additions do not round to 8 bits each time (the norms feed the matmuls
+        # in the weights' dtype either way)
+        self.residual_dtype: torch.dtype | None = None
         self.tie_weights()
 
     def tie_weights(self) -> None:
@@ -232,9 +238,13 @@ class Transformer(nn.Module):
         return _StepContext(positions=positions, memory=memory, kv=(cache, slots_t.to(input_ids.device)),
                             attn_mask=attn_mask)
 
+    def _embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        x = self.model.embed_tokens(input_ids)  # (B, T, d)
+        return x if self.residual_dtype is None else x.to(self.residual_dtype)
+
     def _run_layers(self, x, ctx: _StepContext, start: int = 0, stop: int | None = None) -> torch.Tensor:
         c = self.config
-        cos, sin = rope_cos_sin(ctx.positions, c.head_dim, c.rope_theta, x.dtype,
+        cos, sin = rope_cos_sin(ctx.positions, c.head_dim, c.rope_theta, self.dtype,
                                 n_heads=c.n_heads + 2 * c.n_kv_heads, n_rotated=c.n_heads + c.n_kv_heads)
         for layer in self.model.layers[start:stop]:
             x = layer(x, cos, sin, ctx)
@@ -259,7 +269,7 @@ class Transformer(nn.Module):
         """
         self._check_memory(memory, input_ids.shape[0])
         ctx = self._context(input_ids, positions, cache, slots, memory)
-        x = self._run_layers(self.model.embed_tokens(input_ids), ctx)  # (B, T, d)
+        x = self._run_layers(self._embed(input_ids), ctx)  # (B, T, d)
         if ctx.kv is not None:
             kv_cache, kv_slots = ctx.kv
             kv_cache.advance(kv_slots.cpu(), input_ids.shape[1])
@@ -275,7 +285,7 @@ class Transformer(nn.Module):
             raise ValueError(f"layer must be in [0, {self.config.n_layers}], got {layer}")
         self._check_memory(memory, input_ids.shape[0])
         ctx = self._context(input_ids, positions, None, None, memory)
-        return self._run_layers(self.model.embed_tokens(input_ids), ctx, 0, layer)
+        return self._run_layers(self._embed(input_ids), ctx, 0, layer)
 
     def forward_from(self, hidden: torch.Tensor, start_layer: int, *, positions: torch.Tensor | None = None,
                      memory: FFNMemory | None = None, select: torch.Tensor | None = None) -> torch.Tensor:

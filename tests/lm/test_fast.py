@@ -1,0 +1,95 @@
+"""The serving path of the anchor (`lm.fast`): prepacked linears compute nn.Linear's function, float32 stays
+float32-exact, the dtype choice is measured and overridable, and the fast path's greedy tokens agree with the
+float32 model (SmolLM2, 200 prompts x 32 tokens; bench/fidelity.py reports the same figures)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from lm.dtype import fast_dtype
+from lm.fast import PackedLinear, _packing_works, prepare_for_inference
+from lm.kv_cache import KVCache
+from tests.lm.conftest import rel_err
+
+needs_packing = pytest.mark.skipif(not _packing_works(torch.float32), reason="oneDNN prepacking unavailable")
+
+
+@needs_packing
+@pytest.mark.parametrize("shape", [(5, 64), (3, 1, 64), (2, 7, 64)])
+def test_packed_linear_keeps_shape_and_function(shape):
+    lin = nn.Linear(64, 48, bias=False)
+    x = torch.randn(*shape)
+    got = PackedLinear(lin, torch.float32, 8)(x)
+    assert got.shape == (*shape[:-1], 48)
+    assert rel_err(got, lin(x)) <= 1e-5
+    if _packing_works(torch.bfloat16):
+        got16 = PackedLinear(lin, torch.bfloat16, 8)(x)  # a float32 input is cast to the weights' dtype
+        assert got16.dtype == torch.bfloat16 and rel_err(got16.float(), lin(x)) <= 2e-2
+
+
+@needs_packing
+def test_float32_preparation_gives_the_same_logits_with_cache_and_batch(model):
+    fast = copy.deepcopy(model)
+    info = prepare_for_inference(fast, "float32")
+    assert info["dtype"] == "float32" and info["packed_linears"] == 4 * model.config.n_layers + 1
+    assert not any(type(m) is nn.Linear for m in fast.modules())
+    ids = torch.randint(0, 128, (3, 9))
+    with torch.no_grad():
+        assert rel_err(fast(ids), model(ids)) <= 1e-5
+        cache = KVCache(fast.config, 3, 16)
+        slots = [cache.allocate() for _ in range(3)]
+        fast(ids[:, :5], cache=cache, slots=slots)
+        step = fast(ids[:, 5:6], cache=cache, slots=slots)
+        assert rel_err(step, model(ids[:, :6])[:, -1:]) <= 1e-5
+
+
+@pytest.mark.skipif(not _packing_works(torch.bfloat16), reason="no bfloat16 prepacking on this CPU")
+def test_bfloat16_preparation_keeps_residual_and_logits_in_float32(model):
+    fast = copy.deepcopy(model)
+    info = prepare_for_inference(fast, "bfloat16")
+    assert (info["dtype"], info["residual_dtype"]) == ("bfloat16", "float32")
+    assert fast.model.embed_tokens.weight.dtype == torch.bfloat16
+    ids = torch.randint(0, 128, (2, 6))
+    with torch.no_grad():
+        logits, want = fast(ids), model(ids)
+        hidden = fast.model.norm(fast._run_layers(fast._embed(ids), fast._context(ids, None, None, None, None)))
+    assert logits.dtype == torch.float32 and hidden.dtype == torch.float32
+    assert rel_err(logits, want) <= 5e-2
+    # the 8 best logits of each position are the float32 head's on the (float32) hidden state, exactly
+    top = logits.topk(8, dim=-1).indices
+    exact = hidden @ model.lm_head.weight.T
+    assert torch.allclose(logits.gather(-1, top), exact.gather(-1, top), rtol=1e-5, atol=1e-5)
+
+
+def test_dtype_choice_is_measured_or_taken_as_given():
+    assert fast_dtype("float32")[0] == torch.float32 and fast_dtype("bfloat16")[0] == torch.bfloat16
+    dtype, info = fast_dtype("auto")
+    assert dtype in (torch.float32, torch.bfloat16)
+    assert info["choice"] == str(dtype).removeprefix("torch.") and info["speedup"] > 0 and "reason" in info
+    with pytest.raises(ValueError, match="dtype"):
+        fast_dtype("float16")
+
+
+@needs_packing
+def test_fast_path_greedy_tokens_agree_with_float32(smollm2):
+    """Issue 11: whatever dtype `auto` picks here, >= 98% of 200 x 32 greedy tokens agree with float32 (at
+    each position, given the float32 reference's tokens before it)."""
+    from bench.fidelity import load_prompts
+    from lm.generate import greedy_batch, teacher_forced_argmax
+
+    torch.set_num_threads(1)
+    prompts = load_prompts(smollm2.tokenizer, 200)
+    reference = copy.deepcopy(smollm2.model).float()
+    prepare_for_inference(reference, "float32")  # the same function as plain float32 (test above), faster
+    want = greedy_batch(reference, prompts, 32, batch=50)
+    del reference
+    fast = copy.deepcopy(smollm2.model).float()
+    info = prepare_for_inference(fast, "auto")
+    got = teacher_forced_argmax(fast, prompts, want)
+    agree = sum(a == b for w, g in zip(want, got, strict=True) for a, b in zip(w, g, strict=True)) / (200 * 32)
+    print(f"\n{info['dtype']}: teacher-forced agreement with float32 {agree:.4f}")
+    assert agree >= 0.98
