@@ -126,7 +126,7 @@ def prepare_for_inference(model: nn.Module, dtype: str | torch.dtype = "auto", *
     if wide and hasattr(model, "residual_dtype"):
         setattr(model, "residual_dtype", torch.float32)  # noqa: B010 - any model with the attribute
         final_norm = getattr(getattr(model, "model", None), "norm", None)
-        if final_norm is not None:
+        if final_norm is not None and rescored is not None:
             final_norm.float()  # its output, the head's input, in float32
     packed = 0
     if can_pack:

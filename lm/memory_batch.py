@@ -206,6 +206,7 @@ class MemoryBatch:
             raise MemoryShapeError(f"memory built for {self.n_rows} rows of d={self.d_model}, got {tuple(h.shape)}")
         # one gather of every group's rows (direct: the rows are 0..B-1 in order, h itself)
         xs = h if self._direct else h[self._all_rows]  # (N, T, d), N = sum of n*m over groups
+        xs = xs.to(self._groups[0].gu.dtype)  # the memory's dtype (a bfloat16 model may carry float32 memories)
         outs, start = [], 0
         for g in self._groups:
             n, m = g.rows.shape
@@ -219,7 +220,7 @@ class MemoryBatch:
             outs.append(torch.bmm(act, g.dt[j]).view(n * m, T, d))  # (n*m, T, d)
         out = outs[0] if len(outs) == 1 else torch.cat(outs)  # (N, T, d)
         if self._direct:
-            return out
+            return out.to(h.dtype)
         # a row may sit in several classes (its level-1 class and its private one): sum, out of place
         return h.new_zeros(B, T, d).index_add(0, self._all_rows, out.to(h.dtype))
 

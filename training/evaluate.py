@@ -188,7 +188,7 @@ def summarize(items: list[Item], correct: dict[str, np.ndarray], deleted_subtree
 def evaluate_longtail(bank_dir: Path, corpus_dir: Path, anchor: str | None = None, out_dir: Path | None = None,
                       delete: int | None = None, batch_size: int = 64, limit: int = 0,
                       hidden_lookup=None, progress: bool = True, rag: tuple[int, ...] = (),
-                      general: bool = True) -> dict:
+                      general: bool = True, dtype: str = "float32") -> dict:
     """Run the long-tail evaluation and write longtail.json / .md / .png into `out_dir` (default BANK/eval).
 
     Args:
@@ -197,6 +197,8 @@ def evaluate_longtail(bank_dir: Path, corpus_dir: Path, anchor: str | None = Non
             computed (the training job's cache); None entries are computed here.
         rag: also score the anchor with the top-k documents put before the prompt, for each k given.
         general: score memory auto against memory off on the general prompts (training/general_use.py).
+        dtype: run the anchor as the model server does in this compute dtype (`lm.fast.prepare_for_inference`:
+            "auto", "bfloat16" or "float32" = the plain float32 model, the default).
 
     Prompts are routed as the model server routes them: through the bank's nearest-document router and
     its gate when the bank has one (a gated prompt gets no memory), else by the tree's descent.
@@ -218,6 +220,10 @@ def evaluate_longtail(bank_dir: Path, corpus_dir: Path, anchor: str | None = Non
         raise ValueError(f"bank {bank_dir} was built for anchor {bank.anchor.hash[:12]}, "
                          f"{a.name} is {a.identity['hash'][:12]}")
     model, tok = a.model, a.tokenizer
+    if dtype != "float32":
+        from lm.fast import prepare_for_inference
+
+        prepare_for_inference(model, dtype)
     layers = list(spec.memory_layers)
     l0 = min(layers)
     corpus = Corpus.load(Path(corpus_dir))
@@ -366,7 +372,8 @@ def run_eval_command(args) -> int:
     result = evaluate_longtail(Path(args.bank), Path(args.corpus), anchor=args.anchor,
                                out_dir=Path(args.out) if args.out else None, delete=args.delete,
                                batch_size=args.batch_size, limit=args.limit,
-                               rag=tuple(args.rag), general=not args.no_general)
+                               rag=tuple(args.rag), general=not args.no_general,
+                               dtype=getattr(args, "dtype", "float32"))
     print(markdown(result))
     return 0
 
