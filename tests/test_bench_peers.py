@@ -9,8 +9,8 @@ import json
 import numpy as np
 import pytest
 
-from bench.peers import (LOADS, System, lora_params, lora_shapes, make_loras, ratios_and_targets,
-                         zipf_choices)
+from bench.peer_systems import System, lora_params, lora_shapes, make_loras, zipf_choices
+from bench.peers import LOADS, ratios_and_targets
 
 SMOLLM2 = {"hidden_size": 576, "intermediate_size": 1536, "num_attention_heads": 9, "num_key_value_heads": 3,
            "head_dim": 64, "num_hidden_layers": 30}
