@@ -109,8 +109,8 @@ def prepare_for_inference(model: nn.Module, dtype: str | torch.dtype = "auto", *
     With bfloat16 weights the residual stream and the final norm stay float32 (`Transformer.residual_dtype`),
     so 30 layers of additions do not round to 8 bits each and the head sees a float32 hidden state.
 
-    Returns what was chosen and measured (logged; the model server reports it): {"dtype", "packed",
-    "measurement"}.
+    Returns what was chosen and measured (logged): {"dtype", "packed_linears", "measurement",
+    "residual_dtype", "lm_head"}.
     """
     if isinstance(dtype, torch.dtype):
         chosen, measurement = dtype, {"choice": str(dtype).removeprefix("torch."), "reason": "asked for"}

@@ -29,7 +29,7 @@ class KVCache:
             K heads then V heads, together, so one write stores both and a token's entry is contiguous.
         lengths: (max_batch,) int64 on CPU, tokens stored per slot (0 for a free slot).
 
-    Memory: `nbytes` are reserved at construction but zero pages from the OS (calloc), so the resident
+    Memory: `nbytes` are reserved at construction as an anonymous mapping (see `_lazy_zeros`), so the resident
     size grows with the tokens actually stored (a page per ~5 tokens of a slot and layer), up to `nbytes`.
     """
 

@@ -46,7 +46,11 @@ class Runner(Protocol):
     n_slots: int
     max_seq_len: int
     eos_token_ids: set[int]
-    compute_dtype: torch.dtype  # blocks are handed over in it
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype blocks are handed over in (the runner's compute dtype)."""
+        ...
 
     def set_blocks(self, blocks: Mapping[Hashable, torch.Tensor]) -> None:
         """Hold exactly these blocks (every admitted row's), by key, for the forwards that follow."""

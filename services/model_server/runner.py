@@ -58,7 +58,7 @@ class LmRunner:
         self.n_slots = n_slots
         self.max_seq_len = min(int(max_seq_len), int(anchor.config.max_seq_len))
         self.cache = KVCache(anchor.config, n_slots, self.max_seq_len, dtype=self.model.dtype)
-        self.compute_dtype: torch.dtype = self.model.dtype
+        self._weight_bytes = sum(t.nbytes for t in [*self.model.parameters(), *self.model.buffers()])  # as prepared
         self.memory_layers = list(memory_layers if memory_layers is not None else range(anchor.config.n_layers))
         self.pools = SlotPools(self.memory_layers, dtype=self.model.dtype)
         self.eos_token_ids = set(int(i) for i in (anchor.config.eos_token_ids or []))
@@ -121,10 +121,13 @@ class LmRunner:
         return self.codec.decode(list(ids))
 
     @property
+    def compute_dtype(self) -> torch.dtype:
+        return self.model.dtype
+
+    @property
     def reserved_bytes(self) -> dict[str, int]:
         """Bytes the runner holds by part: weights (as prepared), KV cache (reserved), memory slot pools."""
-        weights = sum(t.nbytes for t in self.model.parameters()) + sum(t.nbytes for t in self.model.buffers())
-        return {"weights": weights, "kv_cache": self.cache.nbytes, "memory_slots": self.pools.nbytes}
+        return {"weights": self._weight_bytes, "kv_cache": self.cache.nbytes, "memory_slots": self.pools.nbytes}
 
 
 def load_codec_and_runner(anchor_name: str, *, n_slots: int, max_seq_len: int,

@@ -129,7 +129,7 @@ class SlotPools:
         missing = {k for keys in rows for k in keys} - {k for p in self.pools.values() for k in p.keys}
         if missing:
             raise KeyError(f"blocks not synced into the slots: {sorted(map(repr, missing))[:3]}")
-        return SlotMemory(len(rows), self.layers, plans, self.version) if plans else None
+        return SlotMemory(len(rows), self.layers, plans) if plans else None
 
     @property
     def nbytes(self) -> int:
@@ -178,9 +178,8 @@ def _plan(pool: _Pool, users: dict[int, list[int]], n_rows: int) -> _Batched | _
 class SlotMemory:
     """One forward's memories (`lm.model.FFNMemory`): `n_rows`, `ffn_delta(layer, h)`."""
 
-    def __init__(self, n_rows: int, layers: list[int], plans: list[_Batched | _PerSlot], version: int) -> None:
+    def __init__(self, n_rows: int, layers: list[int], plans: list[_Batched | _PerSlot]) -> None:
         self.n_rows = n_rows
-        self.version = version
         self._layer_pos = {layer: j for j, layer in enumerate(layers)}
         self._plans = sorted(plans, key=lambda p: not (isinstance(p, _Batched) and p.direct))  # direct first
         self.distinct_nbytes = 0  # bytes of the blocks one forward reads
