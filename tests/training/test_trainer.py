@@ -175,3 +175,25 @@ def test_export_into_a_versioned_root_publishes_a_new_version(corpus_dir, tmp_pa
     versions = list_versions(root)
     assert len(versions) == 2 and Bank.open(root).bank_id == first
     assert (root / "current").is_symlink()
+
+
+def test_bfloat16_steps_store_the_frozen_weights_once_with_the_same_loss_and_restore_them(corpus_dir, tmp_path):
+    t = Trainer(tiny_config(corpus_dir, tmp_path / "job", compute_dtype="bfloat16", loss="all"))
+    _nonzero_memory(t)
+    t.build_prefix_cache()
+    batch = t._my_batches(0)[0]
+    before = {n: p.detach().clone() for n, p in t.model.named_parameters()}
+    with torch.no_grad():
+        cast_per_call = float(t.batch_loss(batch))
+    saved = t._frozen_weights_to_compute_dtype()
+    converted = [m for m in t.model.model.layers[t.l0:].modules() if isinstance(m, torch.nn.Linear)]
+    assert saved and set(saved) == set(converted)
+    assert all(m.weight.dtype == torch.bfloat16 for m in converted)
+    assert all(p.dtype == torch.float32 for p in t.model.model.layers[:t.l0].parameters())  # the prefix's
+    with torch.no_grad():
+        stored_once = float(t.batch_loss(batch))
+    assert stored_once == cast_per_call  # autocast ran the same bfloat16 matmuls
+    t._restore_weights(saved)
+    t.train()  # converts and restores around the loop
+    for n, p in t.model.named_parameters():
+        assert p.dtype == torch.float32 and torch.equal(p, before[n]), n
