@@ -123,6 +123,19 @@ def test_calibrate_gate_lets_positives_through_and_keeps_negatives_out(router):
     assert all(r.gated for r in got)
 
 
+def test_without_valid_probes_the_gate_is_calibrated_on_document_openings():
+    from training.routing import document_openings, general_validation_prompts, make_router
+
+    docs = [{"id": f"d{i}", "text": t} for i, t in enumerate(DOCS)]
+    assert document_openings(docs[:2]) == ["Kisumu is a city in", "The city of Kisumu lies in Kenya and observes"]
+    r = make_router(docs, PATHS, load_embedder("hash-trigram"), probes=[], max_false_open=0.0)
+    cal = r.calibration
+    assert cal["positives_source"] == "document openings" and cal["positives"] == len(DOCS)
+    assert cal["open_negatives"] == 0.0 and cal["open_positives"] > 0.5
+    neg = general_validation_prompts()
+    assert all(x.gated for x in r.route(embedder()(neg), neg))  # the negatives it was calibrated on
+
+
 def test_bank_operations_carry_the_router_into_the_new_bank(tmp_path):
     from memory_store.ops import delete_subtrees, reshard
     from memory_store.spec import NodeRef
