@@ -71,6 +71,10 @@ def main() -> int:
     ap.add_argument("--work", default=None, help="work directory (default $HIERMEM_HOME/work/PRESET)")
     ap.add_argument("--rag", default="1,3", help="retrieval baselines: top-k documents before the prompt")
     ap.add_argument("--epochs", type=int, default=None, help="override the preset's epochs")
+    ap.add_argument("--eval-dtype", default="float32", choices=["float32", "bfloat16", "auto"],
+                    help="run the evaluation's anchor as the model server does in this dtype (lm/fast.py)")
+    ap.add_argument("--threads", default=None, help="torch threads for training (default: the preset's, auto = "
+                                                   "the cores the 1-minute load leaves free)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from base.paths import home
@@ -83,7 +87,9 @@ def main() -> int:
     load_before = os.getloadavg()
     t0 = time.perf_counter()
     out = run_build(args.preset, work=work, bank_dir=work / "bank", epochs=args.epochs,
-                    rag=tuple(int(k) for k in args.rag.split(",") if k))
+                    rag=tuple(int(k) for k in args.rag.split(",") if k),
+                    train_overrides={"threads": args.threads} if args.threads else None,
+                    eval_dtype=args.eval_dtype)
     this_run = time.perf_counter() - t0
     status, r = out["status"], out["result"]
     targets = targets_of(r, float(status["first_run_seconds"]))
@@ -97,6 +103,8 @@ def main() -> int:
     write_results(args.name, figures, targets, tables,
                   command=f"python -m bench.longtail_docs --preset {args.preset} --name {args.name}"
                   + (f" --epochs {args.epochs}" if args.epochs else "") + f" --rag {args.rag}"
+                  + (f" --threads {args.threads}" if args.threads else "")
+                  + (f" --eval-dtype {args.eval_dtype}" if args.eval_dtype != "float32" else "")
                   + (" --fresh" if args.fresh else ""))
     png = work / "eval" / "longtail.png"
     if png.exists():

@@ -101,7 +101,7 @@ def job_hidden_lookup(job_dir: Path, corpus_docs: list[dict]):
 
 def run_build(preset: str = "demo", bank_dir: Path | None = None, work: Path | None = None,
               epochs: int | None = None, evaluate: bool = True, rag: tuple[int, ...] = (),
-              train_overrides: dict | None = None) -> dict:
+              train_overrides: dict | None = None, eval_dtype: str = "float32") -> dict:
     from training.corpus import Corpus, build_facts_corpus, corpus_summary
 
     p = PRESETS[preset]
@@ -174,7 +174,7 @@ def run_build(preset: str = "demo", bank_dir: Path | None = None, work: Path | N
 
         t0 = time.perf_counter()
         result = evaluate_longtail(bank_dir, corpus_dir, anchor=cfg.anchor, out_dir=report.parent,
-                                   hidden_lookup=job_hidden_lookup(job, corpus.docs), rag=rag)
+                                   hidden_lookup=job_hidden_lookup(job, corpus.docs), rag=rag, dtype=eval_dtype)
         stage_done("eval", time.perf_counter() - t0)
     status["last_run_seconds"] = round(time.perf_counter() - t_all, 1)
     if "first_run_seconds" not in status:  # the whole first run (process start-up aside), or its stages' sum
