@@ -23,6 +23,7 @@ import math
 import os
 import random
 import time
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, cast
@@ -133,18 +134,17 @@ class Trainer:
 
         self.compute_dtype, self.dtype_measurement = fast_dtype(cfg.compute_dtype)
 
+    @contextmanager
     def _autocast(self):
         """The context of every training forward: bfloat16 autocast (where chosen) and the math attention
         kernel -- on CPU, the flash kernel's backward took a fifth of a step on these short documents."""
-        from contextlib import ExitStack
+        from contextlib import nullcontext
 
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
-        stack = ExitStack()
-        stack.enter_context(torch.autocast("cpu", dtype=torch.bfloat16, enabled=self._bf16_autocast()))
-        if self.model.device.type == "cpu":
-            stack.enter_context(sdpa_kernel([SDPBackend.MATH]))
-        return stack
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self._bf16_autocast()), \
+                (sdpa_kernel([SDPBackend.MATH]) if self.model.device.type == "cpu" else nullcontext()):
+            yield
 
     def _bf16_autocast(self) -> bool:
         return self.compute_dtype == torch.bfloat16 and self.model.device.type == "cpu"
