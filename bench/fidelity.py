@@ -5,6 +5,8 @@ float32 model, on 200 fixed prompts x 32 tokens (the general prompts of training
 Two figures, both over the 200 x 32 token positions:
   * teacher-forced agreement: at each position, given the float32 reference's prompt and tokens so far, does
     the fast model pick the reference's next token? (A near-tie flipped once counts once.)
+  * the same with the 4-bit linears (`lm.fast.Int4Linear`, the wheel's Q4_1 layers) used on every call: a
+    decode step of few rows runs them, while teacher forcing's long rows would otherwise take the bfloat16 copy.
   * free-running agreement: the fast model's own greedy continuation compared position by position with the
     reference's (after a first difference the two texts usually part ways, so one flip costs the rest).
 
@@ -37,7 +39,7 @@ def load_prompts(tokenizer, n: int) -> list[list[int]]:
 
 def measure(anchor, dtype: str = "auto", n_prompts: int = 200, n_tokens: int = 32) -> dict:
     """Agreement of `anchor.model` prepared for inference in `dtype` with the plain float32 model."""
-    from lm.fast import prepare_for_inference
+    from lm.fast import prepare_for_inference, set_int4_max_rows
     from lm.generate import greedy_batch, teacher_forced_argmax
 
     reference = anchor.model.float()
@@ -53,10 +55,17 @@ def measure(anchor, dtype: str = "auto", n_prompts: int = 200, n_tokens: int = 3
     forced = teacher_forced_argmax(fast, prompts, want)
     total = len(prompts) * n_tokens
     forced_ok = sum(a == b for w, f in zip(want, forced, strict=True) for a, b in zip(w, f, strict=True))
+    forced_int4 = None
+    if compute["int4_linears"]:  # decode steps of few rows run the 4-bit kernel: score it on every position
+        set_int4_max_rows(fast, 10**9)
+        got = teacher_forced_argmax(fast, prompts, want)
+        set_int4_max_rows(fast, compute["int4_max_rows"])
+        forced_int4 = sum(a == b for w, f in zip(want, got, strict=True) for a, b in zip(w, f, strict=True)) / total
     free_ok = sum(a == b for w, f in zip(want, free, strict=True) for a, b in zip(w, f, strict=True))
     identical = sum(w == f for w, f in zip(want, free, strict=True))
     return {"dtype": compute["dtype"], "compute": compute, "prompts": len(prompts), "tokens": n_tokens,
-            "teacher_forced_agreement": forced_ok / total, "free_running_agreement": free_ok / total,
+            "teacher_forced_agreement": forced_ok / total, "teacher_forced_agreement_int4": forced_int4,
+            "free_running_agreement": free_ok / total,
             "identical_continuations": identical / len(prompts),
             "reference_greedy_s": t_ref, "fast_greedy_s": t_fast}
 
@@ -76,12 +85,17 @@ def main(argv: list[str] | None = None) -> int:
     r = measure(load_anchor("smollm2"), args.dtype, args.prompts, args.tokens)
     targets = [target("teacher-forced token agreement with float32", round(r["teacher_forced_agreement"], 4),
                       ">=", 0.98),
+               *([target("teacher-forced token agreement with float32, 4-bit linears on every call",
+                         round(r["teacher_forced_agreement_int4"], 4), ">=", 0.98)]
+                 if r["teacher_forced_agreement_int4"] is not None else []),
                target("free-running greedy token agreement with float32", round(r["free_running_agreement"], 4),
                       ">=", 0.98)]
-    cols = ["dtype", "prompts", "tokens", "teacher_forced_agreement", "free_running_agreement",
+    cols = ["dtype", "prompts", "tokens", "teacher_forced_agreement", "teacher_forced_agreement_int4",
+            "free_running_agreement",
             "identical_continuations", "reference_greedy_s", "fast_greedy_s"]
     md = (f"SmolLM2-135M, {r['prompts']} prompts x {r['tokens']} greedy tokens, fast path "
-          f"({r['dtype']}, {r['compute']['packed_linears']} prepacked linears; dtype choice: "
+          f"({r['dtype']}, {r['compute']['packed_linears']} prepacked linears, {r['compute']['int4_linears']} of them "
+          f"4-bit up to {r['compute']['int4_max_rows']} rows per call; dtype choice: "
           f"{r['compute']['measurement'].get('reason', '')}) against plain float32.\n\n" + markdown_table([r], cols))
     command = "python -m bench.fidelity " + " ".join(sys.argv[1:] if argv is None else argv)
     write_results("fidelity", r, targets, md, command=command.strip(), results_dir=args.results_dir)

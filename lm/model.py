@@ -258,7 +258,7 @@ class Transformer(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, *, positions: torch.Tensor | None = None,
                 cache: KVCache | None = None, slots=None, memory: FFNMemory | None = None,
-                last_only: bool = False) -> torch.Tensor:
+                last_only: bool = False, lengths: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (B, T, V) for `input_ids` (B, T); (B, 1, V) when `last_only` (saves the LM head on prefill).
 
         Args:
@@ -266,15 +266,24 @@ class Transformer(nn.Module):
             cache, slots: KV cache and one slot per row; the cache is updated in place and each slot's length
                 advances by T. Use under `torch.no_grad()`.
             memory: per-row FFN-memories (a `MemoryBatch` or another `FFNMemory`, built for these B rows).
+            lengths: (B,) real tokens per row when rows of different lengths are right-padded to T (prefill
+                of several prompts in one forward): `last_only` then gives each row's logits at its last real
+                token, and a slot advances by its row's length, so the padding it was written is never
+                attended (causal) and the next tokens overwrite it.
         """
-        self._check_memory(memory, input_ids.shape[0])
+        B, T = input_ids.shape
+        self._check_memory(memory, B)
+        if lengths is not None:
+            lengths = torch.as_tensor(lengths, dtype=torch.long).cpu()
+            if lengths.shape != (B,) or int(lengths.min()) < 1 or int(lengths.max()) > T:
+                raise ValueError(f"lengths must be ({B},) values in [1, {T}], got {lengths.tolist()}")
         ctx = self._context(input_ids, positions, cache, slots, memory)
         x = self._run_layers(self._embed(input_ids), ctx)  # (B, T, d)
         if ctx.kv is not None:
             kv_cache, kv_slots = ctx.kv
-            kv_cache.advance(kv_slots.cpu(), input_ids.shape[1])
+            kv_cache.advance(kv_slots.cpu(), T if lengths is None else lengths)
         if last_only:
-            x = x[:, -1:]
+            x = x[:, -1:] if lengths is None else x[torch.arange(B), (lengths - 1).to(x.device)][:, None]
         return self.lm_head(self.model.norm(x))
 
     def hidden_at(self, input_ids: torch.Tensor, layer: int, *, positions: torch.Tensor | None = None,

@@ -10,7 +10,8 @@ Semantics of one engine iteration:
     take new requests and cancellations from the inbox
     admit waiting requests into free slots, in the scheduler's order
     when rows were admitted or left: runner.set_blocks(distinct blocks of every admitted row)
-    prefill one chunk of the oldest admitted-but-not-prefilled request (its first token when done)
+    prefill the next chunk of the oldest admitted-but-not-prefilled requests, as many as fit in one
+        forward of `prefill_chunk` (padded) tokens (each its first token when done)
     decode a token for every running row: logits = runner.decode(slots, last_tokens, each row's block keys)
     emit tokens; finished and cancelled rows are answered at once and leave the batch at once
 
@@ -56,8 +57,10 @@ class Runner(Protocol):
         """Hold exactly these blocks (every admitted row's), by key, for the forwards that follow."""
         ...
 
-    def prefill(self, slot: int, ids: Sequence[int], start: int, keys: Sequence[Hashable]) -> torch.Tensor:
-        """Logits (V,) after appending `ids` at `start` of KV slot `slot`, with the blocks named `keys`."""
+    def prefill(self, slots: Sequence[int], chunks: Sequence[Sequence[int]], starts: Sequence[int],
+                rows: Sequence[Sequence[Hashable]]) -> torch.Tensor:
+        """Logits (B, V): row b's after appending `chunks[b]` at `starts[b]` of KV slot `slots[b]`, with the
+        blocks named `rows[b]` (one forward for all the rows)."""
         ...
 
     def decode(self, slots: Sequence[int], tokens: Sequence[int], rows: Sequence[Sequence[Hashable]]
@@ -219,7 +222,7 @@ class Engine:
         if self._dirty:
             self._sync_blocks()
         if self._prefilling:
-            self._prefill_one_chunk()
+            self._prefill_chunks()
         if self._active:
             self._decode()
         if self._dirty and not (self._active or self._prefilling):
@@ -256,18 +259,31 @@ class Engine:
             self._prefilling.append(req)
             self._dirty = True
 
-    def _prefill_one_chunk(self) -> None:
-        req = self._prefilling[0]
-        chunk = req.prompt_ids[req.prefilled:req.prefilled + self.prefill_chunk]
-        logits = self.runner.prefill(req.slot, chunk, req.prefilled, req.memory.keys)
-        req.prefilled += len(chunk)
-        self.stats.prefill_chunks += 1
-        if req.prefilled < len(req.prompt_ids):
-            return
-        self._prefilling.pop(0)
-        self._active.append(req)
-        self._memory_bytes = self._distinct_bytes(self._active)
-        self._accept(req, sample(logits, req.params, req._gen))
+    def _prefill_chunks(self) -> None:
+        """The next chunk of the oldest prefilling requests in one forward: rows join while the padded width
+        times the rows stays within `prefill_chunk` tokens (requests that arrive together, as a burst of
+        clients' next questions does, are prefilled together) and the padding fits the KV slots."""
+        group: list[tuple[GenRequest, list[int]]] = []
+        width = 0
+        for req in self._prefilling:
+            chunk = req.prompt_ids[req.prefilled:req.prefilled + self.prefill_chunk]
+            w = max(width, len(chunk))
+            if group and (w * (len(group) + 1) > self.prefill_chunk
+                          or max(r.prefilled for r, _ in group + [(req, chunk)]) + w > self.runner.max_seq_len):
+                break
+            group.append((req, chunk))
+            width = w
+        logits = self.runner.prefill([r.slot for r, _ in group], [c for _, c in group],
+                                     [r.prefilled for r, _ in group], [r.memory.keys for r, _ in group])
+        for i, (req, chunk) in enumerate(group):
+            req.prefilled += len(chunk)
+            self.stats.prefill_chunks += 1
+            if req.prefilled < len(req.prompt_ids):
+                continue
+            self._prefilling.remove(req)
+            self._active.append(req)
+            self._memory_bytes = self._distinct_bytes(self._active)
+            self._accept(req, sample(logits[i], req.params, req._gen))
 
     def _decode(self) -> None:
         rows = list(self._active)

@@ -90,15 +90,24 @@ class LmRunner:
         return self.pools.memory_for(rows) if any(rows) else None
 
     @torch.no_grad()
-    def prefill(self, slot: int, ids: Sequence[int], start: int, keys: Sequence[Hashable]) -> torch.Tensor:
-        if start == 0:
-            if slot in self._slot_of:
-                self.release(slot)
-            self._slot_of[slot] = self.cache.allocate()
-        x = torch.tensor([list(ids)], dtype=torch.long)  # (1, T)
-        logits = self.model(x, cache=self.cache, slots=[self._slot_of[slot]], memory=self._memory([keys]),
-                            last_only=True)
-        return logits[0, -1].float()  # (V,)
+    def prefill(self, slots: Sequence[int], chunks: Sequence[Sequence[int]], starts: Sequence[int],
+                rows: Sequence[Sequence[Hashable]]) -> torch.Tensor:
+        """One forward for the next prompt chunk of several rows, right-padded to the longest (`lengths=`):
+        the weights stream once for all of them instead of once per prompt."""
+        for slot, start in zip(slots, starts, strict=True):
+            if start == 0:
+                if slot in self._slot_of:
+                    self.release(slot)
+                self._slot_of[slot] = self.cache.allocate()
+        width = max(len(c) for c in chunks)
+        x = torch.zeros(len(chunks), width, dtype=torch.long)  # (B, T)
+        for b, chunk in enumerate(chunks):
+            x[b, :len(chunk)] = torch.tensor(list(chunk), dtype=torch.long)
+        lengths = torch.tensor([len(c) for c in chunks])
+        logits = self.model(x, cache=self.cache, slots=[self._slot_of[s] for s in slots],
+                            memory=self._memory(rows), last_only=True,
+                            lengths=None if bool((lengths == width).all()) else lengths)
+        return logits[:, -1].float()  # (B, V)
 
     @torch.no_grad()
     def decode(self, slots: Sequence[int], tokens: Sequence[int], rows: Sequence[Sequence[Hashable]]

@@ -11,7 +11,17 @@ import torch
 from torch import nn
 
 from lm.dtype import fast_dtype
-from lm.fast import PackedLinear, _packing_works, prepare_for_inference
+from lm.fast import (
+    GROUP,
+    Int4Linear,
+    PackedLinear,
+    _int4_works,
+    _packing_works,
+    int4_grid,
+    pack_int4,
+    prepare_for_inference,
+    set_int4_max_rows,
+)
 from lm.kv_cache import KVCache
 from tests.lm.conftest import rel_err
 
@@ -66,6 +76,52 @@ def test_bfloat16_preparation_keeps_residual_and_logits_in_float32(model):
     assert torch.allclose(logits.max(-1).values, exact.max(-1).values, rtol=1e-5, atol=1e-5)
 
 
+def q4_1_weight(n: int, k: int, seed: int = 0) -> torch.Tensor:
+    """A float32 weight as llama.cpp's Q4_1 stores it: per group of 32 inputs d * q + m, q in 0..15, with
+    q = 0 and q = 15 present (the group's min and max), d and m half precision."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randint(0, 16, (n, k // GROUP, GROUP), generator=g)
+    q[..., 0], q[..., 1] = 0, 15
+    d = (torch.rand(n, k // GROUP, 1, generator=g) * 0.01 + 1e-3).half().float()
+    m = (-torch.rand(n, k // GROUP, 1, generator=g) * 0.1).half().float()
+    return (q * d + m).reshape(n, k)
+
+
+def test_int4_grid_is_exact_on_4bit_weights_and_refuses_others():
+    w = q4_1_weight(48, 128)
+    q, scale, lo = int4_grid(w)
+    assert q.dtype == torch.int32 and int(q.min()) == 0 and int(q.max()) == 15
+    rebuilt = (q.view(48, 4, GROUP) * scale[..., None] + lo[..., None]).reshape(48, 128)
+    assert torch.equal(rebuilt, w)
+    assert int4_grid(torch.randn(48, 128)) is None  # a weight that was never 4-bit is not rounded to 4 bits
+    assert int4_grid(w[:, :100]) is None  # inputs not a multiple of the group
+    assert int4_grid(w.bfloat16()) is None
+
+
+@pytest.mark.skipif(not (_int4_works() and _packing_works(torch.bfloat16)), reason="no 4-bit CPU kernel")
+@pytest.mark.parametrize("rows", [1, 3, 9])
+def test_int4_linear_computes_the_linear_on_both_paths(rows):
+    w = q4_1_weight(96, 128, seed=rows)
+    lin = nn.Linear(128, 96, bias=False)
+    lin.weight.data.copy_(w)
+    x = torch.randn(2, rows, 128)
+    want = x @ w.T
+    four = Int4Linear(lin, pack_int4(int4_grid(w)), 8, max_rows=10**6)
+    wide = Int4Linear(lin, pack_int4(int4_grid(w)), 8, max_rows=0)
+    for layer in (four, wide):
+        got = layer(x)
+        assert got.shape == (2, rows, 96) and got.dtype == torch.bfloat16
+        assert rel_err(got.float(), want) <= 2e-2
+    m = nn.Sequential(four)
+    assert set_int4_max_rows(m, 0) == 1 and four.max_rows == 0
+
+
+def test_prepare_leaves_weights_that_are_not_4bit_alone(model):
+    fast = copy.deepcopy(model)  # the tiny anchor: random float32 weights, on no 4-bit grid
+    info = prepare_for_inference(fast, "bfloat16")
+    assert info["int4_linears"] == 0 and not any(isinstance(m, Int4Linear) for m in fast.modules())
+
+
 def test_dtype_choice_is_measured_or_taken_as_given():
     assert fast_dtype("float32")[0] == torch.float32 and fast_dtype("bfloat16")[0] == torch.bfloat16
     dtype, info = fast_dtype("auto")
@@ -94,3 +150,10 @@ def test_fast_path_greedy_tokens_agree_with_float32(smollm2):
     agree = sum(a == b for w, g in zip(want, got, strict=True) for a, b in zip(w, g, strict=True)) / (200 * 32)
     print(f"\n{info['dtype']}: teacher-forced agreement with float32 {agree:.4f}")
     assert agree >= 0.98
+    if info["int4_linears"]:  # decode steps run the 4-bit kernel: the same measurement with it everywhere
+        assert info["int4_linears"] == 4 * smollm2.config.n_layers  # every layer's linear is Q4_1 in the wheel
+        set_int4_max_rows(fast, 10**9)
+        got = teacher_forced_argmax(fast, prompts, want)
+        agree = sum(a == b for w, g in zip(want, got, strict=True) for a, b in zip(w, g, strict=True)) / 6400
+        print(f"4-bit linears: teacher-forced agreement with float32 {agree:.4f}")
+        assert agree >= 0.98

@@ -90,3 +90,31 @@ def test_non_contiguous_slots_and_freeing(model):
         model(ids[:, :1], cache=cache, slots=[1])  # not allocated
     with pytest.raises(ValueError):
         model(torch.zeros(1, 20, dtype=torch.long), cache=cache, slots=[2])  # longer than the cache
+
+
+def test_right_padded_prefill_of_several_prompts_equals_one_at_a_time(model):
+    """Prompts of different lengths prefilled in one forward, right-padded, with `lengths=`: each row's logits
+    at its last real token, its slot's length and the decode steps after it equal prefilling it alone."""
+    d = model.config.d_model
+    blocks, paths = _memories(d)
+    torch.manual_seed(3)
+    prompts = [torch.randint(1, 128, (n,)).tolist() for n in (6, 2, 4)]
+    names = ["A", "B", "C"]
+    mem = MemoryBatch.build(blocks, [paths[n] for n in names], [0, 1, 2])
+    ids = torch.zeros(3, 6, dtype=torch.long)
+    for b, p in enumerate(prompts):
+        ids[b, :len(p)] = torch.tensor(p)
+    with torch.no_grad():
+        cache = KVCache(model.config, max_batch=3, max_seq_len=16)
+        slots = [cache.allocate() for _ in prompts]
+        last = model(ids, cache=cache, slots=slots, memory=mem, last_only=True, lengths=torch.tensor([6, 2, 4]))
+        assert [cache.length(s) for s in slots] == [6, 2, 4]
+        nxt = torch.tensor([[7], [8], [9]])
+        step = model(nxt, cache=cache, slots=slots, memory=mem)
+        for b, (p, name) in enumerate(zip(prompts, names, strict=True)):
+            one = MemoryBatch.build(blocks, [paths[name]], [0, 1, 2])
+            want = model(torch.tensor([p + [int(nxt[b])]]), memory=one)[0]
+            assert rel_err(last[b, 0], want[-2]) <= 1e-5
+            assert rel_err(step[b, 0], want[-1]) <= 1e-5
+        with pytest.raises(ValueError, match="lengths"):
+            model(ids, last_only=True, lengths=torch.tensor([6, 0, 4]))

@@ -43,7 +43,8 @@ class FakeRunner:
         self.step_delay = step_delay
         self.lengths: dict[int, int] = {}
         self.decode_batches: list[int] = []
-        self.prefill_calls: list[tuple[int, int]] = []
+        self.prefill_calls: list[tuple[int, int]] = []  # (slot, chunk length) per row
+        self.prefill_forwards: list[int] = []  # rows of each prefill forward
         self.blocks: dict = {}  # what set_blocks holds
         self.synced: list[set] = []  # the keys of every set_blocks call
         self.decoded_rows: list[list[tuple]] = []  # each decode step's rows (their block keys)
@@ -64,7 +65,12 @@ class FakeRunner:
         out[ord("a") + (last + 1 + shift) % 26] = 10.0
         return out
 
-    def prefill(self, slot: int, ids: Sequence[int], start: int, keys) -> torch.Tensor:
+    def prefill(self, slots: Sequence[int], chunks, starts: Sequence[int], rows) -> torch.Tensor:
+        self.prefill_forwards.append(len(slots))
+        return torch.stack([self.prefill_one(*args) for args in zip(slots, chunks, starts, rows, strict=True)])
+
+    def prefill_one(self, slot: int, ids: Sequence[int], start: int, keys) -> torch.Tensor:
+        """One row of a prefill forward (subclasses record or fail here)."""
         assert self.lengths.get(slot, 0) == start, "prefill chunks must follow each other"
         self.prefill_calls.append((slot, len(ids)))
         self.lengths[slot] = start + len(ids)

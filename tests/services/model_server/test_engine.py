@@ -84,6 +84,29 @@ def test_rows_join_and_leave_between_steps(engine_factory):
     assert not runner.lengths  # every KV slot released
 
 
+def test_prompts_that_arrive_together_are_prefilled_in_one_forward(engine_factory):
+    """Requests waiting together are prefilled by one forward while their padded chunks fit `prefill_chunk`
+    tokens; a longer prompt goes on in chunks, and every row's output is what it gets alone."""
+    runner = FakeRunner(n_slots=4)
+    eng = engine_factory(runner, chunk=8)
+    reqs = [_req(p, n=3) for p in ("ab", "cde", "fg", "hijklmnopq")]
+    for req, _ in reqs:
+        eng.submit(req)
+    eng.start()
+    assert all(sink.done.wait(5) for _, sink in reqs)
+    # "ab" + "cde" pad to 2 x 3 <= 8 tokens ("fg" would make 3 x 3); "fg" + 8 of the long prompt would be
+    # 2 x 8: so "fg" alone, then the long prompt in 8 + 2
+    assert runner.prefill_forwards == [2, 1, 1, 1]
+    assert sorted(n for _, n in runner.prefill_calls) == [2, 2, 2, 3, 8]  # the 10-token prompt in 8 + 2
+    alone = [_req(p, n=3) for p in ("ab", "cde", "fg", "hijklmnopq")]
+    solo = FakeRunner(n_slots=1)
+    eng2 = engine_factory(solo, chunk=8)
+    eng2.start()
+    for (req, sink), (_, together) in zip(alone, reqs, strict=True):
+        eng2.submit(req)
+        assert sink.done.wait(5) and sink.text == together.text
+
+
 def test_one_kv_slot_per_row(engine_factory):
     """max_rows never exceeds the runner's KV slots (there is no spare slot for finished rows any more)."""
     eng = engine_factory(FakeRunner(n_slots=2), max_rows=8)

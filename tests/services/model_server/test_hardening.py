@@ -39,11 +39,11 @@ class RecordingRunner(FakeRunner):
         super().__init__(**kw)
         self.prompts: list[list[int]] = []
 
-    def prefill(self, slot, ids, start, memory):
+    def prefill_one(self, slot, ids, start, memory):
         if start == 0:
             self.prompts.append([])
         self.prompts[-1].extend(ids)
-        return super().prefill(slot, ids, start, memory)
+        return super().prefill_one(slot, ids, start, memory)
 
 
 # ---- finding 2: accepted inputs that answered 500 --------------------------------------------------
@@ -217,7 +217,7 @@ def test_memory_reason_has_no_internal_addresses_or_checksums(make_client, caplo
 
 def test_generation_errors_reach_clients_without_detail(make_client):
     class Broken(FakeRunner):
-        def prefill(self, slot, ids, start, memory):
+        def prefill(self, slots, chunks, starts, rows):
             raise RuntimeError("replica 10.1.2.3:50051 crc32c 0xdeadbeef")
 
     from fastapi.testclient import TestClient
