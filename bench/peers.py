@@ -132,6 +132,17 @@ async def run_load(url: str, system: System, work: list[list[dict[str, Any]]], l
             "e2e_p50_s": float(np.percentile([r["e2e"] for r in results], 50))}
 
 
+def _figures(row: dict[str, Any], loads) -> None:
+    """Each load's tok/s = the mean over its completed rounds, with notes on what looked off."""
+    for load in loads:
+        rs = row["rounds"][load.name]
+        row[load.name] = float(np.mean([x["tok_s"] for x in rs]))
+        if any(x["tokens"] != x["tokens_expected"] for x in rs):
+            row.setdefault("notes", []).append(f"{load.name}: token count differs from the requested")
+        if any(x["memory_degraded_requests"] for x in rs):
+            row.setdefault("notes", []).append(f"{load.name}: some requests ran with degraded memory")
+
+
 def measure(system: System, loads, rounds: int, workloads, args) -> dict[str, Any]:
     row: dict[str, Any] = {"system": system.name, "label": system.label, "version": system.version}
     if system.missing:
@@ -165,17 +176,19 @@ def measure(system: System, loads, rounds: int, workloads, args) -> dict[str, An
                          res["tok_s"], res["tokens"], expected, res["wall_s"])
         row["rss_after_load_bytes"] = (rss_bytes(proc.pid) if system.hiermem_memory is not None
                                        else tree_rss_bytes(proc.pid))
-        for load in loads:
-            rs = row["rounds"][load.name]
-            row[load.name] = float(np.mean([x["tok_s"] for x in rs]))
-            if any(x["tokens"] != x["tokens_expected"] for x in rs):
-                row.setdefault("notes", []).append(f"{load.name}: token count differs from the requested")
-            if any(x["memory_degraded_requests"] for x in rs):
-                row.setdefault("notes", []).append(f"{load.name}: some requests ran with degraded memory")
+        _figures(row, loads)
     except Exception as exc:  # a failing peer is reported, the others still run
         log.exception("%s failed under load", system.name)
-        row.update(status=f"failed under load: {type(exc).__name__}: {str(exc)[:300]}",
-                   log_tail=proc.output(40))
+        failure = f"failed under load: {type(exc).__name__}: {str(exc)[:300]}"
+        row["log_tail"] = proc.output(40)
+        if all(row.get("rounds", {}).get(load.name) for load in loads):
+            # the rounds that completed still count (a peer that dropped a connection in round 2 ran round 1
+            # side by side with the others); the failure stays in the notes and the table's status
+            _figures(row, loads)
+            done = min(len(row["rounds"][load.name]) for load in loads)
+            row["status"] = f"ok in {done} of {rounds} round(s); then {failure}"
+        else:
+            row["status"] = failure
     finally:
         proc.terminate(30)
         logs = args.peers_dir / "logs"
@@ -193,7 +206,7 @@ def measure(system: System, loads, rounds: int, workloads, args) -> dict[str, An
 def ratios_and_targets(rows: dict[str, dict[str, Any]]) -> tuple[list[dict], list[dict], list[dict]]:
     def tok(system: str, load: str) -> float | None:
         r = rows.get(system)
-        v = r.get(load) if r and r.get("status") == "ok" else None
+        v = r.get(load) if r and str(r.get("status", "")).startswith("ok") else None
         return float(v) if v else None
 
     specs = [("hiermem memory off / vLLM plain, 8 clients, tok/s", ("hiermem-off", "8 clients"),
@@ -240,7 +253,7 @@ def plot(rows: list[dict[str, Any]], loads, path: Path) -> None:
         vals = [r.get(load.name) or 0.0 for r in rows]
         bars = ax.bar(x + (k - 0.5) * width, vals, width, label=load.name, color=colour)
         for b, r in zip(bars, rows, strict=True):
-            if r.get("status") != "ok":
+            if not str(r.get("status", "")).startswith("ok"):
                 ax.text(b.get_x() + b.get_width() / 2, 0, "n/a", ha="center", va="bottom", fontsize=7)
     ax.set_xticks(x)
     ax.set_xticklabels([r["label"] for r in rows], fontsize=8, rotation=12)

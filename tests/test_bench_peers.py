@@ -73,3 +73,40 @@ def test_targets_only_from_what_ran():
     assert {m["target"] for m in missed} == {"hiermem memory off / llama.cpp f32, batch 1, tok/s",
                                              "hiermem memory on / vLLM 16 LoRAs rank 64, 8 clients"}
     assert [ld.name for ld in LOADS] == ["8 clients", "batch 1"]
+
+
+def test_a_peer_that_fails_in_a_later_round_keeps_the_rounds_it_completed(monkeypatch, tmp_path):
+    import argparse
+
+    import bench.peers as peers
+
+    class Proc:
+        pid, lines = 0, []
+
+        def terminate(self, timeout):
+            pass
+
+        def output(self, n):
+            return "server log"
+
+    calls = []
+
+    async def run_load(url, system, work, picks, max_tokens):
+        calls.append(max_tokens)
+        if len(calls) > 3:  # warm-up, then round 1's two loads; round 2 drops the connection
+            raise RuntimeError("Server disconnected without sending a response.")
+        return {"tok_s": 10.0 * len(calls), "tokens": 1, "wall_s": 1.0, "memory_degraded_requests": 0}
+
+    monkeypatch.setattr(peers, "start", lambda system, timeout: (Proc(), "http://x", 1.0))
+    monkeypatch.setattr(peers, "run_load", run_load)
+    monkeypatch.setattr(peers, "tree_rss_bytes", lambda pid: 1)
+    system = System("llamacpp-f32", "llama.cpp F32", ["llama-server"])
+    workloads = {ld.name: ([[{}]], [[0]]) for ld in LOADS}
+    args = argparse.Namespace(start_timeout=1.0, peers_dir=tmp_path)
+    row = peers.measure(system, LOADS, 2, workloads, args)
+    assert row["status"].startswith("ok in 1 of 2 round(s); then failed under load: RuntimeError")
+    assert (row["8 clients"], row["batch 1"]) == (20.0, 30.0)
+    _, targets, _ = ratios_and_targets({"hiermem-off": {"status": "ok", "batch 1": 45.0}, "llamacpp-f32": row})
+    assert {t["name"]: t["value"] for t in targets}["hiermem memory off / llama.cpp f32, batch 1, tok/s"] == 1.5
+    failed = peers.measure(system, LOADS, 2, workloads, args)  # fails in the warm-up: no figures at all
+    assert failed["status"].startswith("failed under load") and "8 clients" not in failed

@@ -152,11 +152,18 @@ class Preservation:
 
     def loss(self, rows: list[int], generic: bool) -> torch.Tensor:
         """Mean KL(anchor || anchor + memory) of the next token after each preserve prompt."""
+        return self.losses(rows, (generic,))[0]
+
+    def losses(self, rows: list[int], systems: Sequence[bool]) -> list[torch.Tensor]:
+        """`loss` for each system (False: the prompts' paths, True: the generic memory), in one forward."""
         if self.data is None:
             raise RuntimeError("no preserve targets: build() has not run")
-        memory = self.t.paths_memory([self.data["paths"][i] for i in rows], generic)
+        k, n = len(systems), len(rows)
+        paths = [self.data["paths"][i] for i in rows]
+        memory = self.t.paths_memory(paths * k, [g for g in systems for _ in rows])
         with self.t._autocast():
-            logits = self._last_logits([self.data["hidden"][i] for i in rows], memory)
-        logp = torch.log_softmax(logits.float(), -1)
+            logits = self._last_logits([self.data["hidden"][i] for i in rows] * k, memory)
+        logp = torch.log_softmax(logits.float(), -1)  # (k*n, V), system by system
         target = self.data["logp"][rows].float()
-        return torch.nn.functional.kl_div(logp, target, log_target=True, reduction="batchmean")
+        return [torch.nn.functional.kl_div(logp[j * n:(j + 1) * n], target, log_target=True, reduction="batchmean")
+                for j in range(k)]

@@ -23,6 +23,7 @@ import math
 import os
 import random
 import time
+from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
@@ -51,6 +52,8 @@ from training.routing import route_documents
 from training.trainable_bank import TrainableBank
 
 log = logging.getLogger(__name__)
+
+_GENERIC = ("generic",)  # the key of the generic memory among a batch's block keys (paths are (level, node))
 
 
 # ---- setup --------------------------------------------------------------------------------------------------
@@ -249,18 +252,27 @@ class Trainer:
     def batch_memory(self, batch: Batch, generic: bool):
         return self.paths_memory(batch.paths, generic)
 
-    def paths_memory(self, paths, generic: bool):
-        """MemoryBatch for rows with these paths (distinct blocks listed once), or all rows on the generic."""
+    def paths_memory(self, paths, generic: bool | Sequence[bool]):
+        """MemoryBatch for rows with these paths (distinct blocks listed once); a row whose `generic` flag is
+        set (one flag for all rows, or one per row) uses the generic memory instead of its path."""
         from lm import MemoryBatch
 
-        if generic:
-            return MemoryBatch.build([self.memory.generic], [[0]] * len(paths), self.layers)
-        refs = [[(level, int(i)) for level, i in enumerate(path, start=1)] for path in paths]
-        return MemoryBatch.from_paths(refs, lambda key: self.memory.block(*cast("tuple[int, int]", key)),
-                                      self.layers)
+        flags = [generic] * len(paths) if isinstance(generic, bool) else list(generic)
+        refs = [[_GENERIC] if g else [(level, int(i)) for level, i in enumerate(path, start=1)]
+                for path, g in zip(paths, flags, strict=True)]
+        return MemoryBatch.from_paths(refs, self._block_of, self.layers)
+
+    def _block_of(self, key) -> torch.Tensor:
+        return self.memory.generic if key == _GENERIC else self.memory.block(*cast("tuple[int, int]", key))
 
     def batch_loss(self, batch: Batch, generic: bool = False) -> torch.Tensor:
         """Next-token loss of the batch's documents through anchor + their paths' blocks (or the generic)."""
+        return self.batch_losses(batch, (generic,))[0]
+
+    def batch_losses(self, batch: Batch, systems: Sequence[bool] = (False,)) -> list[torch.Tensor]:
+        """`batch_loss` for each system (False: the paths' blocks, True: the generic memory) in one forward: the
+        documents repeated once per system, so the frozen anchor runs one batch of k*B rows instead of k
+        batches of B (fewer, larger ops; the losses and gradients are those of separate passes)."""
         seqs = [self.token_ids[i] for i in batch.doc_index]
         ids, mask = pad_ids(seqs)
         select, _ = loss_targets(ids, mask, [self.loss_start[i] for i in batch.doc_index])
@@ -271,15 +283,19 @@ class Trainer:
             select = select & keep
         targets = torch.zeros_like(ids)
         targets[:, :-1] = ids[:, 1:]
-        targets = targets[select]
-        memory = self.batch_memory(batch, generic)
+        targets = targets[select]  # (N,)
+        k = len(systems)
+        memory = self.paths_memory(list(batch.paths) * k, [g for g in systems for _ in batch.paths])
         with self._autocast():
             if self.use_prefix:
                 hidden = pad_hidden(self._prefix_of(batch.doc_index))  # (B, T, d) entering layer l0
-                logits = self.model.forward_from(hidden, self.l0, memory=memory, select=select)  # (N, V)
+                logits = self.model.forward_from(hidden.repeat(k, 1, 1), self.l0, memory=memory,
+                                                 select=select.repeat(k, 1))  # (k*N, V), system by system
             else:
-                logits = self.model.forward_from(self.model.hidden_at(ids, 0), 0, memory=memory, select=select)
-        return torch.nn.functional.cross_entropy(logits.float(), targets)
+                logits = self.model.forward_from(self.model.hidden_at(ids.repeat(k, 1), 0), 0, memory=memory,
+                                                 select=select.repeat(k, 1))
+        n = targets.shape[0]
+        return [torch.nn.functional.cross_entropy(logits[j * n:(j + 1) * n].float(), targets) for j in range(k)]
 
     def step(self, batch: Batch | None) -> dict[str, float]:
         self.opt.zero_grad(set_to_none=True)
@@ -287,19 +303,17 @@ class Trainer:
         if batch is not None:
             keep = self.preservation if self.preservation is not None and self.preservation.ready else None
             rows = keep.rows_for(batch) if keep is not None else []
-            loss = self.batch_loss(batch)
-            total = loss
-            stats["loss"] = float(loss.detach())
-            if keep is not None and rows:
-                kl = keep.loss(rows, generic=False)
-                total = total + self.cfg.preserve_weight * kl
-                stats["kl"] = float(kl.detach())
-            if self.rng.random() < self.cfg.generic_prob:
-                loss_g = self.batch_loss(batch, generic=True)
-                total = total + loss_g
-                stats["loss_generic"] = float(loss_g.detach())
-                if keep is not None and rows:
-                    total = total + self.cfg.preserve_weight * keep.loss(rows, generic=True)
+            # the generic memory trains beside the tree's blocks on the same documents (the baseline of the
+            # evaluation, same epochs), in the same forward
+            systems = (False, True) if self.rng.random() < self.cfg.generic_prob else (False,)
+            losses = self.batch_losses(batch, systems)
+            kls = keep.losses(rows, systems) if keep is not None and rows else []
+            total = sum(losses, torch.zeros(())) + self.cfg.preserve_weight * sum(kls, torch.zeros(()))
+            stats["loss"] = float(losses[0].detach())
+            if kls:
+                stats["kl"] = float(kls[0].detach())
+            if len(systems) > 1:
+                stats["loss_generic"] = float(losses[1].detach())
             total.backward()
             self.tokens_seen += sum(len(self.token_ids[i]) for i in batch.doc_index)
         sync_gradients(self.params, self.dist)

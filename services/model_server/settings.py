@@ -73,7 +73,8 @@ class ModelServerSettings(BaseSettings):
     """Compute dtype of the anchor, its KV cache and the memory slots: `auto` times a matmul in both at
     start-up and takes bfloat16 only where it is clearly faster on this CPU (logged as `compute dtype`)."""
     prefill_chunk: int = Field(256, ge=1)
-    """Prompt tokens prefilled per engine step, so running sequences never stall for a whole prompt."""
+    """Prompt tokens prefilled per engine step, so running sequences never stall for a whole prompt; prompts
+    waiting together share one forward while their chunks, padded to the longest, fit in this many tokens."""
     max_seq_len: int = Field(2048, ge=8)
     """KV-cache length per slot (prompt + generated tokens), capped by the anchor's context."""
     max_prompt_tokens: int = Field(2048, ge=1)

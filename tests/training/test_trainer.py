@@ -4,6 +4,7 @@ the exported bank round-trips through memory_store."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from tests.training.conftest import tiny_config
@@ -44,6 +45,34 @@ def test_prefix_cache_gives_the_same_loss_and_gradients(corpus_dir, tmp_path):
     on_paths = {f"nodes.{lv}_{i}" for p in batch.paths for lv, i in enumerate(p, start=1)}
     assert set(grads[0]) == on_paths
     assert set(grads[1]) == {"generic"}
+
+
+def test_one_forward_for_both_systems_gives_the_losses_and_gradients_of_separate_passes(corpus_dir, tmp_path):
+    """A step trains the tree's blocks and the generic memory (and their preservation terms) in one forward of
+    the documents repeated per system: the same losses and gradients as one forward per system."""
+    t = Trainer(tiny_config(corpus_dir, tmp_path / "j", loss="all", preserve_weight=1.0, preserve_batch=6))
+    _nonzero_memory(t, scale=0.2)
+    t.build_prefix_cache()
+    t.preservation.build()
+    batch = t._my_batches(0)[0]
+    rows = t.preservation.rows_for(batch)
+
+    def run(together: bool) -> tuple[list[float], dict[str, torch.Tensor]]:
+        t.memory.zero_grad(set_to_none=True)
+        if together:
+            losses = t.batch_losses(batch, (False, True)) + t.preservation.losses(rows, (False, True))
+        else:
+            losses = [t.batch_loss(batch, generic=g) for g in (False, True)]
+            losses += [t.preservation.loss(rows, generic=g) for g in (False, True)]
+        sum(losses).backward()
+        return [float(x.detach()) for x in losses], {k: p.grad.clone() for k, p in t.memory.named_parameters()
+                                                      if p.grad is not None}
+
+    (apart, g_apart), (joint, g_joint) = run(False), run(True)
+    assert joint == pytest.approx(apart, rel=1e-5, abs=1e-7) and min(apart) > 0
+    assert g_joint.keys() == g_apart.keys() and "generic" in g_joint
+    for k in g_apart:
+        torch.testing.assert_close(g_joint[k], g_apart[k], rtol=1e-4, atol=1e-6)
 
 
 def test_steps_lower_the_loss_and_resume_from_checkpoint(corpus_dir, tmp_path):
