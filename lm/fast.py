@@ -115,10 +115,7 @@ class Int4Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features).to(torch.bfloat16)
-        if flat.shape[0] > self.max_rows:
-            y = torch.ops.mkldnn._linear_pointwise(flat, self.bf16.packed, None, "none", [], "")
-        else:
-            y = self.int4(flat)
+        y = self.bf16(flat) if flat.shape[0] > self.max_rows else self.int4(flat)
         return y.view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
@@ -258,7 +255,7 @@ def prepare_for_inference(model: nn.Module, dtype: str | torch.dtype = "auto", *
     if wide and rescore_head and can_pack and isinstance(head, nn.Linear):  # float32 rows before the cast
         rescored = RescoredHead(head, batch_hint)
     grids: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id(linear) -> its packed 4-bit form
-    if wide and can_pack and int4 and chosen == torch.bfloat16 and _int4_works():
+    if can_pack and int4 and chosen == torch.bfloat16 and _int4_works():
         for mod in model.modules():
             if type(mod) is nn.Linear and mod is not head and mod.bias is None:
                 grid = int4_grid(mod.weight)  # on the float32 weights, before the cast

@@ -249,9 +249,6 @@ class Trainer:
         batches = leaf_batches(self.paths, self.cfg.batch_size, self.cfg.seed * 7919 + epoch, self.cfg.subtree)
         return batches[self.dist.rank::self.dist.world]
 
-    def batch_memory(self, batch: Batch, generic: bool):
-        return self.paths_memory(batch.paths, generic)
-
     def paths_memory(self, paths, generic: bool | Sequence[bool]):
         """MemoryBatch for rows with these paths (distinct blocks listed once); a row whose `generic` flag is
         set (one flag for all rows, or one per row) uses the generic memory instead of its path."""

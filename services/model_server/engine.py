@@ -264,15 +264,14 @@ class Engine:
         times the rows stays within `prefill_chunk` tokens (requests that arrive together, as a burst of
         clients' next questions does, are prefilled together) and the padding fits the KV slots."""
         group: list[tuple[GenRequest, list[int]]] = []
-        width = 0
+        width = start = 0  # the padded width and the furthest start of the rows taken so far
         for req in self._prefilling:
             chunk = req.prompt_ids[req.prefilled:req.prefilled + self.prefill_chunk]
-            w = max(width, len(chunk))
-            if group and (w * (len(group) + 1) > self.prefill_chunk
-                          or max(r.prefilled for r, _ in group + [(req, chunk)]) + w > self.runner.max_seq_len):
+            w, s = max(width, len(chunk)), max(start, req.prefilled)
+            if group and (w * (len(group) + 1) > self.prefill_chunk or s + w > self.runner.max_seq_len):
                 break
             group.append((req, chunk))
-            width = w
+            width, start = w, s
         logits = self.runner.prefill([r.slot for r, _ in group], [c for _, c in group],
                                      [r.prefilled for r, _ in group], [r.memory.keys for r, _ in group])
         for i, (req, chunk) in enumerate(group):

@@ -103,10 +103,9 @@ class LmRunner:
         x = torch.zeros(len(chunks), width, dtype=torch.long)  # (B, T)
         for b, chunk in enumerate(chunks):
             x[b, :len(chunk)] = torch.tensor(list(chunk), dtype=torch.long)
-        lengths = torch.tensor([len(c) for c in chunks])
         logits = self.model(x, cache=self.cache, slots=[self._slot_of[s] for s in slots],
                             memory=self._memory(rows), last_only=True,
-                            lengths=None if bool((lengths == width).all()) else lengths)
+                            lengths=torch.tensor([len(c) for c in chunks]))
         return logits[:, -1].float()  # (B, V)
 
     @torch.no_grad()
