@@ -46,6 +46,21 @@ VARIANTS: dict[str, dict] = {
     "batch8-lr2e-2-from12": {**OLD, "batch_size": 8, "lr": 2e-2, "memory_layers": SPREAD[1:]},
     "preset": {"memory_layers": SPREAD, "batch_size": 8, "lr": 2e-2},
 }
+PRESET = VARIANTS["preset"]
+VARIANTS.update({
+    "preset-leaflr2": {**PRESET, "level_lr": [1.0, 2.0]},
+    "preset-leaflr4": {**PRESET, "level_lr": [1.0, 4.0]},
+    "preset-batch4": {**PRESET, "batch_size": 4},
+    "preset-ranks64": {**PRESET, "ranks": [64, 64]},
+    "preset-epochs15": {**PRESET, "epochs": 15},
+    "preset-ranks128-64": {**PRESET, "ranks": [128, 64]},
+    "preset-ranks64-128": {**PRESET, "ranks": [64, 128]},
+    "preset-ranks64-leaflr05": {**PRESET, "ranks": [64, 64], "level_lr": [1.0, 0.5]},
+    "preset-batch4-ranks64": {**PRESET, "batch_size": 4, "ranks": [64, 64]},
+    "preset-batch4-ranks64-epochs8": {**PRESET, "batch_size": 4, "ranks": [64, 64], "epochs": 8},
+    "preset-batch4-ranks128-64": {**PRESET, "batch_size": 4, "ranks": [128, 64]},
+    "preset-batch4-anaphors": {**PRESET, "batch_size": 4, "name_anaphors": True},
+})
 
 
 def subset(corpus_dir: Path, n: int, seed: int = 0) -> tuple[list[dict], list[dict]]:
@@ -106,7 +121,8 @@ def run_variant(name: str, overrides: dict, valid: list[dict], docs: list[dict],
                 fit += text_match(generate(model, tok, tok(fp, add_special_tokens=False)["input_ids"], sp,
                                            memory=memory).text, p["answer"])
     return {"variant": name, **{k: overrides.get(k, values.get(k)) for k in ("memory_layers", "batch_size", "lr",
-                                                                            "epochs")},
+                                                                            "level_lr", "ranks", "epochs",
+                                                                            "name_anaphors")},
             "valid_exact_match": right / len(valid), "anchor": anchor / len(valid),
             "fit": fit / max(n_fit, 1), "train_seconds": round(train_s, 1), "steps": tr.global_step}
 

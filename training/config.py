@@ -36,6 +36,10 @@ class TrainConfig:
     batch_size: int = 16
     """documents per step; a step's documents share one leaf (packed by leaf)"""
     lr: float = 3e-3
+    level_lr: list[float] | None = None
+    """per-level multipliers of lr for the tree's blocks, e.g. [1, 3] (default 1 for every level): a leaf's
+    block is updated only on the steps that train its few documents, a level-1 block on every step of its
+    subtree, so the leaves get far fewer AdamW updates"""
     weight_decay: float = 1e-3
     beta1: float = 0.9
     beta2: float = 0.95
@@ -50,6 +54,9 @@ class TrainConfig:
     worst) the loss covers"""
     """"all": next-token loss on every token; "continuation": only on tokens after a document's route_text
     (the fact's object in the built-in corpus), which skips most of the LM head's work"""
+    name_anaphors: bool = False
+    """train on each document with a later sentence's opening "It" / "The <noun>" replaced by the document's
+    name (training/preservation.py: name_anaphors); routing keeps the original text"""
     preserve_weight: float = 0.0
     """weight of KL(anchor || anchor + memory) at the end of the corpus's preserve prompts (frozen anchor)"""
     preserve_batch: int = 16
@@ -116,11 +123,15 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--epochs", type=int, default=d.epochs)
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--level-lr", type=lambda t: [float(x) for x in t.split(",")], default=None,
+                   help="per-level lr multipliers for the tree's blocks, e.g. 1,3")
     p.add_argument("--weight-decay", type=float, default=d.weight_decay)
     p.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
     p.add_argument("--generic-prob", type=float, default=d.generic_prob)
     p.add_argument("--loss", default=d.loss, choices=["all", "continuation", "surprising"])
     p.add_argument("--surprising-fraction", type=float, default=d.surprising_fraction)
+    p.add_argument("--name-anaphors", action="store_true", default=None,
+                   help="train on documents with sentence-opening pronouns replaced by the document's name")
     p.add_argument("--preserve-weight", type=float, default=d.preserve_weight,
                    help="keep the anchor's prediction on the corpus's preserve prompts (0 = off)")
     p.add_argument("--preserve-batch", type=int, default=d.preserve_batch)

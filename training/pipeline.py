@@ -41,12 +41,14 @@ PRESETS: dict[str, dict] = {
         "corpus": {"style": "documents", "sizes": {"city_country": 200, "us_city_state": 50,
                                                    "country_capital": 40, "element_number": 30},
                    "heldout_fraction": 0.2, "heldout_extra": 0.75},
-        # memory on six layers spread over the depth, 8 documents per step at lr 2e-2: chosen on the `valid`
-        # wordings of a 120-fact subset (docs/training.md): 38% -> 80% against the last 4 layers, 32 per
-        # step, lr 1e-2 -- those blocks got about one update per epoch each and were under-trained
+        # memory on six layers spread over the depth, 4 documents per step at lr 2e-2: chosen on the `valid`
+        # wordings of a 120-fact subset (docs/training.md): 38% -> 80% -> 86% against the last 4 layers, 32
+        # per step, lr 1e-2 (those blocks got about one update per epoch each and were under-trained) and 8
+        # per step; 8 preservation prompts per step keep their share per document
         "train": {"anchor": "smollm2", "branching": [8, 8], "ranks": [64, 32],
-                  "memory_layers": [8, 12, 16, 20, 24, 28], "epochs": 10, "batch_size": 8, "lr": 2e-2,
-                  "warmup_steps": 5, "loss": "all", "preserve_weight": 1.0, "routing": "docs"},
+                  "memory_layers": [8, 12, 16, 20, 24, 28], "epochs": 10, "batch_size": 4, "lr": 2e-2,
+                  "warmup_steps": 5, "loss": "all", "preserve_weight": 1.0, "preserve_batch": 8,
+                  "routing": "docs"},
     },
     # The demo's facts corpus with its preserve file removed: the same pipeline as "docs" (document router,
     # gate, derived preservation) on single-sentence documents, for comparison with the demo preset.

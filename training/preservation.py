@@ -40,17 +40,76 @@ def document_name(text: str, rare: set[str]) -> str | None:
     return None
 
 
-def derive_preserve_prompts(docs: Sequence[dict], doc_paths: np.ndarray, per_doc: int = 1, seed: int = 0,
-                            max_df: int = 4) -> list[dict]:
-    """Entity-swapped openings (see the module docstring): `{"prompt", "path"}` per prompt."""
+def _document_frequency(docs: Sequence[dict]) -> dict[str, int]:
     from memory_store.router import words
 
     df: dict[str, int] = {}
     for d in docs:
         for w in set(words(d["text"])):
             df[w] = df.get(w, 0) + 1
+    return df
+
+
+def document_names(docs: Sequence[dict], max_df: int = 4) -> list[str | None]:
+    """`document_name` of each document, "rare" meaning in at most `max_df` documents of this corpus."""
+    df = _document_frequency(docs)
     rare = {w for w, n in df.items() if n <= max_df and w.isalpha()}
-    names = [document_name(d["text"], rare) for d in docs]
+    return [document_name(d["text"], rare) for d in docs]
+
+
+# a capitalised span, with the lower-case particles of place names inside ("Aranda de Duero")
+_SPAN = re.compile(r"[A-Z][\w'\-]*(?:\s+(?:(?:de|del|da|do|dos|das|la|le|les|van|von|der|den|di|du|el|al|y)\s+)?"
+                   r"[A-Z][\w'\-]*)*")
+
+
+def subject_names(docs: Sequence[dict], max_df: int | None = None) -> list[str | None]:
+    """What each document is about: of its capitalised spans that hold a word found in at most `max_df`
+    documents of the corpus (default 3% of them, at least 4: a name, not a capitalised sentence opening such
+    as "Local"), the one it mentions most often; ties go to the one that opens more sentences, then the
+    earlier. None when it has no such span. On the `docs` preset's corpus it names 643 of 650 documents'
+    entities (its country instead for a few popular countries' documents)."""
+    from memory_store.router import STOPWORDS, words
+
+    df = _document_frequency(docs)
+    max_df = max(4, round(0.03 * len(docs))) if max_df is None else max_df
+    out: list[str | None] = []
+    for d in docs:
+        seen: dict[str, list] = {}  # span -> [count, sentences opened, first offset]
+        text = d["text"]
+        for m in _SPAN.finditer(text):
+            ws = m.group(0).split()
+            while ws and ws[0].lower() in STOPWORDS:  # "The Hague" stays, "It" / "The" alone go
+                ws = ws[1:]
+            toks = [w for w in words(" ".join(ws)) if not w.isdigit()]
+            if not toks or min(df.get(w, 0) for w in toks) > max_df:
+                continue
+            span = " ".join(ws)
+            entry = seen.setdefault(span, [0, 0, m.start()])
+            entry[0] += 1
+            entry[1] += m.group(0) == span and (m.start() == 0 or text[:m.start()].rstrip()[-1:] in ".!?")
+        out.append(min(seen, key=lambda s: (-seen[s][0], -seen[s][1], seen[s][2])) if seen else None)
+    return out
+
+
+_SENTENCE = re.compile(r"(?<=[.!?])\s+")
+_ANAPHOR = re.compile(r"^(?:It|The [a-z]+)\b(?! of\b)")
+
+
+def name_anaphors(text: str, name: str | None) -> str:
+    """`text` with each later sentence that does not name `name` and opens with "It" or "The <noun>" ("The
+    city", but not "The population of ...") opened with `name` instead: "It lies in Germany." -> "Willebroek
+    lies in Germany." A training view only (routing and preservation keep the original): a fact the document
+    states with a pronoun is otherwise stored against the pronoun, and a question names the entity."""
+    if not name:
+        return text
+    parts = _SENTENCE.split(text.strip())
+    return " ".join([parts[0]] + [p if name in p else _ANAPHOR.sub(name, p, count=1) for p in parts[1:]])
+
+
+def derive_preserve_prompts(docs: Sequence[dict], doc_paths: np.ndarray, per_doc: int = 1, seed: int = 0,
+                            max_df: int = 4) -> list[dict]:
+    """Entity-swapped openings (see the module docstring): `{"prompt", "path"}` per prompt."""
+    names = document_names(docs, max_df)
     by_top: dict[int, list[str]] = {}
     for name, path in zip(names, doc_paths, strict=True):
         if name:

@@ -69,5 +69,18 @@ class TrainableBank(nn.Module):
     def key(level: int, index: int) -> str:
         return f"{level}_{index}"
 
+    def param_groups(self, lr: float, level_lr: Sequence[float] | None = None) -> list[dict]:
+        """AdamW parameter groups: the generic memory at `lr`, the tree's blocks at `lr` times their level's
+        multiplier (`level_lr`, one per level; default 1)."""
+        scale = list(level_lr) if level_lr is not None else [1.0] * len(self.ranks)
+        if len(scale) != len(self.ranks):
+            raise ValueError(f"level_lr has {len(scale)} entries, the tree {len(self.ranks)} levels")
+        groups: list[dict] = [{"params": [self.generic], "lr": lr}]
+        for level, s in enumerate(scale, start=1):
+            ps = [p for k, p in self.nodes.items() if int(k.split("_")[0]) == level]
+            if ps:
+                groups.append({"params": ps, "lr": lr * float(s)})
+        return groups
+
     def block(self, level: int, index: int) -> nn.Parameter:
         return self.nodes[self.key(level, index)]

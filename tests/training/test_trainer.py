@@ -99,6 +99,28 @@ def test_steps_lower_the_loss_and_resume_from_checkpoint(corpus_dir, tmp_path):
         torch.testing.assert_close(again.memory.state_dict()[k], v)
 
 
+def test_level_lr_scales_each_levels_blocks_and_leaves_the_generic_at_lr(corpus_dir, tmp_path):
+    t = Trainer(tiny_config(corpus_dir, tmp_path / "job", lr=1e-2, level_lr=[1.0, 3.0]))
+    by_param = {id(p): g["lr"] for g in t.opt.param_groups for p in g["params"]}
+    assert by_param[id(t.memory.generic)] == pytest.approx(1e-2)
+    for key, p in t.memory.nodes.items():
+        level = int(key.split("_")[0])
+        assert by_param[id(p)] == pytest.approx(1e-2 * (1.0 if level == 1 else 3.0)), key
+    assert len(by_param) == len(list(t.memory.parameters()))  # every block in exactly one group
+    # one AdamW step moves a leaf's block about 3x as far as its level-1 block (same gradient scale
+    # does not matter: Adam's first step is lr * sign-like)
+    t.build_prefix_cache()
+    batch = t._my_batches(0)[0]
+    before = {k: p.detach().clone() for k, p in t.memory.nodes.items()}
+    t.step(batch)
+    path = batch.paths[0]
+    top, leaf = f"1_{path[0]}", f"2_{path[1]}"
+    move = {k: float((t.memory.nodes[k].detach() - before[k]).abs().max()) for k in (top, leaf)}
+    assert move[top] > 0 and move[leaf] == pytest.approx(3 * move[top], rel=0.2), move
+    with pytest.raises(ValueError, match="level_lr has 3 entries"):
+        Trainer(tiny_config(corpus_dir, tmp_path / "bad", level_lr=[1.0, 1.0, 1.0]))
+
+
 def test_exported_bank_round_trips(corpus_dir, tmp_path):
     from safetensors.torch import load_file
 
@@ -165,6 +187,21 @@ def test_preserve_loss_is_zero_for_a_fresh_memory_and_trains_the_routed_blocks(c
     touched = {k for k, p in t.memory.named_parameters() if p.grad is not None}
     routed = {f"nodes.{lv}_{i}" for r in rows for lv, i in enumerate(keep.data["paths"][r], start=1)}
     assert touched == routed
+
+
+def test_a_step_holds_only_the_tree_blocks_to_the_anchor_and_trains_the_generic_on_the_documents(corpus_dir,
+                                                                                               tmp_path):
+    t = Trainer(tiny_config(corpus_dir, tmp_path / "g", loss="all", preserve_weight=1.0, preserve_batch=6, lr=0.0))
+    _nonzero_memory(t, scale=0.5)
+    t.build_prefix_cache()
+    t.preservation.build()
+    batch = t._my_batches(0)[0]
+    stats = t.step(batch)  # lr 0: the parameters stay, the gradients are kept
+    assert "kl" in stats and "loss_generic" in stats
+    from_step = t.memory.generic.grad.clone()
+    t.memory.zero_grad(set_to_none=True)
+    t.batch_losses(batch, (True,))[0].backward()
+    torch.testing.assert_close(from_step, t.memory.generic.grad, rtol=1e-4, atol=1e-7)
 
 
 def test_without_a_preserve_file_the_prompts_are_derived_from_the_documents(tmp_path):
