@@ -55,10 +55,15 @@ def words(text: str) -> list[str]:
     return [w for w in _WORD.findall(text.lower()) if (len(w) > 1 or w.isdigit()) and w not in STOPWORDS]
 
 
+def sentences(text: str) -> list[str]:
+    """The sentences of `text` (split after . ! or ?), stripped, empty ones dropped."""
+    return [s.strip() for s in _SENTENCE.split(text.strip()) if s.strip()]
+
+
 def views(text: str) -> list[str]:
     """What a document is indexed by: the whole text, then each sentence (when there are several)."""
-    sentences = [s.strip() for s in _SENTENCE.split(text.strip()) if s.strip()]
-    return [text] + (sentences if len(sentences) > 1 else [])
+    parts = sentences(text)
+    return [text] + (parts if len(parts) > 1 else [])
 
 
 @dataclass(frozen=True)

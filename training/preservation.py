@@ -91,7 +91,6 @@ def subject_names(docs: Sequence[dict], max_df: int | None = None) -> list[str |
     return out
 
 
-_SENTENCE = re.compile(r"(?<=[.!?])\s+")
 _ANAPHOR = re.compile(r"^(?:It|The [a-z]+)\b(?! of\b)")
 
 
@@ -100,15 +99,19 @@ def name_anaphors(text: str, name: str | None) -> str:
     city", but not "The population of ...") opened with `name` instead: "It lies in Germany." -> "Willebroek
     lies in Germany." A training view only (routing and preservation keep the original): a fact the document
     states with a pronoun is otherwise stored against the pronoun, and a question names the entity."""
-    if not name:
+    from memory_store.router import sentences
+
+    parts = sentences(text)
+    if not name or not parts:
         return text
-    parts = _SENTENCE.split(text.strip())
     return " ".join([parts[0]] + [p if name in p else _ANAPHOR.sub(name, p, count=1) for p in parts[1:]])
 
 
 def derive_preserve_prompts(docs: Sequence[dict], doc_paths: np.ndarray, per_doc: int = 1, seed: int = 0,
                             max_df: int = 4) -> list[dict]:
     """Entity-swapped openings (see the module docstring): `{"prompt", "path"}` per prompt."""
+    from memory_store.router import sentences
+
     names = document_names(docs, max_df)
     by_top: dict[int, list[str]] = {}
     for name, path in zip(names, doc_paths, strict=True):
@@ -120,7 +123,7 @@ def derive_preserve_prompts(docs: Sequence[dict], doc_paths: np.ndarray, per_doc
         others = [n for top, ns in by_top.items() if top != int(path[0]) for n in ns]
         if not name or not others:
             continue
-        first = re.split(r"(?<=[.!?])\s+", d["text"].strip())[0]
+        first = sentences(d["text"])[0]  # not empty: the document has a name
         for _ in range(per_doc):
             swapped = first.replace(name, rng.choice(others))
             cut = swapped.rstrip(".!? ").rsplit(" ", 1)[0]
@@ -209,20 +212,15 @@ class Preservation:
             rows += rng.sample(range(n), min(n, want - len(rows)))
         return rows
 
-    def loss(self, rows: list[int], generic: bool) -> torch.Tensor:
-        """Mean KL(anchor || anchor + memory) of the next token after each preserve prompt."""
-        return self.losses(rows, (generic,))[0]
-
-    def losses(self, rows: list[int], systems: Sequence[bool]) -> list[torch.Tensor]:
-        """`loss` for each system (False: the prompts' paths, True: the generic memory), in one forward."""
+    def loss(self, rows: list[int]) -> torch.Tensor:
+        """Mean KL(anchor || anchor + memory) of the next token after each preserve prompt, through the
+        prompts' paths (only the tree's blocks are held to the anchor; the generic memory is the storage
+        control and trains on the documents alone)."""
         if self.data is None:
             raise RuntimeError("no preserve targets: build() has not run")
-        k, n = len(systems), len(rows)
-        paths = [self.data["paths"][i] for i in rows]
-        memory = self.t.paths_memory(paths * k, [g for g in systems for _ in rows])
+        memory = self.t.paths_memory([self.data["paths"][i] for i in rows], False)
         with self.t._autocast():
-            logits = self._last_logits([self.data["hidden"][i] for i in rows] * k, memory)
-        logp = torch.log_softmax(logits.float(), -1)  # (k*n, V), system by system
+            logits = self._last_logits([self.data["hidden"][i] for i in rows], memory)
+        logp = torch.log_softmax(logits.float(), -1)
         target = self.data["logp"][rows].float()
-        return [torch.nn.functional.kl_div(logp[j * n:(j + 1) * n], target, log_target=True, reduction="batchmean")
-                for j in range(k)]
+        return torch.nn.functional.kl_div(logp, target, log_target=True, reduction="batchmean")

@@ -308,14 +308,12 @@ class Trainer:
             # evaluation, same epochs), in the same forward
             systems = (False, True) if self.rng.random() < self.cfg.generic_prob else (False,)
             losses = self.batch_losses(batch, systems)
-            # preservation holds the tree's blocks only: the generic memory is the storage control (its
-            # figures are those of a memory trained on the documents alone), and skipping its KL pass saves
-            # about a tenth of a step
-            kls = keep.losses(rows, (False,)) if keep is not None and rows else []
-            total = sum(losses, torch.zeros(())) + self.cfg.preserve_weight * sum(kls, torch.zeros(()))
+            total = sum(losses, torch.zeros(()))
             stats["loss"] = float(losses[0].detach())
-            if kls:
-                stats["kl"] = float(kls[0].detach())
+            if keep is not None and rows:  # the tree's blocks only (Preservation.loss)
+                kl = keep.loss(rows)
+                total = total + self.cfg.preserve_weight * kl
+                stats["kl"] = float(kl.detach())
             if len(systems) > 1:
                 stats["loss_generic"] = float(losses[1].detach())
             total.backward()

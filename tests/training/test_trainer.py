@@ -48,22 +48,19 @@ def test_prefix_cache_gives_the_same_loss_and_gradients(corpus_dir, tmp_path):
 
 
 def test_one_forward_for_both_systems_gives_the_losses_and_gradients_of_separate_passes(corpus_dir, tmp_path):
-    """A step trains the tree's blocks and the generic memory (and their preservation terms) in one forward of
-    the documents repeated per system: the same losses and gradients as one forward per system."""
-    t = Trainer(tiny_config(corpus_dir, tmp_path / "j", loss="all", preserve_weight=1.0, preserve_batch=6))
+    """A step trains the tree's blocks and the generic memory in one forward of the documents repeated per
+    system: the same losses and gradients as one forward per system."""
+    t = Trainer(tiny_config(corpus_dir, tmp_path / "j", loss="all"))
     _nonzero_memory(t, scale=0.2)
     t.build_prefix_cache()
-    t.preservation.build()
     batch = t._my_batches(0)[0]
-    rows = t.preservation.rows_for(batch)
 
     def run(together: bool) -> tuple[list[float], dict[str, torch.Tensor]]:
         t.memory.zero_grad(set_to_none=True)
         if together:
-            losses = t.batch_losses(batch, (False, True)) + t.preservation.losses(rows, (False, True))
+            losses = t.batch_losses(batch, (False, True))
         else:
             losses = [t.batch_loss(batch, generic=g) for g in (False, True)]
-            losses += [t.preservation.loss(rows, generic=g) for g in (False, True)]
         sum(losses).backward()
         return [float(x.detach()) for x in losses], {k: p.grad.clone() for k, p in t.memory.named_parameters()
                                                       if p.grad is not None}
@@ -179,9 +176,9 @@ def test_preserve_loss_is_zero_for_a_fresh_memory_and_trains_the_routed_blocks(c
     batch = t._my_batches(0)[0]
     rows = keep.rows_for(batch)
     assert len(rows) == 6
-    assert float(keep.loss(rows, generic=False).detach()) < 1e-4  # down blocks start at zero: memory = anchor
+    assert float(keep.loss(rows).detach()) < 1e-4  # down blocks start at zero: memory = anchor
     _nonzero_memory(t, scale=0.5)
-    kl = keep.loss(rows, generic=False)
+    kl = keep.loss(rows)
     assert float(kl) > 1e-3, float(kl)
     kl.backward()
     touched = {k for k, p in t.memory.named_parameters() if p.grad is not None}
