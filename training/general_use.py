@@ -34,18 +34,14 @@ def _model_text(tok, chat_template, row: dict) -> str:
     return row["text"]
 
 
-def _memory(path, sources: dict, layers: list[int]):
-    from lm import MemoryBatch
-
-    if not path:
-        return None
-    return MemoryBatch.from_paths([list(enumerate(path, start=1))], sources["hierarchical"].block, layers)
-
-
 def general_use(model, tok, chat_template, bank, router, embedder, sources: dict, layers: list[int],
-                prompts: list[dict] | None = None) -> dict:
-    """Share of general prompts whose first 8 greedy tokens are unchanged by memory, and mean KL per position."""
-    from lm import SamplingParams, generate
+                prompts: list[dict] | None = None, batch_size: int = 16) -> dict:
+    """Share of general prompts whose first 8 greedy tokens are unchanged by memory, and mean KL per position.
+
+    Prompts go `batch_size` at a time: greedy decoding in one batch, then one right-padded forward per memory
+    (a row's positions are exact under causal attention whatever the padding after it)."""
+    from lm import MemoryBatch
+    from lm.generate import greedy_batch
     from training.corpus_docs import load_general_prompts
     from training.routing import embed
 
@@ -60,27 +56,40 @@ def general_use(model, tok, chat_template, bank, router, embedder, sources: dict
         choices["auto (router + gate)"] = [c[0].path or () if c and router.open(c[0].cos, c[0].idf) else ()
                                            for c in cands]
     stats: dict[str, dict[str, list]] = {name: {"identical": [], "kl": [], "memory": []} for name in choices}
-    params = SamplingParams(max_new_tokens=N_TOKENS, temperature=0.0)
-    for i, row in enumerate(rows):
-        ids = tok(_model_text(tok, chat_template, row), add_special_tokens=False)["input_ids"]
-        with torch.no_grad():
-            off = generate(model, tok, ids, params).token_ids[:N_TOKENS]
-            if not off:
-                continue
-            full = torch.tensor([list(ids) + list(off)])
-            sl = slice(len(ids) - 1, len(ids) - 1 + len(off))
-            logp_off = torch.log_softmax(model(full)[0, sl].float(), -1)
+    eos = set(model.config.eos_token_ids) | ({tok.eos_token_id} if getattr(tok, "eos_token_id", None) is not None
+                                             else set())
+    prompt_ids = [tok(_model_text(tok, chat_template, row), add_special_tokens=False)["input_ids"] for row in rows]
+    with torch.no_grad():
+        # memory off: greedy continuations of all prompts, decoded together (cut at EOS, as `generate` does)
+        offs = []
+        for cont in greedy_batch(model, prompt_ids, N_TOKENS, batch=batch_size):
+            stop = next((k for k, t in enumerate(cont) if t in eos), len(cont))
+            offs.append(cont[:stop])
+        todo = [i for i, off in enumerate(offs) if off]
+        for s in range(0, len(todo), batch_size):
+            group = todo[s:s + batch_size]
+            seqs = [list(prompt_ids[i]) + list(offs[i]) for i in group]
+            ids = torch.zeros(len(seqs), max(map(len, seqs)), dtype=torch.long)  # right padding: causal rows exact
+            for b, seq in enumerate(seqs):
+                ids[b, :len(seq)] = torch.tensor(seq)
+            spans = [slice(len(prompt_ids[i]) - 1, len(prompt_ids[i]) - 1 + len(offs[i])) for i in group]
+            logits_off = model(ids)
+            logp_off = [torch.log_softmax(logits_off[b, sl].float(), -1) for b, sl in enumerate(spans)]
             for name, paths in choices.items():
-                memory = _memory(paths[i], sources, layers)
                 st = stats[name]
-                st["memory"].append(memory is not None)
-                if memory is None:
-                    st["identical"].append(True)
-                    st["kl"].append(0.0)
-                    continue
-                logp = torch.log_softmax(model(full, memory=memory)[0, sl].float(), -1)
-                st["identical"].append(bool((logp.argmax(-1) == torch.tensor(off)).all()))
-                st["kl"].append(float((logp_off.exp() * (logp_off - logp)).sum(-1).mean()))
+                memory = MemoryBatch.from_paths([list(enumerate(paths[i], start=1)) for i in group],
+                                                sources["hierarchical"].block, layers)
+                logits = model(ids, memory=memory) if memory is not None else None
+                for b, (i, sl) in enumerate(zip(group, spans, strict=True)):
+                    st["memory"].append(bool(paths[i]))
+                    if logits is None or not paths[i]:
+                        st["identical"].append(True)
+                        st["kl"].append(0.0)
+                        continue
+                    logp = torch.log_softmax(logits[b, sl].float(), -1)
+                    lo = logp_off[b]
+                    st["identical"].append(bool((logp.argmax(-1) == torch.tensor(offs[i])).all()))
+                    st["kl"].append(float((lo.exp() * (lo - logp)).sum(-1).mean()))
     systems: dict[str, dict[str, float]] = {}
     for name, st in stats.items():
         systems[name] = {"identical": float(np.mean(st["identical"])), "mean_kl": float(np.mean(st["kl"])),

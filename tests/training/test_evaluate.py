@@ -85,3 +85,50 @@ def test_tiny_preset_builds_and_evaluates(tmp_path):
     third = run_build("tiny", bank_dir=tmp_path / "bank2", work=tmp_path / "work")
     assert Bank.open(tmp_path / "bank2").bank_id == result["bank_id"]
     assert third["status"]["stages"] == out["status"]["stages"]
+
+
+def test_general_use_batched_equals_one_prompt_at_a_time(monkeypatch):
+    """The batched general-use check (greedy decode together, right-padded teacher forcing with per-row
+    memories) gives what one `generate` and one forward per prompt give."""
+    from types import SimpleNamespace
+
+    from lm import MemoryBatch, SamplingParams, generate, load_anchor
+    from training.general_use import N_TOKENS, general_use
+
+    a = load_anchor("tiny")
+    model, tok = a.model, a.tokenizer
+    layers = [2, 3]
+    g = torch.Generator().manual_seed(5)
+    blocks = {(lvl, i): torch.randn(2, 3, 8 if lvl == 1 else 4, model.config.d_model, generator=g) * 0.7
+              for lvl in (1, 2) for i in range(3)}
+    rows = [{"text": t, "kind": "text"} for t in
+            ("The weather today", "Two plus two is", "Once upon a time there", "A short list:", "Hello",
+             "My favourite colour is blue and", "Write a poem", "Paris is the capital of", "Why is the sky")]
+    paths = [(k % 3, (k + 1) % 3) if k % 4 else () for k in range(len(rows))]  # some prompts get no memory
+    bank = SimpleNamespace(tree=SimpleNamespace(route=lambda emb: paths))
+    source = SimpleNamespace(block=lambda key: blocks[key])
+    monkeypatch.setattr("training.routing.embed", lambda texts, emb: np.zeros((len(texts), 4), dtype=np.float32))
+    got = general_use(model, tok, None, bank, None, None, {"hierarchical": source}, layers, prompts=rows,
+                      batch_size=4)["systems"]["tree descent"]
+    same, kls = [], []
+    for row, path in zip(rows, paths, strict=True):
+        ids = tok(row["text"], add_special_tokens=False)["input_ids"]
+        off = generate(model, tok, ids, SamplingParams(max_new_tokens=N_TOKENS, temperature=0.0)).token_ids
+        if not off:
+            continue
+        if not path:
+            same.append(True)
+            kls.append(0.0)
+            continue
+        full = torch.tensor([ids + off])
+        sl = slice(len(ids) - 1, len(ids) - 1 + len(off))
+        mem = MemoryBatch.from_paths([list(enumerate(path, start=1))], source.block, layers)
+        with torch.no_grad():
+            lo = torch.log_softmax(model(full)[0, sl].float(), -1)
+            lm = torch.log_softmax(model(full, memory=mem)[0, sl].float(), -1)
+        same.append(bool((lm.argmax(-1) == torch.tensor(off)).all()))
+        kls.append(float((lo.exp() * (lo - lm)).sum(-1).mean()))
+    assert 0 < np.mean(kls)  # the memories do change the distributions
+    assert got["identical"] == np.mean(same)
+    assert abs(got["mean_kl"] - np.mean(kls)) < 1e-5
+    assert got["memory_share"] == np.mean([bool(p) for p in paths])
