@@ -49,6 +49,10 @@ class Metrics:
                                 registry=r)
         self.rejected_replicas = Counter("hiermem_bank_replicas_rejected", "Bank shard replicas not used: "
                                          "they serve another bank version or shard layout", registry=r)
+        self.routed = Counter("hiermem_routed_requests", "Requests with \"memory\": \"auto\", by outcome: memory "
+                              "(a path was fetched), gated (the router's gate found no document near the prompt: "
+                              "the anchor alone), not_allowed (the API key allows no subtree)", ["outcome"],
+                              registry=r)
         self.route_latency = Histogram("hiermem_route_seconds", "Prompt routing (embed + descend)",
                                        buckets=_FETCH_BUCKETS, registry=r)
         self.cancelled = Counter("hiermem_cancelled_requests", "Requests cancelled by their client",

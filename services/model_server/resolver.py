@@ -102,6 +102,8 @@ class MemoryResolver:
         if allowed is not None:
             allowed = frozenset(i for i in allowed if 0 <= i < self._sizes[0])
             if not allowed:
+                if self.metrics is not None:
+                    self.metrics.routed.labels(outcome="not_allowed").inc()
                 return None, 0.0, "the API key allows no memory subtree"
         t0 = time.perf_counter()
         with self._embed_lock:  # the embedder is not guaranteed thread-safe
@@ -118,6 +120,7 @@ class MemoryResolver:
         dt = time.perf_counter() - t0
         if self.metrics is not None:
             self.metrics.route_latency.observe(dt)
+            self.metrics.routed.labels(outcome="gated" if path is None else "memory").inc()
         return path, dt * 1000.0, reason
 
     def check_path(self, path: Sequence[int], principal: Principal) -> list[int]:

@@ -10,6 +10,7 @@ from memory_store.embed import HashEmbedder
 from memory_store.router import DocRouter
 from services.model_server.auth import Principal
 from services.model_server.block_cache import BlockCache
+from services.model_server.metrics import Metrics
 from services.model_server.resolver import MemoryResolver
 from services.model_server.service import LocalFetcher
 from tests.memory_store.conftest import tiny_spec, write_bank
@@ -20,7 +21,7 @@ DOCS = ["Kisumu is a city in Kenya. About 600,000 people live in Kisumu.",
 EVERYONE = Principal("t", None)
 
 
-def resolver_for(tmp_path, with_router: bool) -> MemoryResolver:
+def resolver_for(tmp_path, with_router: bool, metrics: Metrics | None = None) -> MemoryResolver:
     spec = tiny_spec()  # branching [2, 3], embedder_dim 16
     write_bank(tmp_path / "bank", spec)
     embed = HashEmbedder(dim=spec.embedder_dim).embed
@@ -29,7 +30,7 @@ def resolver_for(tmp_path, with_router: bool) -> MemoryResolver:
         DocRouter.build(DOCS, paths, embed).save(tmp_path / "bank")
     bank = Bank.open(tmp_path / "bank")
     cache = BlockCache(LocalFetcher(bank), capacity_bytes=1 << 20)
-    return MemoryResolver(bank, cache, embed)
+    return MemoryResolver(bank, cache, embed, metrics=metrics)
 
 
 def test_prompts_go_to_their_documents_path_and_unknown_ones_get_no_memory(tmp_path):
@@ -52,3 +53,18 @@ def test_a_bank_without_a_router_routes_every_prompt_by_descent(tmp_path):
     r = resolver_for(tmp_path, with_router=False)
     path, _, reason = r.route("The planet closest to the sun is", EVERYONE)
     assert path is not None and len(path) == 2 and reason is None
+
+
+def test_routed_requests_are_counted_by_outcome(tmp_path):
+    metrics = Metrics()
+    r = resolver_for(tmp_path, with_router=True, metrics=metrics)
+    r.resolve("auto", "Which element has the symbol Os?", EVERYONE)
+    r.resolve("auto", "The planet closest to the sun is", EVERYONE)
+    r.resolve("auto", "Name a prime number.", EVERYONE)
+    r.resolve("auto", "Which element has the symbol Os?", Principal("t", frozenset({7})))  # no such subtree
+    r.resolve("off", "Which element has the symbol Os?", EVERYONE)  # not routed: not counted
+
+    def count(outcome: str) -> float:
+        return metrics.registry.get_sample_value("hiermem_routed_requests_total", {"outcome": outcome}) or 0.0
+
+    assert (count("memory"), count("gated"), count("not_allowed")) == (1.0, 2.0, 1.0)
