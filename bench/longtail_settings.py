@@ -58,6 +58,10 @@ VARIANTS.update({
     "preset-batch4-ranks64-epochs8": {**PRESET, "batch_size": 4, "ranks": [64, 64], "epochs": 8},
     "preset-batch4-ranks128-64": {**PRESET, "batch_size": 4, "ranks": [128, 64]},
     "preset-batch4-anaphors": {**PRESET, "batch_size": 4, "name_anaphors": True},
+    # the full preset's derived preservation (the other variants train without it): what it costs in recall
+    "preset-batch4-preserve": {**PRESET, "batch_size": 4, "preserve_weight": 1.0, "preserve_batch": 8},
+    "preset-batch4-epochs13": {**PRESET, "batch_size": 4, "epochs": 13},
+    "preset-batch2": {**PRESET, "batch_size": 2},
 })
 
 
@@ -120,7 +124,7 @@ def run_variant(name: str, overrides: dict, valid: list[dict], docs: list[dict],
                                            memory=memory).text, p["answer"])
     return {"variant": name, **{k: overrides.get(k, values.get(k)) for k in ("memory_layers", "batch_size", "lr",
                                                                             "level_lr", "ranks", "epochs",
-                                                                            "name_anaphors")},
+                                                                            "name_anaphors", "preserve_weight")},
             "valid_exact_match": right / len(valid), "anchor": anchor / len(valid),
             "fit": fit / max(n_fit, 1), "train_seconds": round(train_s, 1), "steps": tr.global_step}
 

@@ -223,6 +223,19 @@ def test_without_a_preserve_file_the_prompts_are_derived_from_the_documents(tmp_
     t.build_prefix_cache()
     t.preservation.build()
     assert t.preservation.ready and t.preservation.data["source"] == "derived from the documents"
+    # --preserve-per-doc 0 (the docs preset): no derived prompts, steps without a KL term ...
+    t0 = Trainer(tiny_config(corpus_dir, tmp_path / "job0", preserve_weight=1.0, preserve_per_doc=0))
+    t0.build_prefix_cache()
+    t0.preservation.build()
+    assert not t0.preservation.ready and "kl" not in t0.step(t0._my_batches(0)[0])
+
+
+def test_a_corpus_preserve_file_is_used_whatever_preserve_per_doc_says(corpus_dir, tmp_path):
+    t = Trainer(tiny_config(corpus_dir, tmp_path / "job", preserve_weight=1.0, preserve_per_doc=0, loss="all"))
+    t.build_prefix_cache()
+    t.preservation.build()
+    assert t.preservation.ready and t.preservation.data["source"] == "preserve.jsonl"
+    assert "kl" in t.step(t._my_batches(0)[0])
 
 
 def test_export_into_a_versioned_root_publishes_a_new_version(corpus_dir, tmp_path):
