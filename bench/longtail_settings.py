@@ -62,6 +62,8 @@ VARIANTS.update({
     "preset-batch4-preserve": {**PRESET, "batch_size": 4, "preserve_weight": 1.0, "preserve_batch": 8},
     "preset-batch4-epochs13": {**PRESET, "batch_size": 4, "epochs": 13},
     "preset-batch2": {**PRESET, "batch_size": 2},
+    "preset-batch4-lr1e-2": {**PRESET, "batch_size": 4, "lr": 1e-2},
+    "preset-batch4-lr3e-2": {**PRESET, "batch_size": 4, "lr": 3e-2},
 })
 
 
