@@ -64,6 +64,7 @@ VARIANTS.update({
     "preset-batch2": {**PRESET, "batch_size": 2},
     "preset-batch4-lr1e-2": {**PRESET, "batch_size": 4, "lr": 1e-2},
     "preset-batch4-lr3e-2": {**PRESET, "batch_size": 4, "lr": 3e-2},
+    "preset-batch4-every2": {**PRESET, "batch_size": 4, "memory_layers": list(range(8, 30, 2))},
 })
 
 
