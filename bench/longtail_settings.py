@@ -6,7 +6,8 @@ the documents' and the test probes' (training/corpus_docs.py) -- greedily, each 
 fact's first document's path (routing is measured apart, by bench/longtail_docs.py). "fit" scores the same
 facts in the documents' own words (a document sentence cut before the answer): what the blocks stored, as
 against what they answer in other words. The generic control and preservation are left out to keep each
-variant to a few minutes; they are the same for every variant.
+variant to a few minutes; they are the same for every variant (`preset-batch4-preserve` alone adds the
+full preset's former derived preservation, to measure what it cost).
 
     python -m bench.longtail_settings                           # the old presets and the chosen one, 120 facts
     python -m bench.longtail_settings --facts 60 --variants old,batch8,lr3e-2,epochs30

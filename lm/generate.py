@@ -116,6 +116,14 @@ def find_stop(text: str, stops: Sequence[str]) -> int | None:
     return min(hits) if hits else None
 
 
+def default_eos_ids(model: Transformer, tokenizer) -> set[int]:
+    """The tokens that end a generation by default: the model config's EOS ids plus the tokenizer's."""
+    eos = set(model.config.eos_token_ids)
+    if getattr(tokenizer, "eos_token_id", None) is not None:
+        eos.add(tokenizer.eos_token_id)
+    return eos
+
+
 @torch.no_grad()
 def generate(model: Transformer, tokenizer, prompt_ids: Sequence[int] | torch.Tensor, params: SamplingParams,
              memory: FFNMemory | None = None, eos_token_ids: Sequence[int] | None = None) -> GenerationResult:
@@ -127,9 +135,7 @@ def generate(model: Transformer, tokenizer, prompt_ids: Sequence[int] | torch.Te
         eos_token_ids: default: the model config's EOS ids plus the tokenizer's.
     """
     ids = torch.as_tensor(list(prompt_ids), dtype=torch.long, device=model.device)[None]  # (1, T)
-    eos = set(eos_token_ids if eos_token_ids is not None else model.config.eos_token_ids)
-    if eos_token_ids is None and getattr(tokenizer, "eos_token_id", None) is not None:
-        eos.add(tokenizer.eos_token_id)
+    eos = set(eos_token_ids) if eos_token_ids is not None else default_eos_ids(model, tokenizer)
     cache = KVCache(model.config, 1, ids.shape[1] + params.max_new_tokens + 1, dtype=model.dtype,
                     device=model.device)
     slot = cache.allocate()

@@ -103,9 +103,9 @@ def greedy_correct(model, tokenizer, items: list[Item], hidden: list[torch.Tenso
                    sources: dict, layers: list[int], batch_size: int = 64) -> tuple[np.ndarray, int]:
     """(correct[N] bool, number of rows settled by real generation) for one system."""
     from lm import MemoryBatch, SamplingParams, generate
+    from lm.generate import default_eos_ids
 
-    eos = set(model.config.eos_token_ids) | ({tokenizer.eos_token_id} if tokenizer.eos_token_id is not None
-                                             else set())
+    eos = default_eos_ids(model, tokenizer)
     correct = np.zeros(len(items), dtype=bool)
     order = sorted(range(len(items)), key=lambda i: (items[i].path, len(items[i].ids)))
     fallbacks = 0

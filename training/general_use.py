@@ -41,8 +41,9 @@ def general_use(model, tok, chat_template, bank, router, embedder, sources: dict
     Prompts go `batch_size` at a time: greedy decoding in one batch, then one right-padded forward per memory
     (a row's positions are exact under causal attention whatever the padding after it)."""
     from lm import MemoryBatch
-    from lm.generate import greedy_batch
+    from lm.generate import default_eos_ids, greedy_batch
     from training.corpus_docs import load_general_prompts
+    from training.data import pad_ids
     from training.routing import embed
 
     rows = prompts if prompts is not None else load_general_prompts("eval")
@@ -56,8 +57,7 @@ def general_use(model, tok, chat_template, bank, router, embedder, sources: dict
         choices["auto (router + gate)"] = [c[0].path or () if c and router.open(c[0].cos, c[0].idf) else ()
                                            for c in cands]
     stats: dict[str, dict[str, list]] = {name: {"identical": [], "kl": [], "memory": []} for name in choices}
-    eos = set(model.config.eos_token_ids) | ({tok.eos_token_id} if getattr(tok, "eos_token_id", None) is not None
-                                             else set())
+    eos = default_eos_ids(model, tok)
     prompt_ids = [tok(_model_text(tok, chat_template, row), add_special_tokens=False)["input_ids"] for row in rows]
     with torch.no_grad():
         # memory off: greedy continuations of all prompts, decoded together (cut at EOS, as `generate` does)
@@ -68,10 +68,7 @@ def general_use(model, tok, chat_template, bank, router, embedder, sources: dict
         todo = [i for i, off in enumerate(offs) if off]
         for s in range(0, len(todo), batch_size):
             group = todo[s:s + batch_size]
-            seqs = [list(prompt_ids[i]) + list(offs[i]) for i in group]
-            ids = torch.zeros(len(seqs), max(map(len, seqs)), dtype=torch.long)  # right padding: causal rows exact
-            for b, seq in enumerate(seqs):
-                ids[b, :len(seq)] = torch.tensor(seq)
+            ids, _ = pad_ids([list(prompt_ids[i]) + list(offs[i]) for i in group])  # right padding: rows exact
             spans = [slice(len(prompt_ids[i]) - 1, len(prompt_ids[i]) - 1 + len(offs[i])) for i in group]
             logits_off = model(ids)
             logp_off = [torch.log_softmax(logits_off[b, sl].float(), -1) for b, sl in enumerate(spans)]
