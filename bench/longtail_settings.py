@@ -5,7 +5,8 @@ variant of the settings, then scores the facts' ``valid`` probes -- a third fami
 the documents' and the test probes' (training/corpus_docs.py) -- greedily, each through the blocks of its
 fact's first document's path (routing is measured apart, by bench/longtail_docs.py). "fit" scores the same
 facts in the documents' own words (a document sentence cut before the answer): what the blocks stored, as
-against what they answer in other words. The generic control and preservation are left out to keep each
+against what they answer in other words. "valid_scaled" is the valid figure at the output scale the trainer
+chose on these same probes (training/scale.py): optimistic as an absolute figure, fair between variants. The generic control and preservation are left out to keep each
 variant to a few minutes; they are the same for every variant (`preset-batch4-preserve` alone adds the
 full preset's former derived preservation, to measure what it cost).
 
@@ -130,7 +131,15 @@ def run_variant(name: str, overrides: dict, valid: list[dict], docs: list[dict],
                                                                             "level_lr", "ranks", "epochs",
                                                                             "name_anaphors", "preserve_weight")},
             "valid_exact_match": right / len(valid), "anchor": anchor / len(valid),
-            "fit": fit / max(n_fit, 1), "train_seconds": round(train_s, 1), "steps": tr.global_step}
+            "fit": fit / max(n_fit, 1), "train_seconds": round(train_s, 1), "steps": tr.global_step,
+            # the output scale the trainer chose on these same valid probes (training/scale.py) and the valid
+            # figure there: optimistic as an absolute figure (chosen and read on one set), fair between variants
+            **_scaled(json.loads((work / name / "job" / "job.json").read_text()).get("memory_scale", {}))}
+
+
+def _scaled(info: dict) -> dict:
+    acc = {float(k): v for k, v in (info.get("accuracy") or {}).items()}  # JSON keys are strings
+    return {"scale": info.get("scale"), "valid_scaled": acc.get(info.get("scale"))}
 
 
 def main() -> int:

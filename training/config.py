@@ -62,6 +62,9 @@ class TrainConfig:
     preserve_batch: int = 16
     preserve_per_doc: int = 1
     """without a preserve file: entity-swapped openings derived per document (training/preservation.py)"""
+    memory_scale: str = "auto"
+    """output scale folded into the exported blocks: "auto" = chosen on the corpus's ``valid`` probes after
+    training (training/scale.py; 1.0 when it has none), or a number"""
     seed: int = 0
     subtree: int | None = None
     """train only level-1 subtree I (an independent job; merge jobs with `hiermem train merge`)"""
@@ -137,6 +140,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preserve-batch", type=int, default=d.preserve_batch)
     p.add_argument("--preserve-per-doc", type=int, default=d.preserve_per_doc,
                    help="without preserve.jsonl: derived prompts per document")
+    p.add_argument("--memory-scale", default=d.memory_scale,
+                   help="auto (chosen on the corpus's valid probes after training) or a number, e.g. 0.6")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--subtree", type=int, default=None, help="train only this level-1 subtree")
     p.add_argument("--tree", default=None, help="reuse this tree.safetensors")

@@ -49,6 +49,7 @@ from training.data import (
 from training.distributed import Dist, barrier, init_distributed, sync_gradients
 from training.preservation import Preservation, name_anaphors, subject_names
 from training.routing import route_documents
+from training.scale import scaled
 from training.trainable_bank import TrainableBank
 
 log = logging.getLogger(__name__)
@@ -86,17 +87,30 @@ def _lr_lambda(cfg: TrainConfig, total: int):
 # ---- the trainer -------------------------------------------------------------------------------------------
 
 
+def _given_scale(text: str) -> float:
+    try:
+        s = float(text)
+    except ValueError:
+        s = float("nan")
+    if not s > 0:
+        raise ValueError(f"--memory-scale must be auto or a positive number, not {text!r}")
+    return s
+
+
 class Trainer:
     """Holds the model, the memories, the data and the optimizer of one job (one process of it)."""
 
     def __init__(self, cfg: TrainConfig, dist: Dist | None = None):
         self.cfg = cfg
+        if cfg.memory_scale != "auto":
+            _given_scale(cfg.memory_scale)  # a bad value fails now, not after training
         self.dist = dist or Dist()
         self.out = Path(cfg.out)
         self.out.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(cfg.seed)
         corpus = Corpus.load(Path(cfg.corpus))
         self.docs = corpus.docs[: cfg.max_docs] if cfg.max_docs else corpus.docs
+        self.probes = corpus.probes
         self.model, self.tokenizer, self.anchor_name = load_model_for(cfg)
         mc = self.model.config
         if cfg.memory_layers is None:
@@ -408,8 +422,9 @@ class Trainer:
         barrier(self.dist)
         info: dict = {}
         if self.dist.main:
-            tensors = {k: v.detach().contiguous() for k, v in self.memory.nodes.items()}
-            tensors["generic"] = self.memory.generic.detach().contiguous()
+            scale = self.memory_scale()
+            tensors = {k: scaled(v, scale["scale"]).contiguous() for k, v in self.memory.nodes.items()}
+            tensors["generic"] = scaled(self.memory.generic, scale["generic_scale"]).contiguous()
             save_file(tensors, str(self.out / "memory.safetensors.tmp"))
             os.replace(self.out / "memory.safetensors.tmp", self.out / "memory.safetensors")
             identity, anchor_ref = self._anchor_identity()
@@ -425,11 +440,32 @@ class Trainer:
                                           leaf_batches(self.paths, self.cfg.batch_size, 0, self.cfg.subtree))),
                 "epochs": self.cfg.epochs, "steps": self.global_step, "train_seconds": self.train_seconds,
                 "tokens_seen": self.tokens_seen * self.dist.world, "world_size": self.dist.world,
-                "prefix_cache": self.use_prefix, "done": True,
+                "prefix_cache": self.use_prefix, "memory_scale": scale, "done": True,
             }
             (self.out / "job.json").write_text(json.dumps(info, indent=2) + "\n")
         barrier(self.dist)
         return info
+
+    def memory_scale(self) -> dict:
+        """The output scales folded into the saved blocks (training/scale.py): `--memory-scale` when it is a
+        number; with "auto", chosen on the corpus's ``valid`` probes through their facts' paths (1.0 for a
+        subtree job, whose blocks are merged with others', and for a corpus without valid probes)."""
+        if self.cfg.memory_scale != "auto":
+            s = _given_scale(self.cfg.memory_scale)
+            return {"scale": s, "generic_scale": s, "source": "--memory-scale"}
+        index = {d["id"]: i for i, d in enumerate(self.docs)}
+        valid = [p for p in self.probes if p.split == "valid" and p.doc_ids and p.doc_ids[0] in index]
+        if self.cfg.subtree is not None or not valid:
+            return {"scale": 1.0, "generic_scale": 1.0,
+                    "source": "subtree job" if self.cfg.subtree is not None else "no valid probes"}
+        from training.scale import calibrate_memory_scale
+
+        with self._autocast():
+            out = calibrate_memory_scale(self.model, self.tokenizer, valid,
+                                         [self.paths[index[p.doc_ids[0]]] for p in valid], self.layers,
+                                         self.memory.block,
+                                         self.memory.generic.detach() if self.cfg.generic_prob > 0 else None)
+        return {**out, "source": "valid probes"}
 
     def _anchor_identity(self) -> tuple[dict, str]:
         if not self.train_anchor:
