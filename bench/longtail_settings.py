@@ -67,6 +67,9 @@ VARIANTS.update({
     "preset-batch4-lr1e-2": {**PRESET, "batch_size": 4, "lr": 1e-2},
     "preset-batch4-lr3e-2": {**PRESET, "batch_size": 4, "lr": 3e-2},
     "preset-batch4-every2": {**PRESET, "batch_size": 4, "memory_layers": list(range(8, 30, 2))},
+    # a training-only block summed into every (or every other) path, dropped at export
+    "preset-batch4-shared1": {**PRESET, "batch_size": 4, "shared_prob": 1.0},
+    "preset-batch4-shared05": {**PRESET, "batch_size": 4, "shared_prob": 0.5},
 })
 
 
@@ -129,7 +132,7 @@ def run_variant(name: str, overrides: dict, valid: list[dict], docs: list[dict],
                                            memory=memory).text, p["answer"])
     return {"variant": name, **{k: overrides.get(k, values.get(k)) for k in ("memory_layers", "batch_size", "lr",
                                                                             "level_lr", "ranks", "epochs",
-                                                                            "name_anaphors", "preserve_weight")},
+                                                                            "name_anaphors", "preserve_weight", "shared_prob")},
             "valid_exact_match": right / len(valid), "anchor": anchor / len(valid),
             "fit": fit / max(n_fit, 1), "train_seconds": round(train_s, 1), "steps": tr.global_step,
             # the output scale the trainer chose on these same valid probes (training/scale.py) and the valid

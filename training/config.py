@@ -48,6 +48,13 @@ class TrainConfig:
     """cosine decay to lr * min_lr_ratio"""
     generic_prob: float = 1.0
     """chance that a step also trains the generic memory on its documents (1.0: the same-epochs control)"""
+    permuted_views: int = 0
+    """extra training views of each document with its sentences in another order (seeded; same path); routing
+    and preservation keep the documents"""
+    shared_prob: float = 0.0
+    """chance that a training row's path also carries a shared block (the generic's size) trained with every
+    path and dropped at export: it can absorb what all documents share, their phrasing, so the paths' blocks
+    learn the rest (0 = off)"""
     loss: str = "all"
     surprising_fraction: float = 0.3
     """with --loss surprising: the share of each document's positions (those the frozen anchor predicts
@@ -131,6 +138,10 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weight-decay", type=float, default=d.weight_decay)
     p.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
     p.add_argument("--generic-prob", type=float, default=d.generic_prob)
+    p.add_argument("--permuted-views", type=int, default=d.permuted_views,
+                   help="extra training views per document with its sentences reordered (0 = off)")
+    p.add_argument("--shared-prob", type=float, default=d.shared_prob,
+                   help="chance a training row's path also carries a training-only shared block (0 = off)")
     p.add_argument("--loss", default=d.loss, choices=["all", "continuation", "surprising"])
     p.add_argument("--surprising-fraction", type=float, default=d.surprising_fraction)
     p.add_argument("--name-anaphors", action="store_true", default=None,

@@ -91,6 +91,29 @@ def subject_names(docs: Sequence[dict], max_df: int | None = None) -> list[str |
     return out
 
 
+def permuted_views(docs: Sequence[dict], n: int, seed: int = 0) -> tuple[list[dict], list[int]]:
+    """Up to `n` extra training views of each document with its sentences in another order (seeded), and the
+    index of the document each view comes from. A document of one sentence gets none. A fact then appears
+    after other contexts than its document's own opening (the "permute" augmentation that makes stored
+    knowledge extractable by questions in other words)."""
+    import itertools
+
+    from memory_store.router import sentences
+
+    rng = random.Random(seed * 31 + 7)
+    views: list[dict] = []
+    of: list[int] = []
+    for i, d in enumerate(docs):
+        parts = sentences(d["text"])
+        if len(parts) < 2:
+            continue
+        orders = [o for o in itertools.permutations(range(len(parts))) if list(o) != sorted(o)]
+        for o in rng.sample(orders, min(n, len(orders))):
+            views.append({**d, "id": f"{d.get('id', i)}#view{len(views)}", "text": " ".join(parts[k] for k in o)})
+            of.append(i)
+    return views, of
+
+
 _ANAPHOR = re.compile(r"^(?:It|The [a-z]+)\b(?! of\b)")
 
 

@@ -36,10 +36,12 @@ class TrainableBank(nn.Module):
         d_model: d.
         subtree: if given, only blocks of level-1 node `subtree` and its descendants exist.
         parents: per level, the parent index of every node (tree.parents), needed with `subtree`.
+        shared: also hold a training-only block of the generic's size that paths may carry in training
+            (TrainConfig.shared_prob); it is not part of the bank.
     """
 
     def __init__(self, branching: Sequence[int], ranks: Sequence[int], n_mem_layers: int, d_model: int,
-                 seed: int = 0, subtree: int | None = None, parents: Sequence | None = None):
+                 seed: int = 0, subtree: int | None = None, parents: Sequence | None = None, shared: bool = False):
         super().__init__()
         self.branching, self.ranks = list(branching), list(ranks)
         self.n_mem_layers, self.d_model = n_mem_layers, d_model
@@ -64,6 +66,8 @@ class TrainableBank(nn.Module):
             for i in indices:
                 self.nodes[self.key(level, i)] = nn.Parameter(init_block((n_mem_layers, 3, r, d_model), g))
         self.generic = nn.Parameter(init_block((n_mem_layers, 3, sum(self.ranks), d_model), g))
+        # a training-only block summed into paths (`--shared-prob`), never exported
+        self.shared = nn.Parameter(init_block((n_mem_layers, 3, sum(self.ranks), d_model), g)) if shared else None
 
     @staticmethod
     def key(level: int, index: int) -> str:
@@ -75,7 +79,8 @@ class TrainableBank(nn.Module):
         scale = list(level_lr) if level_lr is not None else [1.0] * len(self.ranks)
         if len(scale) != len(self.ranks):
             raise ValueError(f"level_lr has {len(scale)} entries, the tree {len(self.ranks)} levels")
-        groups: list[dict] = [{"params": [self.generic], "lr": lr}]
+        groups: list[dict] = [{"params": [self.generic] + ([self.shared] if self.shared is not None else []),
+                               "lr": lr}]
         for level, s in enumerate(scale, start=1):
             ps = [p for k, p in self.nodes.items() if int(k.split("_")[0]) == level]
             if ps:

@@ -47,7 +47,7 @@ from training.data import (
     tokenize_docs,
 )
 from training.distributed import Dist, barrier, init_distributed, sync_gradients
-from training.preservation import Preservation, name_anaphors, subject_names
+from training.preservation import Preservation, name_anaphors, permuted_views, subject_names
 from training.routing import route_documents
 from training.scale import scaled
 from training.trainable_bank import TrainableBank
@@ -55,6 +55,7 @@ from training.trainable_bank import TrainableBank
 log = logging.getLogger(__name__)
 
 _GENERIC = ("generic",)  # the key of the generic memory among a batch's block keys (paths are (level, node))
+_SHARED = ("shared",)  # the training-only shared block (--shared-prob)
 
 
 # ---- setup --------------------------------------------------------------------------------------------------
@@ -120,12 +121,22 @@ class Trainer:
         self.train_anchor = bool(cfg.train_anchor or cfg.init_anchor)
         self.use_prefix = not (self.train_anchor or cfg.no_prefix_cache)
         self.tree, self.paths = route_documents(cfg, self.docs, self.out, self.dist, corpus.probes)
+        if not 0.0 <= cfg.shared_prob <= 1.0:
+            raise ValueError(f"--shared-prob must be in [0, 1], not {cfg.shared_prob}")
         self.memory = TrainableBank(cfg.branching, cfg.ranks, len(self.layers), mc.d_model, seed=cfg.seed,
+                                    shared=cfg.shared_prob > 0,
                                     subtree=cfg.subtree, parents=self.tree.parents)
         trained = self.docs
         if cfg.name_anaphors:  # the training view only; routing (above) and preservation use the original
             names = subject_names(self.docs)
             trained = [{**d, "text": name_anaphors(d["text"], n)} for d, n in zip(self.docs, names, strict=True)]
+        # training sequences: the documents, then `permuted_views` copies of each with its sentences reordered
+        # (same path); index i < len(docs) is document i
+        self.train_paths = self.paths
+        if cfg.permuted_views > 0:
+            views, of = permuted_views(trained, cfg.permuted_views, cfg.seed)
+            trained = trained + views
+            self.train_paths = np.concatenate([self.paths, self.paths[of]]) if of else self.paths
         self.token_ids = tokenize_docs(self.tokenizer, [d["text"] for d in trained], MAX_DOC_TOKENS)
         self.loss_start = loss_starts(self.tokenizer, trained, self.token_ids, cfg.loss)
         self.prefix: list[torch.Tensor | None] | None = None  # None entries: not computed yet
@@ -140,7 +151,7 @@ class Trainer:
         self.params = [p for g in params for p in g["params"]]
         self.opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
                                      weight_decay=cfg.weight_decay)
-        self.batches_per_epoch = len(leaf_batches(self.paths, cfg.batch_size, cfg.seed, cfg.subtree))
+        self.batches_per_epoch = len(leaf_batches(self.train_paths, cfg.batch_size, cfg.seed, cfg.subtree))
         if self.batches_per_epoch == 0:
             raise ValueError(f"no documents to train (subtree={cfg.subtree})")
         self.steps_per_epoch = -(-self.batches_per_epoch // self.dist.world)
@@ -199,17 +210,17 @@ class Trainer:
         f = self.out / f"prefix-rank{self.dist.rank}.pt"
         if f.exists():
             self.prefix = torch.load(f)
-            if len(self.prefix) == len(self.docs):
+            if len(self.prefix) == len(self.token_ids):
                 return
         if self.dist.world > 1:
             # each process sees other documents every epoch: fill its cache lazily, as batches come
-            self.prefix = [None] * len(self.docs)
+            self.prefix = [None] * len(self.token_ids)
             return
-        need = list(range(len(self.docs)))
+        need = list(range(len(self.token_ids)))
         t0 = time.perf_counter()
         hs = prefix_hidden(self.model, [self.token_ids[i] for i in need], self.l0,
                            progress=self.cfg.progress and self.dist.main)
-        cache: list[torch.Tensor | None] = [torch.empty(0)] * len(self.docs)
+        cache: list[torch.Tensor | None] = [torch.empty(0)] * len(self.token_ids)
         for i, h in zip(need, hs, strict=True):
             cache[i] = h
         self.prefix = cache
@@ -230,8 +241,8 @@ class Trainer:
         t0 = time.perf_counter()
         out: list[torch.Tensor] = []
         with torch.no_grad():
-            for s in range(0, len(self.docs), 32):
-                idx = list(range(s, min(s + 32, len(self.docs))))
+            for s in range(0, len(self.token_ids), 32):
+                idx = list(range(s, min(s + 32, len(self.token_ids))))
                 ids, mask = pad_ids([self.token_ids[i] for i in idx])
                 select, targets = loss_targets(ids, mask, [1] * len(idx))
                 with self._autocast():
@@ -264,21 +275,29 @@ class Trainer:
     # -- one step --------------------------------------------------------------------------------------------
 
     def _my_batches(self, epoch: int) -> list[Batch]:
-        batches = leaf_batches(self.paths, self.cfg.batch_size, self.cfg.seed * 7919 + epoch, self.cfg.subtree)
+        batches = leaf_batches(self.train_paths, self.cfg.batch_size, self.cfg.seed * 7919 + epoch, self.cfg.subtree)
         return batches[self.dist.rank::self.dist.world]
 
-    def paths_memory(self, paths, generic: bool | Sequence[bool]):
+    def paths_memory(self, paths, generic: bool | Sequence[bool], shared: Sequence[bool] | None = None):
         """MemoryBatch for rows with these paths (distinct blocks listed once); a row whose `generic` flag is
-        set (one flag for all rows, or one per row) uses the generic memory instead of its path."""
+        set (one flag for all rows, or one per row) uses the generic memory instead of its path; a path row
+        whose `shared` flag is set also carries the training-only shared block."""
         from lm import MemoryBatch
 
         flags = [generic] * len(paths) if isinstance(generic, bool) else list(generic)
-        refs = [[_GENERIC] if g else [(level, int(i)) for level, i in enumerate(path, start=1)]
-                for path, g in zip(paths, flags, strict=True)]
+        extra = list(shared) if shared is not None else [False] * len(paths)
+        refs = [[_GENERIC] if g else [(level, int(i)) for level, i in enumerate(path, start=1)] + [_SHARED] * sh
+                for path, g, sh in zip(paths, flags, extra, strict=True)]
         return MemoryBatch.from_paths(refs, self._block_of, self.layers)
 
     def _block_of(self, key) -> torch.Tensor:
-        return self.memory.generic if key == _GENERIC else self.memory.block(*cast("tuple[int, int]", key))
+        if key == _GENERIC:
+            return self.memory.generic
+        if key == _SHARED:
+            if self.memory.shared is None:
+                raise RuntimeError("no shared block: --shared-prob is 0")
+            return self.memory.shared
+        return self.memory.block(*cast("tuple[int, int]", key))
 
     def batch_loss(self, batch: Batch, generic: bool = False) -> torch.Tensor:
         """Next-token loss of the batch's documents through anchor + their paths' blocks (or the generic)."""
@@ -300,7 +319,9 @@ class Trainer:
         targets[:, :-1] = ids[:, 1:]
         targets = targets[select]  # (N,)
         k = len(systems)
-        memory = self.paths_memory(list(batch.paths) * k, [g for g in systems for _ in batch.paths])
+        p = self.cfg.shared_prob
+        shared = [not g and p > 0 and self.rng.random() < p for g in systems for _ in batch.paths]
+        memory = self.paths_memory(list(batch.paths) * k, [g for g in systems for _ in batch.paths], shared)
         with self._autocast():
             if self.use_prefix:
                 hidden = pad_hidden(self._prefix_of(batch.doc_index))  # (B, T, d) entering layer l0
@@ -437,7 +458,8 @@ class Trainer:
                 "anchor": anchor_ref, "anchor_identity": identity, "subtree": self.cfg.subtree,
                 "n_docs": len(self.docs),
                 "n_docs_trained": int(sum(len(b.doc_index) for b in
-                                          leaf_batches(self.paths, self.cfg.batch_size, 0, self.cfg.subtree))),
+                                          leaf_batches(self.train_paths, self.cfg.batch_size, 0,
+                                                       self.cfg.subtree))),
                 "epochs": self.cfg.epochs, "steps": self.global_step, "train_seconds": self.train_seconds,
                 "tokens_seen": self.tokens_seen * self.dist.world, "world_size": self.dist.world,
                 "prefix_cache": self.use_prefix, "memory_scale": scale, "done": True,

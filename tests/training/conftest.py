@@ -17,6 +17,17 @@ def corpus_dir(tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="session")
+def docs_corpus(tmp_path_factory):
+    """A small documents corpus (paragraphs of several sentences, valid probes; training/corpus_docs.py)."""
+    from training.corpus_docs import build_documents_corpus
+
+    out = tmp_path_factory.mktemp("docs-corpus")
+    build_documents_corpus({"city_country": 10, "us_city_state": 4, "country_capital": 4, "element_number": 4},
+                           heldout_fraction=0.2, seed=0).save(out)
+    return out
+
+
 def tiny_config(corpus_dir, out, **kw) -> TrainConfig:
     values = dict(corpus=str(corpus_dir), out=str(out), anchor="tiny", embedder="hash-trigram", branching=[2, 2],
                   ranks=[8, 4], mem_layers=2, epochs=1, batch_size=8, lr=1e-2, warmup_steps=1, progress=False,

@@ -11,11 +11,8 @@ from safetensors.torch import load_file
 
 from lm import MemoryBatch
 from tests.training.conftest import tiny_config
-from training.corpus_docs import build_documents_corpus
 from training.scale import GRID, choose_scale, scaled
 from training.trainer import Trainer
-
-SMALL = {"city_country": 10, "us_city_state": 4, "country_capital": 4, "element_number": 4}
 
 
 def test_scaling_a_block_scales_its_output_and_leaves_the_block_alone():
@@ -36,13 +33,6 @@ def test_the_best_validation_accuracy_wins_and_ties_go_to_the_larger_scale():
     assert choose_scale({0.5: 0.9, 0.8: 0.9, 1.0: 0.85}) == 0.8
     assert choose_scale({0.3: 0.0, 1.0: 0.0}) == 1.0
     assert GRID[-1] == 1.0 and list(GRID) == sorted(GRID)
-
-
-@pytest.fixture(scope="module")
-def docs_corpus(tmp_path_factory):
-    out = tmp_path_factory.mktemp("docs-corpus")
-    build_documents_corpus(SMALL, heldout_fraction=0.2, seed=0).save(out)
-    return out
 
 
 def _saved_and_trained(t: Trainer) -> tuple[dict, dict]:

@@ -273,3 +273,54 @@ def test_bfloat16_steps_store_the_frozen_weights_once_with_the_same_loss_and_res
     t.train()  # converts and restores around the loop
     for n, p in t.model.named_parameters():
         assert p.dtype == torch.float32 and torch.equal(p, before[n]), n
+
+
+def test_the_shared_block_trains_with_the_paths_it_joins_and_stays_out_of_the_bank(corpus_dir, tmp_path):
+    """--shared-prob: a training-only block summed into paths; it gets gradients from the rows that carry
+    it, and the job saves the tree's blocks and the generic memory only."""
+    from safetensors.torch import load_file
+
+    t = Trainer(tiny_config(corpus_dir, tmp_path / "j", loss="all", shared_prob=1.0, generic_prob=0.0))
+    assert t.memory.shared is not None and any(t.memory.shared is p for p in t.params)
+    t.build_prefix_cache()
+    batch = t._my_batches(0)[0]
+    _nonzero_memory(t, scale=0.2)
+    t.memory.zero_grad(set_to_none=True)
+    with_shared = t.batch_loss(batch)
+    with_shared.backward()
+    assert t.memory.shared.grad is not None and t.memory.shared.grad.abs().sum() > 0
+    t.cfg.shared_prob = 0.0
+    without = t.batch_loss(batch)
+    assert abs(float(with_shared) - float(without)) > 1e-6  # the block is in the forward
+    t.cfg.shared_prob = 1.0
+    t.train()
+    saved = load_file(str(t.out / "memory.safetensors"))
+    assert "shared" not in saved and set(saved) == {*t.memory.nodes.keys(), "generic"}
+    assert Trainer(tiny_config(corpus_dir, tmp_path / "k")).memory.shared is None
+    with pytest.raises(ValueError, match="shared-prob"):
+        Trainer(tiny_config(corpus_dir, tmp_path / "bad", shared_prob=1.5))
+
+
+def test_permuted_views_train_each_document_again_with_its_sentences_reordered(docs_corpus, tmp_path):
+    """--permuted-views: extra training sequences, each a document's sentences in another order, on the
+    document's path; routing, the exported bank's documents and preservation keep the originals."""
+    from memory_store.router import sentences
+    from training.preservation import permuted_views
+
+    docs = [{"id": "a", "text": "Essen lies in Germany. About 590,000 people live in Essen. It observes UTC+1."},
+            {"id": "b", "text": "One sentence only."}]
+    views, of = permuted_views(docs, 2, seed=0)
+    assert of == [0, 0] and len({v["text"] for v in views}) == 2
+    for v in views:
+        assert v["text"] != docs[0]["text"] and sorted(sentences(v["text"])) == sorted(sentences(docs[0]["text"]))
+    assert permuted_views(docs, 2, seed=0) == (views, of)  # seeded
+
+    plain = Trainer(tiny_config(docs_corpus, tmp_path / "plain", loss="all", routing="tree"))
+    t = Trainer(tiny_config(docs_corpus, tmp_path / "views", loss="all", routing="tree", permuted_views=1))
+    n = len(t.docs)
+    assert len(t.token_ids) > n and len(t.train_paths) == len(t.token_ids) and np.array_equal(t.paths, plain.paths)
+    _, of = permuted_views(t.docs, 1, seed=0)
+    assert np.array_equal(t.train_paths[n:], t.paths[of])
+    assert t.batches_per_epoch > plain.batches_per_epoch
+    t.train()
+    assert len(t.prefix) == len(t.token_ids)
