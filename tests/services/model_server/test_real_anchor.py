@@ -108,7 +108,8 @@ def test_bank_for_another_anchor_is_refused(anchor, tmp_path):
 def test_slot_memory_matches_memory_batch_across_rebuilds(bank_dir):
     """Pools keep blocks across compositions (rows join and leave), copy only newcomers, and compute what
     MemoryBatch computes for every composition: for the whole batch (one bmm per pool, with gaps) and for
-    any subset of its rows, such as one prefilling row whose blocks sit far apart (one matmul per slot)."""
+    any subset of its rows, such as one prefilling row whose blocks sit far apart (one matmul per slot), or
+    one row alone (its blocks concatenated: one matmul pair per layer)."""
     import torch
 
     from services.model_server.slot_memory import SlotPools, _Batched, _PerSlot
@@ -130,7 +131,7 @@ def test_slot_memory_matches_memory_batch_across_rebuilds(bank_dir):
         [[0, 1], [1, 5]],  # rows left: slots compacted
         [[0, 2], [0, 1], [3, 13], [2, 9], [1, 6], [3, 14]],
     ]
-    kinds = set()
+    kinds, fused = set(), 0
     for comp in compositions:
         rows_items = [items(path) for path in comp]
         held = {k: b for its in rows_items for k, b in its}
@@ -144,6 +145,7 @@ def test_slot_memory_matches_memory_batch_across_rebuilds(bank_dir):
                 assert got is None
                 continue
             kinds |= {type(p) for p in got._plans}
+            fused += got._fusable  # one row: its levels' blocks concatenated into one matmul pair per layer
             blocks = list({id(b): b for its in sub for _, b in its}.values())
             index = {id(b): i for i, b in enumerate(blocks)}
             want = MemoryBatch.build(blocks, [[index[id(b)] for _, b in its] for its in sub],
@@ -152,7 +154,7 @@ def test_slot_memory_matches_memory_batch_across_rebuilds(bank_dir):
             for layer in bank.spec.memory_layers:
                 torch.testing.assert_close(got.ffn_delta(layer, h), want.ffn_delta(layer, h), rtol=1e-4, atol=1e-4)
             assert got.ffn_delta(99, h) is None
-    assert kinds == {_Batched, _PerSlot}  # both loop shapes were exercised
+    assert kinds == {_Batched, _PerSlot} and fused  # every loop shape, and the fused one, was exercised
     pools.sync({})
     assert all(not p.keys for p in pools.pools.values())
     with pytest.raises(KeyError, match="not synced"):
