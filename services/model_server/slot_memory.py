@@ -17,8 +17,8 @@ Compute, for memory layer j and input h (B, T, d), per pool with used slots U:
     batched (U spans slots lo..hi-1 with few gaps: the decode batch):
         R_s = rows that use slot s, padded to m = max |R_s| with a zero row
         x = h[R]                                       # (n, m*T, d), n = hi - lo
-        a = bmm(x, GU[j, lo:hi].T)                     # (n, m*T, 2r)   one matmul per pool and layer
-        y = bmm(silu(a[..., :r]) * a[..., r:], Dt[j, lo:hi])           # (n, m*T, d)
+        a = bmm(GU[j, lo:hi], xᵀ)                      # (n, 2r, m*T)   one matmul per pool and layer
+        y = bmm((silu(a[:, :r]) * a[:, r:])ᵀ, Dt[j, lo:hi])            # (n, m*T, d)
         out[R_s] += y[s]                               # padding dropped
     per slot (few slots far apart: a prefill's own 1-3 blocks among the batch's):
         for s in U:  out[R_s] += (silu(x GU[j,s]ᵀ[:, :r]) * x GU[j,s]ᵀ[:, r:]) Dt[j, s]   with x = h[R_s]
@@ -178,6 +178,14 @@ def _plan(pool: _Pool, users: dict[int, list[int]], n_rows: int) -> _Batched | _
     return _Batched(pool, lo, hi, m, flat, valid, flat[valid], direct)
 
 
+def _mlp(x: torch.Tensor, gu: torch.Tensor, dt: torch.Tensor, r: int) -> torch.Tensor:
+    """(silu(x G^T) * (x U^T)) M_down for n slots at once: x (n, t, d), gu (n, 2r, d), dt (n, r, d) -> (n, t, d).
+    The first product runs weight-first (GU @ xᵀ): with few rows per slot oneDNN's kernels read the weight
+    faster that way here (6-33% per layer for r = 256 / 64 / 16 at 1-2 rows per slot, bfloat16)."""
+    a = torch.bmm(gu, x.transpose(1, 2))  # (n, 2r, t)
+    return torch.bmm((F.silu(a[:, :r]) * a[:, r:]).transpose(1, 2), dt)  # (n, t, r) @ (n, r, d)
+
+
 class SlotMemory:
     """One forward's memories (`lm.model.FFNMemory`): `n_rows`, `ffn_delta(layer, h)`."""
 
@@ -239,8 +247,7 @@ class SlotMemory:
                 continue
             n = p.hi - p.lo
             if p.direct:
-                a = torch.bmm(h, p.pool.gu[j, p.lo:p.hi].transpose(1, 2))  # (B, T, 2r)
-                y = torch.bmm(F.silu(a[..., :r]) * a[..., r:], p.pool.dt[j, p.lo:p.hi])  # (B, T, d)
+                y = _mlp(h, p.pool.gu[j, p.lo:p.hi], p.pool.dt[j, p.lo:p.hi], r)  # (B, T, d)
                 out = y if out is None else out.add_(y)
                 continue
             if out is None:
@@ -248,8 +255,7 @@ class SlotMemory:
             if hz is None:
                 hz = torch.cat([h, h.new_zeros(1, T, d)])  # (B+1, T, d): row B is the padding row
             x = hz.index_select(0, p.gather).reshape(n, p.m * T, d)  # (n, m*T, d)
-            a = torch.bmm(x, p.pool.gu[j, p.lo:p.hi].transpose(1, 2))  # (n, m*T, 2r)
-            y = torch.bmm(F.silu(a[..., :r]) * a[..., r:], p.pool.dt[j, p.lo:p.hi]).reshape(n * p.m, T, d)
+            y = _mlp(x, p.pool.gu[j, p.lo:p.hi], p.pool.dt[j, p.lo:p.hi], r).reshape(n * p.m, T, d)
             if p.valid.numel() != n * p.m:
                 y = y.index_select(0, p.valid)
             out.index_add_(0, p.targets, y)
