@@ -114,7 +114,7 @@ def measure(model, name: str, paths, rounds: int, steps: int, path_bytes: int) -
     t0 = time.perf_counter()
     pools = SlotPools(list(range(cfg.n_layers)), dtype=model.dtype)
     pools.sync(blocks)
-    memory = pools.memory_for(rows_keys)
+    memory = pools.memory_for(rows_keys, fuse=True)  # as the runner's decode memory
     build_s = time.perf_counter() - t0
     runners["slots"] = Runner(model, B, memory, steps)
     distinct_bytes = memory.distinct_nbytes

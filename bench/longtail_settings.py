@@ -6,8 +6,9 @@ the documents' and the test probes' (training/corpus_docs.py) -- greedily, each 
 fact's first document's path (routing is measured apart, by bench/longtail_docs.py). "fit" scores the same
 facts in the documents' own words (a document sentence cut before the answer): what the blocks stored, as
 against what they answer in other words. "valid_scaled" is the valid figure at the output scale the trainer
-chose on these same probes (training/scale.py): optimistic as an absolute figure, fair between variants. The generic control and preservation are left out to keep each
-variant to a few minutes; they are the same for every variant (`preset-batch4-preserve` alone adds the
+chose on these same probes (training/scale.py): optimistic as an absolute figure, fair between variants.
+The generic control and preservation are left out to keep each variant to a few minutes; they are the same
+for every variant (`preset-batch4-preserve` alone adds the
 full preset's former derived preservation, to measure what it cost).
 
     python -m bench.longtail_settings                           # the old presets and the chosen one, 120 facts
@@ -130,9 +131,9 @@ def run_variant(name: str, overrides: dict, valid: list[dict], docs: list[dict],
                 n_fit += 1
                 fit += text_match(generate(model, tok, tok(fp, add_special_tokens=False)["input_ids"], sp,
                                            memory=memory).text, p["answer"])
-    return {"variant": name, **{k: overrides.get(k, values.get(k)) for k in ("memory_layers", "batch_size", "lr",
-                                                                            "level_lr", "ranks", "epochs",
-                                                                            "name_anaphors", "preserve_weight", "shared_prob")},
+    recorded = ("memory_layers", "batch_size", "lr", "level_lr", "ranks", "epochs", "name_anaphors",
+                "preserve_weight", "shared_prob")
+    return {"variant": name, **{k: overrides.get(k, values.get(k)) for k in recorded},
             "valid_exact_match": right / len(valid), "anchor": anchor / len(valid),
             "fit": fit / max(n_fit, 1), "train_seconds": round(train_s, 1), "steps": tr.global_step,
             # the output scale the trainer chose on these same valid probes (training/scale.py) and the valid

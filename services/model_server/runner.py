@@ -86,8 +86,8 @@ class LmRunner:
     def set_blocks(self, blocks: Mapping[Hashable, torch.Tensor]) -> None:
         self.pools.sync(blocks)
 
-    def _memory(self, rows: Sequence[Sequence[Hashable]]) -> SlotMemory | None:
-        return self.pools.memory_for(rows) if any(rows) else None
+    def _memory(self, rows: Sequence[Sequence[Hashable]], fuse: bool = False) -> SlotMemory | None:
+        return self.pools.memory_for(rows, fuse) if any(rows) else None
 
     @torch.no_grad()
     def prefill(self, slots: Sequence[int], chunks: Sequence[Sequence[int]], starts: Sequence[int],
@@ -113,7 +113,7 @@ class LmRunner:
                ) -> torch.Tensor:
         key = (self.pools.version, tuple(tuple(r) for r in rows))
         if self._decode_memory is None or self._decode_memory[0] != key:  # the batch or its slots changed
-            self._decode_memory = (key, self._memory(rows))
+            self._decode_memory = (key, self._memory(rows, fuse=True))  # reused until the batch changes
         x = torch.tensor(list(tokens), dtype=torch.long)[:, None]  # (B, 1)
         logits = self.model(x, cache=self.cache, slots=[self._slot_of[s] for s in slots],
                             memory=self._decode_memory[1])

@@ -115,9 +115,10 @@ class SlotPools:
         if {r: p.keys for r, p in self.pools.items()} != before:
             self.version += 1
 
-    def memory_for(self, rows: Sequence[Sequence[Hashable]]) -> SlotMemory | None:
+    def memory_for(self, rows: Sequence[Sequence[Hashable]], fuse: bool = False) -> SlotMemory | None:
         """The memory of one forward whose row b uses the blocks named `rows[b]` (all held: see `sync`);
-        None when no row has a block."""
+        None when no row has a block. `fuse`: it will serve several forwards (the decode steps of a batch), so
+        concatenating the rows' blocks may pay (`SlotMemory`); a one-shot prefill chunk would only copy."""
         plans = []
         for pool in self.pools.values():
             slot_of = {k: s for s, k in enumerate(pool.keys)}
@@ -132,7 +133,7 @@ class SlotPools:
         missing = {k for keys in rows for k in keys} - {k for p in self.pools.values() for k in p.keys}
         if missing:
             raise KeyError(f"blocks not synced into the slots: {sorted(map(repr, missing))[:3]}")
-        return SlotMemory(len(rows), self.layers, plans) if plans else None
+        return SlotMemory(len(rows), self.layers, plans, fuse) if plans else None
 
     @property
     def nbytes(self) -> int:
@@ -189,7 +190,7 @@ def _mlp(x: torch.Tensor, gu: torch.Tensor, dt: torch.Tensor, r: int) -> torch.T
 class SlotMemory:
     """One forward's memories (`lm.model.FFNMemory`): `n_rows`, `ffn_delta(layer, h)`."""
 
-    def __init__(self, n_rows: int, layers: list[int], plans: list[_Batched | _PerSlot]) -> None:
+    def __init__(self, n_rows: int, layers: list[int], plans: list[_Batched | _PerSlot], fuse: bool = False) -> None:
         self.n_rows = n_rows
         self._layer_pos = {layer: j for j, layer in enumerate(layers)}
         self._plans = sorted(plans, key=lambda p: not (isinstance(p, _Batched) and p.direct))  # direct first
@@ -198,12 +199,13 @@ class SlotMemory:
             per_slot = (p.pool.gu[0, 0].numel() + p.pool.dt[0, 0].numel()) * p.pool.gu.element_size() \
                 * p.pool.gu.shape[0]
             self.distinct_nbytes += per_slot * (p.hi - p.lo if isinstance(p, _Batched) else len(p.slots))
-        # every plan direct (row b uses slot lo+b of each pool: batch 1, or rows with private blocks only) and
-        # more than one pool: the pools' blocks are concatenated once, on first use, into one (2U, d) / (U, d)
-        # pair per row and layer, so a layer is 2 bmm instead of 2 per pool (a path of 3 levels on 30 layers at
-        # batch 1: 90 fewer matmuls and their element-wise ops per decode step). A copy of what the forward
-        # reads, kept only while it is small (FUSE_MAX_BYTES) and reused by every decode step of the batch
-        self._fusable = (len(plans) > 1 and all(isinstance(p, _Batched) and p.direct for p in plans)
+        # asked to (`fuse`: a decode batch), every plan direct (row b uses slot lo+b of each pool: batch 1, or
+        # rows with private blocks only) and more than one pool: the pools' blocks are concatenated once, on
+        # first use, into one (2U, d) / (U, d) pair per row and layer, so a layer is 2 bmm instead of 2 per
+        # pool (a path of 3 levels on 30 layers at batch 1: 90 fewer matmuls and their element-wise ops per
+        # decode step). A copy of what the forward reads, kept only while it is small (FUSE_MAX_BYTES) and
+        # reused by every decode step of the batch
+        self._fusable = (fuse and len(plans) > 1 and all(isinstance(p, _Batched) and p.direct for p in plans)
                          and self.distinct_nbytes <= FUSE_MAX_BYTES)
         self._fused: tuple[torch.Tensor, torch.Tensor] | None = None
 

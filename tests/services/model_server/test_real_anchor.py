@@ -140,10 +140,12 @@ def test_slot_memory_matches_memory_batch_across_rebuilds(bank_dir):
         assert pools.copies - copies_before <= len(held) and pools.version > version_before
         for subset in (list(range(len(comp))), [len(comp) - 1], [0, len(comp) - 1]):
             sub = [rows_items[b] for b in subset]
-            got = pools.memory_for([[k for k, _ in its] for its in sub])
+            keys = [[k for k, _ in its] for its in sub]
+            got = pools.memory_for(keys, fuse=True)
             if not any(sub):
                 assert got is None
                 continue
+            assert not pools.memory_for(keys)._fusable  # a one-shot forward (prefill) never concatenates
             kinds |= {type(p) for p in got._plans}
             fused += got._fusable  # one row: its levels' blocks concatenated into one matmul pair per layer
             blocks = list({id(b): b for its in sub for _, b in its}.values())
