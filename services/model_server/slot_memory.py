@@ -15,7 +15,7 @@ the decode step of the batch): for every pool, which rows use which slot. It is 
 Compute, for memory layer j and input h (B, T, d), per pool with used slots U:
 
     batched (U spans slots lo..hi-1 with few gaps: the decode batch):
-        R_s = rows that use slot s, padded to m = max |R_s| with a zero row
+        R_s = rows that use slot s, padded to m = max |R_s| (padding reads row 0; its output is dropped)
         x = h[R]                                       # (n, m*T, d), n = hi - lo
         a = bmm(GU[j, lo:hi], xᵀ)                      # (n, 2r, m*T)   one matmul per pool and layer
         y = bmm((silu(a[:, :r]) * a[:, r:])ᵀ, Dt[j, lo:hi])            # (n, m*T, d)
@@ -151,7 +151,7 @@ class _Batched:
     lo: int
     hi: int  # slots lo..hi-1, one bmm
     m: int  # rows per slot after padding
-    gather: torch.Tensor  # (n*m,) row per (slot, position); padding -> the zero row B
+    gather: torch.Tensor  # (n*m,) row per (slot, position); padding -> row 0 (its output is dropped)
     valid: torch.Tensor  # positions of real rows in the flat layout
     targets: torch.Tensor  # their rows
     direct: bool = False  # slot lo+b serves exactly row b, every row once: h in, y out, no gather or scatter
@@ -170,13 +170,22 @@ def _plan(pool: _Pool, users: dict[int, list[int]], n_rows: int) -> _Batched | _
         return _PerSlot(pool, [(s, None if rows == every else torch.tensor(rows, dtype=torch.long))
                                for s, rows in sorted(users.items())])
     m = max(len(rows) for rows in users.values())
-    gather = torch.full((hi - lo, m), n_rows, dtype=torch.long)
+    # padding positions gather row 0: each position's MLP is computed on its own, and padding outputs are
+    # dropped before the scatter (`valid`), so any row will do (and h needs no zero row appended per layer)
+    gather = torch.full((hi - lo, m), -1, dtype=torch.long)
     for s, rows in users.items():
         gather[s - lo, :len(rows)] = torch.tensor(rows, dtype=torch.long)
     flat = gather.reshape(-1)
-    valid = (flat < n_rows).nonzero().reshape(-1)
+    valid = (flat >= 0).nonzero().reshape(-1)
     direct = m == 1 and flat.tolist() == list(range(n_rows))  # e.g. batch 1, or private blocks in row order
-    return _Batched(pool, lo, hi, m, flat, valid, flat[valid], direct)
+    return _Batched(pool, lo, hi, m, flat.clamp(min=0), valid, flat[valid], direct)
+
+
+def _views(p: _Batched | _PerSlot, j: int) -> tuple[torch.Tensor, torch.Tensor] | list[tuple[torch.Tensor, torch.Tensor]]:
+    """Memory layer j's weights of plan p: (gu, dt) of its slots lo..hi-1, or [(gu, dt)] per slot."""
+    if isinstance(p, _PerSlot):
+        return [(p.pool.gu[j, s], p.pool.dt[j, s]) for s, _ in p.slots]
+    return p.pool.gu[j, p.lo:p.hi], p.pool.dt[j, p.lo:p.hi]
 
 
 def _mlp(x: torch.Tensor, gu: torch.Tensor, dt: torch.Tensor, r: int) -> torch.Tensor:
@@ -208,6 +217,10 @@ class SlotMemory:
         self._fusable = (fuse and len(plans) > 1 and all(isinstance(p, _Batched) and p.direct for p in plans)
                          and self.distinct_nbytes <= FUSE_MAX_BYTES)
         self._fused: tuple[torch.Tensor, torch.Tensor] | None = None
+        # each plan's per-layer views of its pool ((gu, dt) of slots lo..hi-1, or of each slot), taken once:
+        # indexing the pools anew in every layer of every step was ~5% of a batch-16 step's memory time. Valid
+        # until the pools' next sync that changes a slot, as the plans themselves (`SlotPools.version`)
+        self._views: list[list] = [[_views(p, j) for j in range(len(layers))] for p in self._plans]
 
     def _fuse(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self._fused is None:
@@ -232,32 +245,30 @@ class SlotMemory:
             a = torch.bmm(gu[j], h.transpose(1, 2))  # (B, 2U, T)
             return torch.bmm(down[j], F.silu(a[:, :u]) * a[:, u:]).transpose(1, 2)  # (B, d, T) -> (B, T, d)
         out: torch.Tensor | None = None  # the first direct plan writes it, the others add into it
-        hz = None
-        for p in self._plans:
+        for p, views in zip(self._plans, self._views, strict=True):
             r = p.pool.r
             if isinstance(p, _PerSlot):
                 if out is None:
                     out = torch.zeros_like(h)
-                for s, rows in p.slots:
+                for (_, rows), (gu, dt) in zip(p.slots, views[j], strict=True):
                     x = h if rows is None else h.index_select(0, rows)  # (m, T, d)
-                    a = x @ p.pool.gu[j, s].T  # (m, T, 2r)
-                    y = (F.silu(a[..., :r]) * a[..., r:]) @ p.pool.dt[j, s]  # (m, T, d)
+                    a = x @ gu.T  # (m, T, 2r)
+                    y = (F.silu(a[..., :r]) * a[..., r:]) @ dt  # (m, T, d)
                     if rows is None:
                         out.add_(y)
                     else:
                         out.index_add_(0, rows, y)
                 continue
-            n = p.hi - p.lo
+            gu, dt = views[j]
             if p.direct:
-                y = _mlp(h, p.pool.gu[j, p.lo:p.hi], p.pool.dt[j, p.lo:p.hi], r)  # (B, T, d)
+                y = _mlp(h, gu, dt, r)  # (B, T, d)
                 out = y if out is None else out.add_(y)
                 continue
             if out is None:
                 out = torch.zeros_like(h)
-            if hz is None:
-                hz = torch.cat([h, h.new_zeros(1, T, d)])  # (B+1, T, d): row B is the padding row
-            x = hz.index_select(0, p.gather).reshape(n, p.m * T, d)  # (n, m*T, d)
-            y = _mlp(x, p.pool.gu[j, p.lo:p.hi], p.pool.dt[j, p.lo:p.hi], r).reshape(n * p.m, T, d)
+            n = p.hi - p.lo
+            x = h.index_select(0, p.gather).reshape(n, p.m * T, d)  # (n, m*T, d)
+            y = _mlp(x, gu, dt, r).reshape(n * p.m, T, d)
             if p.valid.numel() != n * p.m:
                 y = y.index_select(0, p.valid)
             out.index_add_(0, p.targets, y)
