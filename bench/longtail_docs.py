@@ -75,6 +75,9 @@ def main() -> int:
                     help="run the evaluation's anchor as the model server does in this dtype (lm/fast.py)")
     ap.add_argument("--threads", default=None, help="torch threads for training (default: the preset's, auto = "
                                                    "the cores the 1-minute load leaves free)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=JSON",
+                    help="override one of the preset's training settings, e.g. --set 'memory_layers=[4, 8]' "
+                         "or --set seed=1 (repeatable; for measuring a setting before it enters the preset)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from base.paths import home
@@ -84,18 +87,24 @@ def main() -> int:
     work = Path(args.work) if args.work else home() / "work" / args.preset
     if args.fresh and work.exists():
         shutil.rmtree(work)
+    overrides: dict = {"threads": args.threads} if args.threads else {}
+    for item in args.set:
+        key, _, value = item.partition("=")
+        if not key or not value:
+            ap.error(f"--set {item!r}: expected KEY=JSON")
+        overrides[key] = json.loads(value)
     load_before = os.getloadavg()
     t0 = time.perf_counter()
     out = run_build(args.preset, work=work, bank_dir=work / "bank", epochs=args.epochs,
                     rag=tuple(int(k) for k in args.rag.split(",") if k),
-                    train_overrides={"threads": args.threads} if args.threads else None,
+                    train_overrides=overrides or None,
                     eval_dtype=args.eval_dtype)
     this_run = time.perf_counter() - t0
     status, r = out["status"], out["result"]
     targets = targets_of(r, float(status["first_run_seconds"]))
     stages = [{"stage": k, "seconds": v["seconds"], "load 1m at end": v.get("loadavg_1m_at_end", "")}
               for k, v in status["stages"].items()]
-    figures = {"preset": args.preset, "build_status": status, "eval": r, "this_run_seconds": this_run,
+    figures = {"preset": args.preset, "overrides": overrides, "build_status": status, "eval": r, "this_run_seconds": this_run,
                "loadavg_at_bench_start": load_before, "loadavg_at_bench_end": os.getloadavg()}
     tables = (f"Preset `{args.preset}` ({status['stages'].get('corpus', {}).get('docs', '?')} documents).\n\n"
               "## Stages of the first run\n\n" + markdown_table(stages) + "\n## Evaluation\n\n" + markdown(r)
@@ -105,7 +114,7 @@ def main() -> int:
                   + (f" --epochs {args.epochs}" if args.epochs else "") + f" --rag {args.rag}"
                   + (f" --threads {args.threads}" if args.threads else "")
                   + (f" --eval-dtype {args.eval_dtype}" if args.eval_dtype != "float32" else "")
-                  + (" --fresh" if args.fresh else ""))
+                  + "".join(f" --set '{item}'" for item in args.set) + (" --fresh" if args.fresh else ""))
     png = work / "eval" / "longtail.png"
     if png.exists():
         shutil.copyfile(png, RESULTS_DIR / f"{args.name}.png")

@@ -15,7 +15,8 @@ full preset's former derived preservation, to measure what it cost).
     python -m bench.longtail_settings --facts 60 --variants old,batch8,lr3e-2,epochs30
 
 `preset` is the `docs` preset as it was until 2026-11-30 (8 documents per step) and the base of the
-`preset-*` variants; `preset-batch4` is the preset now (training/pipeline.py), chosen from those variants.
+`preset-*` variants; `preset-batch4-from4` is the preset now (training/pipeline.py), chosen from those variants
+(`preset-batch4` until 2026-12-01 04:41).
 """
 
 from __future__ import annotations
@@ -71,6 +72,10 @@ VARIANTS.update({
     # a training-only block summed into every (or every other) path, dropped at export
     "preset-batch4-shared1": {**PRESET, "batch_size": 4, "shared_prob": 1.0},
     "preset-batch4-shared05": {**PRESET, "batch_size": 4, "shared_prob": 0.5},
+    # memory from earlier layers: the entity's own position enriched sooner, for the answer to be read
+    # from further away (the question forms, whose answer stem does not follow the name)
+    "preset-batch4-from4": {**PRESET, "batch_size": 4, "memory_layers": list(range(4, 30, 4))},
+    "preset-batch4-from0": {**PRESET, "batch_size": 4, "memory_layers": list(range(0, 30, 4))},
 })
 
 
@@ -120,11 +125,15 @@ def run_variant(name: str, overrides: dict, valid: list[dict], docs: list[dict],
     tok, model = tr.tokenizer, tr.model
     sp = SamplingParams(max_new_tokens=6)
     right = anchor = fit = n_fit = 0
+    by_form: dict[str, list[int]] = {}  # template -> [right, total]
     for p in valid:
         memory = tr.paths_memory([tr.paths[by_id[p["doc_ids"][0]]]], False)
         ids = tok(p["prompt"], add_special_tokens=False)["input_ids"]
         with torch.no_grad():
-            right += text_match(generate(model, tok, ids, sp, memory=memory).text, p["answer"])
+            ok = text_match(generate(model, tok, ids, sp, memory=memory).text, p["answer"])
+            right += ok
+            form = by_form.setdefault(p.get("template", "?"), [0, 0])
+            form[0], form[1] = form[0] + ok, form[1] + 1
             anchor += text_match(generate(model, tok, ids, sp).text, p["answer"])
             fp = fit_prompt(p, doc_of)
             if fp:
@@ -135,7 +144,11 @@ def run_variant(name: str, overrides: dict, valid: list[dict], docs: list[dict],
                 "preserve_weight", "shared_prob")
     return {"variant": name, **{k: overrides.get(k, values.get(k)) for k in recorded},
             "valid_exact_match": right / len(valid), "anchor": anchor / len(valid),
-            "fit": fit / max(n_fit, 1), "train_seconds": round(train_s, 1), "steps": tr.global_step,
+            "fit": fit / max(n_fit, 1),
+            # valid:0 = the question forms (the answer stem after "Answer:", away from the name), valid:1 the
+            # sentence forms (the stem right after the name)
+            **{f"valid_{k.removeprefix('valid:')}": round(r / n, 4) for k, (r, n) in sorted(by_form.items())},
+            "train_seconds": round(train_s, 1), "steps": tr.global_step,
             # the output scale the trainer chose on these same valid probes (training/scale.py) and the valid
             # figure there: optimistic as an absolute figure (chosen and read on one set), fair between variants
             **_scaled(json.loads((work / name / "job" / "job.json").read_text()).get("memory_scale", {}))}
