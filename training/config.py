@@ -51,6 +51,9 @@ class TrainConfig:
     permuted_views: int = 0
     """extra training views of each document with its sentences in another order (seeded; same path); routing
     and preservation keep the documents"""
+    pronoun_views: bool = False
+    """also train each document once with its later sentences' opening name made "It" (same path; the answer
+    read from the name further back, as key-value and question prompts need); routing keeps the documents"""
     shared_prob: float = 0.0
     """chance that a training row's path also carries a shared block (the generic's size) trained with every
     path and dropped at export: it can absorb what all documents share, their phrasing, so the paths' blocks
@@ -140,6 +143,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--generic-prob", type=float, default=d.generic_prob)
     p.add_argument("--permuted-views", type=int, default=d.permuted_views,
                    help="extra training views per document with its sentences reordered (0 = off)")
+    p.add_argument("--pronoun-views", action="store_true", default=None,
+                   help="also train each document with its later sentences' opening name made \"It\"")
     p.add_argument("--shared-prob", type=float, default=d.shared_prob,
                    help="chance a training row's path also carries a training-only shared block (0 = off)")
     p.add_argument("--loss", default=d.loss, choices=["all", "continuation", "surprising"])

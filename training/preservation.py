@@ -114,6 +114,28 @@ def permuted_views(docs: Sequence[dict], n: int, seed: int = 0) -> tuple[list[di
     return views, of
 
 
+def pronoun_views(docs: Sequence[dict], names: Sequence[str | None]) -> tuple[list[dict], list[int]]:
+    """One extra training view of each document whose later sentences open with its subject's name
+    (`names[i]`, from `subject_names`), with those openings made "It": "Iyesi observes UTC+1. Iyesi lies in
+    Nigeria." -> "Iyesi observes UTC+1. It lies in Nigeria." The first sentence keeps the name. The answer
+    must then be read from the name further back, through attention, as a key-value prompt or a question
+    ("City: Iyesi\nCountry:") needs; the reverse of `name_anaphors`. Returns (views, index of each view's
+    document); a document with no such sentence gets none."""
+    from memory_store.router import sentences
+
+    views: list[dict] = []
+    of: list[int] = []
+    for i, (d, name) in enumerate(zip(docs, names, strict=True)):
+        parts = sentences(d["text"])
+        if not name or len(parts) < 2:
+            continue
+        later = [("It" + p[len(name):]) if p.startswith(name + " ") else p for p in parts[1:]]
+        if later != parts[1:]:
+            views.append({**d, "id": f"{d.get('id', i)}#pronoun", "text": " ".join([parts[0]] + later)})
+            of.append(i)
+    return views, of
+
+
 _ANAPHOR = re.compile(r"^(?:It|The [a-z]+)\b(?! of\b)")
 
 

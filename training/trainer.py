@@ -47,7 +47,7 @@ from training.data import (
     tokenize_docs,
 )
 from training.distributed import Dist, barrier, init_distributed, sync_gradients
-from training.preservation import Preservation, name_anaphors, permuted_views, subject_names
+from training.preservation import Preservation, name_anaphors, permuted_views, pronoun_views, subject_names
 from training.routing import route_documents
 from training.scale import scaled
 from training.trainable_bank import TrainableBank
@@ -133,10 +133,15 @@ class Trainer:
         # training sequences: the documents, then `permuted_views` copies of each with its sentences reordered
         # (same path); index i < len(docs) is document i
         self.train_paths = self.paths
+        n_docs = len(trained)
         if cfg.permuted_views > 0:
-            views, of = permuted_views(trained, cfg.permuted_views, cfg.seed)
+            views, of = permuted_views(trained[:n_docs], cfg.permuted_views, cfg.seed)
             trained = trained + views
-            self.train_paths = np.concatenate([self.paths, self.paths[of]]) if of else self.paths
+            self.train_paths = np.concatenate([self.train_paths, self.paths[of]]) if of else self.train_paths
+        if cfg.pronoun_views:  # then one view of each document with its later name openings made "It"
+            views, of = pronoun_views(trained[:n_docs], subject_names(self.docs))
+            trained = trained + views
+            self.train_paths = np.concatenate([self.train_paths, self.paths[of]]) if of else self.train_paths
         self.token_ids = tokenize_docs(self.tokenizer, [d["text"] for d in trained], MAX_DOC_TOKENS)
         self.loss_start = loss_starts(self.tokenizer, trained, self.token_ids, cfg.loss)
         self.prefix: list[torch.Tensor | None] | None = None  # None entries: not computed yet

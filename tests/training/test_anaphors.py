@@ -29,3 +29,20 @@ def test_only_later_sentence_openings_that_do_not_name_the_subject_are_replaced(
     # "The <noun> of ..." is not an anaphor, and a sentence naming the subject is left alone
     assert name_anaphors("Ghent is old. The capital of Belgium is Brussels.", "Ghent") == (
         "Ghent is old. The capital of Belgium is Brussels.")
+
+
+def test_pronoun_views_make_later_name_openings_it_and_keep_the_first():
+    from training.preservation import pronoun_views
+
+    docs = [{"id": "a", "text": "Iyesi observes UTC+1. Iyesi lies in Nigeria. About 17,000 people live in Iyesi."},
+            {"id": "b", "text": "Ghent is old. The capital of Belgium is Brussels."},  # no later opening: no view
+            {"id": "c", "text": "Essen lies in Germany. Essen observes UTC+1."},
+            {"id": "d", "text": "Nameless text. Nameless again."}]
+    views, of = pronoun_views(docs, ["Iyesi", "Ghent", "Essen", None])
+    assert of == [0, 2]
+    assert [v["text"] for v in views] == [
+        "Iyesi observes UTC+1. It lies in Nigeria. About 17,000 people live in Iyesi.",
+        "Essen lies in Germany. It observes UTC+1."]
+    assert views[0]["id"] == "a#pronoun"
+    # a name that only begins a longer word is not the subject's opening
+    assert pronoun_views([{"text": "Bad is here. Badajoz is near."}], ["Bad"]) == ([], [])

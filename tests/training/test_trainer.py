@@ -324,3 +324,20 @@ def test_permuted_views_train_each_document_again_with_its_sentences_reordered(d
     assert t.batches_per_epoch > plain.batches_per_epoch
     t.train()
     assert len(t.prefix) == len(t.token_ids)
+
+
+def test_pronoun_views_follow_the_permuted_views_on_their_documents_paths(docs_corpus, tmp_path):
+    """--pronoun-views: after the documents (and any permuted views), one view per document whose later
+    sentences open with its name, trained on that document's path; routing keeps the documents."""
+    from training.preservation import permuted_views, pronoun_views, subject_names
+
+    plain = Trainer(tiny_config(docs_corpus, tmp_path / "plain", loss="all", routing="tree"))
+    t = Trainer(tiny_config(docs_corpus, tmp_path / "both", loss="all", routing="tree", permuted_views=1,
+                            pronoun_views=True))
+    n = len(t.docs)
+    perm, perm_of = permuted_views(t.docs, 1, seed=0)
+    pron, pron_of = pronoun_views(t.docs, subject_names(t.docs))
+    assert pron and np.array_equal(t.paths, plain.paths)
+    assert len(t.token_ids) == n + len(perm) + len(pron) == len(t.train_paths)
+    assert np.array_equal(t.train_paths[n:n + len(perm)], t.paths[perm_of])
+    assert np.array_equal(t.train_paths[n + len(perm):], t.paths[pron_of])
