@@ -90,9 +90,12 @@ def main() -> int:
     overrides: dict = {"threads": args.threads} if args.threads else {}
     for item in args.set:
         key, _, value = item.partition("=")
-        if not key or not value:
+        try:
+            overrides[key] = json.loads(value)
+        except json.JSONDecodeError as e:
+            ap.error(f"--set {item!r}: expected KEY=JSON ({e})")
+        if not key:
             ap.error(f"--set {item!r}: expected KEY=JSON")
-        overrides[key] = json.loads(value)
     load_before = os.getloadavg()
     t0 = time.perf_counter()
     out = run_build(args.preset, work=work, bank_dir=work / "bank", epochs=args.epochs,
@@ -104,8 +107,8 @@ def main() -> int:
     targets = targets_of(r, float(status["first_run_seconds"]))
     stages = [{"stage": k, "seconds": v["seconds"], "load 1m at end": v.get("loadavg_1m_at_end", "")}
               for k, v in status["stages"].items()]
-    figures = {"preset": args.preset, "overrides": overrides, "build_status": status, "eval": r, "this_run_seconds": this_run,
-               "loadavg_at_bench_start": load_before, "loadavg_at_bench_end": os.getloadavg()}
+    figures = {"preset": args.preset, "overrides": overrides, "build_status": status, "eval": r,
+               "this_run_seconds": this_run, "loadavg_at_bench_start": load_before, "loadavg_at_bench_end": os.getloadavg()}
     tables = (f"Preset `{args.preset}` ({status['stages'].get('corpus', {}).get('docs', '?')} documents).\n\n"
               "## Stages of the first run\n\n" + markdown_table(stages) + "\n## Evaluation\n\n" + markdown(r)
               + f"\n![long tail]({args.name}.png)\n")

@@ -127,21 +127,22 @@ class Trainer:
                                     shared=cfg.shared_prob > 0,
                                     subtree=cfg.subtree, parents=self.tree.parents)
         trained = self.docs
+        names = subject_names(self.docs) if cfg.name_anaphors or cfg.pronoun_views else []
         if cfg.name_anaphors:  # the training view only; routing (above) and preservation use the original
-            names = subject_names(self.docs)
             trained = [{**d, "text": name_anaphors(d["text"], n)} for d, n in zip(self.docs, names, strict=True)]
-        # training sequences: the documents, then `permuted_views` copies of each with its sentences reordered
-        # (same path); index i < len(docs) is document i
-        self.train_paths = self.paths
-        n_docs = len(trained)
+        # training sequences: the documents, then `permuted_views` copies of each with its sentences reordered,
+        # then `pronoun_views` (one per document with its later name openings made "It"), each on its
+        # document's path; index i < len(docs) is document i
+        extra: list[tuple[list[dict], list[int]]] = []
         if cfg.permuted_views > 0:
-            views, of = permuted_views(trained[:n_docs], cfg.permuted_views, cfg.seed)
+            extra.append(permuted_views(trained, cfg.permuted_views, cfg.seed))
+        if cfg.pronoun_views:
+            extra.append(pronoun_views(trained, names))
+        self.train_paths = self.paths
+        for views, of in extra:
             trained = trained + views
-            self.train_paths = np.concatenate([self.train_paths, self.paths[of]]) if of else self.train_paths
-        if cfg.pronoun_views:  # then one view of each document with its later name openings made "It"
-            views, of = pronoun_views(trained[:n_docs], subject_names(self.docs))
-            trained = trained + views
-            self.train_paths = np.concatenate([self.train_paths, self.paths[of]]) if of else self.train_paths
+            if of:
+                self.train_paths = np.concatenate([self.train_paths, self.paths[of]])
         self.token_ids = tokenize_docs(self.tokenizer, [d["text"] for d in trained], MAX_DOC_TOKENS)
         self.loss_start = loss_starts(self.tokenizer, trained, self.token_ids, cfg.loss)
         self.prefix: list[torch.Tensor | None] | None = None  # None entries: not computed yet

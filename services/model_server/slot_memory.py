@@ -217,10 +217,12 @@ class SlotMemory:
         self._fusable = (fuse and len(plans) > 1 and all(isinstance(p, _Batched) and p.direct for p in plans)
                          and self.distinct_nbytes <= FUSE_MAX_BYTES)
         self._fused: tuple[torch.Tensor, torch.Tensor] | None = None
-        # each plan's per-layer views of its pool ((gu, dt) of slots lo..hi-1, or of each slot), taken once:
-        # indexing the pools anew in every layer of every step was ~5% of a batch-16 step's memory time. Valid
-        # until the pools' next sync that changes a slot, as the plans themselves (`SlotPools.version`)
-        self._views: list[list] = [[_views(p, j) for j in range(len(layers))] for p in self._plans]
+        # each plan's per-layer views of its pool ((gu, dt) of slots lo..hi-1, or of each slot), taken once
+        # instead of in every layer of every step (select/slice/as_strided were ~2% of a batch-16 step's
+        # profiled memory time); none for a fused memory, which reads its own copy. Valid until the pools' next
+        # sync that changes a slot, as the plans themselves (`SlotPools.version`)
+        self._views: list[list] = [] if self._fusable else [[_views(p, j) for j in range(len(layers))]
+                                                            for p in self._plans]
 
     def _fuse(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self._fused is None:
