@@ -141,12 +141,13 @@ def run_variant(name: str, overrides: dict, valid: list[dict], docs: list[dict],
                 fit += text_match(generate(model, tok, tok(fp, add_special_tokens=False)["input_ids"], sp,
                                            memory=memory).text, p["answer"])
     recorded = ("memory_layers", "batch_size", "lr", "level_lr", "ranks", "epochs", "name_anaphors",
-                "preserve_weight", "shared_prob")
+                "preserve_weight", "shared_prob", "skip_name_targets")
     return {"variant": name, **{k: overrides.get(k, values.get(k)) for k in recorded},
             "valid_exact_match": right / len(valid), "anchor": anchor / len(valid),
             "fit": fit / max(n_fit, 1),
             # valid:0 = the question forms (the answer stem after "Answer:", away from the name), valid:1 the
-            # sentence forms (the stem right after the name)
+            # sentence forms (the stem right after the name), valid:2 the field forms ("Place: X\nNation:"; in
+            # corpora built since 2026-12-01 07:00)
             **{f"valid_{k.removeprefix('valid:')}": round(r / n, 4) for k, (r, n) in sorted(by_form.items())},
             "train_seconds": round(train_s, 1), "steps": tr.global_step,
             # the output scale the trainer chose on these same valid probes (training/scale.py) and the valid

@@ -12,9 +12,10 @@ Real users bring documents, not probes. This corpus (``hiermem corpus facts --st
   ``element_number``). Rule: **every document of a trained entity states its probed fact, each document in
   a different template** (so a fact is stated in ``docs_per_entity`` = 2-3 different wordings); the other
   facts are spread over the documents (each at least once).
-* probes ask the probed fact in wordings no document uses (``PROBE_TEMPLATES``: question and statement
-  forms); ``valid`` probes ask the same trained facts in a third family of wordings (``VALID_TEMPLATES``),
-  disjoint from both, for choosing settings without looking at the test wordings.
+* probes ask the probed fact in wordings no document uses (``PROBE_TEMPLATES``: question, statement and
+  field forms); ``valid`` probes ask the same trained facts in wordings of their own (``VALID_TEMPLATES``,
+  question and statement forms, one per fact; ``VALID_FIELD_TEMPLATES``, the field form, for about half of
+  the facts), disjoint from both, for choosing settings without looking at the test wordings.
 
 Splits in probes.jsonl:
 
@@ -22,8 +23,8 @@ Splits in probes.jsonl:
 * ``heldout``       -- the entity has no document, and its name (for countries: its capital's name) occurs
   in no document; ``heldout_fraction`` of the sample in every bucket plus ``heldout_extra`` x n entities
   from outside the sample;
-* ``valid``         -- trained facts in the VALID_TEMPLATES wordings;
-* ``valid_heldout`` -- VALID_TEMPLATES wordings about entities neither trained nor held out (and not named
+* ``valid``         -- trained facts in the VALID_TEMPLATES (and VALID_FIELD_TEMPLATES) wordings;
+* ``valid_heldout`` -- the same wordings about entities neither trained nor held out (and not named
   in any document), to calibrate a routing gate without touching ``heldout``.
 
 ``GENERAL_PROMPTS`` (training/data/general_prompts.jsonl, ``load_general_prompts``) are everyday prompts
@@ -209,6 +210,20 @@ VALID_TEMPLATES: dict[str, list[str]] = {
     ],
 }
 
+# A third validation family, the field (key-value) form, so that `valid` covers the three kinds of wording
+# the probes use (question, statement, field) in words of its own. Drawn with a separate random stream, for
+# about half of the trained facts (on top of their VALID_TEMPLATES probe) and half of the valid_heldout
+# entities, so that the test probes and the valid draw above stay exactly as they were.
+VALID_FIELD_TEMPLATES: dict[str, str] = {
+    "city_country": "Place: {name}\nNation:",
+    "us_city_state": "Town: {name}\nU.S. state:",
+    "country_capital": "Nation: {bare}\nCapital city:",
+    "element_number": "Chemical element: {name}\nNumber of protons:",
+}
+VALID_FIELD_SHARE = 0.5
+"""Share of the trained facts (and of the valid_heldout entities) also asked in the field form."""
+VALID_FIELD_TAG = f"valid:{len(next(iter(VALID_TEMPLATES.values())))}"  # "valid:2", after the drawn families
+
 # the side facts each relation's entities can have, in the order they are offered to a document
 SIDE_FACTS: dict[str, tuple[str, ...]] = {
     "city_country": ("city_population", "city_timezone"),
@@ -362,6 +377,8 @@ def build_documents_corpus(sizes: dict[str, int] | None = None, heldout_fraction
 
     for relation, (every, sample, buckets, held, trained) in plans.items():
         prng = random.Random(f"{seed}:{relation}")  # template choice: independent of the other relations
+        frng = random.Random(f"{seed}:{relation}:field")  # which facts valid also asks in the field form
+        field_t = VALID_FIELD_TEMPLATES[relation]
         probe_t, valid_t = PROBE_TEMPLATES[relation], VALID_TEMPLATES[relation]
         dropped = 0
         for i, e in enumerate(sample):
@@ -378,6 +395,8 @@ def build_documents_corpus(sizes: dict[str, int] | None = None, heldout_fraction
                 if valid:
                     k = prng.randrange(len(valid_t))
                     corpus.probes.append(_probe(e, valid_t[k], "valid", b, f"valid:{k}", trained[e.name]))
+                    if frng.random() < VALID_FIELD_SHARE:
+                        corpus.probes.append(_probe(e, field_t, "valid", b, VALID_FIELD_TAG, trained[e.name]))
         chosen = {e.name for e in sample}
         _, by_name, _ = _relation_table(relation)
         as_facts = [f for f in every if f.entity not in chosen and unnamed(by_name[f.entity])]
@@ -391,6 +410,9 @@ def build_documents_corpus(sizes: dict[str, int] | None = None, heldout_fraction
             k = prng.randrange(len(valid_t))
             corpus.probes.append(_probe(e, valid_t[k], "valid_heldout", _bucket_of(e, sample, n_buckets),
                                         f"valid:{k}", []))
+            if frng.random() < VALID_FIELD_SHARE:
+                corpus.probes.append(_probe(e, field_t, "valid_heldout", _bucket_of(e, sample, n_buckets),
+                                            VALID_FIELD_TAG, []))
         for e in extra:
             k = prng.randrange(len(probe_t))
             corpus.probes.append(_probe(e, probe_t[k], "heldout", _bucket_of(e, sample, n_buckets),

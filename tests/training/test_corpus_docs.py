@@ -17,6 +17,8 @@ from training.corpus_docs import (
     DOC_TEMPLATES,
     PROBE_TEMPLATES,
     SIDE_FACTS,
+    VALID_FIELD_TAG,
+    VALID_FIELD_TEMPLATES,
     VALID_TEMPLATES,
     build_documents_corpus,
     documents_summary,
@@ -126,7 +128,8 @@ def test_heldout_and_valid_heldout_entities_appear_in_no_document(small):
 def test_probe_and_valid_wordings_are_used_by_no_document(demo):
     doc_skeletons = {skeleton(t) for ts in DOC_TEMPLATES.values() for t in ts}
     probe_skeletons = {skeleton(t) for ts in PROBE_TEMPLATES.values() for t in ts}
-    valid_skeletons = {skeleton(t) for ts in VALID_TEMPLATES.values() for t in ts}
+    valid_skeletons = {skeleton(t) for ts in VALID_TEMPLATES.values() for t in ts} | {
+        skeleton(t) for t in VALID_FIELD_TEMPLATES.values()}
     assert not probe_skeletons & doc_skeletons
     assert not valid_skeletons & doc_skeletons
     assert not valid_skeletons & probe_skeletons
@@ -149,13 +152,19 @@ def test_probe_splits(small):
     assert set(by_split) == {"train", "heldout", "valid", "valid_heldout"}
     train = {(p.relation, p.entity): p for p in by_split["train"]}
     assert len(train) == len(by_split["train"])  # one probed fact per entity
-    valid = {(p.relation, p.entity): p for p in by_split["valid"]}
-    assert valid.keys() == train.keys()
-    for key, v in valid.items():
+    drawn = [p for p in by_split["valid"] if p.template != VALID_FIELD_TAG]
+    field = [p for p in by_split["valid"] if p.template == VALID_FIELD_TAG]
+    valid = {(p.relation, p.entity): p for p in drawn}
+    assert len(valid) == len(drawn) and valid.keys() == train.keys()  # one drawn valid wording per fact
+    fields = {(p.relation, p.entity): p for p in field}  # and the field form for about half of them
+    assert len(fields) == len(field) and fields.keys() <= train.keys()
+    assert 0.3 * len(train) <= len(field) <= 0.7 * len(train)
+    for key, v in [*valid.items(), *fields.items()]:
         t = train[key]
         assert v.answer == t.answer and v.doc_ids == t.doc_ids and v.bucket == t.bucket
         assert v.prompt != t.prompt
         assert v.template.startswith("valid:") and t.template.startswith("probe:")
+    assert any(p.template == VALID_FIELD_TAG for p in by_split["valid_heldout"])
     keys = {s: {(p.relation, p.entity) for p in by_split[s]} for s in by_split}
     assert len(keys["heldout"]) == len(by_split["heldout"])
     assert not keys["heldout"] & keys["train"]
@@ -187,7 +196,8 @@ def test_buckets_per_relation_follow_popularity(small):
 def test_demo_sizes_give_the_documented_counts(demo):
     s = documents_summary(demo)
     assert sum(DEMO_SIZES.values()) == 320
-    assert 240 <= s["trained_facts"] <= 260 and s["valid"] == s["trained_facts"]
+    n_field = sum(1 for p in demo.probes if p.split == "valid" and p.template == VALID_FIELD_TAG)
+    assert 240 <= s["trained_facts"] <= 260 and s["valid"] == s["trained_facts"] + n_field
     assert 280 <= s["heldout_facts"] <= 320
     assert s["valid_heldout"] >= 60
     assert 2 * s["trained_facts"] <= s["docs"] <= 3 * s["trained_facts"]
