@@ -64,6 +64,11 @@ class TrainConfig:
     worst) the loss covers"""
     """"all": next-token loss on every token; "continuation": only on tokens after a document's route_text
     (the fact's object in the built-in corpus), which skips most of the LM head's work"""
+    skip_name_targets: bool = False
+    """the loss leaves out the tokens of the document's subject name (every mention; the subject as
+    `training.preservation.subject_names` finds it): where the name is first mentioned it is a guess, later a
+    copy, and trained as a target it teaches the blocks to put the name forward wherever a prompt's answer
+    should come (`Place: Mbala\nNation:` -> ` Mbala`)"""
     name_anaphors: bool = False
     """train on each document with a later sentence's opening "It" / "The <noun>" replaced by the document's
     name (training/preservation.py: name_anaphors); routing keeps the original text"""
@@ -149,6 +154,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                    help="chance a training row's path also carries a training-only shared block (0 = off)")
     p.add_argument("--loss", default=d.loss, choices=["all", "continuation", "surprising"])
     p.add_argument("--surprising-fraction", type=float, default=d.surprising_fraction)
+    p.add_argument("--skip-name-targets", action="store_true", default=None,
+                   help="leave the document's subject name (every mention) out of the loss")
     p.add_argument("--name-anaphors", action="store_true", default=None,
                    help="train on documents with sentence-opening pronouns replaced by the document's name")
     p.add_argument("--preserve-weight", type=float, default=d.preserve_weight,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import re
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -37,6 +38,24 @@ def tokenize_docs(tokenizer, texts: Sequence[str], max_tokens: int = MAX_DOC_TOK
         if len(ids) < 2:
             ids = list(ids) + [tokenizer.eos_token_id]
         out.append(list(ids[:max_tokens]))
+    return out
+
+
+def name_target_masks(tokenizer, texts: Sequence[str], names: Sequence[str | None],
+                      token_ids: Sequence[Sequence[int]]) -> list[torch.Tensor]:
+    """Per text, (len(token_ids[i]),) bool: False where the token covers part of a mention of `names[i]`
+    (None: no name, all True). `token_ids` are `tokenize_docs`' (possibly cut short); a text whose tokens
+    do not start with them keeps every token."""
+    out = []
+    for text, name, ids in zip(texts, names, token_ids, strict=True):
+        keep = torch.ones(len(ids), dtype=torch.bool)
+        if name:
+            enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+            if list(enc["input_ids"][:len(ids)]) == list(ids):
+                spans = [(m.start(), m.end()) for m in re.finditer(re.escape(name), text)]
+                for k, (a, b) in enumerate(enc["offset_mapping"][:len(ids)]):
+                    keep[k] = not any(a < e and b > s for s, e in spans)
+        out.append(keep)
     return out
 
 

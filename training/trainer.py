@@ -41,6 +41,7 @@ from training.data import (
     leaf_batches,
     loss_starts,
     loss_targets,
+    name_target_masks,
     pad_hidden,
     pad_ids,
     prefix_hidden,
@@ -127,7 +128,7 @@ class Trainer:
                                     shared=cfg.shared_prob > 0,
                                     subtree=cfg.subtree, parents=self.tree.parents)
         trained = self.docs
-        names = subject_names(self.docs) if cfg.name_anaphors or cfg.pronoun_views else []
+        names = subject_names(self.docs) if cfg.name_anaphors or cfg.pronoun_views or cfg.skip_name_targets else []
         if cfg.name_anaphors:  # the training view only; routing (above) and preservation use the original
             trained = [{**d, "text": name_anaphors(d["text"], n)} for d, n in zip(self.docs, names, strict=True)]
         # training sequences: the documents, then `permuted_views` copies of each with its sentences reordered,
@@ -139,11 +140,16 @@ class Trainer:
         if cfg.pronoun_views:
             extra.append(pronoun_views(trained, names))
         self.train_paths = self.paths
+        trained_names = list(names)  # the subject of every training sequence (with skip_name_targets)
         for views, of in extra:
             trained = trained + views
+            trained_names += [names[i] for i in of] if names else []
             if of:
                 self.train_paths = np.concatenate([self.train_paths, self.paths[of]])
         self.token_ids = tokenize_docs(self.tokenizer, [d["text"] for d in trained], MAX_DOC_TOKENS)
+        # per training sequence, the tokens the loss may target (None: all of them)
+        self.target_keep = (name_target_masks(self.tokenizer, [d["text"] for d in trained], trained_names,
+                                              self.token_ids) if cfg.skip_name_targets else None)
         self.loss_start = loss_starts(self.tokenizer, trained, self.token_ids, cfg.loss)
         self.prefix: list[torch.Tensor | None] | None = None  # None entries: not computed yet
         self.surprising: list[torch.Tensor] | None = None  # per document, with --loss surprising
@@ -309,18 +315,27 @@ class Trainer:
         """Next-token loss of the batch's documents through anchor + their paths' blocks (or the generic)."""
         return self.batch_losses(batch, (generic,))[0]
 
+    def loss_select(self, doc_index: Sequence[int], ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """(B, T) bool: the positions of the padded sequences `ids` whose next token is a loss target."""
+        select, _ = loss_targets(ids, mask, [self.loss_start[i] for i in doc_index])
+        if self.surprising is not None:  # only the positions where the anchor was most surprised
+            keep = torch.zeros_like(select)
+            for b, i in enumerate(doc_index):
+                keep[b, :len(self.surprising[i])] = self.surprising[i]
+            select = select & keep
+        if self.target_keep is not None:  # position t predicts token t + 1: not the subject's name
+            keep = torch.ones_like(select)
+            for b, i in enumerate(doc_index):
+                keep[b, :len(self.target_keep[i]) - 1] = self.target_keep[i][1:]
+            select = select & keep
+        return select
+
     def batch_losses(self, batch: Batch, systems: Sequence[bool] = (False,)) -> list[torch.Tensor]:
         """`batch_loss` for each system (False: the paths' blocks, True: the generic memory) in one forward: the
         documents repeated once per system, so the frozen anchor runs one batch of k*B rows instead of k
         batches of B (fewer, larger ops; the losses and gradients are those of separate passes)."""
-        seqs = [self.token_ids[i] for i in batch.doc_index]
-        ids, mask = pad_ids(seqs)
-        select, _ = loss_targets(ids, mask, [self.loss_start[i] for i in batch.doc_index])
-        if self.surprising is not None:  # only the positions where the anchor was most surprised
-            keep = torch.zeros_like(select)
-            for b, i in enumerate(batch.doc_index):
-                keep[b, :len(self.surprising[i])] = self.surprising[i]
-            select = select & keep
+        ids, mask = pad_ids([self.token_ids[i] for i in batch.doc_index])
+        select = self.loss_select(batch.doc_index, ids, mask)
         targets = torch.zeros_like(ids)
         targets[:, :-1] = ids[:, 1:]
         targets = targets[select]  # (N,)

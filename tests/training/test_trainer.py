@@ -341,3 +341,35 @@ def test_pronoun_views_follow_the_permuted_views_on_their_documents_paths(docs_c
     assert len(t.token_ids) == n + len(perm) + len(pron) == len(t.train_paths)
     assert np.array_equal(t.train_paths[n:n + len(perm)], t.paths[perm_of])
     assert np.array_equal(t.train_paths[n + len(perm):], t.paths[pron_of])
+
+
+def test_skip_name_targets_leaves_every_mention_of_the_subject_out_of_the_loss(docs_corpus, tmp_path):
+    """--skip-name-targets: the tokens of each training sequence's subject name (as `subject_names` finds
+    it; every mention, also in the permuted views) are no loss targets; the other tokens still are."""
+    from training.preservation import subject_names
+
+    plain = Trainer(tiny_config(docs_corpus, tmp_path / "plain", loss="all", routing="tree"))
+    t = Trainer(tiny_config(docs_corpus, tmp_path / "skip", loss="all", routing="tree", permuted_views=1,
+                            skip_name_targets=True))
+    assert plain.target_keep is None and len(t.target_keep) == len(t.token_ids)
+    names = subject_names(t.docs)
+    for i, name in enumerate(names):
+        keep, ids = t.target_keep[i], t.token_ids[i]
+        dropped = t.tokenizer.decode([x for x, k in zip(ids, keep.tolist(), strict=True) if not k])
+        if name is None:
+            assert keep.all()
+            continue
+        assert not keep.all() and keep.any()
+        n_mentions = t.docs[i]["text"].count(name)
+        assert dropped.replace(" ", "") == (name * n_mentions).replace(" ", "")  # exactly the mentions
+    # the loss covers the other tokens: position j predicts token j + 1
+    from training.data import pad_ids
+
+    docs = [i for i, n in enumerate(names) if n][:3]
+    ids, mask = pad_ids([t.token_ids[i] for i in docs])
+    select, full = t.loss_select(docs, ids, mask), plain.loss_select(docs, ids, mask)
+    for b, i in enumerate(docs):
+        n = len(t.token_ids[i])
+        assert select[b, :n - 1].tolist() == t.target_keep[i][1:].tolist() and not select[b, n - 1:].any()
+        assert full[b, :n - 1].all()
+    t.train()
