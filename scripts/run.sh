@@ -7,8 +7,9 @@
 #   bash scripts/run.sh "Marie Curie was born in"
 #   bash scripts/run.sh --keep "..."           # leave the stack running afterwards (stop: kill <pid shown>)
 #
-# Bank: the trained demo bank ($HIERMEM_HOME/banks/demo, built by `hiermem build --preset demo`) when the
-# training package is installed, else a small synthetic bank for SmolLM2 ($HIERMEM_HOME/banks/synth-smollm2).
+# Bank: the trained demo bank ($HIERMEM_HOME/banks/docs, built by `hiermem build --preset docs --no-eval`:
+# memories trained on the built-in documents corpus, about 16 minutes the first time) when the training
+# package is installed, else a small synthetic bank for SmolLM2 ($HIERMEM_HOME/banks/synth-smollm2)
 # (the demo build trains, once; if it fails the synthetic bank is used). Override with HIERMEM_RUN_SOURCE=
 # synth|demo, or HIERMEM_RUN_BANK=DIR (built with that source when absent, synth by default).
 set -euo pipefail
@@ -26,7 +27,7 @@ PORT="${HIERMEM_UP_PORT:-8000}"
 
 # 1. a bank
 SOURCE="${HIERMEM_RUN_SOURCE:-auto}"
-DEMO="$HOME_DIR/banks/demo"
+DEMO="$HOME_DIR/banks/docs"  # hiermem.launcher.demo_bank()
 SYNTH="$HOME_DIR/banks/synth-smollm2"
 BANK="${HIERMEM_RUN_BANK:-}"
 ensure() { python -m hiermem.launcher --log-level WARNING ensure-bank --anchor smollm2 --bank "$1" --source "$2" >/dev/null; }
@@ -67,16 +68,34 @@ grep -q "hiermem is up" "$LOG" || { echo "[run] the stack did not come up in 15 
 grep -E "^(hiermem is up|try:)" "$LOG"
 
 # 3. one real completion, printed with its memory object. Without a prompt argument and with the demo bank,
-#    ask a rare fact the demo memories were trained on (the rarest popularity bucket), and ask it again with
+#    ask about a fact of the rarest popularity bucket that the memories were trained on, in the probes'
+#    question wording, which no document of the corpus uses (training/corpus_docs.py: PROBE_TEMPLATES): the
+#    first such fact (in the corpus's order) that the anchor alone gets wrong, found by asking the running
+#    server with memory off -- chosen by the anchor's answer, never by the memory's. Then ask it again with
 #    memory off, so the two answers show what the fetched blocks add.
-PROBES="$HOME_DIR/work/demo/corpus/probes.jsonl"
+PROBES="$HOME_DIR/work/docs/corpus/probes.jsonl"
 COMPARE=0
 if [ -z "$PROMPT" ]; then
   if [ "$BANK" = "$DEMO" ] && [ -f "$PROBES" ]; then
-    PROMPT=$(python -c 'import json, sys
+    mapfile -t ASK < <(python - "$PROBES" "$PORT" <<'PY'
+import json, sys, urllib.request
 rows = [json.loads(line) for line in open(sys.argv[1])]
-rare = [r for r in rows if r["split"] == "train" and r["bucket"] == max(x["bucket"] for x in rows)]
-print(rare[0]["prompt"])' "$PROBES")
+rarest = max(r["bucket"] for r in rows)
+asks = [r for r in rows if r["split"] == "train" and r["bucket"] == rarest and r["template"] == "probe:0"]
+def off(prompt):
+    body = json.dumps({"prompt": prompt, "max_tokens": 8, "temperature": 0, "memory": "off"}).encode()
+    req = urllib.request.Request(f"http://127.0.0.1:{sys.argv[2]}/v1/completions", body,
+                                 {"Content-Type": "application/json"})
+    return json.load(urllib.request.urlopen(req, timeout=60))["choices"][0]["text"]
+pick = next((r for r in asks[:20] if not off(r["prompt"]).strip().lower().startswith(r["answer"].strip().lower())),
+            asks[0])
+print(json.dumps(pick["prompt"]))
+print(pick["answer"].strip())
+PY
+)
+    PROMPT=$(python -c 'import json, sys; print(json.loads(sys.argv[1]))' "${ASK[0]}")
+    echo "[run] a rare fact the memories were trained on and the anchor alone gets wrong, asked in a wording no"
+    echo "[run] document uses (the corpus says: ${ASK[1]})"
     COMPARE=1
   else
     PROMPT="The capital of France is"

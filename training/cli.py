@@ -168,4 +168,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     build.add_argument("--work", default=None, help="work directory (default: $HIERMEM_HOME/work/<preset>)")
     build.add_argument("--epochs", type=int, default=None, help="override the preset's epochs")
     build.add_argument("--no-eval", action="store_true")
+    build.add_argument("--no-generic", action="store_true",
+                       help="train no generic memory (the evaluation's same-epochs control, trained beside the "
+                            "tree's blocks in the same forward): a shorter build, and a bank without one")
     build.set_defaults(func=cmd_build)

@@ -47,7 +47,8 @@ class TrainConfig:
     min_lr_ratio: float = 0.1
     """cosine decay to lr * min_lr_ratio"""
     generic_prob: float = 1.0
-    """chance that a step also trains the generic memory on its documents (1.0: the same-epochs control)"""
+    """chance that a step also trains the generic memory on its documents (1.0: the same-epochs control;
+    0: none is trained, and the bank has no generic memory)"""
     permuted_views: int = 0
     """extra training views of each document with its sentences in another order (seeded; same path); routing
     and preservation keep the documents"""

@@ -27,10 +27,10 @@ def bank_spec(job: dict, dtype: str):
                     embedder_dim=job.get("embedder_dim", 384), allow_increasing_ranks=True)
 
 
-def _write_bank(bank_dir: Path, job: dict, tree, tensors: dict[str, torch.Tensor], generic: torch.Tensor,
-                n_shards: int, dtype: str, router_dir: Path | None = None) -> str:
-    """Every node's block (zeros for a node no job trained: a zero block changes nothing) + the generic,
-    and the job's nearest-document router (memory_store.router) when it has one. A plain directory is
+def _write_bank(bank_dir: Path, job: dict, tree, tensors: dict[str, torch.Tensor],
+                generic: torch.Tensor | None, n_shards: int, dtype: str, router_dir: Path | None = None) -> str:
+    """Every node's block (zeros for a node no job trained: a zero block changes nothing) + the generic
+    (none when the job did not train one: `--generic-prob 0`), and the job's nearest-document router (memory_store.router) when it has one. A plain directory is
     replaced atomically; a versioned bank root (docs/operating.md) gets a new version, `current` moved."""
     from memory_store import BankWriter, NodeRef
     from memory_store.bank import is_version_root
@@ -53,7 +53,8 @@ def _write_bank(bank_dir: Path, job: dict, tree, tensors: dict[str, torch.Tensor
             for index in range(spec.nodes_at(level)):
                 block = tensors.get(f"{level}_{index}")
                 w.write_block(NodeRef(level, index), block if block is not None else torch.zeros(shape))
-        w.write_generic(generic)
+        if generic is not None:
+            w.write_generic(generic)
         if router_dir is not None:
             DocRouter.copy_files(router_dir, w.tmp)  # inside the temporary directory: published together
     log.info("exported bank %s (%d shard(s), %s) to %s", w.bank_id[:12], n_shards, dtype, bank_dir)
@@ -69,7 +70,7 @@ def export_job(job_dir: Path, bank_dir: Path, n_shards: int = 1, dtype: str = "f
     job_dir = Path(job_dir)
     job = _job(job_dir)
     tensors = load_file(str(job_dir / "memory.safetensors"))
-    generic = tensors.pop("generic")
+    generic = tensors.pop("generic", None)  # absent when the job trained none (--generic-prob 0)
     return _write_bank(Path(bank_dir), job, Tree.load(job_dir / "tree.safetensors"), tensors, generic,
                        n_shards, dtype, router_dir=job_dir / "router")
 
@@ -105,7 +106,9 @@ def merge_subtree_jobs(job_dirs: list[Path], bank_dir: Path, n_shards: int = 1, 
             raise ValueError(f"subtree {job['subtree']} trained twice: {seen[job['subtree']]} and {path}")
         seen[job["subtree"]] = Path(path)
         t = load_file(str(Path(path) / "memory.safetensors"))
-        g = t.pop("generic")
+        g = t.pop("generic", None)
+        if g is None:
+            raise ValueError(f"{path} trained no generic memory (--generic-prob 0): merge jobs that all have one")
         n = max(1, int(job.get("n_docs_trained", 1)))
         generic = g * n if generic is None else generic + g * n
         weight += n

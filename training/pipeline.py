@@ -202,7 +202,8 @@ def run_build(preset: str = "demo", bank_dir: Path | None = None, work: Path | N
 
 def run_build_command(args) -> int:
     out = run_build(args.preset, Path(args.out) if args.out else None, Path(args.work) if args.work else None,
-                    epochs=args.epochs, evaluate=not args.no_eval)
+                    epochs=args.epochs, evaluate=not args.no_eval,
+                    train_overrides={"generic_prob": 0.0} if args.no_generic else None)
     if out["result"]:
         from training.evaluate import markdown
 

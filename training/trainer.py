@@ -466,7 +466,8 @@ class Trainer:
         if self.dist.main:
             scale = self.memory_scale()
             tensors = {k: scaled(v, scale["scale"]).contiguous() for k, v in self.memory.nodes.items()}
-            tensors["generic"] = scaled(self.memory.generic, scale["generic_scale"]).contiguous()
+            if self.cfg.generic_prob > 0:  # never trained otherwise: the bank gets no generic memory
+                tensors["generic"] = scaled(self.memory.generic, scale["generic_scale"]).contiguous()
             save_file(tensors, str(self.out / "memory.safetensors.tmp"))
             os.replace(self.out / "memory.safetensors.tmp", self.out / "memory.safetensors")
             identity, anchor_ref = self._anchor_identity()

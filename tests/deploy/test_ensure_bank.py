@@ -32,3 +32,27 @@ def test_builds_into_an_empty_directory_once_then_leaves_it_alone(tmp_path, monk
 def test_rejects_an_unknown_source():
     with pytest.raises(ValueError, match="source"):
         EnsureBankSettings(source="download")
+
+
+def test_demo_source_builds_the_documents_preset_without_evaluation(tmp_path, monkeypatch):
+    """The demo bank (what scripts/run.sh serves) is the `docs` preset, built into the bank directory with the
+    evaluation left out so that the first run fits its time budget; the command must parse as `hiermem`'s."""
+    import subprocess
+
+    from hiermem.cli import build_parser
+    from hiermem.launcher import DEMO_PRESET, demo_bank
+
+    calls: list[list[str]] = []
+    monkeypatch.setattr(subprocess, "run", lambda argv, check: calls.append(argv))
+    bank = tmp_path / "banks" / "docs"
+    assert ensure_bank(EnsureBankSettings(bank=bank, source="demo")) == bank
+    (argv,) = calls
+    assert argv[1:3] == ["-m", "hiermem.cli"]
+    args = build_parser().parse_args(argv[3:])
+    assert (args.command, args.preset, args.out, args.no_eval) == ("build", "docs", str(bank), True)
+    assert DEMO_PRESET == "docs" and demo_bank().name == "docs"
+
+    from training.pipeline import PRESETS
+
+    assert PRESETS[DEMO_PRESET]["corpus"]["style"] == "documents"  # a user's corpus, not the probe-shaped one
+    assert "preserve_ratio" not in PRESETS[DEMO_PRESET]["corpus"]  # and no preserve file

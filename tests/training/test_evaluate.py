@@ -87,6 +87,26 @@ def test_tiny_preset_builds_and_evaluates(tmp_path):
     assert third["status"]["stages"] == out["status"]["stages"]
 
 
+
+def test_a_build_without_the_generic_control_serves_and_evaluates_without_one(tmp_path):
+    """`hiermem build --no-generic` (what the demo bank uses): no generic memory is trained, the job and the
+    bank hold none, and the evaluation reports the other systems without a generic row."""
+    from safetensors.torch import load_file
+
+    from memory_store import Bank
+    from memory_store.ops import verify_bank
+    from training.pipeline import run_build
+
+    out = run_build("tiny", bank_dir=tmp_path / "bank", work=tmp_path / "work",
+                    train_overrides={"generic_prob": 0.0})
+    assert "generic" not in load_file(str(tmp_path / "work" / "job" / "memory.safetensors"))
+    bank = Bank.open(tmp_path / "bank")
+    assert bank.generic_block() is None and bank.manifest["generic"] is None
+    assert verify_bank(tmp_path / "bank").ok
+    acc = out["result"]["accuracy"]
+    assert set(acc) == {"anchor", "hierarchical", "hierarchical_deleted"}
+    assert set(out["result"]["broken"]) == {"hierarchical"}
+
 def test_general_use_batched_equals_one_prompt_at_a_time(monkeypatch):
     """The batched general-use check (greedy decode together, right-padded teacher forcing with per-row
     memories) gives what one `generate` and one forward per prompt give."""
