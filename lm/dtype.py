@@ -57,17 +57,41 @@ def fast_dtype(choice: str = "auto", *, min_speedup: float = 1.3, shape: tuple[i
     return _CACHE[shape]
 
 
+def busy_cores(interval: float = 0.5) -> float | None:
+    """Cores busy with other work right now: the non-idle share of all CPU time in /proc/stat over
+    `interval` seconds, times the cores (Linux; None elsewhere). Unlike the 1-minute load average, it does
+    not still count work that has just ended (e.g. the pip install before a first build)."""
+    def sample() -> tuple[int, int]:
+        with open("/proc/stat") as f:
+            values = [int(v) for v in f.readline().split()[1:]]
+        idle = values[3] + (values[4] if len(values) > 4 else 0)  # idle + iowait
+        return sum(values[:8]), idle
+
+    try:
+        total0, idle0 = sample()
+        time.sleep(interval)
+        total1, idle1 = sample()
+    except (OSError, ValueError, IndexError):
+        return None
+    if total1 <= total0:
+        return None
+    return (1 - (idle1 - idle0) / (total1 - total0)) * (os.cpu_count() or 1)
+
+
 def pick_threads(spec: str | int) -> int:
-    """'auto' -> cores minus the 1-minute load average, clipped to [1, cores]; else the number given. On a
-    shared machine a thread team waiting for a descheduled member is slower than one thread."""
+    """'auto' -> cores minus the cores busy with other work (sampled now: `busy_cores`; the 1-minute load
+    average where /proc/stat is missing), clipped to [1, cores]; else the number given. On a shared machine
+    a thread team waiting for a descheduled member is slower than one thread."""
     cores = os.cpu_count() or 1
     if str(spec) != "auto":
         n = int(spec)
         if n < 1:
             raise SystemExit("threads must be >= 1 or 'auto'")
         return n
-    try:
-        load = os.getloadavg()[0]
-    except OSError:  # pragma: no cover - platforms without getloadavg
-        return cores
+    load = busy_cores()
+    if load is None:
+        try:
+            load = os.getloadavg()[0]
+        except OSError:  # pragma: no cover - platforms without getloadavg
+            return cores
     return max(1, min(cores, round(cores - load)))

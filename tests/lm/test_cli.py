@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import os
+import time
 
 import pytest
 
@@ -35,13 +37,45 @@ def test_generate_chat_without_memory(capsys, tiny_anchor):
 
 
 def test_thread_choice(monkeypatch):
+    import lm.dtype
+
     assert pick_threads("3") == 3
     monkeypatch.setattr("os.cpu_count", lambda: 4)
-    monkeypatch.setattr("os.getloadavg", lambda: (2.6, 0.0, 0.0))
+    monkeypatch.setattr(lm.dtype, "busy_cores", lambda: 2.6)
     assert pick_threads("auto") == 1  # 4 cores, 2.6 busy: round(1.4) = 1
-    monkeypatch.setattr("os.getloadavg", lambda: (9.0, 0.0, 0.0))
+    monkeypatch.setattr(lm.dtype, "busy_cores", lambda: 9.0)
+    assert pick_threads("auto") == 1
+    monkeypatch.setattr(lm.dtype, "busy_cores", lambda: 0.2)
+    assert pick_threads("auto") == 4
+    # where /proc/stat cannot be read: the 1-minute load average
+    monkeypatch.setattr(lm.dtype, "busy_cores", lambda: None)
+    monkeypatch.setattr("os.getloadavg", lambda: (2.6, 0.0, 0.0))
     assert pick_threads("auto") == 1
     monkeypatch.setattr("os.getloadavg", lambda: (0.2, 0.0, 0.0))
     assert pick_threads("auto") == 4
     with pytest.raises(SystemExit):
         pick_threads("0")
+
+
+def test_busy_cores_sees_a_spinning_thread():
+    """busy_cores samples the machine now: a process spinning beside it counts as (about) one busy core."""
+    import multiprocessing
+
+    from lm.dtype import busy_cores
+
+    assert busy_cores(0.05) is not None  # Linux: /proc/stat
+    stop = multiprocessing.Event()
+    spinner = multiprocessing.Process(target=_spin, args=(stop,))
+    spinner.start()
+    try:
+        time.sleep(0.2)
+        busy = busy_cores(0.5)
+    finally:
+        stop.set()
+        spinner.join()
+    assert busy is not None and 0.6 <= busy <= (os.cpu_count() or 1)
+
+
+def _spin(stop) -> None:
+    while not stop.is_set():
+        pass
