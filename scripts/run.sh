@@ -7,9 +7,9 @@
 #   bash scripts/run.sh "Marie Curie was born in"
 #   bash scripts/run.sh --keep "..."           # leave the stack running afterwards (stop: kill <pid shown>)
 #
-# Bank: the trained demo bank ($HIERMEM_HOME/banks/docs, built by `hiermem build --preset docs --no-eval`:
-# memories trained on the built-in documents corpus, about 16 minutes the first time) when the training
-# package is installed, else a small synthetic bank for SmolLM2 ($HIERMEM_HOME/banks/synth-smollm2)
+# Bank: the trained demo bank ($HIERMEM_HOME/banks/docs, built by `hiermem build --preset docs --no-eval
+# --no-generic`: memories trained on the built-in documents corpus, about 13 minutes the first time) when
+# the training package is installed, else a small synthetic bank for SmolLM2 ($HIERMEM_HOME/banks/synth-smollm2)
 # (the demo build trains, once; if it fails the synthetic bank is used). Override with HIERMEM_RUN_SOURCE=
 # synth|demo, or HIERMEM_RUN_BANK=DIR (built with that source when absent, synth by default).
 set -euo pipefail

@@ -30,8 +30,8 @@ def bank_spec(job: dict, dtype: str):
 def _write_bank(bank_dir: Path, job: dict, tree, tensors: dict[str, torch.Tensor],
                 generic: torch.Tensor | None, n_shards: int, dtype: str, router_dir: Path | None = None) -> str:
     """Every node's block (zeros for a node no job trained: a zero block changes nothing) + the generic
-    (none when the job did not train one: `--generic-prob 0`), and the job's nearest-document router (memory_store.router) when it has one. A plain directory is
-    replaced atomically; a versioned bank root (docs/operating.md) gets a new version, `current` moved."""
+    (none when the job did not train one: `--generic-prob 0`), and the job's nearest-document router
+    (memory_store.router) when it has one. A plain directory is replaced atomically; a versioned bank root (docs/operating.md) gets a new version, `current` moved."""
     from memory_store import BankWriter, NodeRef
     from memory_store.bank import is_version_root
     from memory_store.router import DocRouter

@@ -36,7 +36,8 @@ def test_rejects_an_unknown_source():
 
 def test_demo_source_builds_the_documents_preset_without_evaluation(tmp_path, monkeypatch):
     """The demo bank (what scripts/run.sh serves) is the `docs` preset, built into the bank directory with the
-    evaluation left out so that the first run fits its time budget; the command must parse as `hiermem`'s."""
+    evaluation and the generic control left out so that the first run fits its time budget; the command must
+    parse as `hiermem`'s."""
     import subprocess
 
     from hiermem.cli import build_parser
@@ -49,7 +50,8 @@ def test_demo_source_builds_the_documents_preset_without_evaluation(tmp_path, mo
     (argv,) = calls
     assert argv[1:3] == ["-m", "hiermem.cli"]
     args = build_parser().parse_args(argv[3:])
-    assert (args.command, args.preset, args.out, args.no_eval) == ("build", "docs", str(bank), True)
+    assert (args.command, args.preset, args.out, args.no_eval, args.no_generic) == ("build", "docs", str(bank),
+                                                                                     True, True)
     assert DEMO_PRESET == "docs" and demo_bank().name == "docs"
 
     from training.pipeline import PRESETS

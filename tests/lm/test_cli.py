@@ -57,7 +57,7 @@ def test_thread_choice(monkeypatch):
         pick_threads("0")
 
 
-def test_busy_cores_sees_a_spinning_thread():
+def test_busy_cores_sees_a_spinning_process():
     """busy_cores samples the machine now: a process spinning beside it counts as (about) one busy core."""
     import multiprocessing
 

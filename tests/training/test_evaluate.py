@@ -87,7 +87,6 @@ def test_tiny_preset_builds_and_evaluates(tmp_path):
     assert third["status"]["stages"] == out["status"]["stages"]
 
 
-
 def test_a_build_without_the_generic_control_serves_and_evaluates_without_one(tmp_path):
     """`hiermem build --no-generic` (what the demo bank uses): no generic memory is trained, the job and the
     bank hold none, and the evaluation reports the other systems without a generic row."""
@@ -106,6 +105,7 @@ def test_a_build_without_the_generic_control_serves_and_evaluates_without_one(tm
     acc = out["result"]["accuracy"]
     assert set(acc) == {"anchor", "hierarchical", "hierarchical_deleted"}
     assert set(out["result"]["broken"]) == {"hierarchical"}
+
 
 def test_general_use_batched_equals_one_prompt_at_a_time(monkeypatch):
     """The batched general-use check (greedy decode together, right-padded teacher forcing with per-row
