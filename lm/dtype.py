@@ -38,9 +38,17 @@ def measure(m: int = 256, k: int = 576, n: int = 8192, repeats: int = 5) -> dict
     return {"shape": [m, k, n], "float32_s": f32, "bfloat16_s": bf16, "speedup": f32 / max(bf16, 1e-12)}
 
 
-def fast_dtype(choice: str = "auto", *, min_speedup: float = 1.3, shape: tuple[int, int, int] = (256, 576, 8192)
-               ) -> tuple[torch.dtype, dict]:
-    """(dtype, measurement) for `choice` in "auto" | "float32" | "bfloat16"; "auto" measures (once per shape)."""
+PROBE_SHAPE = (16, 576, 1024)  # 1/128 of the flops of the measured shape
+
+
+def fast_dtype(choice: str = "auto", *, min_speedup: float = 1.3, shape: tuple[int, int, int] = (256, 576, 8192),
+               probe_slowdown: float = 2.0) -> tuple[torch.dtype, dict]:
+    """(dtype, measurement) for `choice` in "auto" | "float32" | "bfloat16"; "auto" measures (once per shape).
+
+    A small probe comes first: where bfloat16 is more than `probe_slowdown` times slower than float32 on
+    `PROBE_SHAPE` (no bfloat16 units: an AVX2 EPYC here took 14 s for one bfloat16 matmul of `shape`, 180
+    times float32's, so the full measurement would have cost a minute and a half of start-up), float32 is
+    chosen without it. A fast bfloat16 path is never slower than float32 on the probe."""
     if choice == "float32":
         return torch.float32, {"choice": "float32", "reason": "asked for"}
     if choice == "bfloat16":
@@ -48,10 +56,16 @@ def fast_dtype(choice: str = "auto", *, min_speedup: float = 1.3, shape: tuple[i
     if choice != "auto":
         raise ValueError(f"dtype must be auto, float32 or bfloat16, not {choice!r}")
     if shape not in _CACHE:
-        m = measure(*shape)
-        dtype = torch.bfloat16 if m["speedup"] >= min_speedup else torch.float32
+        probe = measure(*PROBE_SHAPE, repeats=1)
+        if probe["speedup"] < 1 / probe_slowdown:
+            m, dtype = probe, torch.float32
+            m["reason"] = (f"bfloat16 matmul {probe['speedup']:.3f}x float32 on a {PROBE_SHAPE} probe "
+                           f"(below 1/{probe_slowdown:g}: not measured further)")
+        else:
+            m = measure(*shape)
+            dtype = torch.bfloat16 if m["speedup"] >= min_speedup else torch.float32
+            m["reason"] = f"bfloat16 matmul {m['speedup']:.2f}x float32 (threshold {min_speedup})"
         m["choice"] = "bfloat16" if dtype == torch.bfloat16 else "float32"
-        m["reason"] = f"bfloat16 matmul {m['speedup']:.2f}x float32 (threshold {min_speedup})"
         log.info("compute dtype: %s (%s)", m["choice"], m["reason"])
         _CACHE[shape] = (dtype, m)
     return _CACHE[shape]

