@@ -12,7 +12,7 @@ Two figures, both over the 200 x 32 token positions:
 
 Target (issue 11): >= 98% of tokens agree. The test tests/lm/test_fast.py runs the same measurement.
 
-Run: python -m bench.fidelity [--dtype auto|bfloat16|float32] [--prompts 200 --tokens 32]
+Run: python -m bench.fidelity [--dtype auto|bfloat16|float32] [--prompts 200 --tokens 32] [--name fidelity]
 """
 
 from __future__ import annotations
@@ -77,6 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
+    ap.add_argument("--name", default="fidelity", help="results file name (e.g. one per machine kind)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     torch.set_num_threads(args.threads)
@@ -95,10 +96,10 @@ def main(argv: list[str] | None = None) -> int:
             "identical_continuations", "reference_greedy_s", "fast_greedy_s"]
     md = (f"SmolLM2-135M, {r['prompts']} prompts x {r['tokens']} greedy tokens, fast path "
           f"({r['dtype']}, {r['compute']['packed_linears']} prepacked linears, {r['compute']['int4_linears']} of them "
-          f"4-bit up to {r['compute']['int4_max_rows']} rows per call; dtype choice: "
+          f"4-bit up to {r['compute']['int4_max_rows']} rows per call; LM head {r['compute']['lm_head']}; dtype choice: "
           f"{r['compute']['measurement'].get('reason', '')}) against plain float32.\n\n" + markdown_table([r], cols))
     command = "python -m bench.fidelity " + " ".join(sys.argv[1:] if argv is None else argv)
-    write_results("fidelity", r, targets, md, command=command.strip(), results_dir=args.results_dir)
+    write_results(args.name, r, targets, md, command=command.strip(), results_dir=args.results_dir)
     print(md)
     for t in targets:
         print(f"{t['name']}: {t['value']} {t['op']} {t['target']} -> {'met' if t['met'] else 'MISSED'}")
