@@ -43,7 +43,12 @@ class HFCodec:
 class LmRunner:
     """Maps the engine's slots onto an `lm.KVCache` and runs prefill chunks and decode steps, the anchor
     prepared for inference (`lm.fast`: compute dtype measured here, prepacked weights) and the memories in
-    slot pools (`SlotPools`) of that dtype."""
+    slot pools (`SlotPools`) of that dtype.
+
+    Steps run under `torch.inference_mode()`, not `no_grad`: no version counters or view tracking on the
+    ~100 small ops per layer (a batch-1 decode step 62.9 -> 58.2 ms on an AVX2 EPYC in float32). The KV cache
+    and the slot pools are made outside it and written in place inside it, which inference mode allows;
+    the logits it returns are only read (sampled) by the engine."""
 
     def __init__(self, anchor: Any, n_slots: int, max_seq_len: int, memory_layers: Sequence[int] | None = None,
                  codec: HFCodec | None = None, *, dtype: str = "auto") -> None:
@@ -66,7 +71,7 @@ class LmRunner:
         self._slot_of: dict[int, int] = {}  # engine slot -> cache slot
         self._decode_memory: tuple[tuple, SlotMemory | None] | None = None  # (rows + pools version, memory)
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def warm_up(self, batch_sizes: Sequence[int] = (1, 2, 4, 8, 16)) -> None:
         """One prefill and one decode step per batch size before serving: oneDNN builds its kernels for these
         shapes and the allocator reaches its working size now, not during the first requests (the first
@@ -89,7 +94,7 @@ class LmRunner:
     def _memory(self, rows: Sequence[Sequence[Hashable]], fuse: bool = False) -> SlotMemory | None:
         return self.pools.memory_for(rows, fuse) if any(rows) else None
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def prefill(self, slots: Sequence[int], chunks: Sequence[Sequence[int]], starts: Sequence[int],
                 rows: Sequence[Sequence[Hashable]]) -> torch.Tensor:
         """One forward for the next prompt chunk of several rows, right-padded to the longest (`lengths=`):
@@ -108,7 +113,7 @@ class LmRunner:
                             lengths=torch.tensor([len(c) for c in chunks]))
         return logits[:, -1].float()  # (B, V)
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def decode(self, slots: Sequence[int], tokens: Sequence[int], rows: Sequence[Sequence[Hashable]]
                ) -> torch.Tensor:
         key = (self.pools.version, tuple(tuple(r) for r in rows))
