@@ -104,20 +104,27 @@ class Runner:
             return time.perf_counter() - t0
 
 
-def measure(model, name: str, paths, rounds: int, steps: int, path_bytes: int) -> list[dict]:
+def measure(model, name: str, paths, rounds: int, steps: int, path_bytes: int,
+            orientations: dict[str, bool | None]) -> list[dict]:
+    """`orientations`: condition name -> the memory products' orientation (None: measured, as the server does)."""
     from services.model_server.slot_memory import SlotPools
 
     cfg = model.config
     blocks, rows_keys = blocks_for(paths, cfg.n_layers, cfg.d_model, seed=zlib.crc32(name.encode()) % 10_000)
     B = len(paths)
     runners = {"anchor": Runner(model, B, None, steps)}
-    t0 = time.perf_counter()
-    pools = SlotPools(list(range(cfg.n_layers)), dtype=model.dtype)
-    pools.sync(blocks)
-    memory = pools.memory_for(rows_keys, fuse=True)  # as the runner's decode memory
-    build_s = time.perf_counter() - t0
-    runners["slots"] = Runner(model, B, memory, steps)
-    distinct_bytes = memory.distinct_nbytes
+    build_s: dict[str, float] = {}
+    weight_first: dict[str, bool] = {}
+    for cond, wf in orientations.items():
+        pools = SlotPools(list(range(cfg.n_layers)), dtype=model.dtype, d=cfg.d_model, weight_first=wf)
+        t0 = time.perf_counter()
+        pools.sync(blocks)
+        memory = pools.memory_for(rows_keys, fuse=True)  # as the runner's decode memory
+        assert memory is not None
+        distinct_bytes = memory.distinct_nbytes
+        build_s[cond] = time.perf_counter() - t0
+        weight_first[cond] = memory.weight_first
+        runners[cond] = Runner(model, B, memory, steps)
     del blocks
     times: dict[str, list[float]] = {k: [] for k in runners}
     bws = []
@@ -132,7 +139,7 @@ def measure(model, name: str, paths, rounds: int, steps: int, path_bytes: int) -
     t_anchor = statistics.median(times["anchor"])
     floor = distinct_bytes / bw
     rows = []
-    for s in ("slots",):
+    for s in orientations:
         t_mem = statistics.median(times[s])
         # paired estimate: median over steps of (memory step - the anchor step run beside it), with a
         # bootstrap 95% interval, because on the shared machine the noise can exceed the effect at batch 1
@@ -141,7 +148,8 @@ def measure(model, name: str, paths, rounds: int, steps: int, path_bytes: int) -
         boot = np.median(np.random.default_rng(1).choice(diffs, (2000, diffs.size)), axis=1)
         lo, hi = np.percentile(boot, [2.5, 97.5])
         rows.append({
-            "batch": name, "rows": B, "dtype": str(model.dtype).removeprefix("torch."),
+            "batch": name, "condition": s, "orientation": "weight-first" if weight_first[s] else "input-first",
+            "rows": B, "dtype": str(model.dtype).removeprefix("torch."),
             "distinct_l1": len({p[0] for p in paths}), "distinct_blocks": len({(lv, n) for p in paths
                                                                                 for lv, n in enumerate(p)}),
             "distinct_MB": distinct_bytes / 1e6, "memcpy_GBps": bw / 1e9,
@@ -150,11 +158,11 @@ def measure(model, name: str, paths, rounds: int, steps: int, path_bytes: int) -
             "extra_over_floor_ci95": f"{lo / floor:.2f}..{hi / floor:.2f}",
             "floor_ms": floor * 1e3, "extra_over_floor": extra / floor,
             "ratio_tps": t_anchor / t_mem, "best_ratio": t_anchor / (t_anchor + floor),
-            "anchor_tok_s": B / t_anchor, "memory_tok_s": B / t_mem, "build_s": build_s,
+            "anchor_tok_s": B / t_anchor, "memory_tok_s": B / t_mem, "build_s": build_s[s],
             "steps_each": len(times[s]), "diffs_ms": [round(x * 1e3, 2) for x in diffs],
         })
-        log.info("%s: anchor %.1f ms, memory %.1f ms, extra %.1f ms vs floor %.1f ms (%.2fx), ratio %.3f",
-                 name, t_anchor * 1e3, t_mem * 1e3, extra * 1e3, floor * 1e3, extra / floor, t_anchor / t_mem)
+        log.info("%s %s: anchor %.1f ms, memory %.1f ms, extra %.1f ms vs floor %.1f ms (%.2fx), ratio %.3f",
+                 name, rows[-1]["orientation"], t_anchor * 1e3, t_mem * 1e3, extra * 1e3, floor * 1e3, extra / floor, t_anchor / t_mem)
     return rows
 
 
@@ -164,7 +172,8 @@ def plot(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels = [r["batch"] for r in rows]
+    labels = [r["batch"] if len({q["orientation"] for q in rows}) == 1 else f"{r['batch']}\n{r['orientation']}"
+              for r in rows]
     x = np.arange(len(rows))
     fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(rows)), 4))
     ax.bar(x - 0.2, [r["extra_ms"] for r in rows], 0.4, label="extra time per step (memory - anchor)")
@@ -183,6 +192,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--steps", type=int, default=6, help="decode steps per condition per round")
+    ap.add_argument("--orientation", default="auto", choices=["auto", "weight-first", "input-first", "both"],
+                    help="the memory products' orientation: measured as the server does (auto), forced, or both "
+                         "forced side by side (each paired with the anchor step)")
     ap.add_argument("--quick", action="store_true", help="batch 1 and b16-tree only")
     ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                     help="compute dtype, as the model server's --dtype (auto: measured here)")
@@ -208,19 +220,28 @@ def main(argv: list[str] | None = None) -> int:
             ("b16-tree", tree_rows("tree", 16, rng), 1)]
     if not args.quick:
         plan += [(f"b16-l1={k}", tree_rows(str(k), 16, rng), 1) for k in (1, 4, 16)]
+    choices: dict[str, dict[str, bool | None]] = {
+        "auto": {"slots": None}, "weight-first": {"slots": True}, "input-first": {"slots": False},
+        "both": {"slots-wf": True, "slots-if": False}}
+    orientations = choices[args.orientation]
     rows = []
     for name, paths, more in plan:  # batch 1 steps are cheap: take more of them (less noise)
-        rows += measure(model, name, paths, args.rounds * more, args.steps, path_bytes)
+        rows += measure(model, name, paths, args.rounds * more, args.steps, path_bytes, orientations)
 
-    def pick(batch):
-        return next(r for r in rows if r["batch"] == batch)
+    from services.model_server.slot_memory import measure_orientation
+
+    server_wf, orientation = measure_orientation(model.dtype, cfg.d_model)  # what the server would run (cached)
+
+    def pick(batch):  # the target is judged on the orientation the server would run, where both were measured
+        cands = [r for r in rows if r["batch"] == batch]
+        return next((r for r in cands if (r["orientation"] == "weight-first") == server_wf), cands[0])
 
     targets = []
     for batch in ("b1", "b16-tree"):
         r = pick(batch)
         targets.append(target(f"{batch}: extra ms per step / (distinct bytes / memcpy bw)",
                               round(r["extra_over_floor"], 3), "<=", 1.25))
-    cols = ["batch", "dtype", "rows", "distinct_l1", "distinct_MB", "anchor_ms", "memory_ms", "extra_ms",
+    cols = ["batch", "orientation", "dtype", "rows", "distinct_l1", "distinct_MB", "anchor_ms", "memory_ms", "extra_ms",
             "floor_ms", "extra_over_floor", "extra_over_floor_ci95", "ratio_tps", "best_ratio", "memcpy_GBps",
             "build_s"]
     md = ("Per decode step, medians over interleaved rounds (A/B/A/B). `extra_over_floor` = extra_ms / floor_ms, "
@@ -230,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     args.results_dir.mkdir(parents=True, exist_ok=True)
     plot(rows, args.results_dir / "decode.png")
     figures = {"rows": rows, "ranks": list(RANKS), "memory_layers": cfg.n_layers, "d_model": cfg.d_model,
-               "path_params": path_bytes // model.dtype.itemsize, "compute": compute, "prompt_len": PROMPT_LEN, "rounds": args.rounds,
+               "path_params": path_bytes // model.dtype.itemsize, "compute": compute, "orientation": orientation, "prompt_len": PROMPT_LEN, "rounds": args.rounds,
                "steps": args.steps, "torch_threads": torch.get_num_threads()}
     command = "python -m bench.decode " + " ".join(sys.argv[1:] if argv is None else argv)
     write_results("decode", figures, targets, md, command=command.strip(), results_dir=args.results_dir)

@@ -17,27 +17,75 @@ Compute, for memory layer j and input h (B, T, d), per pool with used slots U:
     batched (U spans slots lo..hi-1 with few gaps: the decode batch):
         R_s = rows that use slot s, padded to m = max |R_s| (padding reads row 0; its output is dropped)
         x = h[R]                                       # (n, m*T, d), n = hi - lo
-        a = bmm(GU[j, lo:hi], xᵀ)                      # (n, 2r, m*T)   one matmul per pool and layer
-        y = bmm((silu(a[:, :r]) * a[:, r:])ᵀ, Dt[j, lo:hi])            # (n, m*T, d)
+        a = bmm(x, GU[j, lo:hi]ᵀ)                      # (n, m*T, 2r)   one matmul per pool and layer
+        y = bmm(silu(a[..., :r]) * a[..., r:], Dt[j, lo:hi])          # (n, m*T, d)
         out[R_s] += y[s]                               # padding dropped
     per slot (few slots far apart: a prefill's own 1-3 blocks among the batch's):
         for s in U:  out[R_s] += (silu(x GU[j,s]ᵀ[:, :r]) * x GU[j,s]ᵀ[:, r:]) Dt[j, s]   with x = h[R_s]
 
 Both read every used block once per forward (views of the pool, never copies), whatever the number of rows
-sharing it. bench/decode.py measures the cost per step against the memory-bandwidth floor; docs/model_server.md
+sharing it. The products run as written above (input-first, `h @ Wᵀ`) or weight-first (`W @ hᵀ`), whichever
+`measure_orientation` finds faster on this machine at start-up: the same bytes, but oneDNN's few-row kernels
+read them at speeds that differ by CPU (docs/lm.md). bench/decode.py measures the cost per step against the memory-bandwidth floor; docs/model_server.md
 records why this replaced the other strategies.
 """
 
 from __future__ import annotations
 
+import functools
+import logging
+import time
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import cast
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
 
 FUSE_MAX_BYTES = 64 << 20  # the largest concatenated copy a SlotMemory keeps (SlotMemory._fuse)
+
+log = logging.getLogger(__name__)
+
+# (slots n, rank r, rows per slot t) of the products `measure_orientation` times: a batch-1 path concatenated
+# (r = 256 + 64 + 16), and the pooled decode batch's level-1, level-2 and leaf pools
+ORIENTATION_SHAPES = ((1, 336, 1), (4, 256, 2), (12, 64, 2), (16, 16, 1))
+
+
+@functools.cache
+def measure_orientation(dtype: torch.dtype, d: int, repeats: int = 3) -> tuple[bool, dict[str, Any]]:
+    """Whether the memory MLP's products run weight-first (`W @ hᵀ`) rather than input-first (`h @ Wᵀ`) on this
+    machine, and the measurement: the same products, same bytes, but oneDNN's kernels for a few rows read the
+    weight at speeds that differ by machine (weight-first was 1.4x faster for one row on an AMX Xeon; input-first
+    2x faster for the pooled batch on an AVX-512 EPYC, docs/lm.md). Both orientations run the `ORIENTATION_SHAPES`
+    over fresh weights of about 16 MB per shape (so they stream from memory, as in a decode step), best of
+    `repeats`; weight-first is taken only where it is faster in total. Once per (dtype, d) per process."""
+    gen = torch.Generator().manual_seed(0)
+    times = {"weight_first_ms": 0.0, "input_first_ms": 0.0}
+    with torch.inference_mode():
+        for n, r, t in ORIENTATION_SHAPES:
+            per_copy = n * 3 * r * d * torch.finfo(dtype).bits // 8
+            copies = max(1, (16 << 20) // per_copy)
+            gus = (torch.rand(copies, n, 2 * r, d, generator=gen) - 0.5).to(dtype)
+            dts = (torch.rand(copies, n, r, d, generator=gen) - 0.5).to(dtype)
+            downs = dts.transpose(2, 3).contiguous()  # (copies, n, d, r): a concatenated path's weight-first M_down
+            x = (torch.rand(n, t, d, generator=gen) - 0.5).to(dtype)
+            for wf, key in ((True, "weight_first_ms"), (False, "input_first_ms")):
+                best = float("inf")
+                for rep in range(repeats + 1):  # the first is a warm-up
+                    t0 = time.perf_counter()
+                    for c in range(copies):
+                        if n == 1:  # a concatenated batch-1 path (SlotMemory._fuse)
+                            _fused_mlp(x, gus[c], downs[c] if wf else dts[c], r, wf)
+                        else:
+                            _mlp(x, gus[c], dts[c], r, wf)
+                    if rep:
+                        best = min(best, time.perf_counter() - t0)
+                times[key] += best * 1e3
+    times = {k: round(v, 3) for k, v in times.items()}
+    choice = times["weight_first_ms"] < times["input_first_ms"]
+    log.info("memory products: %s (measured %s, %s, d=%d)", "weight-first" if choice else "input-first",
+             times, str(dtype).removeprefix("torch."), d)
+    return choice, {**times, "choice": "weight_first" if choice else "input_first"}
 
 
 class _Pool:
@@ -90,9 +138,17 @@ class _Pool:
 class SlotPools:
     """The pools of one model runner: `sync` the blocks of the admitted rows, then `memory_for` each forward."""
 
-    def __init__(self, layers: Sequence[int], dtype: torch.dtype = torch.float32) -> None:
+    def __init__(self, layers: Sequence[int], dtype: torch.dtype = torch.float32, *, d: int | None = None,
+                 weight_first: bool | None = None) -> None:
+        """`weight_first`: the orientation of the memory products (`_mlp`); None measures it for this machine
+        (`measure_orientation`, once per process), at once when the model width `d` is given (a server's
+        start-up), else when the first block arrives."""
         self.layers = [int(x) for x in layers]
         self.dtype = dtype
+        self._weight_first = weight_first
+        self.orientation: dict[str, Any] | None = None  # the measurement, where one was made
+        if weight_first is None and d is not None:
+            self.weight_first_for(d)
         self.pools: dict[int, _Pool] = {}
         self.version = 0  # bumped by every sync that changed a slot: plans made before are stale
 
@@ -115,6 +171,11 @@ class SlotPools:
         if {r: p.keys for r, p in self.pools.items()} != before:
             self.version += 1
 
+    def weight_first_for(self, d: int) -> bool:
+        if self._weight_first is None:
+            self._weight_first, self.orientation = measure_orientation(self.dtype, d)
+        return self._weight_first
+
     def memory_for(self, rows: Sequence[Sequence[Hashable]], fuse: bool = False) -> SlotMemory | None:
         """The memory of one forward whose row b uses the blocks named `rows[b]` (all held: see `sync`);
         None when no row has a block. `fuse`: it will serve several forwards (the decode steps of a batch), so
@@ -133,7 +194,9 @@ class SlotPools:
         missing = {k for keys in rows for k in keys} - {k for p in self.pools.values() for k in p.keys}
         if missing:
             raise KeyError(f"blocks not synced into the slots: {sorted(map(repr, missing))[:3]}")
-        return SlotMemory(len(rows), self.layers, plans, fuse) if plans else None
+        if not plans:
+            return None
+        return SlotMemory(len(rows), self.layers, plans, fuse, self.weight_first_for(plans[0].pool.d))
 
     @property
     def nbytes(self) -> int:
@@ -188,19 +251,34 @@ def _views(p: _Batched | _PerSlot, j: int) -> tuple[torch.Tensor, torch.Tensor] 
     return p.pool.gu[j, p.lo:p.hi], p.pool.dt[j, p.lo:p.hi]
 
 
-def _mlp(x: torch.Tensor, gu: torch.Tensor, dt: torch.Tensor, r: int) -> torch.Tensor:
+def _mlp(x: torch.Tensor, gu: torch.Tensor, dt: torch.Tensor, r: int, weight_first: bool) -> torch.Tensor:
     """(silu(x G^T) * (x U^T)) M_down for n slots at once: x (n, t, d), gu (n, 2r, d), dt (n, r, d) -> (n, t, d).
-    The first product runs weight-first (GU @ xᵀ): with few rows per slot oneDNN's kernels read the weight
-    faster that way here (6-33% per layer for r = 256 / 64 / 16 at 1-2 rows per slot, bfloat16)."""
-    a = torch.bmm(gu, x.transpose(1, 2))  # (n, 2r, t)
-    return torch.bmm((F.silu(a[:, :r]) * a[:, r:]).transpose(1, 2), dt)  # (n, t, r) @ (n, r, d)
+    `weight_first`: the first product as GU @ xᵀ, the activation transposed into the second (`measure_orientation`
+    decides which oneDNN reads faster on this machine)."""
+    if weight_first:
+        a = torch.bmm(gu, x.transpose(1, 2))  # (n, 2r, t)
+        return torch.bmm((F.silu(a[:, :r]) * a[:, r:]).transpose(1, 2), dt)  # (n, t, r) @ (n, r, d)
+    a = torch.bmm(x, gu.transpose(1, 2))  # (n, t, 2r)
+    return torch.bmm(F.silu(a[..., :r]) * a[..., r:], dt)  # (n, t, r) @ (n, r, d)
+
+
+def _fused_mlp(h: torch.Tensor, gu: torch.Tensor, down: torch.Tensor, u: int, weight_first: bool) -> torch.Tensor:
+    """A concatenated path per row: h (B, T, d), gu (B, 2U, d), `down` M_down as (B, d, U) when `weight_first`
+    (both products `W @ hᵀ`), else (B, U, d) -> (B, T, d)."""
+    if weight_first:
+        a = torch.bmm(gu, h.transpose(1, 2))  # (B, 2U, T)
+        return torch.bmm(down, F.silu(a[:, :u]) * a[:, u:]).transpose(1, 2)  # (B, d, T) -> (B, T, d)
+    a = torch.bmm(h, gu.transpose(1, 2))  # (B, T, 2U)
+    return torch.bmm(F.silu(a[..., :u]) * a[..., u:], down)  # (B, T, d)
 
 
 class SlotMemory:
     """One forward's memories (`lm.model.FFNMemory`): `n_rows`, `ffn_delta(layer, h)`."""
 
-    def __init__(self, n_rows: int, layers: list[int], plans: list[_Batched | _PerSlot], fuse: bool = False) -> None:
+    def __init__(self, n_rows: int, layers: list[int], plans: list[_Batched | _PerSlot], fuse: bool = False,
+                 weight_first: bool = False) -> None:
         self.n_rows = n_rows
+        self.weight_first = weight_first  # the products' orientation (`measure_orientation`)
         self._layer_pos = {layer: j for j, layer in enumerate(layers)}
         self._plans = sorted(plans, key=lambda p: not (isinstance(p, _Batched) and p.direct))  # direct first
         self.distinct_nbytes = 0  # bytes of the blocks one forward reads
@@ -229,11 +307,10 @@ class SlotMemory:
             plans = cast("list[_Batched]", self._plans)
             gates = [p.pool.gu[:, p.lo:p.hi, :p.pool.r] for p in plans]
             ups = [p.pool.gu[:, p.lo:p.hi, p.pool.r:] for p in plans]
-            # M_down stored (d, U), so that both products run weight-first (W @ hᵀ): for a few rows oneDNN's
-            # bfloat16 kernels read the weight at about 1.4x the speed of h @ Wᵀ here (measured per layer at
-            # batch 1: 114 vs 160 us for a 3-level path, d 576, U 336)
-            self._fused = (torch.cat(gates + ups, dim=2),  # (L, B, 2U, d), and M_down (L, B, d, U)
-                           torch.cat([p.pool.dt[:, p.lo:p.hi] for p in plans], dim=2).transpose(2, 3).contiguous())
+            # M_down stored (d, U) when both products run weight-first (W @ hᵀ), else (U, d)
+            down = torch.cat([p.pool.dt[:, p.lo:p.hi] for p in plans], dim=2)  # (L, B, U, d)
+            self._fused = (torch.cat(gates + ups, dim=2),  # (L, B, 2U, d)
+                           down.transpose(2, 3).contiguous() if self.weight_first else down)
         return self._fused
 
     def ffn_delta(self, layer: int, h: torch.Tensor) -> torch.Tensor | None:
@@ -243,9 +320,7 @@ class SlotMemory:
         B, T, d = h.shape
         if self._fusable:
             gu, down = self._fuse()
-            u = down.shape[3]
-            a = torch.bmm(gu[j], h.transpose(1, 2))  # (B, 2U, T)
-            return torch.bmm(down[j], F.silu(a[:, :u]) * a[:, u:]).transpose(1, 2)  # (B, d, T) -> (B, T, d)
+            return _fused_mlp(h, gu[j], down[j], gu.shape[2] // 2, self.weight_first)
         out: torch.Tensor | None = None  # the first direct plan writes it, the others add into it
         for p, views in zip(self._plans, self._views, strict=True):
             r = p.pool.r
@@ -263,14 +338,14 @@ class SlotMemory:
                 continue
             gu, dt = views[j]
             if p.direct:
-                y = _mlp(h, gu, dt, r)  # (B, T, d)
+                y = _mlp(h, gu, dt, r, self.weight_first)  # (B, T, d)
                 out = y if out is None else out.add_(y)
                 continue
             if out is None:
                 out = torch.zeros_like(h)
             n = p.hi - p.lo
             x = h.index_select(0, p.gather).reshape(n, p.m * T, d)  # (n, m*T, d)
-            y = _mlp(x, gu, dt, r).reshape(n * p.m, T, d)
+            y = _mlp(x, gu, dt, r, self.weight_first).reshape(n * p.m, T, d)
             if p.valid.numel() != n * p.m:
                 y = y.index_select(0, p.valid)
             out.index_add_(0, p.targets, y)

@@ -105,11 +105,13 @@ def test_bank_for_another_anchor_is_refused(anchor, tmp_path):
         create_app(ModelServerSettings(anchor="tiny", bank=other, max_seq_len=64))
 
 
-def test_slot_memory_matches_memory_batch_across_rebuilds(bank_dir):
+@pytest.mark.parametrize("weight_first", [True, False], ids=["weight-first", "input-first"])
+def test_slot_memory_matches_memory_batch_across_rebuilds(bank_dir, weight_first):
     """Pools keep blocks across compositions (rows join and leave), copy only newcomers, and compute what
     MemoryBatch computes for every composition: for the whole batch (one bmm per pool, with gaps) and for
     any subset of its rows, such as one prefilling row whose blocks sit far apart (one matmul per slot), or
-    one row alone (its blocks concatenated: one matmul pair per layer)."""
+    one row alone (its blocks concatenated: one matmul pair per layer). In both orientations of the products
+    (the server measures which is faster on its machine)."""
     import torch
 
     from services.model_server.slot_memory import SlotPools, _Batched, _PerSlot
@@ -124,7 +126,7 @@ def test_slot_memory_matches_memory_batch_across_rebuilds(bank_dir):
             return [("g", generic)]
         return [(ref, bank.read_block(ref).float()) for ref in path_refs(path)]
 
-    pools = SlotPools(bank.spec.memory_layers)
+    pools = SlotPools(bank.spec.memory_layers, weight_first=weight_first)
     compositions = [
         [[1, 5], [1, 6], None, [3, 12]],
         [[1, 5], [3, 12], [1, 5], [0, 1], [2, 9], [2, 10], "generic"],  # growth past 4 slots, shared rows
@@ -146,6 +148,7 @@ def test_slot_memory_matches_memory_batch_across_rebuilds(bank_dir):
                 assert got is None
                 continue
             assert not pools.memory_for(keys)._fusable  # a one-shot forward (prefill) never concatenates
+            assert got.weight_first is weight_first
             kinds |= {type(p) for p in got._plans}
             fused += got._fusable  # one row: its levels' blocks concatenated into one matmul pair per layer
             blocks = list({id(b): b for its in sub for _, b in its}.values())
@@ -157,8 +160,31 @@ def test_slot_memory_matches_memory_batch_across_rebuilds(bank_dir):
                 torch.testing.assert_close(got.ffn_delta(layer, h), want.ffn_delta(layer, h), rtol=1e-4, atol=1e-4)
             assert got.ffn_delta(99, h) is None
     assert kinds == {_Batched, _PerSlot} and fused  # every loop shape, and the fused one, was exercised
+    assert pools.orientation is None  # forced: nothing measured
     pools.sync({})
     assert all(not p.keys for p in pools.pools.values())
     with pytest.raises(KeyError, match="not synced"):
         pools.memory_for([[path_refs([1, 5])[0]]])
 
+
+
+def test_memory_orientation_is_measured_once_and_used():
+    """Unforced, the pools time both orientations of the memory products on this machine (once per dtype and
+    width per process) and every memory they make runs the faster one."""
+    import torch
+
+    from services.model_server.slot_memory import SlotPools, measure_orientation
+
+    pools = SlotPools([0, 1], d=32)
+    assert pools.orientation is not None  # measured at construction, as a server's start-up does
+    wf, m = measure_orientation(torch.float32, 32)
+    assert pools.orientation == m and m["weight_first_ms"] > 0 and m["input_first_ms"] > 0
+    assert wf == (m["weight_first_ms"] < m["input_first_ms"]) and m["choice"] == ("weight_first" if wf else "input_first")
+    assert measure_orientation(torch.float32, 32) is measure_orientation(torch.float32, 32)  # cached
+    block = torch.randn(2, 3, 4, 32)
+    pools.sync({"a": block})
+    assert pools.memory_for([["a"]]).weight_first is wf
+    lazy = SlotPools([0, 1])  # no width given: measured when the first memory is made
+    assert lazy.orientation is None
+    lazy.sync({"a": block})
+    assert lazy.memory_for([["a"]]).weight_first is wf and lazy.orientation == m
