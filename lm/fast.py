@@ -274,6 +274,34 @@ def _int8_head_if_faster(head: nn.Linear, batch_hint: int, repeats: int = 3
     return (rescored if wins else None), times
 
 
+def _decode_attention_dtype(model: nn.Module, dtype: torch.dtype, batch_hint: int, context: int = 256,
+                            repeats: int = 3) -> tuple[torch.dtype | None, dict[str, Any]]:
+    """float32 where decode attention (one query per row against `context` cached keys, `batch_hint` rows of
+    different lengths, the model's heads) runs faster with q, k and v cast to float32 than in `dtype` on this
+    machine, timed side by side, best of `repeats`; else None (attention in `dtype`). With the timings."""
+    cfg = getattr(model, "config", None)
+    if dtype == torch.float32 or cfg is None:
+        return None, {}
+    nh, nkv, hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+    kv = torch.randn(batch_hint, context, 2 * nkv, hd).to(dtype).transpose(1, 2)  # as the cache's slice
+    k, v = kv[:, :nkv], kv[:, nkv:]
+    q = torch.randn(batch_hint, 1, nh, hd).to(dtype).transpose(1, 2)
+    mask = torch.ones(batch_hint, 1, 1, context, dtype=torch.bool)
+    mask[0, ..., context // 2:] = False  # one shorter row: the mask the server's mixed batches carry
+
+    def attend(to: torch.dtype) -> torch.Tensor:
+        return F.scaled_dot_product_attention(q.to(to), k.to(to), v.to(to), attn_mask=mask,
+                                              enable_gqa=nkv != nh).to(dtype)
+
+    times: dict[str, Any] = {"rows": batch_hint, "context": context}
+    with torch.inference_mode():
+        for to in (dtype, torch.float32):
+            key = str(to).removeprefix("torch.") + "_ms"
+            times[key] = round(_best_time(lambda to=to: [attend(to) for _ in range(cfg.n_layers)], repeats) * 1e3, 3)
+    key = str(dtype).removeprefix("torch.") + "_ms"
+    return (torch.float32 if times["float32_ms"] < times[key] else None), times
+
+
 def _packing_works(dtype: torch.dtype) -> bool:
     """Whether oneDNN can prepack and run a linear in `dtype` here, and gives nn.Linear's answer."""
     if not torch.backends.mkldnn.is_available():
@@ -306,10 +334,13 @@ def prepare_for_inference(model: nn.Module, dtype: str | torch.dtype = "auto", *
             is ever rounded to 4 bits that was not 4-bit already.
 
     With bfloat16 weights the residual stream and the final norm stay float32 (`Transformer.residual_dtype`),
-    so 30 layers of additions do not round to 8 bits each and the head sees a float32 hidden state.
+    so 30 layers of additions do not round to 8 bits each and the head sees a float32 hidden state; decode
+    attention (one query per row) runs in float32 where that is measured faster than in bfloat16
+    (`Transformer.decode_attention_dtype`).
 
     Returns what was chosen and measured (logged): {"dtype", "packed_linears", "measurement",
-    "residual_dtype", "lm_head", "int4_linears", "int4_max_rows", "int4_measurement"}.
+    "residual_dtype", "lm_head", "int4_linears", "int4_max_rows", "int4_measurement", "decode_attention_dtype",
+    "decode_attention_measurement"}.
     """
     if isinstance(dtype, torch.dtype):
         chosen, measurement = dtype, {"choice": str(dtype).removeprefix("torch."), "reason": "asked for"}
@@ -354,18 +385,25 @@ def prepare_for_inference(model: nn.Module, dtype: str | torch.dtype = "auto", *
                     setattr(parent, name, PackedLinear(child, chosen, batch_hint))
                 packed += 1
     max_rows, int4_times = (_int4_max_rows(int4_layers) if int4_layers else (0, {}))
+    attn_dtype, attn_times = _decode_attention_dtype(model, chosen, batch_hint)
+    if hasattr(model, "decode_attention_dtype"):
+        setattr(model, "decode_attention_dtype", attn_dtype)  # noqa: B010 - any model with the attribute
     for lin in int4_layers:
         lin.max_rows = max_rows
     info = {"dtype": str(chosen).removeprefix("torch."), "packed_linears": packed, "measurement": measurement,
             "residual_dtype": "float32" if wide else str(chosen).removeprefix("torch."),
             "lm_head": f"{rescored.approx}, top-{rescored.k} rescored in float32" if rescored is not None
             else str(chosen).removeprefix("torch."), "lm_head_measurement": head_times,
-            "int4_linears": len(int4_layers), "int4_max_rows": max_rows, "int4_measurement": int4_times}
+            "int4_linears": len(int4_layers), "int4_max_rows": max_rows, "int4_measurement": int4_times,
+            "decode_attention_dtype": str(attn_dtype or chosen).removeprefix("torch."),
+            "decode_attention_measurement": attn_times}
     log.info("anchor prepared for inference: %s, %d linears prepacked (%s)", info["dtype"], packed,
              measurement.get("reason", ""))
     if int4_layers:
         log.info("4-bit weights: %d linears on an exact 4-bit grid, run 4-bit up to %d rows per call "
                  "(measured: %s)", len(int4_layers), max_rows, int4_times)
+    if attn_times:
+        log.info("decode attention: %s (measured for all layers: %s)", info["decode_attention_dtype"], attn_times)
     if head_times is not None:
         log.info("LM head: %s (measured: %s)", info["lm_head"], head_times)
     return info

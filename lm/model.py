@@ -102,11 +102,14 @@ class Attention(nn.Module):
         q, kv = q.transpose(1, 2), kv.transpose(1, 2)  # (B, nh, T, hd), (B, 2*nkv, S, hd)
         k, v = kv[:, :nkv], kv[:, nkv:]
         gqa = nkv != nh
+        dtype = q.dtype
+        if ctx.decode_attn_dtype is not None and ctx.decode_attn_dtype != dtype:
+            q, k, v = q.to(ctx.decode_attn_dtype), k.to(ctx.decode_attn_dtype), v.to(ctx.decode_attn_dtype)
         if ctx.attn_mask is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=gqa)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.attn_mask, enable_gqa=gqa)
-        y = y.transpose(1, 2).reshape(B, T, nh * hd)  # (B, T, nh*hd)
+        y = y.transpose(1, 2).reshape(B, T, nh * hd).to(dtype)  # (B, T, nh*hd)
         return self.o_proj(y)
 
 
@@ -161,6 +164,7 @@ class _StepContext:
     memory: FFNMemory | None = None
     kv: tuple[KVCache, torch.Tensor] | None = None  # the KV cache and the (B,) int64 cache slot of each row
     attn_mask: torch.Tensor | None = None  # (B, 1, T, S) bool, True = attend; None = plain causal
+    decode_attn_dtype: torch.dtype | None = None  # one query per row: attention in this dtype (None: q's)
 
 
 class Transformer(nn.Module):
@@ -181,6 +185,10 @@ class Transformer(nn.Module):
         # bfloat16, so 30 layers of additions do not round to 8 bits each time (the norms feed the matmuls
         # in the weights' dtype either way)
         self.residual_dtype: torch.dtype | None = None
+        # dtype of decode attention (one new token per row against the cache): None = the weights' dtype.
+        # `lm.fast` sets float32 where, with bfloat16 weights, that is measured faster (PyTorch's CPU kernel
+        # for one bfloat16 query was 4-7x slower than casting to float32 on an AVX-512 EPYC)
+        self.decode_attention_dtype: torch.dtype | None = None
         self.tie_weights()
 
     def tie_weights(self) -> None:
@@ -236,7 +244,7 @@ class Transformer(nn.Module):
         mask = key_pos[None, None, :] <= positions[:, :, None]  # (B, T, S): causal w.r.t. each row's length
         attn_mask = None if bool(mask.all()) else mask[:, None]  # (B, 1, T, S)
         return _StepContext(positions=positions, memory=memory, kv=(cache, slots_t.to(input_ids.device)),
-                            attn_mask=attn_mask)
+                            attn_mask=attn_mask, decode_attn_dtype=self.decode_attention_dtype if T == 1 else None)
 
     def _embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         x = self.model.embed_tokens(input_ids)  # (B, T, d)

@@ -77,6 +77,38 @@ def test_bfloat16_preparation_keeps_residual_and_logits_in_float32(model):
     assert torch.allclose(logits.max(-1).values, exact.max(-1).values, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.skipif(not _packing_works(torch.bfloat16), reason="no bfloat16 prepacking on this CPU")
+def test_decode_attention_dtype_is_measured_and_used_only_for_decode(model, monkeypatch):
+    """With bfloat16 weights decode attention runs in float32 where that was measured faster here; either way a
+    prefill attends in bfloat16, a decode step in the chosen dtype, and the logits stay float32's."""
+    import torch.nn.functional as F
+
+    fast = copy.deepcopy(model)
+    info = prepare_for_inference(fast, "bfloat16")
+    m = info["decode_attention_measurement"]
+    assert m["rows"] == 8 and m["float32_ms"] > 0 and m["bfloat16_ms"] > 0
+    assert info["decode_attention_dtype"] == ("float32" if m["float32_ms"] < m["bfloat16_ms"] else "bfloat16")
+    assert fast.decode_attention_dtype == (torch.float32 if info["decode_attention_dtype"] == "float32" else None)
+    seen: list[torch.dtype] = []
+    real = F.scaled_dot_product_attention
+    monkeypatch.setattr(F, "scaled_dot_product_attention", lambda q, *a, **k: (seen.append(q.dtype), real(q, *a, **k))[1])
+    ids = torch.randint(0, 128, (2, 7), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = model(ids)[:, -1:]
+        for attn_dtype in (torch.float32, None):
+            fast.decode_attention_dtype = attn_dtype
+            cache = KVCache(fast.config, 2, 16, dtype=fast.dtype)
+            slots = [cache.allocate() for _ in range(2)]
+            seen.clear()
+            fast(ids[:, :6], cache=cache, slots=slots)
+            assert set(seen) == {torch.bfloat16}  # prefill: the weights' dtype
+            seen.clear()
+            step = fast(ids[:, 6:], cache=cache, slots=slots)
+            assert set(seen) == {attn_dtype or torch.bfloat16}
+            assert step.dtype == torch.float32 and rel_err(step, want) <= 5e-2
+    assert prepare_for_inference(copy.deepcopy(model), "float32")["decode_attention_dtype"] == "float32"
+
+
 def q4_1_weight(n: int, k: int, seed: int = 0) -> torch.Tensor:
     """A float32 weight as llama.cpp's Q4_1 stores it: per group of 32 inputs d * q + m, q in 0..15, with
     q = 0 and q = 15 present (the group's min and max), d and m half precision."""
