@@ -20,7 +20,7 @@ time of memory is the median of the paired differences (memory step - the anchor
 memcpy bandwidth (bench.common.memcpy_bandwidth over buffers of one path's bytes, one repeat) is measured
 after every step pair too, and its median is used (a median like the step times, not a best-of).
 
-Run: python -m bench.decode [--rounds 5 --steps 6 --threads 1 --dtype auto --quick]
+Run: python -m bench.decode [--rounds 5 --steps 6 --threads 1 --dtype auto --quick --orientation both --name decode]
 """
 
 from __future__ import annotations
@@ -202,6 +202,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="torch threads (default 1: the 2 cores are shared with other jobs, and a 2-thread "
                          "OpenMP team stalls whenever one thread is descheduled, which swings step times 5-10x; "
                          "one thread also matches the single-threaded numpy memcpy of the floor)")
+    ap.add_argument("--name", default="decode", help="results file name (e.g. one per machine kind)")
     ap.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -247,14 +248,14 @@ def main(argv: list[str] | None = None) -> int:
     md = ("Per decode step, medians over interleaved rounds (A/B/A/B). `extra_over_floor` = extra_ms / floor_ms, "
           "extra_ms = median of paired (memory step - anchor step), floor = distinct memory bytes / memcpy bandwidth measured in the same run; "
           "`ratio_tps` = memory-on tokens/s / anchor-only tokens/s; `best_ratio` = what the floor allows.\n\n"
-          + markdown_table(rows, cols) + "\n![decode](decode.png)\n")
+          + markdown_table(rows, cols) + f"\n![decode]({args.name}.png)\n")
     args.results_dir.mkdir(parents=True, exist_ok=True)
-    plot(rows, args.results_dir / "decode.png")
+    plot(rows, args.results_dir / f"{args.name}.png")
     figures = {"rows": rows, "ranks": list(RANKS), "memory_layers": cfg.n_layers, "d_model": cfg.d_model,
                "path_params": path_bytes // model.dtype.itemsize, "compute": compute, "orientation": orientation, "prompt_len": PROMPT_LEN, "rounds": args.rounds,
                "steps": args.steps, "torch_threads": torch.get_num_threads()}
     command = "python -m bench.decode " + " ".join(sys.argv[1:] if argv is None else argv)
-    write_results("decode", figures, targets, md, command=command.strip(), results_dir=args.results_dir)
+    write_results(args.name, figures, targets, md, command=command.strip(), results_dir=args.results_dir)
     print(markdown_table(rows, cols))
     for t in targets:
         print(f"{t['name']}: {t['value']} {t['op']} {t['target']} -> {'met' if t['met'] else 'MISSED'}")
