@@ -130,7 +130,7 @@ class Int4Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, int4 up to {self.max_rows} rows"
 
 
-def _best_time(fn: Any, repeats: int) -> float:
+def best_time(fn: Any, repeats: int) -> float:
     """Best of `repeats` wall-clock seconds of `fn()`, after one warm-up call."""
     import time
 
@@ -154,8 +154,8 @@ def _int4_max_rows(layers: list[Int4Linear], candidates: tuple[int, ...] = (1, 2
     with torch.inference_mode():
         for m in candidates:
             xs = {k: torch.randn(m, k, dtype=layers[0].dtype) for k in {lin.in_features for lin in layers}}
-            t4 = _best_time(lambda xs=xs: [lin.int4(xs[lin.in_features]) for lin in layers], repeats)
-            tb = _best_time(lambda xs=xs: [lin.dense(xs[lin.in_features]) for lin in layers], repeats)
+            t4 = best_time(lambda xs=xs: [lin.int4(xs[lin.in_features]) for lin in layers], repeats)
+            tb = best_time(lambda xs=xs: [lin.dense(xs[lin.in_features]) for lin in layers], repeats)
             times["rows"].append(m)
             times["int4_ms"].append(round(t4 * 1e3, 3))
             times[dense_key].append(round(tb * 1e3, 3))
@@ -268,7 +268,7 @@ def _int8_head_if_faster(head: nn.Linear, batch_hint: int, repeats: int = 3
         for m in sorted({1, batch_hint}):
             x = torch.randn(m, head.in_features)
             for mod, key in ((dense, "float32_ms"), (rescored, "int8_rescored_ms")):
-                times[key].append(round(_best_time(lambda mod=mod, x=x: mod(x), repeats) * 1e3, 3))
+                times[key].append(round(best_time(lambda mod=mod, x=x: mod(x), repeats) * 1e3, 3))
             times["rows"].append(m)
     wins = all(a < b for a, b in zip(times["int8_rescored_ms"], times["float32_ms"], strict=True))
     return (rescored if wins else None), times
@@ -297,7 +297,7 @@ def _decode_attention_dtype(model: nn.Module, dtype: torch.dtype, batch_hint: in
     with torch.inference_mode():
         for to in (dtype, torch.float32):
             key = str(to).removeprefix("torch.") + "_ms"
-            times[key] = round(_best_time(lambda to=to: [attend(to) for _ in range(cfg.n_layers)], repeats) * 1e3, 3)
+            times[key] = round(best_time(lambda to=to: [attend(to) for _ in range(cfg.n_layers)], repeats) * 1e3, 3)
     key = str(dtype).removeprefix("torch.") + "_ms"
     return (torch.float32 if times["float32_ms"] < times[key] else None), times
 
@@ -409,4 +409,5 @@ def prepare_for_inference(model: nn.Module, dtype: str | torch.dtype = "auto", *
     return info
 
 
-__all__ = ["Int4Linear", "PackedLinear", "RescoredHead", "int4_grid", "pack_int4", "prepare_for_inference", "set_int4_max_rows"]
+__all__ = ["Int4Linear", "PackedLinear", "RescoredHead", "best_time", "int4_grid", "pack_int4", "prepare_for_inference",
+           "set_int4_max_rows"]

@@ -65,8 +65,11 @@ class LmRunner:
         self.cache = KVCache(anchor.config, n_slots, self.max_seq_len, dtype=self.model.dtype)
         self._weight_bytes = sum(t.nbytes for t in [*self.model.parameters(), *self.model.buffers()])  # as prepared
         self.memory_layers = list(memory_layers if memory_layers is not None else range(anchor.config.n_layers))
-        self.pools = SlotPools(self.memory_layers, dtype=self.model.dtype, d=anchor.config.d_model)
-        self.compute["memory_orientation"] = self.pools.orientation  # measured here (slot_memory.measure_orientation)
+        # with a bank (memory layers given) the memory products' orientation is measured now, at start-up, not
+        # in the first memory request; without one the pools never compute, so nothing is measured
+        self.pools = SlotPools(self.memory_layers, dtype=self.model.dtype,
+                               d=anchor.config.d_model if memory_layers is not None else None)
+        self.compute["memory_orientation"] = self.pools.orientation  # slot_memory.measure_orientation, or None
         self.eos_token_ids = set(int(i) for i in (anchor.config.eos_token_ids or []))
         self.codec = codec
         self._slot_of: dict[int, int] = {}  # engine slot -> cache slot

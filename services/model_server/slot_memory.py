@@ -34,13 +34,14 @@ from __future__ import annotations
 
 import functools
 import logging
-import time
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
+
+from lm.fast import best_time
 
 FUSE_MAX_BYTES = 64 << 20  # the largest concatenated copy a SlotMemory keeps (SlotMemory._fuse)
 
@@ -70,17 +71,12 @@ def measure_orientation(dtype: torch.dtype, d: int, repeats: int = 3) -> tuple[b
             downs = dts.transpose(2, 3).contiguous()  # (copies, n, d, r): a concatenated path's weight-first M_down
             x = (torch.rand(n, t, d, generator=gen) - 0.5).to(dtype)
             for wf, key in ((True, "weight_first_ms"), (False, "input_first_ms")):
-                best = float("inf")
-                for rep in range(repeats + 1):  # the first is a warm-up
-                    t0 = time.perf_counter()
-                    for c in range(copies):
-                        if n == 1:  # a concatenated batch-1 path (SlotMemory._fuse)
-                            _fused_mlp(x, gus[c], downs[c] if wf else dts[c], r, wf)
-                        else:
-                            _mlp(x, gus[c], dts[c], r, wf)
-                    if rep:
-                        best = min(best, time.perf_counter() - t0)
-                times[key] += best * 1e3
+                if n == 1:  # a concatenated batch-1 path (SlotMemory._fuse)
+                    run = [functools.partial(_fused_mlp, x, gus[c], downs[c] if wf else dts[c], r, wf)
+                           for c in range(copies)]
+                else:
+                    run = [functools.partial(_mlp, x, gus[c], dts[c], r, wf) for c in range(copies)]
+                times[key] += best_time(lambda run=run: [f() for f in run], repeats) * 1e3
     times = {k: round(v, 3) for k, v in times.items()}
     choice = times["weight_first_ms"] < times["input_first_ms"]
     log.info("memory products: %s (measured %s, %s, d=%d)", "weight-first" if choice else "input-first",
@@ -265,11 +261,10 @@ def _mlp(x: torch.Tensor, gu: torch.Tensor, dt: torch.Tensor, r: int, weight_fir
 def _fused_mlp(h: torch.Tensor, gu: torch.Tensor, down: torch.Tensor, u: int, weight_first: bool) -> torch.Tensor:
     """A concatenated path per row: h (B, T, d), gu (B, 2U, d), `down` M_down as (B, d, U) when `weight_first`
     (both products `W @ hᵀ`), else (B, U, d) -> (B, T, d)."""
-    if weight_first:
-        a = torch.bmm(gu, h.transpose(1, 2))  # (B, 2U, T)
-        return torch.bmm(down, F.silu(a[:, :u]) * a[:, u:]).transpose(1, 2)  # (B, d, T) -> (B, T, d)
-    a = torch.bmm(h, gu.transpose(1, 2))  # (B, T, 2U)
-    return torch.bmm(F.silu(a[..., :u]) * a[..., u:], down)  # (B, T, d)
+    if not weight_first:
+        return _mlp(h, gu, down, u, weight_first=False)  # the pooled products, one "slot" per row
+    a = torch.bmm(gu, h.transpose(1, 2))  # (B, 2U, T)
+    return torch.bmm(down, F.silu(a[:, :u]) * a[:, u:]).transpose(1, 2)  # (B, d, T) -> (B, T, d)
 
 
 class SlotMemory:
