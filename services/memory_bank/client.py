@@ -7,8 +7,9 @@
 
 One concurrency model: plain threads. `fetch` runs in the caller's thread over grpc's synchronous,
 thread-safe channels (one per address, reused); a fetch that touches several shards calls them at once
-from a small pool (most fetches touch one shard and use no other thread); Redis is read by one daemon
-thread every `refresh_s`. No event loop of its own, so a fetch is never handed from thread to loop to
+from a small pool (most fetches touch one shard and use no other thread); while a shard has another
+replica left to fail over to, a timer thread gives up on a replica that has not answered in time (see
+`_call`); Redis is read by one daemon thread every `refresh_s`. No event loop of its own, so a fetch is never handed from thread to loop to
 thread.
 
 Which replicas serve each shard, and in which order to ask them, is the replica set's (replicas.py:
@@ -66,6 +67,8 @@ class BankClient:
         static_addresses: shard id -> ["host:port", ...], used alongside (or instead of) Redis.
         timeout_s: default deadline of a whole `fetch`.
         attempt_timeout_s: deadline of one call to one replica, so a hung replica leaves time to fail over.
+            While another replica is left to ask, a replica must also answer (its first chunk) within half
+            the time left of the fetch; one that streams may then use the rest of its call's deadline.
         max_nodes_per_call / max_bytes_per_call: split a shard's nodes into calls within the server limits.
         failure_memory_s: how long a replica that failed is tried after the others.
         tls_ca_file: PEM CA bundle to verify the servers by: dial over TLS (else plaintext).
@@ -228,11 +231,15 @@ class BankClient:
                     last_error = f"deadline exceeded after {last_error}"
                     break
                 addr = order[i]
+                # While another replica is left, a silent one may take at most half the time that remains
+                # (and attempt_timeout_s) before it answers, so the fetch can still fail over in time.
+                silence_s = min(remaining if i + 1 == len(order) else remaining / 2, self.attempt_timeout_s)
                 verified = False
                 try:
-                    self.replica_set.verify(addr, shard, min(remaining, self.attempt_timeout_s))
+                    self.replica_set.verify(addr, shard, silence_s)
                     verified = True
-                    self._call(addr, pending, out, min(deadline - time.monotonic(), self.attempt_timeout_s))
+                    self._call(addr, pending, out, min(deadline - time.monotonic(), self.attempt_timeout_s),
+                               silence_s)
                 except AttemptFailed as exc:
                     last_error = f"{addr}: {exc}"
                     if exc.code in FAILOVER_CODES:
@@ -251,16 +258,35 @@ class BankClient:
             out.failed.update({r: last_error for r in pending})
         return out
 
-    def _call(self, addr: str, pending: list[NodeRef], out: FetchResult, timeout: float) -> None:
-        """One FetchBlocks call; moves each verified block from `pending` to `out.blocks` as it completes."""
+    def _call(self, addr: str, pending: list[NodeRef], out: FetchResult, timeout: float,
+              first_reply_s: float | None = None) -> None:
+        """One FetchBlocks call; moves each verified block from `pending` to `out.blocks` as it completes.
+
+        The call may stream for `timeout`; its first chunk must come within `first_reply_s`: a replica that
+        accepted the connection but does not answer (one restarting on its port, a hung process) is given
+        up then, while one that streams a large block slowly is not cut off."""
         request = pb.FetchBlocksRequest(bank_id=self.bank_id,
                                         nodes=[pb.NodeRef(level=r.level, index=r.index) for r in pending])
         raw: torch.Tensor | None = None  # the block being received, as uint8
         buf: memoryview | None = None  # a writable view of `raw`
         got = crc = 0
         call = self.replica_set.channel(addr).fetch(request, timeout=max(0.01, timeout))
+        replied = threading.Event()
+        silent = threading.Event()
+        watchdog = None
+        if first_reply_s is not None and first_reply_s < timeout:
+
+            def give_up() -> None:
+                if not replied.is_set():
+                    silent.set()
+                    call.cancel()
+
+            watchdog = threading.Timer(max(0.01, first_reply_s), give_up)
+            watchdog.daemon = True
+            watchdog.start()
         try:
             for chunk in call:
+                replied.set()
                 if chunk.header is not None:
                     if buf is not None:
                         raise AttemptFailed(grpc.StatusCode.DATA_LOSS, "block header before previous block ended")
@@ -280,10 +306,16 @@ class BankClient:
                     pending.pop(0)
                     raw = buf = None
         except grpc.RpcError as exc:
+            if silent.is_set():
+                raise AttemptFailed(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                    f"no reply within {first_reply_s:.2f}s") from None
             code = exc.code() if callable(getattr(exc, "code", None)) else grpc.StatusCode.UNKNOWN
             details = exc.details() if callable(getattr(exc, "details", None)) else str(exc)
             raise AttemptFailed(code, details or "") from None
         finally:
+            replied.set()
+            if watchdog is not None:
+                watchdog.cancel()
             if call.is_active():  # we gave up on this replica mid-stream: stop it sending
                 call.cancel()
         if buf is not None or pending:

@@ -125,3 +125,32 @@ def test_a_block_failing_the_clients_own_check_is_fetched_again_elsewhere(shards
             result = client.fetch(path_refs((1, 6, 25)))
     assert result.failed == {} and same_as_bank(bank, result.blocks)
     assert result.failovers == 1
+
+
+def test_a_verified_replica_that_goes_silent_leaves_time_to_fail_over(shards, bank, bank_dir):
+    """A replica checked a moment ago stops answering (a restart on its port, a hung process): with the
+    default attempt deadline as long as the whole fetch's, the call still gives it up after half the
+    time left and the other replica answers: nothing fails."""
+    import asyncio
+
+    from .conftest import running_shards
+
+    addresses, _ = shards
+    with running_shards(bank_dir, shards=("1",)) as (mine, servers):
+        with BankClient(bank, static_addresses={"1": [mine["1"], addresses["1"]]}, timeout_s=2.0) as client:
+            assert client.attempt_timeout_s >= client.timeout_s
+            assert all(client.fetch(path_refs((2, 9, 37))).failed == {} for _ in range(2))  # both verified
+
+            async def silent(*_args, **_kwargs):
+                await asyncio.sleep(30)
+                yield  # an async generator that never yields in time
+
+            servers["1"].servicer._block_chunks = silent
+            results, elapsed = [], []
+            for _ in range(3):
+                t0 = time.monotonic()
+                results.append(client.fetch(path_refs((2, 9, 37))))
+                elapsed.append(time.monotonic() - t0)
+    assert all(r.failed == {} and same_as_bank(bank, r.blocks) for r in results), [r.failed for r in results]
+    assert sum(r.failovers for r in results) == 1  # the silent one is asked last after that
+    assert max(elapsed) < 1.8, elapsed
