@@ -9,8 +9,8 @@ One concurrency model: plain threads. `fetch` runs in the caller's thread over g
 thread-safe channels (one per address, reused); a fetch that touches several shards calls them at once
 from a small pool (most fetches touch one shard and use no other thread); while a shard has another
 replica left to fail over to, a timer thread gives up on a replica that has not answered in time (see
-`_call`); Redis is read by one daemon thread every `refresh_s`. No event loop of its own, so a fetch is never handed from thread to loop to
-thread.
+`_call`); Redis is read by one daemon thread every `refresh_s`. No event loop of its own, so a fetch is
+never handed from thread to loop to thread.
 
 Which replicas serve each shard, and in which order to ask them, is the replica set's (replicas.py:
 discovery, GetInfo checks, rejects, channels): a replica is used only once it is known to serve this bank

@@ -92,7 +92,8 @@ class ModelServerSettings(BaseSettings):
     strict: bool = False
     """Answer 503 instead of serving with fewer memory levels when a shard cannot be reached."""
     fetch_timeout_s: float = Field(10.0, gt=0)
-    """Deadline of one block fetch from the bank."""
+    """Deadline of one block fetch from the bank (a replica that has not answered within half of what is left
+    is given up for another replica of its shard)."""
     bank_follow_s: float = Field(5.0, ge=0)
     """With a versioned bank root (`current` pointer): seconds between checks whether it points at a new
     version; new requests move to it once every shard has a replica serving it (0 = never)."""
