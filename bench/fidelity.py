@@ -1,6 +1,6 @@
 """Fidelity of the fast serving path: greedy tokens of the anchor as the model server runs it (the compute dtype
 `--dtype auto` picks on this machine, prepacked linears: `lm.fast.prepare_for_inference`) against the plain
-float32 model, on 200 fixed prompts x 32 tokens (the general prompts of training/data/general_prompts.jsonl).
+float32 model, on 200 fixed prompts x 32 tokens (the general prompts of training/prompts/general_prompts.jsonl).
 
 Two figures, both over the 200 x 32 token positions:
   * teacher-forced agreement: at each position, given the float32 reference's prompt and tokens so far, does
@@ -29,7 +29,7 @@ import torch
 
 from bench.common import RESULTS_DIR, markdown_table, target, write_results
 
-PROMPTS_FILE = Path(__file__).resolve().parents[1] / "training" / "data" / "general_prompts.jsonl"
+PROMPTS_FILE = Path(__file__).resolve().parents[1] / "training" / "prompts" / "general_prompts.jsonl"
 
 
 def load_prompts(tokenizer, n: int) -> list[list[int]]:

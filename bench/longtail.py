@@ -1,8 +1,8 @@
-"""Long-tail facts benchmark (issue 6): runs `hiermem build --preset demo` (or reuses its output) and
+"""Long-tail facts benchmark (issue 6): runs `hiermem build --preset facts` (or reuses its output) and
 checks the targets: first-run wall time, rarest-bucket accuracy, hierarchical vs generic, held-out facts
 broken, deletion.
 
-    python bench/longtail.py            # reuse $HIERMEM_HOME/work/demo if it has finished, else build
+    python bench/longtail.py            # reuse $HIERMEM_HOME/work/facts if it has finished, else build
     python bench/longtail.py --fresh    # build from scratch in a new work directory (first-run time)
 """
 
@@ -24,20 +24,20 @@ from bench.common import RESULTS_DIR, markdown_table, target, write_results  # n
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--fresh", action="store_true", help="delete the demo work directory and build again")
-    ap.add_argument("--work", default=None, help="work directory (default $HIERMEM_HOME/work/demo)")
+    ap.add_argument("--fresh", action="store_true", help="delete the facts work directory and build again")
+    ap.add_argument("--work", default=None, help="work directory (default $HIERMEM_HOME/work/facts)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from base.paths import home
     from training.evaluate import markdown
     from training.pipeline import run_build
 
-    work = Path(args.work) if args.work else home() / "work" / "demo"
+    work = Path(args.work) if args.work else home() / "work" / "facts"
     if args.fresh and work.exists():
         shutil.rmtree(work)
     load_before = os.getloadavg()
     t0 = time.perf_counter()
-    out = run_build("demo", work=work)
+    out = run_build("facts", work=work)
     this_run = time.perf_counter() - t0
     status, r = out["status"], out["result"]
     first_run = float(status["first_run_seconds"])
@@ -51,7 +51,7 @@ def main() -> int:
     inside_gap = abs(d["inside"]["hierarchical_deleted"] - d["inside"]["anchor"])
     rest_move = abs(d["rest"]["hierarchical_deleted"] - d["rest"]["hierarchical"])
     targets = [
-        target("first-run wall time of `hiermem build --preset demo` (s)", round(first_run, 1), "<=", 1200),
+        target("first-run wall time of `hiermem build --preset facts` (s)", round(first_run, 1), "<=", 1200),
         target(f"hierarchical, rarest bucket ({rare}), trained facts", hier_rare, ">=", 0.90),
         target("hierarchical minus anchor, rarest bucket, trained facts", hier_rare - anchor_rare, ">=", 0.50),
         target("hierarchical minus generic, all trained facts (same epochs)", hier_all - generic_all, ">=", 0.10),

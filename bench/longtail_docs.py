@@ -5,7 +5,7 @@ check, and writes bench/results/longtail-docs.json/.md/.png with the issue's tar
 
     python -m bench.longtail_docs --fresh              # build from scratch (first-run wall time)
     python -m bench.longtail_docs                      # reuse $HIERMEM_HOME/work/docs if it has finished
-    python -m bench.longtail_docs --preset demo-nopreserve --name longtail-facts-nopreserve --fresh
+    python -m bench.longtail_docs --preset facts-nopreserve --name longtail-facts-nopreserve --fresh
 """
 
 from __future__ import annotations

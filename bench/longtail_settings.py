@@ -14,9 +14,10 @@ full preset's former derived preservation, to measure what it cost).
     python -m bench.longtail_settings                           # the old presets and the chosen one, 120 facts
     python -m bench.longtail_settings --facts 60 --variants old,batch8,lr3e-2,epochs30
 
-`preset` is the `docs` preset as it was until 2026-11-30 (8 documents per step) and the base of the
+`preset` is the `docs` preset the first settings round chose (8 documents per step) and the base of the
 `preset-*` variants; `preset-batch4-from4` is the preset now (training/pipeline.py), chosen from those variants
-(`preset-batch4` until 2026-12-01 04:41).
+after `preset-batch4` (the rounds, with their dates and figures: docs/training.md, "Documents as users write
+them").
 """
 
 from __future__ import annotations
@@ -105,7 +106,7 @@ def run_variant(name: str, overrides: dict, valid: list[dict], docs: list[dict],
 
     from lm import SamplingParams, generate
     from training.config import TrainConfig
-    from training.evaluate import text_match
+    from training.scoring import text_match
     from training.trainer import Trainer
 
     cdir = work / name / "corpus"
@@ -146,8 +147,8 @@ def run_variant(name: str, overrides: dict, valid: list[dict], docs: list[dict],
             "valid_exact_match": right / len(valid), "anchor": anchor / len(valid),
             "fit": fit / max(n_fit, 1),
             # valid:0 = the question forms (the answer stem after "Answer:", away from the name), valid:1 the
-            # sentence forms (the stem right after the name), valid:2 the field forms ("Place: X\nNation:"; in
-            # corpora built since 2026-12-01 07:00)
+            # sentence forms (the stem right after the name), valid:2 the field forms ("Place: X\nNation:"; only
+            # in corpora built since the fifth settings round, docs/training.md)
             **{f"valid_{k.removeprefix('valid:')}": round(r / n, 4) for k, (r, n) in sorted(by_form.items())},
             "train_seconds": round(train_s, 1), "steps": tr.global_step,
             # the output scale the trainer chose on these same valid probes (training/scale.py) and the valid

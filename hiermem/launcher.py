@@ -43,7 +43,7 @@ log = logging.getLogger("hiermem.up")
 
 # The preset `hiermem ensure-bank --source demo` (and so scripts/run.sh) builds: the documents corpus, a
 # user's corpus as written (paragraphs in several wordings, no route_text, no preserve file), with its
-# nearest-document routing and calibrated gate (docs/training.md). The facts preset `demo` stays for the
+# nearest-document routing and calibrated gate (docs/training.md). The preset `facts` stays for the
 # long-tail benchmark of the probe-shaped corpus.
 DEMO_PRESET = "docs"
 

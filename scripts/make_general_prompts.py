@@ -1,4 +1,4 @@
-"""Write training/data/general_prompts.jsonl: everyday prompts and chat turns about none of the corpus's
+"""Write training/prompts/general_prompts.jsonl: everyday prompts and chat turns about none of the corpus's
 entities (no cities, countries or chemical elements), for checking that memories leave general behaviour
 alone. Hand-written lists plus templated arithmetic; deterministic. Run: python scripts/make_general_prompts.py
 """
@@ -275,7 +275,7 @@ def main() -> None:
     rows = [("completion", t) for t in COMPLETION] + [("chat", t) for t in CHAT] + arithmetic()
     texts = [t for _, t in rows]
     assert len(texts) == len(set(texts)), "duplicate prompt"
-    out = Path(__file__).resolve().parent.parent / "training" / "data" / "general_prompts.jsonl"
+    out = Path(__file__).resolve().parent.parent / "training" / "prompts" / "general_prompts.jsonl"
     with open(out, "w") as f:
         for i, (kind, text) in enumerate(rows):
             split = "valid" if i % 4 == 3 else "eval"  # every fourth prompt: valid (disjoint texts)

@@ -10,11 +10,16 @@ import json
 import logging
 from pathlib import Path
 
-from training.pipeline import PRESETS
+from training.pipeline import DEFAULT_PRESET, PRESETS, check_preset
 
 log = logging.getLogger(__name__)
 
 
+def _preset(name: str) -> str:
+    try:
+        return check_preset(name)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 def cmd_corpus_facts(args: argparse.Namespace) -> int:
     if getattr(args, "style", "facts") == "documents":
@@ -132,10 +137,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     agree.add_argument("--embedder", default="all-MiniLM-L6-v2")
     agree.set_defaults(func=cmd_route_agreement)
 
-    from training.config import add_train_arguments
+    from training.config import add_train_flags
 
     train = sub.add_parser("train", help="train memories (post-hoc on a frozen anchor by default)")
-    add_train_arguments(train)
+    add_train_flags(train)
     train.set_defaults(func=cmd_train)
     tsub = train.add_subparsers(dest="train_command", metavar="SUBCOMMAND")
     merge = tsub.add_parser("merge", help="merge per-subtree jobs (hiermem train --subtree I) into one bank")
@@ -163,7 +168,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     lt.set_defaults(func=cmd_eval_longtail)
 
     build = sub.add_parser("build", help="corpus -> tree -> train -> export -> eval in one resumable command")
-    build.add_argument("--preset", default="demo", choices=list(PRESETS))
+    build.add_argument("--preset", default=DEFAULT_PRESET, type=_preset, metavar="{" + ",".join(PRESETS) + "}",
+                       help=f"what to build (default {DEFAULT_PRESET}: the demo bank that scripts/run.sh serves)")
     build.add_argument("--out", default=None, help="bank directory (default: $HIERMEM_HOME/banks/<preset>)")
     build.add_argument("--work", default=None, help="work directory (default: $HIERMEM_HOME/work/<preset>)")
     build.add_argument("--epochs", type=int, default=None, help="override the preset's epochs")

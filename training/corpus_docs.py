@@ -27,7 +27,7 @@ Splits in probes.jsonl:
 * ``valid_heldout`` -- the same wordings about entities neither trained nor held out (and not named
   in any document), to calibrate a routing gate without touching ``heldout``.
 
-``GENERAL_PROMPTS`` (training/data/general_prompts.jsonl, ``load_general_prompts``) are everyday prompts
+``GENERAL_PROMPTS`` (training/prompts/general_prompts.jsonl, ``load_general_prompts``) are everyday prompts
 and chat turns about none of these entities (general knowledge, arithmetic, instructions, code, small talk).
 """
 
@@ -57,7 +57,7 @@ DEMO_HELDOUT_EXTRA = 0.75
 VALID_HELDOUT_RATIO = 0.25
 """``valid_heldout`` probes per sampled entity of a relation (fewer when the relation runs out)."""
 
-GENERAL_PROMPTS = Path(__file__).parent / "data" / "general_prompts.jsonl"
+GENERAL_PROMPTS = Path(__file__).parent / "prompts" / "general_prompts.jsonl"
 
 # ---------------------------------------------------------------------------------------------------------
 # Wording templates. Placeholders: {name} the entity's name as a sentence writes it ("the Netherlands");

@@ -1,9 +1,8 @@
-"""Documents as training batches: tokenise, route, cache the frozen prefix, pack by leaf.
+"""Documents as training sequences: tokenise, choose the loss targets, pack by leaf.
 
-The prefix cache: with a frozen anchor and memory only in layers >= L0, the residual stream entering layer
-L0 does not depend on anything we train, so it is computed once per document (``Transformer.hidden_at``)
-and every step runs only layers L0.. and the head (``Transformer.forward_from``). Exact, not approximate:
-tests/training/test_trainer.py checks loss and gradients against the uncached model.
+`TrainingSet` builds a job's training sequences (the documents and the extra views of them that the
+settings ask for, training/views.py) with their token ids, paths and loss targets. The prefix cache of
+their frozen-anchor states is training/prefix.py's.
 """
 
 from __future__ import annotations
@@ -27,7 +26,7 @@ MAX_DOC_TOKENS = 256
 
 @dataclass
 class Batch:
-    doc_index: list[int]  # into the document list
+    doc_index: list[int]  # into the training sequences (`TrainingSet`; the first len(docs) are the documents)
     paths: list[tuple[int, ...]]  # each document's leaf path; documents of one leaf are adjacent
 
 
@@ -71,26 +70,6 @@ def pad_ids(seqs: Sequence[Sequence[int]], pad: int = 0) -> tuple[torch.Tensor, 
     return ids, mask
 
 
-@torch.no_grad()
-def prefix_hidden(model, token_ids: Sequence[Sequence[int]], layer: int, batch_size: int = 64,
-                  progress: bool = False) -> list[torch.Tensor]:
-    """Residual stream entering `layer` for each sequence, unpadded: list of (T_i, d) float32 tensors."""
-    order = sorted(range(len(token_ids)), key=lambda i: len(token_ids[i]))
-    out: dict[int, torch.Tensor] = {}
-    starts = range(0, len(order), batch_size)
-    if progress:
-        from tqdm import tqdm
-
-        starts = tqdm(starts, desc=f"prefix cache (layers 0..{layer - 1})", unit="batch")
-    for s in starts:
-        idx = order[s:s + batch_size]
-        ids, _ = pad_ids([token_ids[i] for i in idx])
-        h = model.hidden_at(ids, layer)  # (B, T, d)
-        for b, i in enumerate(idx):
-            out[i] = h[b, :len(token_ids[i])].clone()
-    return [out[i] for i in range(len(token_ids))]
-
-
 def pad_hidden(hs: Sequence[torch.Tensor]) -> torch.Tensor:
     """(B, T, d) right-padded with zeros."""
     T = max(h.shape[0] for h in hs)
@@ -129,7 +108,7 @@ def loss_starts(tokenizer, docs: Sequence[dict], token_ids: Sequence[Sequence[in
     """Index of the first token each document's loss covers: 1 (every next token) for mode "all"; for
     "continuation", the first token after the document's ``route_text`` when the text starts with it (the
     fact's object in the built-in corpus), else 1."""
-    if mode in ("all", "surprising"):  # "surprising" selects positions later (Trainer.build_surprising)
+    if mode in ("all", "surprising"):  # "surprising" selects positions later (prefix.surprising_positions)
         return [1] * len(docs)
     if mode != "continuation":
         raise ValueError(f"loss mode must be 'all' or 'continuation', got {mode!r}")
@@ -166,3 +145,61 @@ def atomic_save(obj, path: Path) -> None:
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+class TrainingSet:
+    """A job's training sequences: the documents (with ``name_anaphors``, their training view), then
+    ``permuted_views`` copies of each with its sentences reordered, then the ``pronoun_views`` (one per document
+    whose later sentences open with its name), each on its document's path; sequence i < len(docs) is
+    document i. Per sequence: its token ids, the first token its loss covers, and with ``skip_name_targets``
+    the tokens it may target (every token but the mentions of its document's subject)."""
+
+    def __init__(self, tokenizer, docs: Sequence[dict], paths: np.ndarray, *, loss: str = "all",
+                 name_anaphors: bool = False, permuted_views: int = 0, pronoun_views: bool = False,
+                 skip_name_targets: bool = False, seed: int = 0) -> None:
+        from training import views
+
+        trained = list(docs)
+        names = views.subject_names(docs) if name_anaphors or pronoun_views or skip_name_targets else []
+        if name_anaphors:  # the training view only; routing and preservation use the documents as written
+            trained = [{**d, "text": views.name_anaphors(d["text"], n)} for d, n in zip(docs, names, strict=True)]
+        extra: list[tuple[list[dict], list[int]]] = []
+        if permuted_views > 0:
+            extra.append(views.permuted_views(trained, permuted_views, seed))
+        if pronoun_views:
+            extra.append(views.pronoun_views(trained, names))
+        self.paths = paths  # (N, depth): each sequence's path
+        seq_names = list(names)  # the subject of every sequence (with skip_name_targets)
+        for more, of in extra:
+            trained = trained + more
+            seq_names += [names[i] for i in of] if names else []
+            if of:
+                self.paths = np.concatenate([self.paths, paths[of]])
+        self.texts = [d["text"] for d in trained]
+        self.token_ids = tokenize_docs(tokenizer, self.texts, MAX_DOC_TOKENS)
+        self.target_keep = (name_target_masks(tokenizer, self.texts, seq_names, self.token_ids)
+                            if skip_name_targets else None)  # per sequence (T_i,) bool; None: every token
+        self.loss_start = loss_starts(tokenizer, trained, self.token_ids, loss)
+
+    def __len__(self) -> int:
+        return len(self.token_ids)
+
+    def n_tokens(self, idx: Sequence[int]) -> int:
+        return sum(len(self.token_ids[i]) for i in idx)
+
+    def loss_select(self, idx: Sequence[int], ids: torch.Tensor, mask: torch.Tensor,
+                    surprising: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
+        """(B, T) bool: the positions of the padded sequences `ids` (sequences `idx`) whose next token is a
+        loss target; with `surprising` (per sequence, training/prefix.py), only among those positions."""
+        select, _ = loss_targets(ids, mask, [self.loss_start[i] for i in idx])
+        if surprising is not None:  # only the positions where the anchor was most surprised
+            keep = torch.zeros_like(select)
+            for b, i in enumerate(idx):
+                keep[b, :len(surprising[i])] = surprising[i]
+            select = select & keep
+        if self.target_keep is not None:  # position t predicts token t + 1: not the subject's name
+            keep = torch.ones_like(select)
+            for b, i in enumerate(idx):
+                keep[b, :len(self.target_keep[i]) - 1] = self.target_keep[i][1:]
+            select = select & keep
+        return select

@@ -1,7 +1,7 @@
 """Two checks beside the long-tail accuracy: general use unharmed, and the retrieval baseline.
 
 * `general_use`: a fixed set of everyday prompts and chat turns that are not about the corpus
-  (training/data/general_prompts.jsonl, split "eval"). For each, the anchor's greedy continuation of 8
+  (training/prompts/general_prompts.jsonl, split "eval"). For each, the anchor's greedy continuation of 8
   tokens with memory off; then the same tokens teacher-forced through the model with the memory a request
   with ``"memory": "auto"`` would get. Greedy decoding with memory gives the same 8 tokens iff every
   argmax along that sequence is the off token, so one forward pass per prompt decides "identical", and the
@@ -102,9 +102,9 @@ def rag_eval(model, tok, items: list, docs: list[dict], embedder, ks: Sequence[i
     is counted in every k's seconds."""
     import faiss
 
-    from training.data import prefix_hidden
-    from training.evaluate import greedy_correct, prepare_items
+    from training.prefix import prefix_hidden
     from training.routing import embed
+    from training.scoring import greedy_correct, prepare_items
 
     t_retrieve = time.perf_counter()
     doc_emb = embed([d["text"] for d in docs], embedder)

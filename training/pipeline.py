@@ -1,4 +1,4 @@
-"""`hiermem build --preset demo`: corpus -> tree -> train -> export -> eval in one resumable command.
+"""`hiermem build --preset docs|facts|...`: corpus -> tree -> train -> export -> eval in one resumable command.
 
 Every stage leaves a marker of completion in the work directory, so a second run (or a run after an
 interruption) continues where the first stopped: the corpus is kept, training resumes from its last
@@ -12,7 +12,6 @@ import json
 import logging
 import os
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 from base.paths import home
@@ -25,7 +24,7 @@ PRESETS: dict[str, dict] = {
     # 0.33M parameters, bank = 2 x 3 x (8 x 64 + 64 x 32) x 576 = 8.8M. About 400 facts over the four
     # relations (rank-stratified, so every popularity bucket is there), 20% of them held out: sized so the
     # first run fits in about 20 minutes on 2 shared CPU cores (see docs/training.md for the figures).
-    "demo": {
+    "facts": {
         "corpus": {"sizes": {"city_country": 240, "us_city_state": 60, "country_capital": 60,
                              "element_number": 40}, "heldout_fraction": 0.2,
                    # 600 preserve prompts (3 per trained fact, ~9 per leaf: 200 left leaves bare), and
@@ -41,29 +40,18 @@ PRESETS: dict[str, dict] = {
         "corpus": {"style": "documents", "sizes": {"city_country": 200, "us_city_state": 50,
                                                    "country_capital": 40, "element_number": 30},
                    "heldout_fraction": 0.2, "heldout_extra": 0.75},
-        # memory on layers spread over the depth (six from layer 8; seven from 4 since 12-01), 4 documents per
-        # step at lr 2e-2: chosen on the `valid` wordings of a 120-fact subset (docs/training.md): 38% -> 80% ->
-        # 86% against the last 4 layers, 32 per step, lr 1e-2 (those blocks got about one update per epoch each
-        # and were under-trained) and 8 per step. No derived preservation (preserve_per_doc 0): on the same
-        # subset it cost 9 points (85.8% -> 76.7%, fit 82.5% -> 68.3%) and 45% more time per step, and the
-        # calibrated gate already keeps the held-out and general prompts off the memory. A corpus's own
-        # preserve.jsonl is still used (8 per step). 13 epochs measured no better than 10 (85.8% both). The
-        # blocks' output scale is chosen on the corpus's valid probes after training (--memory-scale auto, the
-        # default; training/scale.py): 0.6 in the 2026-12-01 build, rarest bucket 76.5% -> 80.4%, all trained
-        # facts 86.7% -> 89.8%. Memory from layer 4 (seven layers, 4, 8, ..., 28) since 2026-12-01 04:41: valid
-        # 88.6% -> 93.7% on the full corpus (the question forms, whose answer stem is away from the name, 83.0%
-        # -> 94.3% on the subset), for 1.17x the fetched bytes and about 1.2x the training time. The loss skips
-        # the subject's name since 2026-12-01 08:30 (skip_name_targets): on the full corpus's valid probes, now
-        # with field forms, 82.4% -> 92.2% with seed 0 (the field forms 68.2% -> 87.1%: the blocks had learnt
-        # to put the name forward, "Place: Mbala\nNation:" -> " Mbala"), even with seed 1 (87.1% both); rarest
-        # bucket 84.3 / 86.3% -> 90.2 / 88.2% over seeds 0 / 1 (docs/training.md, the fifth settings round)
+        # Settings chosen on the corpus's `valid` wordings, never on the test probes: memory on seven layers
+        # spread over the depth, 4 documents per step at lr 2e-2, no derived preservation (the calibrated gate
+        # keeps other prompts off the memory; a corpus's own preserve.jsonl is still used, 8 per step), the
+        # loss without the subject's name, the output scale chosen after training (--memory-scale auto). The
+        # rounds that chose them, with their figures: docs/training.md, "Documents as users write them".
         "train": {"anchor": "smollm2", "branching": [8, 8], "ranks": [64, 32],
                   "memory_layers": [4, 8, 12, 16, 20, 24, 28], "epochs": 10, "batch_size": 4, "lr": 2e-2,
                   "warmup_steps": 5, "loss": "all", "skip_name_targets": True, "preserve_weight": 1.0,
                   "preserve_batch": 8, "preserve_per_doc": 0, "routing": "docs"},
     },
-    # The demo's facts corpus with its preserve file removed: the same pipeline as "docs" (document router,
-    # gate, derived preservation) on single-sentence documents, for comparison with the demo preset.
+    # The facts corpus with its preserve file removed: the same pipeline as "docs" (document router, gate,
+    # derived preservation) on single-sentence documents, for comparison with the facts preset.
     "facts-nopreserve": {
         "corpus": {"sizes": {"city_country": 240, "us_city_state": 60, "country_capital": 60,
                              "element_number": 40}, "heldout_fraction": 0.2, "preserve_ratio": 0.0,
@@ -81,6 +69,17 @@ PRESETS: dict[str, dict] = {
                   "loss": "continuation", "preserve_weight": 1.0},
     },
 }
+# `hiermem build` without --preset: the documents corpus, whose bank ($HIERMEM_HOME/banks/docs) is the demo
+# bank scripts/run.sh serves
+DEFAULT_PRESET = "docs"
+
+
+def check_preset(name: str) -> str:
+    """`name` when it is a preset; a ValueError naming the presets otherwise."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; the presets are {', '.join(PRESETS)} "
+                         f"(facts: the probe-shaped facts corpus; docs: the demo bank)")
+    return name
 
 
 def job_hidden_lookup(job_dir: Path, corpus_docs: list[dict]):
@@ -113,12 +112,12 @@ def job_hidden_lookup(job_dir: Path, corpus_docs: list[dict]):
     return lookup
 
 
-def run_build(preset: str = "demo", bank_dir: Path | None = None, work: Path | None = None,
+def run_build(preset: str = DEFAULT_PRESET, bank_dir: Path | None = None, work: Path | None = None,
               epochs: int | None = None, evaluate: bool = True, rag: tuple[int, ...] = (),
               train_overrides: dict | None = None, eval_dtype: str = "float32") -> dict:
     from training.corpus import Corpus, build_facts_corpus, corpus_summary
 
-    p = PRESETS[preset]
+    p = PRESETS[check_preset(preset)]
     work = Path(work) if work else home() / "work" / preset
     bank_dir = Path(bank_dir) if bank_dir else home() / "banks" / preset
     work.mkdir(parents=True, exist_ok=True)
@@ -162,7 +161,9 @@ def run_build(preset: str = "demo", bank_dir: Path | None = None, work: Path | N
 
         t0 = time.perf_counter()
         info = train(cfg)
-        stage_done("train+export", time.perf_counter() - t0, config=asdict(cfg),
+        # the config as the trainer resolved it (the memory layers it chose when the preset names none)
+        config = {**cfg.model_dump(), "memory_layers": info.get("memory_layers", cfg.memory_layers)}
+        stage_done("train+export", time.perf_counter() - t0, config=config,
                    **{k: info[k] for k in ("steps", "train_seconds", "bank_id", "tokens_seen") if k in info})
     from memory_store import Bank
 

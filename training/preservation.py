@@ -15,16 +15,18 @@ import logging
 import random
 import re
 import time
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
-from training.data import Batch, atomic_save, pad_hidden, prefix_hidden, tokenize_docs
-
-if TYPE_CHECKING:
-    from training.trainer import Trainer
+from training.data import Batch, atomic_save, pad_hidden, tokenize_docs
+from training.prefix import prefix_hidden
+from training.views import document_frequency
 
 log = logging.getLogger(__name__)
 
@@ -40,116 +42,11 @@ def document_name(text: str, rare: set[str]) -> str | None:
     return None
 
 
-def _document_frequency(docs: Sequence[dict]) -> dict[str, int]:
-    from memory_store.router import words
-
-    df: dict[str, int] = {}
-    for d in docs:
-        for w in set(words(d["text"])):
-            df[w] = df.get(w, 0) + 1
-    return df
-
-
 def document_names(docs: Sequence[dict], max_df: int = 4) -> list[str | None]:
     """`document_name` of each document, "rare" meaning in at most `max_df` documents of this corpus."""
-    df = _document_frequency(docs)
+    df = document_frequency(docs)
     rare = {w for w, n in df.items() if n <= max_df and w.isalpha()}
     return [document_name(d["text"], rare) for d in docs]
-
-
-# a capitalised span, with the lower-case particles of place names inside ("Aranda de Duero")
-_SPAN = re.compile(r"[A-Z][\w'\-]*(?:\s+(?:(?:de|del|da|do|dos|das|la|le|les|van|von|der|den|di|du|el|al|y)\s+)?"
-                   r"[A-Z][\w'\-]*)*")
-
-
-def subject_names(docs: Sequence[dict], max_df: int | None = None) -> list[str | None]:
-    """What each document is about: of its capitalised spans that hold a word found in at most `max_df`
-    documents of the corpus (default 3% of them, at least 4: a name, not a capitalised sentence opening such
-    as "Local"), the one it mentions most often; ties go to the one that opens more sentences, then the
-    earlier. None when it has no such span. On the `docs` preset's corpus it names 643 of 650 documents'
-    entities (its country instead for a few popular countries' documents)."""
-    from memory_store.router import STOPWORDS, words
-
-    df = _document_frequency(docs)
-    max_df = max(4, round(0.03 * len(docs))) if max_df is None else max_df
-    out: list[str | None] = []
-    for d in docs:
-        seen: dict[str, list] = {}  # span -> [count, sentences opened, first offset]
-        text = d["text"]
-        for m in _SPAN.finditer(text):
-            ws = m.group(0).split()
-            while ws and ws[0].lower() in STOPWORDS:  # "The Hague" stays, "It" / "The" alone go
-                ws = ws[1:]
-            toks = [w for w in words(" ".join(ws)) if not w.isdigit()]
-            if not toks or min(df.get(w, 0) for w in toks) > max_df:
-                continue
-            span = " ".join(ws)
-            entry = seen.setdefault(span, [0, 0, m.start()])
-            entry[0] += 1
-            entry[1] += m.group(0) == span and (m.start() == 0 or text[:m.start()].rstrip()[-1:] in ".!?")
-        out.append(min(seen, key=lambda s: (-seen[s][0], -seen[s][1], seen[s][2])) if seen else None)
-    return out
-
-
-def permuted_views(docs: Sequence[dict], n: int, seed: int = 0) -> tuple[list[dict], list[int]]:
-    """Up to `n` extra training views of each document with its sentences in another order (seeded), and the
-    index of the document each view comes from. A document of one sentence gets none. A fact then appears
-    after other contexts than its document's own opening (the "permute" augmentation that makes stored
-    knowledge extractable by questions in other words)."""
-    import itertools
-
-    from memory_store.router import sentences
-
-    rng = random.Random(seed * 31 + 7)
-    views: list[dict] = []
-    of: list[int] = []
-    for i, d in enumerate(docs):
-        parts = sentences(d["text"])
-        if len(parts) < 2:
-            continue
-        orders = [o for o in itertools.permutations(range(len(parts))) if list(o) != sorted(o)]
-        for o in rng.sample(orders, min(n, len(orders))):
-            views.append({**d, "id": f"{d.get('id', i)}#view{len(views)}", "text": " ".join(parts[k] for k in o)})
-            of.append(i)
-    return views, of
-
-
-def pronoun_views(docs: Sequence[dict], names: Sequence[str | None]) -> tuple[list[dict], list[int]]:
-    """One extra training view of each document whose later sentences open with its subject's name
-    (`names[i]`, from `subject_names`), with those openings made "It": "Iyesi observes UTC+1. Iyesi lies in
-    Nigeria." -> "Iyesi observes UTC+1. It lies in Nigeria." The first sentence keeps the name. The answer
-    must then be read from the name further back, through attention, as a key-value prompt or a question
-    ("City: Iyesi\nCountry:") needs; the reverse of `name_anaphors`. Returns (views, index of each view's
-    document); a document with no such sentence gets none."""
-    from memory_store.router import sentences
-
-    views: list[dict] = []
-    of: list[int] = []
-    for i, (d, name) in enumerate(zip(docs, names, strict=True)):
-        parts = sentences(d["text"])
-        if not name or len(parts) < 2:
-            continue
-        later = [("It" + p[len(name):]) if p.startswith(name + " ") else p for p in parts[1:]]
-        if later != parts[1:]:
-            views.append({**d, "id": f"{d.get('id', i)}#pronoun", "text": " ".join([parts[0]] + later)})
-            of.append(i)
-    return views, of
-
-
-_ANAPHOR = re.compile(r"^(?:It|The [a-z]+)\b(?! of\b)")
-
-
-def name_anaphors(text: str, name: str | None) -> str:
-    """`text` with each later sentence that does not name `name` and opens with "It" or "The <noun>" ("The
-    city", but not "The population of ...") opened with `name` instead: "It lies in Germany." -> "Willebroek
-    lies in Germany." A training view only (routing and preservation keep the original): a fact the document
-    states with a pronoun is otherwise stored against the pronoun, and a question names the entity."""
-    from memory_store.router import sentences
-
-    parts = sentences(text)
-    if not name or not parts:
-        return text
-    return " ".join([parts[0]] + [p if name in p else _ANAPHOR.sub(name, p, count=1) for p in parts[1:]])
 
 
 def derive_preserve_prompts(docs: Sequence[dict], doc_paths: np.ndarray, per_doc: int = 1, seed: int = 0,
@@ -178,13 +75,67 @@ def derive_preserve_prompts(docs: Sequence[dict], doc_paths: np.ndarray, per_doc
     return out
 
 
-class Preservation:
-    """The preservation prompts of one training job: their prefix states, the anchor's log-probabilities
-    after them (the KL targets), their paths, and the loss."""
 
-    def __init__(self, trainer: Trainer, rows: list[dict]) -> None:
-        self.t = trainer
-        self.rows = rows  # from preserve.jsonl ({"prompt"}), or empty: derive them
+
+@dataclass
+class PreserveSource:
+    """Where a job's preservation prompts come from: the corpus's preserve.jsonl `rows` (``{"prompt"}``),
+    routed as a prompt would be (embedded by `embed`, as the tree's documents were, then through the job's
+    router in `router_dir`, else the `tree`'s descent); without rows, `per_doc` prompts derived from each of
+    the `docs` (`derive_preserve_prompts`, seeded), on the document's path in `doc_paths`."""
+
+    rows: list[dict]
+    docs: Sequence[dict]
+    doc_paths: np.ndarray
+    tree: Any
+    router_dir: Path
+    embed: Callable[[list[str]], np.ndarray]
+    per_doc: int = 1
+    seed: int = 0
+
+    def prompts(self) -> tuple[list[str], list[tuple[int, ...]], str]:
+        """(prompts, the path of each, where they came from)."""
+        if self.rows:
+            prompts = [r["prompt"] for r in self.rows]
+            return prompts, [tuple(int(x) for x in p) for p in self._route(prompts)], "preserve.jsonl"
+        derived = derive_preserve_prompts(self.docs, self.doc_paths, per_doc=self.per_doc, seed=self.seed)
+        return [r["prompt"] for r in derived], [tuple(r["path"]) for r in derived], "derived from the documents"
+
+    def _route(self, prompts: list[str]) -> list:
+        from memory_store.router import DocRouter
+
+        emb = self.embed(prompts)
+        router = DocRouter.load(self.router_dir)
+        if router is None:
+            return list(self.tree.route(emb))
+        # where each prompt would go if the gate let it through: the leaves it could harm
+        out = []
+        for e, p, fallback in zip(emb, prompts, self.tree.route(emb), strict=True):
+            c = router.candidates(e, p)
+            out.append(c[0].path if c else fallback)
+        return out
+
+
+class Preservation:
+    """The preservation prompts of one training job: their prefix states (entering `layer`, the first memory
+    layer), the frozen anchor's log-probabilities after them (the KL targets, kept in `cache_file`), their
+    paths, and the loss.
+
+    Args:
+        memory_for: paths -> the `lm.MemoryBatch` of the tree's blocks on those paths.
+        autocast: a new context for each training forward (`training.compute.Compute.autocast`).
+        rng: the job's random stream (which prompts a step takes).
+        per_step: prompts per step (``--preserve-batch``).
+    """
+
+    def __init__(self, source: PreserveSource, *, model, tokenizer, layer: int,
+                 memory_for: Callable[[list[tuple[int, ...]]], Any],
+                 autocast: Callable[[], AbstractContextManager], rng: random.Random, per_step: int,
+                 cache_file: Path) -> None:
+        self.source = source
+        self.model, self.tokenizer, self.layer = model, tokenizer, layer
+        self.memory_for, self.autocast, self.rng, self.per_step = memory_for, autocast, rng, per_step
+        self.cache_file = cache_file
         self.data: dict[str, Any] | None = None
 
     @property
@@ -192,60 +143,35 @@ class Preservation:
         return self.data is not None and len(self.data["paths"]) > 0
 
     def build(self) -> None:
-        t = self.t
-        f = t.out / "preserve.pt"
-        if f.exists():
-            self.data = torch.load(f)
+        if self.cache_file.exists():
+            self.data = torch.load(self.cache_file)
             return
         t0 = time.perf_counter()
-        if self.rows:
-            prompts = [r["prompt"] for r in self.rows]
-            paths = [tuple(int(x) for x in p) for p in self._route(prompts)]
-            source = "preserve.jsonl"
-        else:
-            derived = derive_preserve_prompts(t.docs, t.paths, per_doc=t.cfg.preserve_per_doc, seed=t.cfg.seed)
-            prompts = [r["prompt"] for r in derived]
-            paths = [tuple(r["path"]) for r in derived]
-            source = "derived from the documents"
+        prompts, paths, source = self.source.prompts()
         if not prompts:
             self.data = {"hidden": [], "paths": [], "logp": torch.zeros(0)}
             return
-        hidden = prefix_hidden(t.model, tokenize_docs(t.tokenizer, prompts), t.l0)
+        hidden = prefix_hidden(self.model, tokenize_docs(self.tokenizer, prompts), self.layer)
         targets = []
         with torch.no_grad():
             for s in range(0, len(hidden), 64):
                 targets.append(torch.log_softmax(self._last_logits(hidden[s:s + 64], None).float(), -1)
                                .to(torch.float16))
         self.data = {"hidden": hidden, "paths": paths, "logp": torch.cat(targets), "source": source}
-        atomic_save(self.data, f)
+        atomic_save(self.data, self.cache_file)
         log.info("preserve targets for %d prompts (%s) in %.1fs", len(hidden), source, time.perf_counter() - t0)
-
-    def _route(self, prompts: list[str]) -> list:
-        from memory_store.router import DocRouter
-        from training.routing import embed, get_embedder
-
-        emb = embed(prompts, get_embedder(self.t.cfg.embedder))
-        router = DocRouter.load(self.t.out / "router")
-        if router is None:
-            return list(self.t.tree.route(emb))
-        # where each prompt would go if the gate let it through: the leaves it could harm
-        out = []
-        for e, p, fallback in zip(emb, prompts, self.t.tree.route(emb), strict=True):
-            c = router.candidates(e, p)
-            out.append(c[0].path if c else fallback)
-        return out
 
     def _last_logits(self, hs: list[torch.Tensor], memory) -> torch.Tensor:
         select = torch.zeros(len(hs), max(h.shape[0] for h in hs), dtype=torch.bool)
         for b, h in enumerate(hs):
             select[b, h.shape[0] - 1] = True
-        return self.t.model.forward_from(pad_hidden(hs), self.t.l0, memory=memory, select=select)
+        return self.model.forward_from(pad_hidden(hs), self.layer, memory=memory, select=select)
 
     def rows_for(self, batch: Batch) -> list[int]:
         """Preserve prompts routed to the batch's leaves first, then to its level-1 nodes, then any."""
         if self.data is None:
             raise RuntimeError("no preserve targets: build() has not run")
-        paths, rng, want = self.data["paths"], self.t.rng, self.t.cfg.preserve_batch
+        paths, rng, want = self.data["paths"], self.rng, self.per_step
         n = len(paths)
         leaves, tops = set(batch.paths), {p[0] for p in batch.paths}
         same_leaf = [i for i in range(n) if paths[i] in leaves]
@@ -263,8 +189,8 @@ class Preservation:
         control and trains on the documents alone)."""
         if self.data is None:
             raise RuntimeError("no preserve targets: build() has not run")
-        memory = self.t.paths_memory([self.data["paths"][i] for i in rows], False)
-        with self.t._autocast():
+        memory = self.memory_for([self.data["paths"][i] for i in rows])
+        with self.autocast():
             logits = self._last_logits([self.data["hidden"][i] for i in rows], memory)
         logp = torch.log_softmax(logits.float(), -1)
         target = self.data["logp"][rows].float()

@@ -7,7 +7,7 @@ over the anchor's own reading of the prompt, or a neighbouring entity's fact ove
 every block's output by one factor s < 1 -- the same as LoRA's alpha at inference -- keeps the fact and
 gives the anchor back its format. The factor is chosen as a gate's thresholds are, on data that is neither
 trained nor tested: the corpus's ``valid`` probes (trained facts asked in a third family of wordings), each
-scored greedily through its fact's path (exact match, `training.evaluate.greedy_correct`) for every s of
+scored greedily through its fact's path (exact match, `training.scoring.greedy_correct`) for every s of
 a grid. The best s wins, ties going to the larger one (the trained scale is 1). It is folded into the
 exported blocks (slot 2, M_down), so the bank serves it with no new knob. A corpus without ``valid``
 probes keeps 1.0. The generic memory gets its own factor by the same rule (it is the control: each memory
@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 
 import torch
 
@@ -68,8 +69,8 @@ def calibrate_memory_scale(model, tokenizer, probes: Sequence, paths: Sequence[S
     Returns ``{"scale", "generic_scale", "n", "accuracy": {s: acc}, "generic_accuracy": {...}, "seconds"}``
     (accuracies as fractions); the caller runs it under its compute dtype's autocast.
     """
-    from training.data import prefix_hidden
-    from training.evaluate import greedy_correct, prepare_items
+    from training.prefix import prefix_hidden
+    from training.scoring import greedy_correct, prepare_items
 
     t0 = time.perf_counter()
     l0 = min(layers)
@@ -91,3 +92,36 @@ def calibrate_memory_scale(model, tokenizer, probes: Sequence, paths: Sequence[S
              s, 100 * acc[s], 100 * acc.get(1.0, float("nan")), gs, len(items), seconds)
     return {"scale": s, "generic_scale": gs, "n": len(items), "accuracy": acc, "generic_accuracy": gacc,
             "seconds": seconds}
+
+
+def given_scale(text: str) -> float:
+    """The number `--memory-scale` gives (a positive one; "auto" is handled by the caller)."""
+    try:
+        s = float(text)
+    except ValueError:
+        s = float("nan")
+    if not s > 0:
+        raise ValueError(f"--memory-scale must be auto or a positive number, not {text!r}")
+    return s
+
+
+def job_memory_scale(setting: str, *, subtree: int | None, docs: Sequence[dict], probes: Sequence,
+                     doc_paths: Sequence[Sequence[int]], model, tokenizer, layers: list[int],
+                     get_block: Callable[[int, int], torch.Tensor], generic: torch.Tensor | None,
+                     autocast: Callable[[], AbstractContextManager]) -> dict:
+    """The output scales a training job folds into its saved blocks: `setting` (``--memory-scale``) when it is a
+    number; with "auto", chosen on the corpus's ``valid`` probes through their facts' paths (`doc_paths`: the
+    path of each of `docs`), 1.0 for a subtree job, whose blocks are merged with others', and for a corpus
+    without valid probes. `generic`: the generic memory, when one was trained."""
+    if setting != "auto":
+        s = given_scale(setting)
+        return {"scale": s, "generic_scale": s, "source": "--memory-scale"}
+    index = {d["id"]: i for i, d in enumerate(docs)}
+    valid = [p for p in probes if p.split == "valid" and p.doc_ids and p.doc_ids[0] in index]
+    if subtree is not None or not valid:
+        return {"scale": 1.0, "generic_scale": 1.0,
+                "source": "subtree job" if subtree is not None else "no valid probes"}
+    with autocast():
+        out = calibrate_memory_scale(model, tokenizer, valid, [doc_paths[index[p.doc_ids[0]]] for p in valid],
+                                     layers, get_block, generic)
+    return {**out, "source": "valid probes"}

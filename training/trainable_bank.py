@@ -15,6 +15,8 @@ import torch
 from torch import nn
 
 INIT_STD = 0.02
+_GENERIC = ("generic",)  # the key of the generic memory among a batch's block keys (paths are (level, node))
+_SHARED = ("shared",)  # the training-only shared block (--shared-prob)
 
 
 def init_block(shape: Sequence[int], generator: torch.Generator, std: float = INIT_STD) -> torch.Tensor:
@@ -89,3 +91,26 @@ class TrainableBank(nn.Module):
 
     def block(self, level: int, index: int) -> nn.Parameter:
         return self.nodes[self.key(level, index)]
+
+    def memory_batch(self, paths: Sequence[Sequence[int]], layers: list[int], generic: bool | Sequence[bool] = False,
+                     shared: Sequence[bool] | None = None):
+        """`lm.MemoryBatch` for rows with these paths (distinct blocks listed once) on anchor `layers`; a row
+        whose `generic` flag is set (one flag for all rows, or one per row) uses the generic memory instead of
+        its path; a path row whose `shared` flag is set also carries the training-only shared block."""
+        from lm import MemoryBatch
+
+        flags = [generic] * len(paths) if isinstance(generic, bool) else list(generic)
+        extra = list(shared) if shared is not None else [False] * len(paths)
+        refs = [[_GENERIC] if g else [(level, int(i)) for level, i in enumerate(path, start=1)] + [_SHARED] * sh
+                for path, g, sh in zip(paths, flags, extra, strict=True)]
+        return MemoryBatch.from_paths(refs, self._block_of, layers)
+
+    def _block_of(self, key) -> torch.Tensor:
+        if key == _GENERIC:
+            return self.generic
+        if key == _SHARED:
+            if self.shared is None:
+                raise RuntimeError("no shared block: --shared-prob is 0")
+            return self.shared
+        return self.block(*key)
+

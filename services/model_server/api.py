@@ -7,8 +7,8 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
-from typing import Annotated, Any
+from collections.abc import AsyncIterator, Mapping
+from typing import Annotated, cast
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
@@ -16,25 +16,33 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from . import generation
 from .auth import Principal
+from .codec import Message, check_prompt_chars, encode_chat
+from .components import Components
 from .errors import InvalidRequest, NotFound, ServerError
 from .generation import OPENAI_FINISH, Generation
+from .reasons import public_memory
 from .sampling import Sampling
 from .schemas import (
+    AssistantMessage,
+    ChatChoice,
     ChatRequest,
     ChatResponse,
+    CompletionChoice,
     CompletionRequest,
     CompletionResponse,
+    GenerateDetails,
     GenerateRequest,
     GenerateResponse,
     MemoryInfo,
     MemorySpec,
+    ModelCard,
     ModelList,
     RouteNode,
     RouteRequest,
     RouteResponse,
     SamplingFields,
+    Usage,
 )
-from .service import Components
 
 log = logging.getLogger(__name__)
 router = APIRouter()
@@ -72,7 +80,7 @@ def _sampling(c: Components, body: SamplingFields, stop: list[str]) -> Sampling:
 
 async def _encode(c: Components, text: str) -> list[int]:
     """Token ids of a prompt: refused by its size before tokenizing, then tokenized off the event loop."""
-    generation.check_prompt_chars(c.codec, len(text), c.settings.max_prompt_tokens)
+    check_prompt_chars(c.codec, len(text), c.settings.max_prompt_tokens)
     return await asyncio.to_thread(c.codec.encode, text)
 
 
@@ -97,7 +105,7 @@ async def _collect(request: Request, gen: Generation) -> tuple[str, str, int]:
     return "".join(parts), reason, n
 
 
-def _sse(obj: Any) -> str:
+def _sse(obj: Mapping[str, object]) -> str:
     return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n"
 
 
@@ -106,7 +114,7 @@ def _stream_response(events: AsyncIterator[str]) -> StreamingResponse:
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
-def _error_event(exc: BaseException | None) -> dict:
+def _error_event(exc: BaseException | None) -> dict[str, dict[str, str | None]]:
     """An error inside a stream: a request error as it is, anything else without its detail (logged)."""
     if isinstance(exc, ServerError):
         return {"error": {"message": exc.message, "type": exc.type, "param": exc.param, "code": exc.code}}
@@ -117,27 +125,21 @@ def _error_event(exc: BaseException | None) -> dict:
 
 # ---- OpenAI ------------------------------------------------------------------------------------
 @router.get("/v1/models", response_model=ModelList, tags=["openai"])
-async def list_models(request: Request, who: Who) -> Any:
+async def list_models(request: Request, who: Who) -> ModelList:
     """Models this server serves."""
     c = components(request)
     now = int(time.time())
-    return {"object": "list", "data": [{"id": m, "object": "model", "created": now, "owned_by": "hiermem"}
-                                       for m in c.model_ids]}
+    return ModelList(data=[ModelCard(id=m, created=now, owned_by="hiermem") for m in c.model_ids])
 
 
 @router.post("/v1/completions", response_model=CompletionResponse, tags=["openai"],
              responses={200: {"content": {"text/event-stream": {}}}})
-async def completions(body: CompletionRequest, request: Request, who: Who) -> Any:
+async def completions(body: CompletionRequest, request: Request, who: Who
+                      ) -> CompletionResponse | StreamingResponse:
     """Text completion (OpenAI), with per-request hierarchical memory."""
     c = components(request)
     model = _check_model(c, body.model)
-    prompts: list[str | list[int]]
-    if isinstance(body.prompt, str):
-        prompts = [body.prompt]
-    elif body.prompt and isinstance(body.prompt[0], int):
-        prompts = [list(body.prompt)]
-    else:
-        prompts = list(body.prompt)  # type: ignore[arg-type]
+    prompts = _prompts(body.prompt)
     if len(prompts) > c.settings.max_prompts:
         raise InvalidRequest(f"at most {c.settings.max_prompts} prompts per request", param="prompt")
     if body.stream and len(prompts) > 1:
@@ -145,12 +147,12 @@ async def completions(body: CompletionRequest, request: Request, who: Who) -> An
     sampling = _sampling(c, body, body.stop_list())
     for p in prompts:  # every size check before any tokenizing
         if isinstance(p, str):
-            generation.check_prompt_chars(c.codec, len(p), c.settings.max_prompt_tokens)
+            check_prompt_chars(c.codec, len(p), c.settings.max_prompt_tokens)
         else:
             generation.check_limits(c.settings, len(p), sampling.max_new_tokens, c.max_seq_len)
             if min(p) < 0 or max(p) >= c.codec.vocab_size:
                 raise InvalidRequest(f"token ids must be in [0, {c.codec.vocab_size})", param="prompt")
-    encoded = []
+    encoded: list[tuple[list[int], str]] = []
     for p in prompts:
         if isinstance(p, str):
             encoded.append((await _encode(c, p), p))
@@ -169,22 +171,32 @@ async def completions(body: CompletionRequest, request: Request, who: Who) -> An
         gen, echo = gens[0], (encoded[0][1] if body.echo else "")
         return _stream_response(_completion_stream(gen, rid, created, model, echo))
     results = await asyncio.gather(*(_collect(request, g) for g in gens))
-    choices, n_out = [], 0
-    for i, (text, reason, n) in enumerate(results):
-        prefix = encoded[i][1] if body.echo else ""
-        choices.append({"index": i, "text": prefix + text, "finish_reason": OPENAI_FINISH.get(reason, reason),
-                        "logprobs": None})
-        n_out += n
-    n_in = sum(g.prompt_tokens for g in gens)
+    choices = [CompletionChoice(index=i, text=(encoded[i][1] if body.echo else "") + text,
+                                finish_reason=OPENAI_FINISH.get(reason, reason))
+               for i, (text, reason, _) in enumerate(results)]
+    n_in, n_out = sum(g.prompt_tokens for g in gens), sum(n for _, _, n in results)
     memory = gens[0].memory if len(gens) == 1 else [g.memory for g in gens]
-    return {"id": rid, "object": "text_completion", "created": created, "model": model, "choices": choices,
-            "usage": {"prompt_tokens": n_in, "completion_tokens": n_out, "total_tokens": n_in + n_out},
-            "memory": memory}
+    return CompletionResponse(id=rid, created=created, model=model, choices=choices,
+                              usage=_usage(n_in, n_out), memory=memory)
+
+
+def _prompts(prompt: str | list[str] | list[int]) -> list[str | list[int]]:
+    """A completion request's prompts: one string, strings, or one prompt of token ids."""
+    if isinstance(prompt, str):
+        return [prompt]
+    if prompt and isinstance(prompt[0], int):  # the schema validated every item as the first one's type
+        return [list(prompt)]
+    prompts: list[str | list[int]] = list(cast("list[str]", prompt))
+    return prompts
+
+
+def _usage(n_in: int, n_out: int) -> Usage:
+    return Usage(prompt_tokens=n_in, completion_tokens=n_out, total_tokens=n_in + n_out)
 
 
 async def _completion_stream(gen: Generation, rid: str, created: int, model: str, echo: str
                              ) -> AsyncIterator[str]:
-    base = {"id": rid, "object": "text_completion", "created": created, "model": model}
+    base: dict[str, object] = {"id": rid, "object": "text_completion", "created": created, "model": model}
     first = True
     n = 0
     async for ev in gen.events():
@@ -199,12 +211,11 @@ async def _completion_stream(gen: Generation, rid: str, created: int, model: str
                 first = False
             yield _sse(chunk)
         elif ev.kind == "done":
-            usage = {"prompt_tokens": gen.prompt_tokens, "completion_tokens": n,
-                     "total_tokens": gen.prompt_tokens + n}
             yield _sse({**base, "choices": [{"index": 0, "text": "", "logprobs": None,
                                              "finish_reason": OPENAI_FINISH.get(ev.finish_reason or "",
                                                                                  ev.finish_reason)}],
-                        "usage": usage, "memory": gen.memory.model_dump()})
+                        "usage": _usage(gen.prompt_tokens, n).model_dump(),
+                        "memory": gen.memory.model_dump()})
         else:
             yield _sse(_error_event(ev.error))
     yield "data: [DONE]\n\n"
@@ -212,30 +223,29 @@ async def _completion_stream(gen: Generation, rid: str, created: int, model: str
 
 @router.post("/v1/chat/completions", response_model=ChatResponse, tags=["openai"],
              responses={200: {"content": {"text/event-stream": {}}}})
-async def chat_completions(body: ChatRequest, request: Request, who: Who) -> Any:
+async def chat_completions(body: ChatRequest, request: Request, who: Who) -> ChatResponse | StreamingResponse:
     """Chat completion (OpenAI) through the anchor's chat template, with hierarchical memory."""
     c = components(request)
     model = _check_model(c, body.model)
-    messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
-                for m in body.messages]
-    generation.check_prompt_chars(c.codec, sum(len(m["content"]) for m in messages), c.settings.max_prompt_tokens)
-    ids = await asyncio.to_thread(generation.encode_chat, c.codec, messages)
+    messages: list[Message] = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+                               for m in body.messages]
+    check_prompt_chars(c.codec, sum(len(m["content"]) for m in messages), c.settings.max_prompt_tokens)
+    ids = await asyncio.to_thread(encode_chat, c.codec, messages)
     route_text = "\n".join(m["content"] for m in messages if m["role"] != "system") or messages[-1]["content"]
     gen = await _begin(request, c, ids, route_text, _sampling(c, body, body.stop_list()), body.memory, who)
     rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     if body.stream:
         return _stream_response(_chat_stream(gen, rid, created, model))
     text, reason, n = await _collect(request, gen)
-    return {"id": rid, "object": "chat.completion", "created": created, "model": model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                         "finish_reason": OPENAI_FINISH.get(reason, reason), "logprobs": None}],
-            "usage": {"prompt_tokens": gen.prompt_tokens, "completion_tokens": n,
-                      "total_tokens": gen.prompt_tokens + n},
-            "memory": gen.memory}
+    choice = ChatChoice(index=0, message=AssistantMessage(content=text),
+                        finish_reason=OPENAI_FINISH.get(reason, reason))
+    return ChatResponse(id=rid, created=created, model=model, choices=[choice],
+                        usage=_usage(gen.prompt_tokens, n), memory=gen.memory)
 
 
 async def _chat_stream(gen: Generation, rid: str, created: int, model: str) -> AsyncIterator[str]:
-    base = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model}
+    base: dict[str, object] = {"id": rid, "object": "chat.completion.chunk", "created": created,
+                               "model": model}
     yield _sse({**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
                                      "finish_reason": None, "logprobs": None}],
                 "memory": gen.memory.model_dump()})
@@ -250,8 +260,7 @@ async def _chat_stream(gen: Generation, rid: str, created: int, model: str) -> A
             yield _sse({**base, "choices": [{"index": 0, "delta": {}, "logprobs": None,
                                              "finish_reason": OPENAI_FINISH.get(ev.finish_reason or "",
                                                                                  ev.finish_reason)}],
-                        "usage": {"prompt_tokens": gen.prompt_tokens, "completion_tokens": n,
-                                  "total_tokens": gen.prompt_tokens + n},
+                        "usage": _usage(gen.prompt_tokens, n).model_dump(),
                         "memory": gen.memory.model_dump()})
         else:
             yield _sse(_error_event(ev.error))
@@ -268,7 +277,7 @@ def _tgi_sampling(c: Components, body: GenerateRequest) -> Sampling:
 
 
 @router.post("/generate", response_model=GenerateResponse, tags=["tgi"])
-async def generate(body: GenerateRequest, request: Request, who: Who) -> Any:
+async def generate(body: GenerateRequest, request: Request, who: Who) -> GenerateResponse:
     """Text generation (TGI style), with hierarchical memory."""
     c = components(request)
     if body.stream:
@@ -276,9 +285,9 @@ async def generate(body: GenerateRequest, request: Request, who: Who) -> Any:
     sampling = _tgi_sampling(c, body)
     gen = await _begin(request, c, await _encode(c, body.inputs), body.inputs, sampling, body.memory, who)
     text, reason, n = await _collect(request, gen)
-    details = ({"finish_reason": reason, "generated_tokens": n, "seed": sampling.seed}
+    details = (GenerateDetails(finish_reason=reason, generated_tokens=n, seed=sampling.seed)
                if body.parameters.details else None)
-    return {"generated_text": text, "details": details, "memory": gen.memory}
+    return GenerateResponse(generated_text=text, details=details, memory=gen.memory)
 
 
 @router.post("/generate_stream", tags=["tgi"], responses={200: {"content": {"text/event-stream": {}}}})
@@ -293,7 +302,7 @@ async def generate_stream(body: GenerateRequest, request: Request,
 
 async def _tgi_stream(gen: Generation, sampling: Sampling) -> AsyncIterator[str]:
     parts: list[str] = []
-    last: dict | None = None
+    last: dict[str, object] | None = None
     n = 0
     async for ev in gen.events():
         if ev.kind == "token":
@@ -318,14 +327,14 @@ async def _tgi_stream(gen: Generation, sampling: Sampling) -> AsyncIterator[str]
 
 # ---- memory ------------------------------------------------------------------------------------
 @router.post("/v1/route", response_model=RouteResponse, tags=["memory"])
-async def route(body: RouteRequest, request: Request, who: Who) -> Any:
+async def route(body: RouteRequest, request: Request, who: Who) -> RouteResponse:
     """Where a prompt would be routed in the memory tree (within the key's subtrees); fetches nothing."""
     c = components(request)
     if c.resolver is None:
         raise InvalidRequest("this server has no memory bank", code="no_bank")
     text = body.prompt if body.prompt is not None else "\n".join(
         m.text() for m in body.messages or [] if m.role not in ("system", "developer"))
-    generation.check_prompt_chars(c.codec, len(text), c.settings.max_prompt_tokens)  # before embedding it
+    check_prompt_chars(c.codec, len(text), c.settings.max_prompt_tokens)  # before embedding it
     path, route_ms, reason = await asyncio.to_thread(c.resolver.route, text, who)
     nodes = []
     if path is not None:
@@ -334,8 +343,8 @@ async def route(body: RouteRequest, request: Request, who: Who) -> Any:
         for ref in path_refs(path):  # `cached` tells what others used recently: only for telemetry keys
             nodes.append(RouteNode(level=ref.level, index=ref.index, shard=str(c.resolver.bank.shard_of(ref)),
                                    cached=(ref in c.resolver.cache) if who.telemetry else None))
-    public = generation.public_memory(MemoryInfo(mode="auto", path=path, reason=reason), who).reason
-    return {"path": path, "nodes": nodes, "route_ms": round(route_ms, 3), "reason": public}
+    public = public_memory(MemoryInfo(mode="auto", path=path, reason=reason), who).reason
+    return RouteResponse(path=path, nodes=nodes, route_ms=round(route_ms, 3), reason=public)
 
 
 __all__ = ["router", "MemoryInfo"]

@@ -27,7 +27,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _serve_model(args: argparse.Namespace) -> int:
-    from .serve import run
+    from .server import run
     from .settings import ModelServerSettings
 
     return run(settings_from_args(ModelServerSettings, args))

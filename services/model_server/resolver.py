@@ -28,13 +28,13 @@ from .auth import Principal
 from .block_cache import BlockCache
 from .errors import Forbidden, InvalidRequest, MemoryUnavailable
 from .metrics import Metrics
+from .reasons import DELETED_REASON, GATED_REASON, NOT_ALLOWED_REASON
 from .request_memory import NO_MEMORY, RequestMemory
 from .schemas import MemoryInfo, MemoryMode, MemorySpec
 
 log = logging.getLogger(__name__)
 
 GENERIC: Final = "generic"
-DELETED_REASON = "the routed subtree was deleted from the bank: memory of the levels above it"
 
 
 Embed = Callable[[list[str]], np.ndarray]
@@ -104,7 +104,7 @@ class MemoryResolver:
             if not allowed:
                 if self.metrics is not None:
                     self.metrics.routed.labels(outcome="not_allowed").inc()
-                return None, 0.0, "the API key allows no memory subtree"
+                return None, 0.0, NOT_ALLOWED_REASON
         t0 = time.perf_counter()
         with self._embed_lock:  # the embedder is not guaranteed thread-safe
             emb = np.asarray(self._embed([text]), dtype=np.float32)[0]
@@ -114,7 +114,7 @@ class MemoryResolver:
             r = self._router.route_one(emb, text, allowed_level1=allowed)
             path = list(r.path) if r.path is not None else None
             if path is None:
-                reason = "no memory: the prompt matches no document of the bank (route gate)"
+                reason = GATED_REASON
         else:
             path = [int(i) for i in self._tree.route(emb[None, :], allowed_level1=allowed)[0]]
         dt = time.perf_counter() - t0
@@ -174,7 +174,7 @@ class MemoryResolver:
         info = MemoryInfo(mode=mode, path=present, levels=[r.level for r in used],
                           cache_hits=got.hits, cache_misses=got.misses, fetch_ms=round(got.fetch_ms, 3),
                           route_ms=round(route_ms, 3))
-        if deleted is not None:  # a fixed text: nothing about the tree beyond the path the client sees
+        if deleted is not None:  # a public text: nothing about the tree beyond the path the client sees
             info.reason = DELETED_REASON
             log.info("path %s: node %s was deleted from the bank, served with levels 1..%d", path, deleted,
                      len(present))

@@ -1,43 +1,22 @@
-"""The `lm` anchor as the engine drives it: KV-cache slots, chunked prefill, batched decode, text codec."""
+"""The `lm` anchor as the engine drives it: KV-cache slots, chunked prefill, batched decode (its text codec:
+codec.py)."""
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Hashable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 
+from .codec import HFCodec
+
 if TYPE_CHECKING:  # pragma: no cover
+    from lm import Anchor
+
     from .slot_memory import SlotMemory
 
 log = logging.getLogger(__name__)
-
-
-class HFCodec:
-    """Text <-> ids through the anchor's tokenizer; chat through its chat template."""
-
-    def __init__(self, tokenizer: Any, vocab_size: int, bos_token_id: int | None = None) -> None:
-        self.tok = tokenizer
-        self.vocab_size = vocab_size
-        self.bos = bos_token_id
-
-    def encode(self, text: str) -> list[int]:
-        ids = list(self.tok.encode(text, add_special_tokens=False))
-        if not ids and self.bos is not None:
-            ids = [self.bos]  # an empty prompt still needs one position to predict from
-        return ids
-
-    def decode(self, ids: list[int]) -> str:
-        return self.tok.decode(list(ids), skip_special_tokens=True)
-
-    def chat(self, messages: list[dict[str, str]]) -> list[int]:
-        if getattr(self.tok, "chat_template", None):
-            out = self.tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-            ids = out["input_ids"] if hasattr(out, "keys") else out
-            return [int(i) for i in ids]
-        text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
-        return self.encode(text)
 
 
 class LmRunner:
@@ -46,12 +25,13 @@ class LmRunner:
     slot pools (`SlotPools`) of that dtype.
 
     Steps run under `torch.inference_mode()`, not `no_grad`: no version counters or view tracking on the
-    ~100 small ops per layer (a batch-1 decode step 62.9 -> 58.2 ms on an AVX2 EPYC in float32). The KV cache
-    and the slot pools are made outside it and written in place inside it, which inference mode allows;
-    the logits it returns are only read (sampled) by the engine."""
+    ~100 small ops per layer, a measurable part of a batch-1 decode step (docs/model_server.md, "Inside").
+    The KV cache and the slot pools are made outside it and written in place inside it, which inference mode
+    allows; the logits it returns are only read (sampled) by the engine."""
 
-    def __init__(self, anchor: Any, n_slots: int, max_seq_len: int, memory_layers: Sequence[int] | None = None,
-                 codec: HFCodec | None = None, *, dtype: str = "auto") -> None:
+    def __init__(self, anchor: Anchor, n_slots: int, max_seq_len: int,
+                 memory_layers: Sequence[int] | None = None, codec: HFCodec | None = None, *,
+                 dtype: str = "auto") -> None:
         from lm import KVCache
         from lm.fast import prepare_for_inference
 
@@ -149,7 +129,7 @@ class LmRunner:
 
 def load_codec_and_runner(anchor_name: str, *, n_slots: int, max_seq_len: int,
                           memory_layers: Sequence[int] | None = None, dtype: str = "auto"
-                          ) -> tuple[Any, HFCodec, LmRunner]:
+                          ) -> tuple[Anchor, HFCodec, LmRunner]:
     """Load the anchor (`lm.load_anchor`) and wrap it for the engine."""
     from lm import load_anchor
 

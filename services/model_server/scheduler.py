@@ -23,7 +23,7 @@ of a burst are in arrival order until it grows.
 from __future__ import annotations
 
 from collections.abc import Hashable, Mapping, Sequence
-from typing import Any, Literal, Protocol, TypeVar
+from typing import Literal, Protocol, TypeVar
 
 from .settings import ModelServerSettings
 
@@ -40,18 +40,17 @@ class Waiting(Protocol):
 W = TypeVar("W", bound=Waiting)
 
 
-def _server_default(field: str) -> Any:
-    """The scheduler's defaults are the server's (settings.py): one place for each number."""
-    return ModelServerSettings.model_fields[field].default
+_SERVER = ModelServerSettings.model_construct()
+"""The server's defaults (settings.py; not validated, the environment not read): the scheduler's defaults are
+the server's, one place for each number."""
 
 
 class Scheduler:
     """Picks which waiting requests join the batch when slots free up."""
 
-    def __init__(self, mode: Literal["subtree", "fifo"] = _server_default("scheduler"),
-                 max_wait_s: float = _server_default("max_wait_s"), max_skips: int = _server_default("max_skips"),
-                 wait_factor: float = _server_default("wait_factor"),
-                 admit_group: int = _server_default("admit_group")) -> None:
+    def __init__(self, mode: Literal["subtree", "fifo"] = _SERVER.scheduler,
+                 max_wait_s: float = _SERVER.max_wait_s, max_skips: int = _SERVER.max_skips,
+                 wait_factor: float = _SERVER.wait_factor, admit_group: int = _SERVER.admit_group) -> None:
         if mode not in ("subtree", "fifo"):
             raise ValueError(f"unknown scheduler mode {mode!r}")
         self.mode = mode

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
 from pydantic import (
     AfterValidator,
@@ -30,11 +30,13 @@ def _utf8_text(value: str) -> str:
 
 Text = Annotated[str, AfterValidator(_utf8_text)]
 """A request string: valid unicode (no lone surrogates)."""
-def at_most(n: int) -> BeforeValidator:
-    """Refuse a list longer than `n` before validating its items (pydantic's `max_length` checks after
-    them: a 1 MB list of small items held the event loop for 100-200 ms)."""
 
-    def check(value: Any) -> Any:
+
+def at_most(n: int) -> BeforeValidator:
+    """Refuse a list longer than `n` before validating its items: pydantic's `max_length` checks after them,
+    which for a large list of small items holds the event loop (docs/model_server.md, "Strict input")."""
+
+    def check(value: object) -> object:
         if isinstance(value, list) and len(value) > n:
             raise ValueError(f"at most {n} items, not {len(value)}")
         return value
@@ -42,9 +44,9 @@ def at_most(n: int) -> BeforeValidator:
     return BeforeValidator(check)
 
 
-def _prompt_kind(value: Any) -> str | None:
-    """Which form a prompt has, from its first item, so only that form is validated (a union tries every
-    member and collects an error per item of each failing one: 225 ms for a 1 MB list of token ids)."""
+def _prompt_kind(value: object) -> str | None:
+    """Which form a prompt has, from its first item, so only that form is validated: a union tries every
+    member and collects an error per item of each failing one (docs/model_server.md, "Strict input")."""
     if isinstance(value, str):
         return "str"
     if isinstance(value, list):
@@ -66,7 +68,7 @@ PromptSpec = Annotated[
     | Annotated[list[Text], Field(min_length=1, max_length=MAX_PROMPT_LIST), at_most(MAX_PROMPT_LIST),
                 Tag("list[str]")]
     | Annotated[list[int], Field(min_length=1), Tag("list[int]")],  # ids checked in range by the route, after
-    # its length (a per-item constraint here cost 70 ms for a 1 MB list, on the event loop)
+    # its length: a per-item constraint here would hold the event loop (docs/model_server.md, "Strict input")
     Discriminator(_prompt_kind, custom_error_type="invalid_prompt",
                   custom_error_message="a string, a list of strings or a list of token ids")]
 Float = Annotated[float, Field(allow_inf_nan=False)]
@@ -89,7 +91,7 @@ def unsupported(*neutral: object) -> AfterValidator:
     changes nothing (what SDKs send by default), otherwise 400 naming the field."""
     accepted = ", ".join(["null", *(json.dumps(n) for n in neutral)])
 
-    def check(value: Any) -> Any:
+    def check(value: object) -> object:
         if value is None or any(_same(value, n) for n in neutral):
             return value
         raise ValueError(f"not supported by this server (accepted values: {accepted})")
@@ -97,8 +99,8 @@ def unsupported(*neutral: object) -> AfterValidator:
     return AfterValidator(check)
 
 
-Unsupported = Annotated[Any, Field(description="not supported by this server: accepted only as null or at "
-                                               "its neutral value (what SDKs send by default)")]
+Unsupported = Annotated[object, Field(description="not supported by this server: accepted only as null or at "
+                                                  "its neutral value (what SDKs send by default)")]
 
 
 class _Request(BaseModel):

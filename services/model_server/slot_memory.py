@@ -36,7 +36,7 @@ import functools
 import logging
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Literal, TypedDict, cast
 
 import torch
 import torch.nn.functional as F
@@ -52,12 +52,20 @@ log = logging.getLogger(__name__)
 ORIENTATION_SHAPES = ((1, 336, 1), (4, 256, 2), (12, 64, 2), (16, 16, 1))
 
 
+class Orientation(TypedDict):
+    """What `measure_orientation` measured: both orientations' total time over the shapes, and the choice."""
+
+    weight_first_ms: float
+    input_first_ms: float
+    choice: Literal["weight_first", "input_first"]
+
+
 @functools.cache
-def measure_orientation(dtype: torch.dtype, d: int, repeats: int = 3) -> tuple[bool, dict[str, Any]]:
+def measure_orientation(dtype: torch.dtype, d: int, repeats: int = 3) -> tuple[bool, Orientation]:
     """Whether the memory MLP's products run weight-first (`W @ hᵀ`) rather than input-first (`h @ Wᵀ`) on this
     machine, and the measurement: the same products, same bytes, but oneDNN's kernels for a few rows read the
-    weight at speeds that differ by machine (weight-first was 1.4x faster for one row on an AMX Xeon; input-first
-    2x faster for the pooled batch on an AVX-512 EPYC, docs/lm.md). Both orientations run the `ORIENTATION_SHAPES`
+    weight at speeds that differ by machine, so which orientation wins differs too (the figures per machine:
+    docs/lm.md, "The orientation is measured, not fixed"). Both orientations run the `ORIENTATION_SHAPES`
     over fresh weights of about 16 MB per shape (so they stream from memory, as in a decode step), best of
     `repeats`; weight-first is taken only where it is faster in total. Once per (dtype, d) per process."""
     gen = torch.Generator().manual_seed(0)
@@ -81,7 +89,9 @@ def measure_orientation(dtype: torch.dtype, d: int, repeats: int = 3) -> tuple[b
     choice = times["weight_first_ms"] < times["input_first_ms"]
     log.info("memory products: %s (measured %s, %s, d=%d)", "weight-first" if choice else "input-first",
              times, str(dtype).removeprefix("torch."), d)
-    return choice, {**times, "choice": "weight_first" if choice else "input_first"}
+    return choice, Orientation(weight_first_ms=times["weight_first_ms"],
+                               input_first_ms=times["input_first_ms"],
+                               choice="weight_first" if choice else "input_first")
 
 
 class _Pool:
@@ -142,7 +152,7 @@ class SlotPools:
         self.layers = [int(x) for x in layers]
         self.dtype = dtype
         self._weight_first = weight_first
-        self.orientation: dict[str, Any] | None = None  # the measurement, where one was made
+        self.orientation: Orientation | None = None  # the measurement, where one was made
         if weight_first is None and d is not None:
             self.weight_first_for(d)
         self.pools: dict[int, _Pool] = {}

@@ -3,7 +3,7 @@ sentence openings are replaced."""
 
 from __future__ import annotations
 
-from training.preservation import name_anaphors, subject_names
+from training.views import name_anaphors, subject_names
 
 
 def test_subject_is_the_name_the_document_repeats_not_the_rarer_side_name():
@@ -32,7 +32,7 @@ def test_only_later_sentence_openings_that_do_not_name_the_subject_are_replaced(
 
 
 def test_pronoun_views_make_later_name_openings_it_and_keep_the_first():
-    from training.preservation import pronoun_views
+    from training.views import pronoun_views
 
     docs = [{"id": "a", "text": "Iyesi observes UTC+1. Iyesi lies in Nigeria. About 17,000 people live in Iyesi."},
             {"id": "b", "text": "Ghent is old. The capital of Belgium is Brussels."},  # no later opening: no view

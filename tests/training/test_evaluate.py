@@ -9,8 +9,8 @@ import numpy as np
 import torch
 
 from training.corpus import Corpus, Probe
-from training.data import prefix_hidden
-from training.evaluate import greedy_correct, prepare_items, text_match
+from training.prefix import prefix_hidden
+from training.scoring import greedy_correct, prepare_items, text_match
 
 
 def test_greedy_check_agrees_with_real_generation(corpus_dir):

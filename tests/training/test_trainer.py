@@ -3,6 +3,8 @@ the exported bank round-trips through memory_store."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -126,6 +128,12 @@ def test_exported_bank_round_trips(corpus_dir, tmp_path):
 
     cfg = tiny_config(corpus_dir, tmp_path / "job", shards=2)
     info = train(cfg)
+    # the layers --mem-layers chose are the trainer's: the config keeps None, as config.json does, while
+    # job.json and the checkpoint record them
+    assert cfg.memory_layers is None and info["memory_layers"] == [2, 3]
+    assert json.loads((tmp_path / "job" / "config.json").read_text()) == {**cfg.model_dump(), "memory_layers": None}
+    ck = torch.load(tmp_path / "job" / "checkpoint.pt", weights_only=False)
+    assert ck["config"] == {**cfg.model_dump(), "memory_layers": [2, 3]}
     bank = Bank.open(info["bank"])
     assert bank.bank_id == info["bank_id"]
     assert bank.spec.memory_layers == [2, 3] and bank.spec.branching == [2, 2]
@@ -142,8 +150,6 @@ def test_exported_bank_round_trips(corpus_dir, tmp_path):
 
 
 def test_train_anchor_and_init_anchor_run_the_same_trainer(corpus_dir, tmp_path):
-    import json
-
     from lm import load_anchor
     from memory_store import Bank
 
@@ -169,7 +175,7 @@ def test_train_anchor_and_init_anchor_run_the_same_trainer(corpus_dir, tmp_path)
 def test_preserve_loss_is_zero_for_a_fresh_memory_and_trains_the_routed_blocks(corpus_dir, tmp_path):
     t = Trainer(tiny_config(corpus_dir, tmp_path / "p", preserve_weight=1.0, preserve_batch=6))
     keep = t.preservation
-    assert keep is not None and keep.rows  # the corpus's preserve.jsonl
+    assert keep is not None and keep.source.rows  # the corpus's preserve.jsonl
     t.build_prefix_cache()
     keep.build()
     assert keep.data is not None and keep.data["source"] == "preserve.jsonl"
@@ -219,7 +225,7 @@ def test_without_a_preserve_file_the_prompts_are_derived_from_the_documents(tmp_
     corpus_dir = tmp_path / "c"
     Corpus(docs=docs * 3).save(corpus_dir)
     t = Trainer(tiny_config(corpus_dir, tmp_path / "job", preserve_weight=1.0, branching=[2, 2]))
-    assert t.preservation is not None and not t.preservation.rows
+    assert t.preservation is not None and not t.preservation.source.rows
     t.build_prefix_cache()
     t.preservation.build()
     assert t.preservation.ready and t.preservation.data["source"] == "derived from the documents"
@@ -261,7 +267,7 @@ def test_bfloat16_steps_store_the_frozen_weights_once_with_the_same_loss_and_res
     before = {n: p.detach().clone() for n, p in t.model.named_parameters()}
     with torch.no_grad():
         cast_per_call = float(t.batch_loss(batch))
-    saved = t._frozen_weights_to_compute_dtype()
+    saved = t.compute.store_frozen_weights(t.l0)
     converted = [m for m in t.model.model.layers[t.l0:].modules() if isinstance(m, torch.nn.Linear)]
     assert saved and set(saved) == set(converted)
     assert all(m.weight.dtype == torch.bfloat16 for m in converted)
@@ -269,7 +275,7 @@ def test_bfloat16_steps_store_the_frozen_weights_once_with_the_same_loss_and_res
     with torch.no_grad():
         stored_once = float(t.batch_loss(batch))
     assert stored_once == cast_per_call  # autocast ran the same bfloat16 matmuls
-    t._restore_weights(saved)
+    t.compute.restore_weights(saved)
     t.train()  # converts and restores around the loop
     for n, p in t.model.named_parameters():
         assert p.dtype == torch.float32 and torch.equal(p, before[n]), n
@@ -306,7 +312,7 @@ def test_permuted_views_train_each_document_again_with_its_sentences_reordered(d
     """--permuted-views: extra training sequences, each a document's sentences in another order, on the
     document's path; routing, the exported bank's documents and preservation keep the originals."""
     from memory_store.router import sentences
-    from training.preservation import permuted_views
+    from training.views import permuted_views
 
     docs = [{"id": "a", "text": "Essen lies in Germany. About 590,000 people live in Essen. It observes UTC+1."},
             {"id": "b", "text": "One sentence only."}]
@@ -319,18 +325,18 @@ def test_permuted_views_train_each_document_again_with_its_sentences_reordered(d
     plain = Trainer(tiny_config(docs_corpus, tmp_path / "plain", loss="all", routing="tree"))
     t = Trainer(tiny_config(docs_corpus, tmp_path / "views", loss="all", routing="tree", permuted_views=1))
     n = len(t.docs)
-    assert len(t.token_ids) > n and len(t.train_paths) == len(t.token_ids) and np.array_equal(t.paths, plain.paths)
+    assert len(t.data) > n and len(t.data.paths) == len(t.data) and np.array_equal(t.paths, plain.paths)
     _, of = permuted_views(t.docs, 1, seed=0)
-    assert np.array_equal(t.train_paths[n:], t.paths[of])
+    assert np.array_equal(t.data.paths[n:], t.paths[of])
     assert t.batches_per_epoch > plain.batches_per_epoch
     t.train()
-    assert len(t.prefix) == len(t.token_ids)
+    assert t.prefix is not None and len(t.prefix.entries) == len(t.data)
 
 
 def test_pronoun_views_follow_the_permuted_views_on_their_documents_paths(docs_corpus, tmp_path):
     """--pronoun-views: after the documents (and any permuted views), one view per document whose later
     sentences open with its name, trained on that document's path; routing keeps the documents."""
-    from training.preservation import permuted_views, pronoun_views, subject_names
+    from training.views import permuted_views, pronoun_views, subject_names
 
     plain = Trainer(tiny_config(docs_corpus, tmp_path / "plain", loss="all", routing="tree"))
     t = Trainer(tiny_config(docs_corpus, tmp_path / "both", loss="all", routing="tree", permuted_views=1,
@@ -339,23 +345,24 @@ def test_pronoun_views_follow_the_permuted_views_on_their_documents_paths(docs_c
     perm, perm_of = permuted_views(t.docs, 1, seed=0)
     pron, pron_of = pronoun_views(t.docs, subject_names(t.docs))
     assert pron and np.array_equal(t.paths, plain.paths)
-    assert len(t.token_ids) == n + len(perm) + len(pron) == len(t.train_paths)
-    assert np.array_equal(t.train_paths[n:n + len(perm)], t.paths[perm_of])
-    assert np.array_equal(t.train_paths[n + len(perm):], t.paths[pron_of])
+    assert len(t.data) == n + len(perm) + len(pron) == len(t.data.paths)
+    assert np.array_equal(t.data.paths[n:n + len(perm)], t.paths[perm_of])
+    assert np.array_equal(t.data.paths[n + len(perm):], t.paths[pron_of])
 
 
 def test_skip_name_targets_leaves_every_mention_of_the_subject_out_of_the_loss(docs_corpus, tmp_path):
     """--skip-name-targets: the tokens of each training sequence's subject name (as `subject_names` finds
     it; every mention, also in the permuted views) are no loss targets; the other tokens still are."""
-    from training.preservation import subject_names
+    from training.views import subject_names
 
     plain = Trainer(tiny_config(docs_corpus, tmp_path / "plain", loss="all", routing="tree"))
     t = Trainer(tiny_config(docs_corpus, tmp_path / "skip", loss="all", routing="tree", permuted_views=1,
                             skip_name_targets=True))
-    assert plain.target_keep is None and len(t.target_keep) == len(t.token_ids)
+    assert plain.data.target_keep is None
+    assert t.data.target_keep is not None and len(t.data.target_keep) == len(t.data)
     names = subject_names(t.docs)
     for i, name in enumerate(names):
-        keep, ids = t.target_keep[i], t.token_ids[i]
+        keep, ids = t.data.target_keep[i], t.data.token_ids[i]
         dropped = t.tokenizer.decode([x for x, k in zip(ids, keep.tolist(), strict=True) if not k])
         if name is None:
             assert keep.all()
@@ -367,10 +374,10 @@ def test_skip_name_targets_leaves_every_mention_of_the_subject_out_of_the_loss(d
     from training.data import pad_ids
 
     docs = [i for i, n in enumerate(names) if n][:3]
-    ids, mask = pad_ids([t.token_ids[i] for i in docs])
-    select, full = t.loss_select(docs, ids, mask), plain.loss_select(docs, ids, mask)
+    ids, mask = pad_ids([t.data.token_ids[i] for i in docs])
+    select, full = t.data.loss_select(docs, ids, mask), plain.data.loss_select(docs, ids, mask)
     for b, i in enumerate(docs):
-        n = len(t.token_ids[i])
-        assert select[b, :n - 1].tolist() == t.target_keep[i][1:].tolist() and not select[b, n - 1:].any()
+        n = len(t.data.token_ids[i])
+        assert select[b, :n - 1].tolist() == t.data.target_keep[i][1:].tolist() and not select[b, n - 1:].any()
         assert full[b, :n - 1].all()
     t.train()

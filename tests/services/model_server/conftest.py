@@ -10,10 +10,10 @@ from fastapi.testclient import TestClient
 
 from services.model_server.app import create_app
 from services.model_server.auth import KeyStore, hash_key
+from services.model_server.components import Components, build_memory_side
 from services.model_server.engine import Engine
 from services.model_server.metrics import Metrics
 from services.model_server.scheduler import Scheduler
-from services.model_server.service import Components, build_memory_side
 from services.model_server.settings import ModelServerSettings
 
 from .fakes import FakeCodec, FakeFetcher, FakeRunner, fake_embed

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+from services.model_server.reasons import NOT_ALLOWED_REASON, levels_unavailable
+
 from .fakes import FakeFetcher
 
 
@@ -122,7 +124,7 @@ def test_api_keys_and_subtree_restriction(make_client, keys_file):
     assert all(r.index == 1 if r.level == 1 else r.index // 2 == 1 for r in fetcher.fetched)
     nomem = client.post("/v1/completions", headers={"Authorization": "Bearer k-none"},
                         json={"prompt": "topic2", "max_tokens": 2}).json()
-    assert nomem["memory"]["levels"] == [] and "no memory" in nomem["memory"]["reason"]
+    assert nomem["memory"]["levels"] == [] and nomem["memory"]["reason"] == NOT_ALLOWED_REASON
     full = client.post("/v1/completions", headers={"Authorization": "Bearer k-all"},
                        json={"prompt": "topic2", "max_tokens": 2}).json()
     assert full["memory"]["path"][0] == 2
@@ -133,7 +135,9 @@ def test_degraded_and_strict(make_client):
     fetcher.down.add("s1")  # subtrees 1 and 3
     client = make_client(fetcher=fetcher)
     r = client.post("/v1/completions", json={"prompt": "topic3", "max_tokens": 2}).json()
-    assert r["memory"]["degraded"] and "unavailable" in r["memory"]["reason"] and r["memory"]["levels"] == []
+    every_level = list(range(1, len(r["memory"]["path"]) + 1))
+    assert r["memory"]["degraded"] and r["memory"]["reason"] == levels_unavailable(every_level), r["memory"]
+    assert r["memory"]["levels"] == []
     ok = client.post("/v1/completions", json={"prompt": "topic2", "max_tokens": 2}).json()
     assert not ok["memory"]["degraded"]
     strict = make_client(fetcher=fetcher, strict=True)

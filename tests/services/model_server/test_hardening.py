@@ -11,6 +11,14 @@ import pytest
 import torch
 
 from lm.generate import SamplingParams, sample_next
+from services.model_server.reasons import (
+    DELETED_REASON,
+    GATED_REASON,
+    NO_BANK_REASON,
+    NOT_ALLOWED_REASON,
+    UNAVAILABLE_REASON,
+    levels_unavailable,
+)
 
 from .fakes import FakeCodec, FakeFetcher, FakeRunner
 
@@ -26,7 +34,7 @@ def _err(resp, status):
 def hf_codec():
     """The real SmolLM2 tokenizer (through the tiny anchor) in the server's codec."""
     from lm import load_anchor
-    from services.model_server.runner import HFCodec
+    from services.model_server.codec import HFCodec
 
     anchor = load_anchor("tiny")
     return HFCodec(anchor.tokenizer, int(anchor.config.vocab_size), anchor.config.bos_token_id)
@@ -200,7 +208,7 @@ def test_memory_reason_has_no_internal_addresses_or_checksums(make_client, caplo
         r = client.post("/v1/completions", json={"prompt": "topic3", "max_tokens": 2})
         assert r.status_code == 200
         mem = r.json()["memory"]
-        assert mem["degraded"] and mem["reason"] == "memory levels [1, 2] unavailable", mem
+        assert mem["degraded"] and mem["reason"] == levels_unavailable([1, 2]), mem
         _no_internals(r.text)
         with client.stream("POST", "/v1/completions", json={"prompt": "topic3 again", "max_tokens": 2,
                                                             "stream": True}) as resp:
@@ -376,21 +384,19 @@ def test_401_has_www_authenticate(make_client, keys_file):
 
 def test_public_memory_keeps_fixed_reasons_and_hides_details():
     from services.model_server.auth import Principal
-    from services.model_server.generation import public_memory
+    from services.model_server.reasons import public_memory
     from services.model_server.schemas import MemoryInfo
 
     who = Principal(tenant="t", subtrees=frozenset({1}), telemetry=False)
-    for fixed in ("the API key allows no memory subtree", "no memory bank configured",
-                  "no memory: the prompt matches no document of the bank (route gate)",
-                  "the routed subtree was deleted from the bank: memory of the levels above it"):
+    for fixed in (NOT_ALLOWED_REASON, NO_BANK_REASON, GATED_REASON, DELETED_REASON):
         assert public_memory(MemoryInfo(mode="auto", path=[1], levels=[1], reason=fixed), who).reason == fixed
     leaky = MemoryInfo(mode="path", path=[1, 3, 2], levels=[1], degraded=True, cache_hits=1, fetch_ms=3.0,
                        reason="levels [2, 3] unavailable: shard 1: replica 10.0.0.9:7000 DATA_LOSS crc32c")
     out = public_memory(leaky, who)
-    assert out.reason == "memory levels [2, 3] unavailable" and out.cache_hits is None and out.fetch_ms is None
+    assert out.reason == levels_unavailable([2, 3]) and out.cache_hits is None and out.fetch_ms is None
     assert leaky.reason.startswith("levels") and leaky.cache_hits == 1  # the original is not changed
     odd = public_memory(MemoryInfo(mode="auto", reason="grpc StatusCode.UNAVAILABLE 10.0.0.9:7000"), who)
-    assert odd.reason == "memory unavailable"
+    assert odd.reason == UNAVAILABLE_REASON
 
 
 def test_route_refuses_an_oversized_prompt_before_embedding(make_client):
@@ -404,9 +410,8 @@ def test_chat_template_that_changes_content_refuses_special_tokens(hf_codec):
     special token's text is refused rather than tokenized as that token."""
     import copy
 
+    from services.model_server.codec import HFCodec, encode_chat
     from services.model_server.errors import InvalidRequest
-    from services.model_server.generation import encode_chat
-    from services.model_server.runner import HFCodec
 
     tok = copy.deepcopy(hf_codec.tok)
     tok.chat_template = hf_codec.tok.chat_template.replace("message['content']", "(message['content'] | trim)")

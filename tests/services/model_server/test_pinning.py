@@ -12,8 +12,8 @@ import torch
 
 from memory_store import NodeRef
 from services.model_server.block_cache import BlockCache
+from services.model_server.components import build_memory_side, pin_deadline_s
 from services.model_server.metrics import Metrics
-from services.model_server.service import build_memory_side, pin_deadline_s
 from services.model_server.settings import ModelServerSettings
 
 from .fakes import FakeFetcher, fake_embed

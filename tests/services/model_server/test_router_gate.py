@@ -10,9 +10,10 @@ from memory_store.embed import HashEmbedder
 from memory_store.router import DocRouter
 from services.model_server.auth import Principal
 from services.model_server.block_cache import BlockCache
+from services.model_server.components import LocalFetcher
 from services.model_server.metrics import Metrics
+from services.model_server.reasons import GATED_REASON
 from services.model_server.resolver import MemoryResolver
-from services.model_server.service import LocalFetcher
 from tests.memory_store.conftest import tiny_spec, write_bank
 
 DOCS = ["Kisumu is a city in Kenya. About 600,000 people live in Kisumu.",
@@ -38,7 +39,7 @@ def test_prompts_go_to_their_documents_path_and_unknown_ones_get_no_memory(tmp_p
     assert r.route("Which element has the symbol Os?", EVERYONE)[0] == [1, 4]
     assert r.route("Q: Where is Zwolle?\nA:", EVERYONE)[0] == [1, 5]
     path, _, reason = r.route("The planet closest to the sun is", EVERYONE)
-    assert path is None and reason is not None and "gate" in reason
+    assert path is None and reason == GATED_REASON
     memory, info = r.resolve("auto", "The planet closest to the sun is", EVERYONE)
     assert memory.keys == () and info.mode == "auto" and not info.degraded and info.path is None
     memory, info = r.resolve("auto", "Which element has the symbol Os?", EVERYONE)

@@ -40,9 +40,9 @@ async def serve(settings: ModelServerSettings) -> None:
 
 def limit_malloc_arenas(n: int = 2) -> None:
     """Cap glibc's malloc arenas (as MALLOC_ARENA_MAX=n would). Each thread that allocates (uvicorn's
-    worker threads, the engine) otherwise gets an arena of its own that keeps what it freed: measured on
-    the model server, RSS kept creeping up by ~10 MB per round of mixed requests with the default cap
-    (8 x cores) and stayed flat after the first round with 2 (tests/integration/test_footprint.py)."""
+    worker threads, the engine) otherwise gets an arena of its own that keeps what it freed, and the
+    server's RSS creeps up round after round (docs/model_server.md, "Memory footprint";
+    tests/integration/test_footprint.py)."""
     import ctypes
     import ctypes.util
 
@@ -59,7 +59,7 @@ def run(settings: ModelServerSettings) -> int:
     limit_malloc_arenas()
     try:
         asyncio.run(serve(settings))
-    except BankMismatch as exc:  # the bank was built for another anchor (service.build_components)
+    except BankMismatch as exc:  # the bank was built for another anchor (components.build_components)
         why = f"{exc}; serve it with the anchor it was built for, or rebuild the bank for this one"
         log.error("%s", why)
         raise SystemExit(f"hiermem serve-model: {why}") from None

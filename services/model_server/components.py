@@ -16,8 +16,8 @@ from services.memory_bank.result import FetchResult
 
 from .auth import KeyStore
 from .block_cache import BlockCache, Fetcher
+from .codec import Codec
 from .engine import Engine
-from .generation import Codec
 from .metrics import Metrics
 from .resolver import BankView, Embed, MemoryResolver
 from .scheduler import Scheduler
@@ -140,7 +140,7 @@ def build_components(settings: ModelServerSettings) -> Components:
     if bank is not None:
         from memory_store import load_embedder
 
-        bank.check_anchor(anchor.identity)  # BankMismatch: serve.py ends the process with its message
+        bank.check_anchor(anchor.identity)  # BankMismatch: server.py ends the process with its message
         bank_id = bank.bank_id
         fetcher = make_fetcher(settings, bank, metrics)
         closers.append(fetcher.close)
