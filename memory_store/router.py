@@ -11,10 +11,13 @@ knows nothing about -- gets some leaf's blocks. The router fixes both:
   that share its rare words (a small inverted index: names and codes that an embedder blurs); the best
   candidate by ``cosine + lexical_weight * shared rarity`` gives the path.
 * **Gate.** Memory is used only when the best candidate shares a rare word with the prompt (inverse
-  document frequency at least ``min_idf``) and is close enough (``cosine >= min_cos``). Otherwise the
-  request runs on the anchor alone: a prompt about something the bank does not hold is left as the anchor
-  would answer it. Both thresholds are chosen on data when the bank is built (training/routing.py,
-  docs/training.md) and stored with the index.
+  document frequency at least ``min_idf``) and is close enough (``cosine >= min_cos``), or when it shares
+  a name-rare word (``idf >= name_idf``, a word few documents hold: the subject's name or code) at a lower
+  cosine (``name_cos``): a long message about a trained subject ("I am flying to X next week, ...") is
+  far from every document as a whole but names the subject. Otherwise the request runs on the anchor
+  alone: a prompt about something the bank does not hold is left as the anchor would answer it. The
+  thresholds are chosen on data when the bank is built (training/routing.py, docs/training.md) and stored
+  with the index; an index without the name tier (``name_idf`` absent) never opens by it.
 
 Files in the bank directory (optional: a bank without them routes by descent, ungated):
 ``router.safetensors`` (view embeddings, view -> document, document paths, words per document as CSR) and
@@ -28,7 +31,7 @@ import json
 import math
 import os
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -75,6 +78,7 @@ class Route:
     cos: float  # cosine of the prompt to that document's nearest view
     idf: float  # largest inverse document frequency among the words prompt and document share
     score: float
+    name_idf: float = 0.0  # the same among the shared words that hold a letter (names and codes, not numbers)
 
     @property
     def gated(self) -> bool:
@@ -88,7 +92,8 @@ class DocRouter:
                  doc_word_ptr: np.ndarray, doc_word_ids: np.ndarray, vocab: Sequence[str],
                  df: np.ndarray | Sequence[int], *, min_idf: float, min_cos: float, lexical_weight: float = 0.5,
                  top_views: int = 32, max_docs_per_word: int = 64, calibration: dict | None = None,
-                 doc_ids: Sequence[str] | None = None) -> None:
+                 doc_ids: Sequence[str] | None = None, name_idf: float = math.inf,
+                 name_cos: float = 1.0) -> None:
         self.view_emb = np.ascontiguousarray(view_emb, dtype=np.float32)
         self.view_doc = np.asarray(view_doc, dtype=np.int64)
         self.doc_paths = np.asarray(doc_paths, dtype=np.int64)
@@ -100,11 +105,13 @@ class DocRouter:
         if len(self.view_emb) != len(self.view_doc) or len(self.doc_word_ptr) != self.n_docs + 1:
             raise BankError("router index is inconsistent (views, documents and words disagree)")
         self.min_idf, self.min_cos = float(min_idf), float(min_cos)
+        self.name_idf, self.name_cos = float(name_idf), float(name_cos)
         self.lexical_weight, self.top_views = float(lexical_weight), int(top_views)
         self.max_docs_per_word = int(max_docs_per_word)
         self.calibration = dict(calibration or {})
         self.doc_ids = list(doc_ids) if doc_ids is not None else [str(i) for i in range(self.n_docs)]
         self._word_id = {w: i for i, w in enumerate(self.vocab)}
+        self._lettered = [any(ch.isalpha() for ch in w) for w in self.vocab]
         self._idf = np.log((self.n_docs + 1) / (self.df + 1)).astype(np.float32)
         self.max_idf = float(math.log(self.n_docs + 1))  # a word no document has
         self._doc_views = _group(self.view_doc, np.arange(len(self.view_doc)), self.n_docs)  # views of a doc
@@ -140,12 +147,15 @@ class DocRouter:
     # ---- routing ----------------------------------------------------------------------------------------
 
     def candidates(self, emb: np.ndarray, text: str, allowed_level1: Iterable[int] | None = None) -> list[Route]:
-        """Every candidate document of one prompt, best first (gate not applied: `path` always set)."""
-        emb = np.asarray(emb, dtype=np.float32).reshape(-1)
+        """Every candidate document of one prompt, best first (gate not applied: `path` always set).
+
+        `emb`: the prompt's embedding, or one row per `query_texts(text)` (the whole prompt, then each of its
+        sentences): a document's cosine is then its best over the rows, so a long message is as close to a
+        document as its sentence about the document's subject."""
+        emb = np.atleast_2d(np.asarray(emb, dtype=np.float32))
         q_words = {w for w in words(text)}
         q_ids = {self._word_id[w] for w in q_words if w in self._word_id}
-        cos_views = self._search(emb)
-        cand: set[int] = {int(self.view_doc[v]) for v in cos_views}
+        cand: set[int] = {int(self.view_doc[v]) for row in emb for v in self._search(row)}
         for wid in q_ids:
             docs = self._word_docs[wid]
             if len(docs) <= self.max_docs_per_word:
@@ -158,10 +168,11 @@ class DocRouter:
             shared = [int(w) for w in self.doc_word_ids[self.doc_word_ptr[d]:self.doc_word_ptr[d + 1]]
                       if int(w) in q_ids]
             idfs = self._idf[shared] if shared else np.zeros(0, dtype=np.float32)
-            cos = float(np.max(self.view_emb[self._doc_views[d]] @ emb))
+            cos = float(np.max(self.view_emb[self._doc_views[d]] @ emb.T))
             score = cos + self.lexical_weight * float(idfs.sum()) / self.max_idf
+            lettered = [i for w, i in zip(shared, idfs.tolist(), strict=True) if self._lettered[w]]
             out.append(Route(tuple(int(x) for x in self.doc_paths[d]), d, cos,
-                             float(idfs.max()) if len(idfs) else 0.0, score))
+                             float(idfs.max()) if len(idfs) else 0.0, score, max(lettered, default=0.0)))
         out.sort(key=lambda r: (-r.score, r.doc))
         return out
 
@@ -170,9 +181,32 @@ class DocRouter:
         if not cands:
             return Route(None, -1, 0.0, 0.0, 0.0)
         best = cands[0]
-        if self.open(best.cos, best.idf):
+        if self.open(best.cos, best.idf, best.name_idf):
             return best
-        return Route(None, best.doc, best.cos, best.idf, best.score)
+        return Route(None, best.doc, best.cos, best.idf, best.score, best.name_idf)
+
+    @staticmethod
+    def query_texts(text: str) -> list[str]:
+        """What to embed for a prompt: the whole prompt, then each of its sentences when it has several (at
+        most 8: the first 7 and the last, where a question usually stands)."""
+        parts = sentences(text)
+        if len(parts) <= 1:
+            return [text]
+        return [text] + (parts if len(parts) <= 8 else parts[:7] + parts[-1:])
+
+    def embed_queries(self, texts: Sequence[str], embed: Callable[[list[str]], np.ndarray]) -> list[np.ndarray]:
+        """Per text, the embeddings of its `query_texts` (one `embed` call for all of them)."""
+        parts = [self.query_texts(t) for t in texts]
+        flat = [q for qs in parts for q in qs]
+        emb = np.asarray(embed(flat), dtype=np.float32) if flat else np.zeros((0, self.view_emb.shape[1]), np.float32)
+        bounds = np.cumsum([0] + [len(qs) for qs in parts])
+        return [emb[bounds[i]:bounds[i + 1]] for i in range(len(texts))]
+
+    def route_texts(self, texts: Sequence[str], embed: Callable[[list[str]], np.ndarray],
+                    allowed_level1: Iterable[int] | None = None) -> list[Route]:
+        """`route_one` for each text, embedded by `embed_queries`."""
+        return [self.route_one(e, t, allowed_level1)
+                for e, t in zip(self.embed_queries(texts, embed), texts, strict=True)]
 
     def route(self, emb: np.ndarray, texts: Sequence[str], allowed_level1: Iterable[int] | None = None
               ) -> list[Route]:
@@ -181,9 +215,12 @@ class DocRouter:
             raise BankError(f"{len(emb)} embeddings for {len(texts)} texts")
         return [self.route_one(e, t, allowed_level1) for e, t in zip(emb, texts, strict=True)]
 
-    def open(self, cos: float, idf: float) -> bool:
-        """The gate: a shared word that some documents lack (idf > 0), rare enough, and close enough."""
-        return idf > 0 and idf >= self.min_idf and cos >= self.min_cos
+    def open(self, cos: float, idf: float, name_idf: float = 0.0) -> bool:
+        """The gate: a shared word that some documents lack (idf > 0), rare enough and close enough; or a
+        shared name-rare word with a letter (`Route.name_idf`: a name or code, not a number such as a
+        population that a sum shares by chance) at the name tier's lower cosine."""
+        return idf > 0 and ((idf >= self.min_idf and cos >= self.min_cos)
+                            or (name_idf > 0 and name_idf >= self.name_idf and cos >= self.name_cos))
 
     def _search(self, emb: np.ndarray) -> np.ndarray:
         k = min(self.top_views, len(self.view_emb))
@@ -211,6 +248,7 @@ class DocRouter:
         os.replace(tmp, dir / TENSORS_FILE)
         meta = {"format": FORMAT, "sha256": _sha256(dir / TENSORS_FILE), "vocab": self.vocab,
                 "min_idf": self.min_idf, "min_cos": self.min_cos, "lexical_weight": self.lexical_weight,
+                **({"name_idf": self.name_idf, "name_cos": self.name_cos} if math.isfinite(self.name_idf) else {}),
                 "top_views": self.top_views, "max_docs_per_word": self.max_docs_per_word,
                 "calibration": self.calibration, "doc_ids": self.doc_ids}
         tmp = dir / (META_FILE + ".tmp")
@@ -238,7 +276,8 @@ class DocRouter:
                    meta["vocab"], t["df"], min_idf=meta["min_idf"], min_cos=meta["min_cos"],
                    lexical_weight=meta.get("lexical_weight", 0.5), top_views=meta.get("top_views", 32),
                    max_docs_per_word=meta.get("max_docs_per_word", 64), calibration=meta.get("calibration"),
-                   doc_ids=meta.get("doc_ids"))
+                   doc_ids=meta.get("doc_ids"), name_idf=meta.get("name_idf", math.inf),
+                   name_cos=meta.get("name_cos", 1.0))
 
     @staticmethod
     def copy_files(src: str | Path, dst: str | Path) -> bool:

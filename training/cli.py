@@ -162,6 +162,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     lt.add_argument("--rag", type=lambda t: [int(x) for x in t.split(",") if x], default=[],
                     help="also score retrieval: the anchor with the top-k documents before the prompt, e.g. 1,3")
     lt.add_argument("--no-general", action="store_true", help="skip the general-prompts check")
+    lt.add_argument("--chat", type=int, default=0, metavar="N",
+                    help="also ask in chat (training/chat_eval.py): every rarest-bucket trained fact and N cases "
+                         "per other family, memory off / auto / retrieval side by side (0 = off)")
     lt.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "auto"],
                     help="run the anchor as the model server does in this compute dtype (lm/fast.py); "
                          "float32 = the plain model")

@@ -103,6 +103,14 @@ class TrainConfig(BaseSettings):
     """preservation prompts per step"""
     preserve_per_doc: int = 1
     """without a preserve file: entity-swapped openings derived per document (training/preservation.py)"""
+    distill_weight: float = 0.0
+    """weight of the context-distillation KL (training/distill.py): the blocks without the document match
+    the frozen anchor with the document in context, on chat turns and text prefixes about the document's
+    subject (0 = off)"""
+    distill_batch: int = 8
+    """distillation rows per step (of the step's documents first)"""
+    distill_tokens: int = 24
+    """tokens of the teacher's greedy continuation the student is held to"""
     memory_scale: str = "auto"
     """output scale folded into the exported blocks: "auto" = chosen on the corpus's ``valid`` probes after
     training (training/scale.py; 1.0 when it has none), or a number, e.g. 0.6"""

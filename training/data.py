@@ -169,9 +169,11 @@ class TrainingSet:
         if pronoun_views:
             extra.append(views.pronoun_views(trained, names))
         self.paths = paths  # (N, depth): each sequence's path
+        self.doc_of = list(range(len(docs)))  # the document each sequence comes from
         seq_names = list(names)  # the subject of every sequence (with skip_name_targets)
         for more, of in extra:
             trained = trained + more
+            self.doc_of += list(of)
             seq_names += [names[i] for i in of] if names else []
             if of:
                 self.paths = np.concatenate([self.paths, paths[of]])

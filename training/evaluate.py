@@ -92,7 +92,7 @@ def summarize(items: list[Item], correct: dict[str, np.ndarray], deleted_subtree
 def evaluate_longtail(bank_dir: Path, corpus_dir: Path, anchor: str | None = None, out_dir: Path | None = None,
                       delete: int | None = None, batch_size: int = 64, limit: int = 0,
                       hidden_lookup=None, progress: bool = True, rag: tuple[int, ...] = (),
-                      general: bool = True, dtype: str = "float32") -> dict:
+                      general: bool = True, dtype: str = "float32", chat: int = 0) -> dict:
     """Run the long-tail evaluation and write longtail.json / .md / .png into `out_dir` (default BANK/eval).
 
     Args:
@@ -103,6 +103,8 @@ def evaluate_longtail(bank_dir: Path, corpus_dir: Path, anchor: str | None = Non
         general: score memory auto against memory off on the general prompts (training/general_use.py).
         dtype: run the anchor as the model server does in this compute dtype (`lm.fast.prepare_for_inference`:
             "auto", "bfloat16" or "float32" = the plain float32 model, the default).
+        chat: also the chat-level evaluation (training/chat_eval.py): every trained fact of the rarest bucket
+            and this many cases of each other family, memory off / auto / retrieval side by side (0 = off).
 
     Prompts are routed as the model server routes them: through the bank's nearest-document router and
     its gate when the bank has one (a gated prompt gets no memory), else by the tree's descent.
@@ -188,6 +190,9 @@ def evaluate_longtail(bank_dir: Path, corpus_dir: Path, anchor: str | None = Non
     result["cost"] = cost
     if general:
         result["general"] = general_use(model, tok, a.chat_template, bank, router, embedder, sources, layers)
+    if chat:
+        result["chat"] = run_chat_eval(model, tok, a.chat_template, router, embedder, corpus, sources, layers,
+                                       chat)
     result["per_probe"] = [
         {"prompt": it.probe.prompt, "answer": it.probe.answer, "split": it.probe.split, "bucket": it.probe.bucket,
          "relation": it.probe.relation, "path": list(it.path), "reached": reached_fact(it, fact_paths),
@@ -203,14 +208,32 @@ def evaluate_longtail(bank_dir: Path, corpus_dir: Path, anchor: str | None = Non
     return result
 
 
+def run_chat_eval(model, tok, chat_template, router, embedder, corpus: Corpus, sources: dict, layers: list[int],
+                  per_family: int) -> dict:
+    """`chat_eval` of the corpus's rarest trained facts and `per_family` cases of each other family (the
+    general prompts drawn from the evaluation half), through the hierarchical memory."""
+    from training.chat_eval import chat_cases, chat_eval
+    from training.corpus_docs import load_general_prompts
+    from training.routing import embed
+
+    rng = np.random.default_rng(0)
+    general = load_general_prompts("eval")
+    general = [general[i] for i in sorted(rng.choice(len(general), min(per_family, len(general)), replace=False))]
+    rarest = max((p.bucket for p in corpus.probes if p.split == "train"), default=0)
+    cases = chat_cases(corpus.probes, general=general, per_family=per_family, full_buckets=[rarest])
+    report = chat_eval(model, tok, chat_template, router, lambda xs: embed(xs, embedder), corpus.docs,
+                       sources["hierarchical"].block, layers, cases)
+    report["rarest_bucket"] = rarest
+    return report
+
+
 def route_prompts(bank, router, texts: list[str], embedder) -> list[tuple[int, ...]]:
     """Paths as the model server would choose them (() = no memory: the router's gate is closed)."""
     from training.routing import embed
 
-    emb = embed(texts, embedder)
-    if router is not None:
-        return [r.path or () for r in router.route(emb, texts)]
-    return [tuple(int(x) for x in p) for p in bank.tree.route(emb)]
+    if router is not None:  # the whole prompt and each of its sentences, as the model server embeds them
+        return [r.path or () for r in router.route_texts(texts, lambda xs: embed(xs, embedder))]
+    return [tuple(int(x) for x in p) for p in bank.tree.route(embed(texts, embedder))]
 
 
 def trained_paths(bank, router, docs: list[dict], embedder) -> dict[str, tuple[int, ...]]:
@@ -273,7 +296,7 @@ def run_eval_command(args) -> int:
                                out_dir=Path(args.out) if args.out else None, delete=args.delete,
                                batch_size=args.batch_size, limit=args.limit,
                                rag=tuple(args.rag), general=not args.no_general,
-                               dtype=getattr(args, "dtype", "float32"))
+                               dtype=getattr(args, "dtype", "float32"), chat=getattr(args, "chat", 0))
     print(markdown(result))
     return 0
 

@@ -58,7 +58,12 @@ def markdown(result: dict) -> str:
         for k in ("inside", "rest"):
             lines.append(f"| {k} | {_pct(d[k]['anchor'])} | {_pct(d[k]['hierarchical'])} | "
                          f"{_pct(d[k]['hierarchical_deleted'])} |")
-    return "\n".join(lines) + "\n"
+    text = "\n".join(lines) + "\n"
+    if result.get("chat"):
+        from training.chat_eval import chat_markdown
+
+        text += "\n" + chat_markdown(result["chat"])
+    return text
 
 
 def bar_chart(result: dict, path: Path) -> None:

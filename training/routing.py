@@ -15,9 +15,10 @@ away from the prompt: measured here, only about half of the probes then reach th
 from __future__ import annotations
 
 import logging
+import math
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -198,37 +199,70 @@ def group_paths(tree, emb: np.ndarray, groups: np.ndarray) -> np.ndarray:
     return tree.route(means)[groups]
 
 
-def calibrate_gate(router, embedder, positives: Sequence[str], negatives: Sequence[str],
-                   max_false_open: float = 0.02) -> dict:
-    """Choose the router's gate thresholds on data: the most permissive (min_idf, min_cos) whose share of
-    `negatives` (prompts the bank should leave alone) let through is at most `max_false_open`, maximising
-    the share of `positives` (prompts about trained facts, in wordings not used for testing) let through.
+def calibrate_gate(router, embedder, positives: Sequence[str], negatives: Sequence[str] | Mapping[str, Sequence[str]],
+                   max_false_open: float = 0.02, name_tier: bool = True) -> dict:
+    """Choose the router's gate thresholds on data: the most permissive (min_idf, min_cos) -- and, with
+    `name_tier`, (name_idf, name_cos): a name-rare shared word at a lower cosine -- whose share of
+    `negatives` (prompts the bank should leave alone; with families, in every family) let through is at most
+    `max_false_open`, maximising
+    the share of `positives` (prompts about trained subjects, in wordings not used for testing) let through.
     Sets them on `router` and returns the figures (stored in the router's `calibration`)."""
     def best(texts: Sequence[str]) -> np.ndarray:
         if not texts:
             return np.zeros((0, 2))
-        emb = embed(list(texts), embedder)
         rows = []
-        for e, t in zip(emb, texts, strict=True):
+        for e, t in zip(router.embed_queries(list(texts), lambda xs: embed(xs, embedder)), texts, strict=True):
             c = router.candidates(e, t)
-            rows.append((c[0].idf, c[0].cos) if c else (0.0, -1.0))
-        return np.asarray(rows, dtype=np.float64)
+            rows.append((c[0].idf, c[0].cos, c[0].name_idf) if c else (0.0, -1.0, 0.0))
+        return np.asarray(rows, dtype=np.float64).reshape(-1, 3)
 
-    pos, neg = best(positives), best(negatives)
-    idf_grid = sorted({0.0, *np.round(pos[:, 0], 6).tolist()}) if len(pos) else [router.min_idf]
-    cos_grid = [-1.0, *np.round(np.quantile(pos[:, 1], np.linspace(0, 0.3, 13)), 6).tolist()] if len(pos) else [0.0]
-    choice = (router.min_idf, router.min_cos, -1.0, 1.0)
-    for ti in idf_grid:
-        for tc in cos_grid:
-            tpr = float(np.mean((pos[:, 0] >= ti) & (pos[:, 1] >= tc))) if len(pos) else 0.0
-            fpr = float(np.mean((neg[:, 0] >= ti) & (neg[:, 1] >= tc))) if len(neg) else 0.0
-            if fpr <= max_false_open and (tpr, -fpr) > (choice[2], -choice[3]):
-                choice = (ti, tc, tpr, fpr)
-    if len(pos):
-        router.min_idf, router.min_cos = float(choice[0]), float(choice[1])
-    report = {"min_idf": router.min_idf, "min_cos": router.min_cos, "positives": len(pos),
-              "negatives": len(neg), "open_positives": choice[2] if len(pos) else None,
-              "open_negatives": choice[3] if len(pos) else None, "max_false_open": max_false_open}
+    families = dict(negatives) if isinstance(negatives, Mapping) else {"negatives": negatives}
+    pos = best(positives)
+    negs = [best(list(v)) for v in families.values() if len(v)]
+    neg = np.concatenate(negs) if negs else np.zeros((0, 3))
+    if not len(pos):
+        report = {"min_idf": router.min_idf, "min_cos": router.min_cos, "positives": 0, "negatives": len(neg),
+                  "open_positives": None, "open_negatives": None, "max_false_open": max_false_open}
+        router.calibration = report
+        return report
+    # inf: the cosine tier off (only the name tier opens)
+    idf_grid = np.unique(np.round([0.0, *np.quantile(pos[:, 0], np.linspace(0, 0.5, 26)), math.inf], 6))
+    cos_grid = np.unique(np.round([-1.0, *np.quantile(pos[:, 1], np.linspace(0, 0.3, 13))], 6))
+    # the name tier: idf over most of the positives' range, cosine over its low half
+    name_idf_grid: np.ndarray | list[float] = np.unique(np.round(np.quantile(pos[:, 2], np.linspace(0, 0.9, 19)), 6)) if name_tier else []
+    name_cos_grid = np.unique(np.round([-1.0, *np.quantile(pos[:, 1], np.linspace(0, 0.5, 11))], 6))
+
+    def opened(x: np.ndarray, ti: np.ndarray, tc: np.ndarray, column: int = 0) -> np.ndarray:
+        """(len(ti), len(x)) bool: which rows of x pass (idf >= ti, cos >= tc), idf > 0 always required;
+        `column` 2 reads the name tier's idf (DocRouter.open)."""
+        idf = x[None, :, column]
+        return (x[None, :, 0] > 0) & (idf > 0) & (idf >= ti[:, None]) & (x[None, :, 1] >= tc[:, None])
+
+    ti, tc = (g.ravel() for g in np.meshgrid(idf_grid, cos_grid, indexing="ij"))
+    base_pos, base_neg = opened(pos, ti, tc), [opened(n, ti, tc) for n in negs]  # (G, n)
+    tiers = [(math.inf, 1.0)] + [(float(a), float(b)) for a in name_idf_grid for b in name_cos_grid]
+    choice = (router.min_idf, router.min_cos, math.inf, 1.0, -1.0, 1.0)
+    for ni, nc in tiers:
+        extra_pos = opened(pos, np.array([ni]), np.array([nc]), 2)[0]
+        tpr = np.mean(base_pos | extra_pos[None, :], axis=1)
+        fpr = np.zeros(len(ti))  # the worst family's share let through
+        for n, b in zip(negs, base_neg, strict=True):
+            fpr = np.maximum(fpr, np.mean(b | opened(n, np.array([ni]), np.array([nc]), 2)[0][None, :], axis=1))
+        ok = fpr <= max_false_open
+        if not ok.any():
+            continue
+        # most positives let through, then fewest negatives (np.lexsort: last key first)
+        cand = np.flatnonzero(ok)
+        k = cand[np.lexsort((fpr[cand], -tpr[cand]))[0]]
+        if (tpr[k], -fpr[k]) > (choice[4], -choice[5]):
+            choice = (float(ti[k]), float(tc[k]), ni, nc, float(tpr[k]), float(fpr[k]))
+    router.min_idf, router.min_cos, router.name_idf, router.name_cos = choice[:4]
+    report = {"min_idf": router.min_idf, "min_cos": router.min_cos,
+              "name_idf": router.name_idf if math.isfinite(router.name_idf) else None,
+              "name_cos": router.name_cos if math.isfinite(router.name_idf) else None,
+              "positives": len(pos), "negatives": {k: len(v) for k, v in families.items()},
+              "open_positives": choice[4],
+              "open_negatives": choice[5], "max_false_open": max_false_open}
     router.calibration = report
     log.info("gate calibrated: %s", report)
     return report
@@ -280,34 +314,70 @@ def route_documents(cfg, docs: list[dict], out: Path, d, probes: list | None = N
 def make_router(docs: Sequence[dict], paths: np.ndarray, embedder, probes: Sequence,
                 max_false_open: float = 0.02):
     """The nearest-document router of these documents (route_text, when given, is indexed with the text),
-    its gate calibrated on data: the corpus's ``valid`` probes (trained facts in wordings kept apart from the
-    test probes) should pass, its ``valid_heldout`` probes and the general-prompt validation set should not."""
+    its gate calibrated on data (`gate_prompts`)."""
     from memory_store.router import DocRouter
 
     texts = [doc["route_text"] + " " + doc["text"] if doc.get("route_text") else doc["text"] for doc in docs]
     router = DocRouter.build(texts, paths, lambda xs: embed(xs, embedder), doc_ids=[doc["id"] for doc in docs])
-    positives = [p.prompt for p in probes if p.split == "valid"]
-    source = "valid probes"
-    if not positives:  # a user's corpus: nothing but documents
-        positives, source = document_openings(docs), "document openings"
-    negatives = [p.prompt for p in probes if p.split == "valid_heldout"] + general_validation_prompts()
+    positives, negatives, source = gate_prompts(docs, probes, dict(zip(router.vocab, router.df.tolist(), strict=True)))
     calibrate_gate(router, embedder, positives, negatives, max_false_open=max_false_open)
     router.calibration["positives_source"] = source
     return router
 
 
-def document_openings(docs: Sequence[dict]) -> list[str]:
+def gate_prompts(docs: Sequence[dict], probes: Sequence, df: dict[str, int]
+                 ) -> tuple[list[str], dict[str, list[str]], str]:
+    """(positives, negatives by family, what the positives are) for the gate's calibration.
+
+    Positives: the corpus's ``valid`` probes (trained facts in wordings kept apart from the test probes) or,
+    for a user's corpus without them, each document's opening; and in both cases questions and requests
+    about each document's subject in the generic `chat_forms.CALIBRATION_FORMS` (two per subject), so that
+    the gate opens for the way people ask, not only for the documents' own phrasing. Negatives: the
+    corpus's ``valid_heldout`` probes, the general-prompt validation set, and the openings and forms with
+    the subject's name swapped for an invented one and every other rare word (document frequency `df` at
+    most 1% of the documents, at least 3: names, codes, numbers) left out, so that they share the
+    documents' domain words ("city", "state") but no name: a question about a subject the bank does not
+    hold must stay closed."""
+    from training.chat_forms import CALIBRATION_FORMS, swapped_subjects
+    from training.views import subject_names
+
+    names = subject_names(docs)
+    valid = [p.prompt for p in probes if p.split == "valid"]
+    openings = document_openings(docs, names)
+    base, source = (valid, "valid probes") if valid else ([o for o, _ in openings], "document openings")
+    subjects = list(dict.fromkeys(n for n in names if n))
+    k = len(CALIBRATION_FORMS)
+    forms = [(CALIBRATION_FORMS[(i + j) % k].format(name=n), n) for i, n in enumerate(subjects) for j in (0, k // 2)]
+    positives = base + [f for f, _ in forms]
+    source += f" + {len(subjects)} subjects in the calibration forms"
+    rare = max(3.0, 0.01 * len(docs))
+    swapped = swapped_subjects([t for t, _ in openings + forms], [n for _, n in openings + forms])
+    negatives = {"valid_heldout": [p.prompt for p in probes if p.split == "valid_heldout"],
+                 "general": general_validation_prompts(),
+                 "invented subjects": [_without_rare_words(t, df, rare) for t in swapped]}
+    return positives, negatives, source
+
+
+def _without_rare_words(text: str, df: dict[str, int], rare: float) -> str:
+    """`text` without the words that at most `rare` documents hold (words no document holds stay)."""
+    from memory_store.router import words
+
+    drop = {w for w in words(text) if 0 < df.get(w, 0) <= rare}
+    return " ".join(t for t in text.split() if not (set(words(t)) & drop))
+
+
+def document_openings(docs: Sequence[dict], names: Sequence[str | None] | None = None
+                      ) -> list[tuple[str, str | None]]:
     """Stand-in positives for the gate when a corpus has no ``valid`` probes: each document's first
-    sentence cut before its last word, as a prompt about the document's subject would read. They are
-    easier than questions in other words, so the gate calibrated on them errs on the closed side: it still
-    lets through at most ``max_false_open`` of the negatives (without any positives, the gate kept its
-    default and let 9% of the general validation prompts through on the facts corpus)."""
+    sentence cut before its last word, as a prompt about the document's subject would read, with the
+    document's subject name (`names[i]`, None when not given). They are easier than questions in other
+    words, which is why the gate also calibrates on questions about each subject (`gate_prompts`)."""
     out = []
-    for d in docs:
+    for i, d in enumerate(docs):
         first = re.split(r"(?<=[.!?])\s+", d["text"].strip())[0]
         cut = first.rstrip(".!? ").rsplit(" ", 1)[0]
         if len(cut.split()) >= 2:
-            out.append(cut)
+            out.append((cut, names[i] if names is not None else None))
     return out
 
 

@@ -7,6 +7,7 @@ A job directory (``--out``) holds everything a run needs to resume and to export
     doc_emb.npy          the documents' routing embeddings; doc_paths.npy their routes
     prefix-rank<R>.pt    the prefix cache of process R (frozen anchor only; training/prefix.py)
     preserve.pt          the preservation prompts' states and KL targets (training/preservation.py)
+    distill.pt           the context-distillation prompts' teacher targets and states (training/distill.py)
     checkpoint.pt        memories + optimizer + schedule + position in the epoch (atomic writes)
     memory.safetensors   the trained blocks ("<level>_<index>") and "generic", when training ended
     anchor/              the trained anchor, with --train-anchor / --init-anchor
@@ -39,12 +40,14 @@ from training.compute import Compute
 from training.config import TrainConfig
 from training.corpus import Corpus
 from training.data import Batch, TrainingSet, atomic_save, leaf_batches, pad_hidden, pad_ids
+from training.distill import Distillation
 from training.distributed import Dist, barrier, init_distributed, sync_gradients
 from training.prefix import PrefixCache, surprising_positions
 from training.preservation import Preservation, PreserveSource
 from training.routing import embed, get_embedder, route_documents
 from training.scale import given_scale, job_memory_scale, scaled
 from training.trainable_bank import TrainableBank
+from training.views import subject_names
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +120,7 @@ class Trainer:
         self.tokens_seen = 0
         self.compute = Compute(self.model, cfg.compute_dtype)
         self.preservation = self._preservation(corpus.preserve) if cfg.preserve_weight > 0 else None
+        self.distillation = self._distillation() if cfg.distill_weight > 0 else None
 
     def _optimizer(self) -> None:
         """AdamW over the memories (and the anchor, when it trains too) and its schedule over the job's steps."""
@@ -149,6 +153,17 @@ class Trainer:
                             memory_for=partial(self.memory.memory_batch, layers=self.layers),
                             autocast=self.compute.autocast, rng=self.rng, per_step=cfg.preserve_batch,
                             cache_file=self.out / "preserve.pt")
+
+    def _distillation(self) -> Distillation:
+        if not self.use_prefix:
+            raise ValueError("--distill-weight needs the frozen anchor's prefix cache (no --train-anchor, "
+                             "--init-anchor or --no-prefix-cache)")
+        return Distillation(self.docs, subject_names(self.docs), self.paths, model=self.model,
+                            tokenizer=self.tokenizer, chat_template=getattr(self.tokenizer, "chat_template", None),
+                            layer=self.l0, memory_for=partial(self.memory.memory_batch, layers=self.layers),
+                            autocast=self.compute.autocast, rng=self.rng, per_step=self.cfg.distill_batch,
+                            cache_file=self.out / "distill.pt", n_tokens=self.cfg.distill_tokens,
+                            seed=self.cfg.seed)
 
     # -- prefix cache ------------------------------------------------------------------------------------
 
@@ -224,6 +239,12 @@ class Trainer:
                 kl = keep.loss(rows)
                 total = total + self.cfg.preserve_weight * kl
                 stats["kl"] = float(kl.detach())
+            teach = self.distillation
+            drows = teach.rows_for(batch, self.data.doc_of) if teach is not None and teach.ready else []
+            if teach is not None and drows:  # the tree's blocks as the document in context (training/distill.py)
+                dkl = teach.loss(drows)
+                total = total + self.cfg.distill_weight * dkl
+                stats["distill"] = float(dkl.detach())
             if len(systems) > 1:
                 stats["loss_generic"] = float(losses[1].detach())
             total.backward()
@@ -275,6 +296,8 @@ class Trainer:
         self.build_surprising()
         if self.preservation is not None and not self.train_anchor:
             self.preservation.build()
+        if self.distillation is not None:
+            self.distillation.build(progress=self.cfg.progress and self.dist.main)
         saved = {} if self.train_anchor else self.compute.store_frozen_weights(self.l0)
         try:
             return self._loop()
@@ -301,6 +324,7 @@ class Trainer:
                     tok_s = self.tokens_seen * self.dist.world / max(self.train_seconds, 1e-9)
                     bar.set_postfix(epoch=self.epoch, loss=f"{stats.get('loss', float('nan')):.3f}",
                                     kl=f"{stats.get('kl', float('nan')):.3f}",
+                                    distill=f"{stats.get('distill', float('nan')):.3f}",
                                     generic=f"{stats.get('loss_generic', float('nan')):.3f}",
                                     tok_s=f"{tok_s:.0f}")
                 if self.global_step % self.cfg.checkpoint_every == 0:

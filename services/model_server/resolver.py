@@ -106,17 +106,19 @@ class MemoryResolver:
                     self.metrics.routed.labels(outcome="not_allowed").inc()
                 return None, 0.0, NOT_ALLOWED_REASON
         t0 = time.perf_counter()
-        with self._embed_lock:  # the embedder is not guaranteed thread-safe
-            emb = np.asarray(self._embed([text]), dtype=np.float32)[0]
         reason = None
         path: list[int] | None
+        with self._embed_lock:  # the embedder is not guaranteed thread-safe
+            if self._router is not None:  # the whole prompt and each of its sentences (DocRouter.query_texts)
+                r = self._router.route_texts([text], self._embed, allowed_level1=allowed)[0]
+            else:
+                emb = np.asarray(self._embed([text]), dtype=np.float32)
         if self._router is not None:
-            r = self._router.route_one(emb, text, allowed_level1=allowed)
             path = list(r.path) if r.path is not None else None
             if path is None:
                 reason = GATED_REASON
         else:
-            path = [int(i) for i in self._tree.route(emb[None, :], allowed_level1=allowed)[0]]
+            path = [int(i) for i in self._tree.route(emb[:1], allowed_level1=allowed)[0]]
         dt = time.perf_counter() - t0
         if self.metrics is not None:
             self.metrics.route_latency.observe(dt)

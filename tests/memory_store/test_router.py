@@ -127,10 +127,13 @@ def test_without_valid_probes_the_gate_is_calibrated_on_document_openings():
     from training.routing import document_openings, general_validation_prompts, make_router
 
     docs = [{"id": f"d{i}", "text": t} for i, t in enumerate(DOCS)]
-    assert document_openings(docs[:2]) == ["Kisumu is a city in", "The city of Kisumu lies in Kenya and observes"]
+    assert document_openings(docs[:2], ["Kisumu", "Kisumu"]) == [("Kisumu is a city in", "Kisumu"),
+                                                                  ("The city of Kisumu lies in Kenya and observes",
+                                                                   "Kisumu")]
     r = make_router(docs, PATHS, load_embedder("hash-trigram"), probes=[], max_false_open=0.0)
     cal = r.calibration
-    assert cal["positives_source"] == "document openings" and cal["positives"] == len(DOCS)
+    assert cal["positives_source"].startswith("document openings + ")
+    assert cal["positives"] > len(DOCS)  # the openings and questions about each document's subject
     assert cal["open_negatives"] == 0.0 and cal["open_positives"] > 0.5
     neg = general_validation_prompts()
     assert all(x.gated for x in r.route(embedder()(neg), neg))  # the negatives it was calibrated on
@@ -153,3 +156,59 @@ def test_bank_operations_carry_the_router_into_the_new_bank(tmp_path):
     for d in ("deleted", "resharded"):
         back = DocRouter.load(tmp_path / d)
         assert back is not None and back.n_docs == len(DOCS)
+
+
+def test_the_gate_calibration_asks_about_subjects_and_keeps_invented_ones_out():
+    from training.routing import gate_prompts
+
+    docs = [{"id": f"d{i}", "text": t} for i, t in enumerate(DOCS)]
+    r = DocRouter.build(DOCS, PATHS, embedder())
+    df = dict(zip(r.vocab, r.df.tolist(), strict=True))
+    pos, neg, source = gate_prompts(docs, [], df)
+    assert "What do you know about Kisumu?" in pos and "Kisumu is a city in" in pos
+    assert "subjects in the calibration forms" in source
+    # negatives: the same prompts about invented subjects, without the documents' other rare words
+    swapped = [n for n in neg["invented subjects"] if n.endswith("is a city in")]
+    assert swapped and not any("Kisumu" in n or "Zwolle" in n for n in swapped)
+    assert not any(w in words(n) for n in neg["invented subjects"] for w in ("kenya", "netherlands", "76"))
+    assert neg["general"] and neg["valid_heldout"] == []
+
+
+def test_a_long_message_reaches_its_subject_through_its_sentences_and_the_name_tier(router):
+    emb = embedder()
+    msg = ("I am flying out next week for a conference and I have never travelled that far. "
+           "My hotel is in Zwolle. What should I pack?")
+    assert router.query_texts(msg)[0] == msg and len(router.query_texts(msg)) == 4
+    [whole] = router.route(emb([msg]), [msg])
+    [parts] = router.route_texts([msg], emb)
+    assert parts.cos > whole.cos  # its sentence about Zwolle is closer to Zwolle's document than the whole
+    router.min_idf, router.min_cos = 0.5, 0.99  # the cosine tier alone: closed
+    assert router.route_texts([msg], emb)[0].gated
+    router.name_idf, router.name_cos = 1.0, -1.0  # a shared name-rare word opens it
+    assert router.route_texts([msg], emb)[0].path == (1, 2)
+    # the name tier needs a word with a letter: a number shared by chance (a population) does not open it
+    assert router.route_texts(["600,000 + 12 ="], emb)[0].gated
+
+
+def test_the_calibration_chooses_the_name_tier_when_it_lets_more_through(router):
+    from training.routing import calibrate_gate
+
+    emb = load_embedder("hash-trigram")
+    pos = ["Kisumu is located in", "Zwolle lies in",
+           "My sister has lived abroad for many years and she now writes to me from Gouda, of all places."]
+    # a sum that shares a population figure (as rare a word as "Gouda") cannot be told apart by idf alone
+    neg = ["The planet closest to the sun is", "What is a city?", "Kenya is a country in", "600,000 + 12 ="]
+    report = calibrate_gate(router, emb, pos, neg, max_false_open=0.0)
+    assert report["open_positives"] == 1.0 and report["open_negatives"] == 0.0
+    assert report["name_idf"] is not None and router.name_idf == report["name_idf"]
+    assert all(r.gated for r in router.route_texts(neg, emb.embed))
+
+
+def test_routers_saved_without_the_name_tier_load_without_it(router, tmp_path):
+    router.save(tmp_path)
+    assert "name_idf" not in json.loads((tmp_path / "router.json").read_text())
+    assert DocRouter.load(tmp_path).name_idf == float("inf")  # type: ignore[union-attr]
+    router.name_idf, router.name_cos = 3.0, 0.1
+    router.save(tmp_path)
+    back = DocRouter.load(tmp_path)
+    assert back is not None and (back.name_idf, back.name_cos) == (3.0, 0.1)

@@ -105,6 +105,17 @@ def test_a_build_without_the_generic_control_serves_and_evaluates_without_one(tm
     acc = out["result"]["accuracy"]
     assert set(acc) == {"anchor", "hierarchical", "hierarchical_deleted"}
     assert set(out["result"]["broken"]) == {"hierarchical"}
+    # `hiermem eval longtail --chat N`: the chat-level families beside the completion probes
+    from training.evaluate import evaluate_longtail
+
+    result = evaluate_longtail(tmp_path / "bank", tmp_path / "work" / "corpus", out_dir=tmp_path / "chat",
+                               general=False, chat=2, progress=False)
+    chat = result["chat"]
+    assert {"trained", "free", "general"} <= set(chat["families"]) and chat["rarest_bucket"] == 5
+    rarest = {p["entity"] for p in map(json.loads, (tmp_path / "work" / "corpus" / "probes.jsonl").open())
+              if p["split"] == "train" and p["bucket"] == 5}
+    assert rarest <= {r["subject"] for r in chat["per_case"] if r["family"] == "trained"}
+    assert "### Chat replies" in (tmp_path / "chat" / "longtail.md").read_text()
 
 
 def test_general_use_batched_equals_one_prompt_at_a_time(monkeypatch):
