@@ -208,3 +208,59 @@ def teacher_forced_argmax(model: Transformer, prompts: Sequence[Sequence[int]],
         for b, (p, c) in enumerate(zip(prompts[s:s + batch], continuations[s:s + batch], strict=True)):
             out.append(pred[b, len(p) - 1:len(p) - 1 + len(c)].tolist())
     return out
+
+
+@dataclass
+class Decoded:
+    """One prompt's greedy continuation: its tokens (EOS excluded) and, with `top_k`, the model's top-k token
+    ids and log-probabilities at every position it decided (one per token, plus the EOS position if reached)."""
+
+    tokens: list[int] = field(default_factory=list)
+    top_ids: list[torch.Tensor] = field(default_factory=list)
+    top_logp: list[torch.Tensor] = field(default_factory=list)
+
+
+@torch.no_grad()
+def greedy_decode(model: Transformer, prompts: Sequence[Sequence[int]], n_tokens: int, eos: set[int],
+                  memory_for=None, top_k: int = 0, batch: int = 16) -> list[Decoded]:
+    """Greedy continuations of up to `n_tokens` tokens, cut at EOS, `batch` prompts decoded together: each
+    prefilled into its own KV slot, then one step for all rows at their own lengths.
+
+    Args:
+        memory_for: rows -> the FFN memory of those prompts (indices into `prompts`, in order), or None for
+            the anchor alone; called once per row for its prefill and once per batch for the decode steps.
+        top_k: also keep the top-k distribution at every decided position (e.g. distillation targets).
+    """
+    out: list[Decoded] = []
+    for s in range(0, len(prompts), batch):
+        rows = list(range(s, min(s + batch, len(prompts))))
+        group = [list(prompts[i]) for i in rows]
+        cache = KVCache(model.config, len(group), max(map(len, group)) + n_tokens, dtype=model.dtype,
+                        device=model.device)
+        slots = [cache.allocate() for _ in group]
+        last = torch.stack([
+            model(torch.tensor([p], device=model.device), cache=cache, slots=[slot], last_only=True,
+                  memory=memory_for([i]) if memory_for is not None else None)[0, -1]
+            for i, p, slot in zip(rows, group, slots, strict=True)])  # (B, V)
+        memory = memory_for(rows) if memory_for is not None else None
+        got = [Decoded() for _ in group]
+        done = [False] * len(group)
+        for t in range(n_tokens):
+            nxt = last.argmax(-1)
+            if top_k:
+                val, idx = torch.log_softmax(last.float(), -1).topk(top_k, -1)
+            for b, tok in enumerate(nxt.tolist()):
+                if done[b]:
+                    continue
+                if top_k:
+                    got[b].top_ids.append(idx[b])
+                    got[b].top_logp.append(val[b])
+                if tok in eos:
+                    done[b] = True
+                else:
+                    got[b].tokens.append(int(tok))
+            if all(done) or t + 1 == n_tokens:
+                break
+            last = model(nxt[:, None], cache=cache, slots=slots, memory=memory)[:, -1]
+        out += got
+    return out

@@ -122,40 +122,19 @@ def score(case: ChatCase, reply: str) -> dict:
 # ---- generating ------------------------------------------------------------------------------------------
 
 
-@torch.no_grad()
 def greedy_replies(model, prompts: Sequence[Sequence[int]], rows: Sequence[Sequence[Hashable]],
                    get_block: Callable[[Hashable], torch.Tensor | None], layers: Sequence[int], eos: set[int],
                    n_tokens: int = N_TOKENS, batch: int = 16) -> list[list[int]]:
-    """Greedy replies of up to `n_tokens` (cut at EOS), `batch` prompts decoded together, each row with the
-    blocks named by `rows[i]` (empty: the anchor alone): prefill row by row, then one step for all rows."""
-    from lm import KVCache, MemoryBatch
+    """Greedy replies of up to `n_tokens` (cut at EOS), `batch` prompts decoded together (`lm.generate.
+    greedy_decode`), each row with the blocks named by `rows[i]` (empty: the anchor alone)."""
+    from lm import MemoryBatch
+    from lm.generate import greedy_decode
 
-    out: list[list[int]] = []
-    for s in range(0, len(prompts), batch):
-        group = [list(p) for p in prompts[s:s + batch]]
-        keys = [list(r) for r in rows[s:s + batch]]
-        cache = KVCache(model.config, len(group), max(map(len, group)) + n_tokens, dtype=model.dtype)
-        slots = [cache.allocate() for _ in group]
-        last = torch.stack([
-            model(torch.tensor([p]), cache=cache, slots=[slot], last_only=True,
-                  memory=MemoryBatch.from_paths([k], get_block, layers) if k else None)[0, -1]
-            for p, slot, k in zip(group, slots, keys, strict=True)])  # (B, V)
-        memory = MemoryBatch.from_paths(keys, get_block, layers) if any(keys) else None
-        tokens: list[list[int]] = [[] for _ in group]
-        done = [False] * len(group)
-        for t in range(n_tokens):
-            nxt = last.argmax(-1)
-            for b, tok in enumerate(nxt.tolist()):
-                if not done[b]:
-                    if tok in eos:
-                        done[b] = True
-                    else:
-                        tokens[b].append(int(tok))
-            if all(done) or t + 1 == n_tokens:
-                break
-            last = model(nxt[:, None], cache=cache, slots=slots, memory=memory)[:, -1]
-        out += tokens
-    return out
+    def memory_for(idx: list[int]):
+        keys = [list(rows[i]) for i in idx]
+        return MemoryBatch.from_paths(keys, get_block, layers) if any(keys) else None
+
+    return [d.tokens for d in greedy_decode(model, prompts, n_tokens, eos, memory_for, batch=batch)]
 
 
 def _prompt_ids(tok, chat_template, case: ChatCase, message: str) -> list[int]:

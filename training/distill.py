@@ -93,48 +93,25 @@ def teacher_targets(model, tok, chat_template: str | None, docs: Sequence[dict],
     a text prefix at the end of its sentence), where the continuation starts, and the teacher's top-k token
     ids and log-probabilities at each continuation position (the distributions the student is held to).
     None where the continuation repeats a word 4-gram."""
-    from lm import KVCache
-    from lm.generate import default_eos_ids
+    from lm.generate import default_eos_ids, greedy_decode
 
     eos = default_eos_ids(model, tok)
-    out: list[dict] = []
-    for s in range(0, len(prompts), batch):
-        group = prompts[s:s + batch]
-        t_ids = [tok(_render(tok, chat_template, p, docs[p.doc]["text"]), add_special_tokens=False)["input_ids"]
-                 for p in group]
-        cache = KVCache(model.config, len(group), max(map(len, t_ids)) + n_tokens, dtype=model.dtype)
-        slots = [cache.allocate() for _ in group]
-        last = torch.stack([model(torch.tensor([ids]), cache=cache, slots=[slot], last_only=True)[0, -1]
-                            for ids, slot in zip(t_ids, slots, strict=True)])
-        conts: list[list[int]] = [[] for _ in group]
-        tops: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in group]
-        done = [False] * len(group)
-        for t in range(n_tokens):
-            logp = torch.log_softmax(last.float(), -1)
-            val, idx = logp.topk(top_k, -1)
-            nxt = last.argmax(-1)
-            for b, tok_id in enumerate(nxt.tolist()):
-                if done[b]:
-                    continue
-                tops[b].append((idx[b], val[b]))  # the distribution at this position, whatever comes next
-                if tok_id in eos:
-                    done[b] = True
-                else:
-                    conts[b].append(int(tok_id))
-            if all(done) or t + 1 == n_tokens:
-                break
-            last = model(nxt[:, None], cache=cache, slots=slots)[:, -1]
-        for p, cont, top in zip(group, conts, tops, strict=True):
-            n = len(top)  # positions scored: one per continuation token, plus the EOS position if reached
-            if p.kind == "text":  # the sentence's own ending, not what the teacher says after it
-                n = next((k + 1 for k in range(len(cont)) if _SENTENCE_END.search(tok.decode(cont[:k + 1]))), n)
-            if repeats_4gram(tok.decode(cont[:n])):
-                out.append(None)  # a looping teacher is nothing to learn from
-                continue
-            student = tok(_render(tok, chat_template, p, None), add_special_tokens=False)["input_ids"]
-            out.append({"ids": list(student) + cont[:n], "start": len(student) - 1,
-                        "top_ids": torch.stack([i for i, _ in top[:n]]).to(torch.int32),
-                        "top_logp": torch.stack([v for _, v in top[:n]]).to(torch.float16)})
+    t_ids = [tok(_render(tok, chat_template, p, docs[p.doc]["text"]), add_special_tokens=False)["input_ids"]
+             for p in prompts]
+    decoded = greedy_decode(model, t_ids, n_tokens, eos, top_k=top_k, batch=batch)
+    out: list[dict | None] = []
+    for p, d in zip(prompts, decoded, strict=True):
+        cont = d.tokens
+        n = len(d.top_ids)  # positions scored: one per continuation token, plus the EOS position if reached
+        if p.kind == "text":  # the sentence's own ending, not what the teacher says after it
+            n = next((k + 1 for k in range(len(cont)) if _SENTENCE_END.search(tok.decode(cont[:k + 1]))), n)
+        if repeats_4gram(tok.decode(cont[:n])):
+            out.append(None)  # a looping teacher is nothing to learn from
+            continue
+        student = tok(_render(tok, chat_template, p, None), add_special_tokens=False)["input_ids"]
+        out.append({"ids": list(student) + cont[:n], "start": len(student) - 1,
+                    "top_ids": torch.stack(d.top_ids[:n]).to(torch.int32),
+                    "top_logp": torch.stack(d.top_logp[:n]).to(torch.float16)})
     return out
 
 

@@ -225,12 +225,16 @@ def calibrate_gate(router, embedder, positives: Sequence[str], negatives: Sequen
                   "open_positives": None, "open_negatives": None, "max_false_open": max_false_open}
         router.calibration = report
         return report
-    # inf: the cosine tier off (only the name tier opens)
-    idf_grid = np.unique(np.round([0.0, *np.quantile(pos[:, 0], np.linspace(0, 0.5, 26)), math.inf], 6))
-    cos_grid = np.unique(np.round([-1.0, *np.quantile(pos[:, 1], np.linspace(0, 0.3, 13))], 6))
+    def grid(values) -> np.ndarray:
+        """Thresholds rounded *down* to 6 decimals (kept readable in router.json): a threshold at a positive's
+        own value must still let it through (the float32 score is compared with the stored float)."""
+        return np.unique(np.floor(np.asarray(values, dtype=np.float64) * 1e6) / 1e6)
+
+    idf_grid = grid([0.0, *np.quantile(pos[:, 0], np.linspace(0, 0.5, 26)), math.inf])  # inf: cosine tier off
+    cos_grid = grid([-1.0, *np.quantile(pos[:, 1], np.linspace(0, 0.3, 13))])
     # the name tier: idf over most of the positives' range, cosine over its low half
-    name_idf_grid: np.ndarray | list[float] = np.unique(np.round(np.quantile(pos[:, 2], np.linspace(0, 0.9, 19)), 6)) if name_tier else []
-    name_cos_grid = np.unique(np.round([-1.0, *np.quantile(pos[:, 1], np.linspace(0, 0.5, 11))], 6))
+    name_idf_grid: np.ndarray | list[float] = grid(np.quantile(pos[:, 2], np.linspace(0, 0.9, 19))) if name_tier else []
+    name_cos_grid = grid([-1.0, *np.quantile(pos[:, 1], np.linspace(0, 0.5, 11))])
 
     def opened(x: np.ndarray, ti: np.ndarray, tc: np.ndarray, column: int = 0) -> np.ndarray:
         """(len(ti), len(x)) bool: which rows of x pass (idf >= ti, cos >= tc), idf > 0 always required;

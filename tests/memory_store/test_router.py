@@ -202,6 +202,12 @@ def test_the_calibration_chooses_the_name_tier_when_it_lets_more_through(router)
     assert report["open_positives"] == 1.0 and report["open_negatives"] == 0.0
     assert report["name_idf"] is not None and router.name_idf == report["name_idf"]
     assert all(r.gated for r in router.route_texts(neg, emb.embed))
+    # what the calibration reports is what routing does: thresholds are rounded down, never above the
+    # value of the positive they were taken from
+    opened = [not r.gated for r in router.route_texts(pos, emb.embed)]
+    assert all(opened)
+    rows = [router.candidates(e, t)[0] for e, t in zip(router.embed_queries(pos, emb.embed), pos, strict=True)]
+    assert router.name_idf <= min(r.name_idf for r in rows if r.cos < router.min_cos or r.idf < router.min_idf)
 
 
 def test_routers_saved_without_the_name_tier_load_without_it(router, tmp_path):
