@@ -32,7 +32,7 @@ import math
 import os
 import re
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -155,7 +155,7 @@ class DocRouter:
         emb = np.atleast_2d(np.asarray(emb, dtype=np.float32))
         q_words = {w for w in words(text)}
         q_ids = {self._word_id[w] for w in q_words if w in self._word_id}
-        cand: set[int] = {int(self.view_doc[v]) for row in emb for v in self._search(row)}
+        cand: set[int] = {int(self.view_doc[v]) for v in self._search(emb)}
         for wid in q_ids:
             docs = self._word_docs[wid]
             if len(docs) <= self.max_docs_per_word:
@@ -178,12 +178,14 @@ class DocRouter:
 
     def route_one(self, emb: np.ndarray, text: str, allowed_level1: Iterable[int] | None = None) -> Route:
         cands = self.candidates(emb, text, allowed_level1)
-        if not cands:
+        return self.gate(cands[0] if cands else None)
+
+    def gate(self, best: Route | None) -> Route:
+        """`best` (a prompt's best candidate, None when it has none) with its path, or without one (gated)
+        when the gate stays closed."""
+        if best is None:
             return Route(None, -1, 0.0, 0.0, 0.0)
-        best = cands[0]
-        if self.open(best.cos, best.idf, best.name_idf):
-            return best
-        return Route(None, best.doc, best.cos, best.idf, best.score, best.name_idf)
+        return best if self.open(best.cos, best.idf, best.name_idf) else replace(best, path=None)
 
     @staticmethod
     def query_texts(text: str) -> list[str]:
@@ -202,11 +204,20 @@ class DocRouter:
         bounds = np.cumsum([0] + [len(qs) for qs in parts])
         return [emb[bounds[i]:bounds[i + 1]] for i in range(len(texts))]
 
+    def nearest(self, texts: Sequence[str], embed: Callable[[list[str]], np.ndarray],
+                allowed_level1: Iterable[int] | None = None) -> list[Route | None]:
+        """Each text's best candidate, gate not applied (None: it has none), embedded by `embed_queries`:
+        where a prompt would go if the gate let it through."""
+        out: list[Route | None] = []
+        for e, t in zip(self.embed_queries(texts, embed), texts, strict=True):
+            cands = self.candidates(e, t, allowed_level1)
+            out.append(cands[0] if cands else None)
+        return out
+
     def route_texts(self, texts: Sequence[str], embed: Callable[[list[str]], np.ndarray],
                     allowed_level1: Iterable[int] | None = None) -> list[Route]:
-        """`route_one` for each text, embedded by `embed_queries`."""
-        return [self.route_one(e, t, allowed_level1)
-                for e, t in zip(self.embed_queries(texts, embed), texts, strict=True)]
+        """`route_one` for each text, embedded by `embed_queries`: the model server's routing."""
+        return [self.gate(best) for best in self.nearest(texts, embed, allowed_level1)]
 
     def route(self, emb: np.ndarray, texts: Sequence[str], allowed_level1: Iterable[int] | None = None
               ) -> list[Route]:
@@ -223,6 +234,7 @@ class DocRouter:
                             or (name_idf > 0 and name_idf >= self.name_idf and cos >= self.name_cos))
 
     def _search(self, emb: np.ndarray) -> np.ndarray:
+        """The nearest views of every row of `emb` (N, dim), in one search, each view once."""
         k = min(self.top_views, len(self.view_emb))
         if k == 0:
             return np.zeros(0, dtype=np.int64)
@@ -232,8 +244,8 @@ class DocRouter:
             index = faiss.IndexFlatIP(self.view_emb.shape[1])
             index.add(self.view_emb)
             self._index = index
-        _, ids = self._index.search(emb[None, :], k)
-        return ids[0][ids[0] >= 0]
+        _, ids = self._index.search(np.ascontiguousarray(emb), k)
+        return np.unique(ids[ids >= 0])
 
     # ---- files ------------------------------------------------------------------------------------------
 

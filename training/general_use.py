@@ -52,11 +52,9 @@ def general_use(model, tok, chat_template, bank, router, embedder, sources: dict
     choices: dict[str, list[tuple[int, ...]]] = {"tree descent": [tuple(int(x) for x in p)
                                                                 for p in bank.tree.route(emb)]}
     if router is not None:  # embedded as the model server embeds a prompt (DocRouter.query_texts)
-        queries = router.embed_queries(texts, lambda xs: embed(xs, embedder))
-        cands = [router.candidates(e, t) for e, t in zip(queries, texts, strict=True)]
-        choices["router, gate ignored"] = [c[0].path or () if c else () for c in cands]
-        choices["auto (router + gate)"] = [c[0].path or () if c and router.open(c[0].cos, c[0].idf, c[0].name_idf)
-                                           else () for c in cands]
+        bests = router.nearest(texts, lambda xs: embed(xs, embedder))
+        choices["router, gate ignored"] = [b.path or () if b else () for b in bests]
+        choices["auto (router + gate)"] = [router.gate(b).path or () for b in bests]
     stats: dict[str, dict[str, list]] = {name: {"identical": [], "kl": [], "memory": []} for name in choices}
     eos = default_eos_ids(model, tok)
     prompt_ids = [tok(_model_text(tok, chat_template, row), add_special_tokens=False)["input_ids"] for row in rows]

@@ -104,16 +104,15 @@ class PreserveSource:
     def _route(self, prompts: list[str]) -> list:
         from memory_store.router import DocRouter
 
-        emb = self.embed(prompts)
         router = DocRouter.load(self.router_dir)
         if router is None:
-            return list(self.tree.route(emb))
-        # where each prompt would go if the gate let it through: the leaves it could harm
-        out = []
-        for e, p, fallback in zip(emb, prompts, self.tree.route(emb), strict=True):
-            c = router.candidates(e, p)
-            out.append(c[0].path if c else fallback)
-        return out
+            return list(self.tree.route(self.embed(prompts)))
+        # where each prompt would go if the gate let it through (embedded as the model server embeds it):
+        # the leaves it could harm; the tree's descent for a prompt without any candidate
+        bests = router.nearest(prompts, self.embed)
+        missing = [p for p, b in zip(prompts, bests, strict=True) if b is None]
+        descent = iter(self.tree.route(self.embed(missing)) if missing else [])
+        return [b.path if b is not None else next(descent) for b in bests]
 
 
 class Preservation:

@@ -116,9 +116,8 @@ def agreement_study(docs: Sequence[dict], probes: Sequence, branching: Sequence[
     router = make_router(docs, paths, embedder, probes)
 
     def via_router(texts: list[str]) -> list[tuple[tuple[int, ...] | None, bool]]:
-        e = embed(texts, embedder)
-        return [(c[0].path if c else None, router.open(c[0].cos, c[0].idf) if c else False)
-                for c in (router.candidates(x, t) for x, t in zip(e, texts, strict=True))]
+        bests = router.nearest(texts, lambda xs: embed(xs, embedder))
+        return [(b.path if b else None, not router.gate(b).gated) for b in bests]
 
     out["router"] = _reach(via_router, docs, probes, paths, gated=True)
     out["router"]["gate"] = router.calibration
@@ -208,12 +207,9 @@ def calibrate_gate(router, embedder, positives: Sequence[str], negatives: Sequen
     the share of `positives` (prompts about trained subjects, in wordings not used for testing) let through.
     Sets them on `router` and returns the figures (stored in the router's `calibration`)."""
     def best(texts: Sequence[str]) -> np.ndarray:
-        if not texts:
-            return np.zeros((0, 2))
-        rows = []
-        for e, t in zip(router.embed_queries(list(texts), lambda xs: embed(xs, embedder)), texts, strict=True):
-            c = router.candidates(e, t)
-            rows.append((c[0].idf, c[0].cos, c[0].name_idf) if c else (0.0, -1.0, 0.0))
+        """(idf, cos, name_idf) of each text's best candidate, as the model server would see it."""
+        rows = [(b.idf, b.cos, b.name_idf) if b else (0.0, -1.0, 0.0)
+                for b in router.nearest(list(texts), lambda xs: embed(xs, embedder))]
         return np.asarray(rows, dtype=np.float64).reshape(-1, 3)
 
     families = dict(negatives) if isinstance(negatives, Mapping) else {"negatives": negatives}
@@ -225,6 +221,7 @@ def calibrate_gate(router, embedder, positives: Sequence[str], negatives: Sequen
                   "open_positives": None, "open_negatives": None, "max_false_open": max_false_open}
         router.calibration = report
         return report
+
     def grid(values) -> np.ndarray:
         """Thresholds rounded *down* to 6 decimals (kept readable in router.json): a threshold at a positive's
         own value must still let it through (the float32 score is compared with the stored float)."""

@@ -96,6 +96,10 @@ class MemoryResolver:
     def pinned_refs(self, levels: int) -> list[NodeRef]:
         return [NodeRef(lv, i) for lv in range(1, min(levels, self.depth) + 1) for i in range(self._sizes[lv - 1])]
 
+    def _embed_locked(self, texts: list[str]) -> np.ndarray:
+        with self._embed_lock:  # the embedder is not guaranteed thread-safe; routing itself needs no lock
+            return self._embed(texts)
+
     def route(self, text: str, principal: Principal) -> tuple[list[int] | None, float, str | None]:
         """Path of `text` within the subtrees `principal` may use: (path or None, route_ms, reason)."""
         allowed = principal.subtrees
@@ -108,16 +112,13 @@ class MemoryResolver:
         t0 = time.perf_counter()
         reason = None
         path: list[int] | None
-        with self._embed_lock:  # the embedder is not guaranteed thread-safe
-            if self._router is not None:  # the whole prompt and each of its sentences (DocRouter.query_texts)
-                r = self._router.route_texts([text], self._embed, allowed_level1=allowed)[0]
-            else:
-                emb = np.asarray(self._embed([text]), dtype=np.float32)
-        if self._router is not None:
+        if self._router is not None:  # the whole prompt and each of its sentences (DocRouter.query_texts)
+            r = self._router.route_texts([text], self._embed_locked, allowed_level1=allowed)[0]
             path = list(r.path) if r.path is not None else None
             if path is None:
                 reason = GATED_REASON
         else:
+            emb = np.asarray(self._embed_locked([text]), dtype=np.float32)
             path = [int(i) for i in self._tree.route(emb[:1], allowed_level1=allowed)[0]]
         dt = time.perf_counter() - t0
         if self.metrics is not None:
