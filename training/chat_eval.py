@@ -153,19 +153,15 @@ def chat_eval(model, tok, chat_template, router, embed: Callable[[list[str]], np
     """Replies of every case under `SYSTEMS`, scored (see the module docstring). `router`: the bank's
     DocRouter (None: no memory is ever used, the auto system is the anchor alone). Returns the report
     dict: per family and system the rates, and `samples` sample replies per family side by side."""
-    import faiss
-
     from lm.generate import default_eos_ids
+    from training.general_use import top_documents
 
     t0 = time.perf_counter()
     eos = default_eos_ids(model, tok)
     messages = [c.message for c in cases]
     routes = router.route_texts(messages, embed) if router is not None else [None] * len(cases)
     paths = [tuple(r.path) if r is not None and r.path is not None else () for r in routes]
-    doc_emb = np.asarray(embed([d["text"] for d in docs]), dtype=np.float32)
-    index = faiss.IndexFlatIP(doc_emb.shape[1])
-    index.add(doc_emb)
-    _, top = index.search(np.asarray(embed(messages), dtype=np.float32), 1)
+    top = top_documents(docs, messages, embed, 1)
     retrieved = [f"{docs[int(t[0])]['text']}\n\n{m}" for t, m in zip(top, messages, strict=True)]
     off_ids = [_prompt_ids(tok, chat_template, c, c.message) for c in cases]
     replies: dict[str, list[str]] = {}

@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -94,22 +94,31 @@ def general_use(model, tok, chat_template, bank, router, embedder, sources: dict
     return {"n": len(rows), "tokens": N_TOKENS, "systems": systems}
 
 
+def top_documents(docs: Sequence[dict], queries: Sequence[str], embed: Callable[[list[str]], np.ndarray],
+                  k: int) -> np.ndarray:
+    """(len(queries), k) indices of each query's k nearest documents by cosine (faiss over the same embedder
+    as routing; -1 where there are fewer than k): the retrieval baseline's search."""
+    import faiss
+
+    doc_emb = np.ascontiguousarray(embed([d["text"] for d in docs]), dtype=np.float32)
+    index = faiss.IndexFlatIP(doc_emb.shape[1])
+    index.add(doc_emb)
+    _, top = index.search(np.ascontiguousarray(embed(list(queries)), dtype=np.float32), k)
+    return top
+
+
 def rag_eval(model, tok, items: list, docs: list[dict], embedder, ks: Sequence[int], l0: int, layers: list[int],
              batch_size: int = 64) -> dict[int, tuple[np.ndarray, float, float]]:
     """For each k: (correct[N], mean extra prompt tokens, seconds) of the anchor with the top-k documents before
     each prompt. Documents and prompts are embedded and searched once, for the largest k; that retrieval time
     is counted in every k's seconds."""
-    import faiss
 
     from training.prefix import prefix_hidden
     from training.routing import embed
     from training.scoring import greedy_correct, prepare_items
 
     t_retrieve = time.perf_counter()
-    doc_emb = embed([d["text"] for d in docs], embedder)
-    index = faiss.IndexFlatIP(doc_emb.shape[1])
-    index.add(doc_emb)
-    _, top = index.search(embed([it.probe.prompt for it in items], embedder), max(ks))
+    top = top_documents(docs, [it.probe.prompt for it in items], lambda xs: embed(xs, embedder), max(ks))
     t_retrieve = time.perf_counter() - t_retrieve
     out = {}
     for k in ks:
