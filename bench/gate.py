@@ -67,6 +67,7 @@ def main(argv: list[str] | None = None) -> int:
                          "(training/corpus_codes.py), a corpus no setting was chosen on")
     ap.add_argument("--name", default=None, help="results name (default gate-<kind>)")
     args = ap.parse_args(argv)
+    from training.config import TrainConfig
     from training.corpus import Corpus
     from training.corpus_docs import build_documents_corpus, load_general_prompts
     from training.pipeline import PRESETS
@@ -94,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
             corpus = Corpus.load(Path(tmp))
     embedder = get_embedder()
     emb = embed([d["text"] for d in corpus.docs], embedder)
-    tree = build_corpus_tree(emb, PRESETS["docs"]["train"]["branching"])
+    tree = build_corpus_tree(emb, TrainConfig().branching)
     paths = group_paths(tree, emb, group_documents([d["text"] for d in corpus.docs]))
     general = [r["text"] for r in load_general_prompts("eval")]
     figures: dict = {"n_docs": len(corpus.docs), "cases": {}}

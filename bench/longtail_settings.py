@@ -115,7 +115,9 @@ def run_variant(name: str, overrides: dict, valid: list[dict], docs: list[dict],
     (cdir / "probes.jsonl").write_text("".join(json.dumps(p) + "\n" for p in valid))
     values: dict[str, Any] = dict(corpus=str(cdir), out=str(work / name / "job"), anchor="smollm2", routing="tree",
                   branching=branching, ranks=[64, 32], epochs=10, warmup_steps=5, loss="all",
-                  preserve_weight=0.0, generic_prob=0.0, progress=False)
+                  preserve_weight=0.0, generic_prob=0.0, progress=False,
+                  # TrainConfig's defaults when these rounds were measured (they are the docs preset's now)
+                  skip_name_targets=False, preserve_per_doc=1, preserve_batch=16)
     values.update(overrides)
     t0 = time.perf_counter()
     tr = Trainer(TrainConfig(**values))

@@ -32,7 +32,7 @@ PRESETS: dict[str, dict] = {
                    "preserve_ratio": 1.5, "heldout_extra": 0.75},
         "train": {"anchor": "smollm2", "branching": [8, 8], "ranks": [64, 32], "mem_layers": 2,
                   "epochs": 16, "batch_size": 32, "lr": 1e-2, "warmup_steps": 5, "loss": "continuation",
-                  "preserve_weight": 1.0, "preserve_batch": 32},
+                  "preserve_weight": 1.0, "preserve_batch": 32, "skip_name_targets": False},
     },
     # A corpus as a user brings it: paragraphs about each entity in several wordings, no route_text, no
     # preserve file; probes in wordings no document uses. Nearest-document routing with a calibrated gate.
@@ -40,15 +40,8 @@ PRESETS: dict[str, dict] = {
         "corpus": {"style": "documents", "sizes": {"city_country": 200, "us_city_state": 50,
                                                    "country_capital": 40, "element_number": 30},
                    "heldout_fraction": 0.2, "heldout_extra": 0.75},
-        # Settings chosen on the corpus's `valid` wordings, never on the test probes: memory on seven layers
-        # spread over the depth, 4 documents per step at lr 2e-2, no derived preservation (the calibrated gate
-        # keeps other prompts off the memory; a corpus's own preserve.jsonl is still used, 8 per step), the
-        # loss without the subject's name, the output scale chosen after training (--memory-scale auto). The
-        # rounds that chose them, with their figures: docs/training.md, "Documents as users write them".
-        "train": {"anchor": "smollm2", "branching": [8, 8], "ranks": [64, 32],
-                  "memory_layers": [4, 8, 12, 16, 20, 24, 28], "epochs": 10, "batch_size": 4, "lr": 2e-2,
-                  "warmup_steps": 5, "loss": "all", "skip_name_targets": True, "preserve_weight": 1.0,
-                  "preserve_batch": 8, "preserve_per_doc": 0, "routing": "docs"},
+        # `hiermem train`'s defaults (TrainConfig), which were chosen on this corpus's `valid` wordings
+        "train": {},
     },
     # The facts corpus with its preserve file removed: the same pipeline as "docs" (document router, gate,
     # derived preservation) on single-sentence documents, for comparison with the facts preset.
@@ -58,7 +51,8 @@ PRESETS: dict[str, dict] = {
                    "heldout_extra": 0.75},
         "train": {"anchor": "smollm2", "branching": [8, 8], "ranks": [64, 32], "mem_layers": 2,
                   "epochs": 16, "batch_size": 32, "lr": 1e-2, "warmup_steps": 5, "loss": "continuation",
-                  "preserve_weight": 1.0, "preserve_batch": 32, "routing": "docs"},
+                  "preserve_weight": 1.0, "preserve_batch": 32, "preserve_per_doc": 1, "skip_name_targets": False,
+                  "routing": "docs"},
     },
     # the tiny random anchor: exercises every stage in seconds (tests)
     "tiny": {
@@ -66,7 +60,7 @@ PRESETS: dict[str, dict] = {
                              "element_number": 6}, "heldout_fraction": 0.2},
         "train": {"anchor": "tiny", "embedder": "hash-trigram", "branching": [2, 2], "ranks": [8, 4],
                   "mem_layers": 2, "epochs": 2, "batch_size": 8, "lr": 1e-2, "warmup_steps": 1,
-                  "loss": "continuation", "preserve_weight": 1.0},
+                  "loss": "continuation", "preserve_weight": 1.0, "preserve_batch": 16, "skip_name_targets": False},
     },
 }
 # `hiermem build` without --preset: the documents corpus, whose bank ($HIERMEM_HOME/banks/docs) is the demo

@@ -130,8 +130,9 @@ class Preservation:
     def __init__(self, source: PreserveSource, *, model, tokenizer, layer: int,
                  memory_for: Callable[[list[tuple[int, ...]]], Any],
                  autocast: Callable[[], AbstractContextManager], rng: random.Random, per_step: int,
-                 cache_file: Path) -> None:
+                 cache_file: Path, subtree: int | None = None) -> None:
         self.source = source
+        self.subtree = subtree  # a subtree job holds only that level-1 node's blocks: no prompt routed elsewhere
         self.model, self.tokenizer, self.layer = model, tokenizer, layer
         self.memory_for, self.autocast, self.rng, self.per_step = memory_for, autocast, rng, per_step
         self.cache_file = cache_file
@@ -179,7 +180,8 @@ class Preservation:
         rng.shuffle(same_top)
         rows = (same_leaf + same_top)[:want]
         if len(rows) < want:
-            rows += rng.sample(range(n), min(n, want - len(rows)))
+            pool = range(n) if self.subtree is None else [i for i in range(n) if paths[i][0] == self.subtree]
+            rows += rng.sample(pool, min(len(pool), want - len(rows)))
         return rows
 
     def loss(self, rows: list[int]) -> torch.Tensor:

@@ -152,7 +152,7 @@ class Trainer:
         return Preservation(source, model=self.model, tokenizer=self.tokenizer, layer=self.l0,
                             memory_for=partial(self.memory.memory_batch, layers=self.layers),
                             autocast=self.compute.autocast, rng=self.rng, per_step=cfg.preserve_batch,
-                            cache_file=self.out / "preserve.pt")
+                            cache_file=self.out / "preserve.pt", subtree=cfg.subtree)
 
     def _distillation(self) -> Distillation:
         if not self.use_prefix:

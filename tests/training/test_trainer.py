@@ -224,12 +224,13 @@ def test_without_a_preserve_file_the_prompts_are_derived_from_the_documents(tmp_
     assert not first["prompt"].endswith("Kenya")  # cut before the fact
     corpus_dir = tmp_path / "c"
     Corpus(docs=docs * 3).save(corpus_dir)
-    t = Trainer(tiny_config(corpus_dir, tmp_path / "job", preserve_weight=1.0, branching=[2, 2]))
+    t = Trainer(tiny_config(corpus_dir, tmp_path / "job", preserve_weight=1.0, preserve_per_doc=1,
+                            branching=[2, 2]))
     assert t.preservation is not None and not t.preservation.source.rows
     t.build_prefix_cache()
     t.preservation.build()
     assert t.preservation.ready and t.preservation.data["source"] == "derived from the documents"
-    # --preserve-per-doc 0 (the docs preset): no derived prompts, steps without a KL term ...
+    # --preserve-per-doc 0 (the default): no derived prompts, steps without a KL term ...
     t0 = Trainer(tiny_config(corpus_dir, tmp_path / "job0", preserve_weight=1.0, preserve_per_doc=0))
     t0.build_prefix_cache()
     t0.preservation.build()
@@ -322,7 +323,8 @@ def test_permuted_views_train_each_document_again_with_its_sentences_reordered(d
         assert v["text"] != docs[0]["text"] and sorted(sentences(v["text"])) == sorted(sentences(docs[0]["text"]))
     assert permuted_views(docs, 2, seed=0) == (views, of)  # seeded
 
-    plain = Trainer(tiny_config(docs_corpus, tmp_path / "plain", loss="all", routing="tree"))
+    plain = Trainer(tiny_config(docs_corpus, tmp_path / "plain", loss="all", routing="tree",
+                                skip_name_targets=False))
     t = Trainer(tiny_config(docs_corpus, tmp_path / "views", loss="all", routing="tree", permuted_views=1))
     n = len(t.docs)
     assert len(t.data) > n and len(t.data.paths) == len(t.data) and np.array_equal(t.paths, plain.paths)
@@ -338,7 +340,8 @@ def test_pronoun_views_follow_the_permuted_views_on_their_documents_paths(docs_c
     sentences open with its name, trained on that document's path; routing keeps the documents."""
     from training.views import permuted_views, pronoun_views, subject_names
 
-    plain = Trainer(tiny_config(docs_corpus, tmp_path / "plain", loss="all", routing="tree"))
+    plain = Trainer(tiny_config(docs_corpus, tmp_path / "plain", loss="all", routing="tree",
+                                skip_name_targets=False))
     t = Trainer(tiny_config(docs_corpus, tmp_path / "both", loss="all", routing="tree", permuted_views=1,
                             pronoun_views=True))
     n = len(t.docs)
@@ -355,7 +358,8 @@ def test_skip_name_targets_leaves_every_mention_of_the_subject_out_of_the_loss(d
     it; every mention, also in the permuted views) are no loss targets; the other tokens still are."""
     from training.views import subject_names
 
-    plain = Trainer(tiny_config(docs_corpus, tmp_path / "plain", loss="all", routing="tree"))
+    plain = Trainer(tiny_config(docs_corpus, tmp_path / "plain", loss="all", routing="tree",
+                                skip_name_targets=False))
     t = Trainer(tiny_config(docs_corpus, tmp_path / "skip", loss="all", routing="tree", permuted_views=1,
                             skip_name_targets=True))
     assert plain.data.target_keep is None
