@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from training.chat_forms import CHAT_QUESTIONS, FREE_FORMS
+from training.corpus import USER_RELATION
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +82,9 @@ def chat_cases(probes: Sequence, general: Sequence[dict] = (), per_family: int =
             for i, p in enumerate(draw(trained))]
     out += [ChatCase("heldout", CHAT_QUESTIONS[p.relation].format(name=p.entity), p.entity, p.answer, p.bucket)
             for p in draw(heldout)]
+    # a user's own questions (`hiermem build --docs --questions`): asked as they are written
+    out += [ChatCase("trained", p.prompt, answer=p.answer, bucket=p.bucket)
+            for p in probes if p.relation == USER_RELATION and p.split == "train"]
     out += [ChatCase("general", g["text"], kind=g.get("kind", "completion")) for g in general]
     return out
 

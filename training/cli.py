@@ -172,9 +172,18 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     build = sub.add_parser("build", help="corpus -> tree -> train -> export -> eval in one resumable command")
     build.add_argument("--preset", default=DEFAULT_PRESET, type=_preset, metavar="{" + ",".join(PRESETS) + "}",
-                       help=f"what to build (default {DEFAULT_PRESET}: the demo bank that scripts/run.sh serves)")
-    build.add_argument("--out", default=None, help="bank directory (default: $HIERMEM_HOME/banks/<preset>)")
-    build.add_argument("--work", default=None, help="work directory (default: $HIERMEM_HOME/work/<preset>)")
+                       help=f"what to build (default {DEFAULT_PRESET}: the demo bank that scripts/run.sh serves); "
+                            "with --docs only the training settings are taken from it")
+    build.add_argument("--docs", nargs="+", default=None, metavar="PATH",
+                       help="build from your own files instead of a preset's corpus: .txt, .md/.markdown and "
+                            ".jsonl ({\"text\", \"id\"?} per line) files, and folders of them (read recursively)")
+    build.add_argument("--questions", default=None, metavar="FILE",
+                       help="with --docs: a JSONL of {\"question\", \"answer\"} to evaluate the bank on "
+                            "(without it the evaluation is skipped)")
+    build.add_argument("--out", default=None,
+                       help="bank directory (default: $HIERMEM_HOME/banks/<preset>, or <name of the first --docs path>)")
+    build.add_argument("--work", default=None,
+                       help="work directory (default: $HIERMEM_HOME/work/<preset>, or <name of the first --docs path>)")
     build.add_argument("--epochs", type=int, default=None, help="override the preset's epochs")
     build.add_argument("--no-eval", action="store_true")
     build.add_argument("--no-generic", action="store_true",

@@ -36,6 +36,8 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 RELATIONS = ("city_country", "us_city_state", "country_capital", "element_number")
+USER_RELATION = "user"
+"""The relation of the probes made from a user's own questions (`hiermem build --docs --questions`)."""
 
 
 @dataclass(frozen=True)
@@ -72,15 +74,15 @@ class Corpus:
     def save(self, out: Path) -> None:
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
-        _write_jsonl(out / "docs.jsonl", self.docs)
-        _write_jsonl(out / "probes.jsonl", (asdict(p) for p in self.probes))
+        write_jsonl(out / "docs.jsonl", self.docs)
+        write_jsonl(out / "probes.jsonl", (asdict(p) for p in self.probes))
         if self.preserve:
-            _write_jsonl(out / "preserve.jsonl", self.preserve)
+            write_jsonl(out / "preserve.jsonl", self.preserve)
 
     @classmethod
     def load(cls, path: Path) -> Corpus:
         path = Path(path)
-        docs = _read_jsonl(path / "docs.jsonl")
+        docs = read_jsonl(path / "docs.jsonl")
         for d in docs:
             if "id" not in d or "text" not in d:
                 raise ValueError(f"{path / 'docs.jsonl'}: every line needs 'id' and 'text'")
@@ -88,13 +90,14 @@ class Corpus:
         probes_path = path / "probes.jsonl"
         if probes_path.exists():
             known = set(Probe.__dataclass_fields__)
-            for row in _read_jsonl(probes_path):
+            for row in read_jsonl(probes_path):
                 probes.append(Probe(**{k: v for k, v in row.items() if k in known}))
-        preserve = _read_jsonl(path / "preserve.jsonl") if (path / "preserve.jsonl").exists() else []
+        preserve = read_jsonl(path / "preserve.jsonl") if (path / "preserve.jsonl").exists() else []
         return cls(docs=docs, probes=probes, preserve=preserve)
 
 
-def _write_jsonl(path: Path, rows: Iterable[dict]) -> None:
+def write_jsonl(path: Path, rows: Iterable[dict]) -> None:
+    """One JSON object per line, written to a temporary file and renamed (a reader never sees half)."""
     tmp = path.with_suffix(".tmp")
     with open(tmp, "w") as f:
         for row in rows:
@@ -102,7 +105,7 @@ def _write_jsonl(path: Path, rows: Iterable[dict]) -> None:
     tmp.replace(path)
 
 
-def _read_jsonl(path: Path) -> list[dict]:
+def read_jsonl(path: Path) -> list[dict]:
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]
 

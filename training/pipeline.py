@@ -11,8 +11,11 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import time
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from base.paths import home
 from training.config import TrainConfig
@@ -63,6 +66,8 @@ PRESETS: dict[str, dict] = {
                   "loss": "continuation", "preserve_weight": 1.0, "preserve_batch": 16, "skip_name_targets": False},
     },
 }
+DOCS_CHAT_GENERAL = 16
+"""General prompts asked in chat beside a user's questions (`--docs --questions`): is anything else changed?"""
 # `hiermem build` without --preset: the documents corpus, whose bank ($HIERMEM_HOME/banks/docs) is the demo
 # bank scripts/run.sh serves
 DEFAULT_PRESET = "docs"
@@ -106,14 +111,67 @@ def job_hidden_lookup(job_dir: Path, corpus_docs: list[dict]):
     return lookup
 
 
+def docs_corpus_stage(work: Path, docs: Sequence[str | Path], questions: str | Path | None = None,
+                      tokenizer: Any = None) -> dict | None:
+    """The corpus stage of `hiermem build --docs`: the user's files (training/ingest.py) as WORK/corpus.
+
+    None when WORK/corpus already holds exactly these passages and questions; otherwise the new corpus's
+    summary, with ``job_restarted``. A job trained on other passages (or on a preset's corpus) cannot be
+    resumed on these, so when the passages changed the job directory WORK/job is deleted and training starts
+    afresh; when only the questions changed, the evaluation report is deleted so that it is made again.
+    """
+    from training.corpus import corpus_summary
+    from training.ingest import read_passages, read_questions, write_docs_corpus
+
+    work = Path(work)
+    corpus_dir, fresh = work / "corpus", work / "corpus.new"
+    passages = read_passages(docs, tokenizer=tokenizer)
+    asked = read_questions(questions) if questions else []
+    shutil.rmtree(fresh, ignore_errors=True)
+    corpus = write_docs_corpus(passages, fresh, asked)
+
+    def same(name: str) -> bool:
+        old = corpus_dir / name
+        return old.exists() and old.read_bytes() == (fresh / name).read_bytes()
+
+    if same("docs.jsonl") and same("probes.jsonl") and not (corpus_dir / "preserve.jsonl").exists():
+        shutil.rmtree(fresh)
+        return None
+    restarted = False
+    if not same("docs.jsonl"):
+        if (corpus_dir / "docs.jsonl").exists():
+            log.warning("the passages of %s differ from those %s was built from: rebuilding the corpus",
+                        ", ".join(map(str, docs)), corpus_dir)
+        if (work / "job").exists():
+            log.warning("deleting the stale training job %s: training starts afresh on the new passages",
+                        work / "job")
+            shutil.rmtree(work / "job")
+            restarted = True
+    elif (corpus_dir / "probes.jsonl").exists():
+        log.info("the questions changed: rewriting %s; the evaluation runs again", corpus_dir / "probes.jsonl")
+    (work / "eval" / "longtail.json").unlink(missing_ok=True)
+    shutil.rmtree(corpus_dir, ignore_errors=True)
+    fresh.replace(corpus_dir)
+    return {**corpus_summary(corpus), "sources": len({p["source"] for p in passages}),
+            "job_restarted": restarted}
+
+
 def run_build(preset: str = DEFAULT_PRESET, bank_dir: Path | None = None, work: Path | None = None,
               epochs: int | None = None, evaluate: bool = True, rag: tuple[int, ...] = (),
-              train_overrides: dict | None = None, eval_dtype: str = "float32") -> dict:
+              train_overrides: dict | None = None, eval_dtype: str = "float32",
+              docs: Sequence[str | Path] | None = None, questions: str | Path | None = None) -> dict:
+    """Build a bank: from `preset`'s corpus, or with `docs` from the user's files and folders (`questions`: a
+    JSONL of {"question", "answer"} to evaluate on), trained with `preset`'s settings either way."""
     from training.corpus import Corpus, build_facts_corpus, corpus_summary
 
     p = PRESETS[check_preset(preset)]
-    work = Path(work) if work else home() / "work" / preset
-    bank_dir = Path(bank_dir) if bank_dir else home() / "banks" / preset
+    if questions and not docs:
+        raise ValueError("questions come with --docs (a preset's corpus has its own probes)")
+    name = (Path(docs[0]).resolve().stem or "files") if docs else preset
+    if docs and name in PRESETS:  # a folder named like a preset must not replace that preset's bank
+        name += "-files"
+    work = Path(work) if work else home() / "work" / name
+    bank_dir = Path(bank_dir) if bank_dir else home() / "banks" / name
     work.mkdir(parents=True, exist_ok=True)
     status_file = work / "build.json"
     status = json.loads(status_file.read_text()) if status_file.exists() else {"stages": {}}
@@ -128,7 +186,21 @@ def run_build(preset: str = DEFAULT_PRESET, bank_dir: Path | None = None, work: 
         status_file.write_text(json.dumps(status, indent=2) + "\n")
 
     corpus_dir = work / "corpus"
-    if not (corpus_dir / "probes.jsonl").exists():
+    train_settings = {**p["train"], **(train_overrides or {})}
+    if docs and not questions:  # the generic memory is only the evaluation's control, and nothing is evaluated
+        train_settings.setdefault("generic_prob", 0.0)
+    if docs:
+        from lm import load_anchor
+
+        log.info("[1/4] corpus of %s -> %s", ", ".join(map(str, docs)), corpus_dir)
+        t0 = time.perf_counter()
+        anchor = load_anchor(train_settings.get("anchor", TrainConfig().anchor))
+        summary = docs_corpus_stage(work, docs, questions, anchor.tokenizer)
+        if summary is not None:
+            if summary["job_restarted"]:
+                status = {"stages": {}}  # timings of the build on the old passages describe nothing now
+            stage_done("corpus", time.perf_counter() - t0, **summary)
+    elif not (corpus_dir / "probes.jsonl").exists():
         log.info("[1/4] corpus -> %s", corpus_dir)
         t0 = time.perf_counter()
         spec = dict(p["corpus"])
@@ -143,8 +215,7 @@ def run_build(preset: str = DEFAULT_PRESET, bank_dir: Path | None = None, work: 
     corpus = Corpus.load(corpus_dir)
 
     job = work / "job"
-    cfg = TrainConfig(corpus=str(corpus_dir), out=str(job), bank=str(bank_dir),
-                      **{**p["train"], **(train_overrides or {})})
+    cfg = TrainConfig(corpus=str(corpus_dir), out=str(job), bank=str(bank_dir), **train_settings)
     if epochs:
         cfg.epochs = epochs
     job_file = job / "job.json"
@@ -177,13 +248,19 @@ def run_build(preset: str = DEFAULT_PRESET, bank_dir: Path | None = None, work: 
         result = json.loads(report.read_text())
         if result.get("bank_id") != bank_id:
             result = None  # evaluated another bank: do it again
+    if evaluate and result is None and not corpus.probes:
+        log.info("[4/4] long-tail evaluation skipped: the corpus has no questions to ask "
+                 "(give --questions FILE, a JSONL of {\"question\", \"answer\"}, to evaluate the bank)")
+        evaluate = False
     if evaluate and result is None:
         log.info("[4/4] long-tail evaluation -> %s", report.parent)
         from training.evaluate import evaluate_longtail
 
         t0 = time.perf_counter()
         result = evaluate_longtail(bank_dir, corpus_dir, anchor=cfg.anchor, out_dir=report.parent,
-                                   hidden_lookup=job_hidden_lookup(job, corpus.docs), rag=rag, dtype=eval_dtype)
+                                   hidden_lookup=job_hidden_lookup(job, corpus.docs), rag=rag, dtype=eval_dtype,
+                                   # a user's questions are also asked in chat, beside general prompts
+                                   chat=DOCS_CHAT_GENERAL if docs else 0)
         stage_done("eval", time.perf_counter() - t0)
     status["last_run_seconds"] = round(time.perf_counter() - t_all, 1)
     if "first_run_seconds" not in status:  # the whole first run (process start-up aside), or its stages' sum
@@ -196,9 +273,18 @@ def run_build(preset: str = DEFAULT_PRESET, bank_dir: Path | None = None, work: 
 
 
 def run_build_command(args) -> int:
-    out = run_build(args.preset, Path(args.out) if args.out else None, Path(args.work) if args.work else None,
-                    epochs=args.epochs, evaluate=not args.no_eval,
-                    train_overrides={"generic_prob": 0.0} if args.no_generic else None)
+    from training.ingest import IngestError
+
+    docs, questions = getattr(args, "docs", None), getattr(args, "questions", None)
+    if questions and not docs:
+        raise SystemExit("hiermem build: --questions needs --docs (a preset's corpus has its own probes)")
+    try:
+        out = run_build(args.preset, Path(args.out) if args.out else None, Path(args.work) if args.work else None,
+                        epochs=args.epochs, evaluate=not args.no_eval,
+                        train_overrides={"generic_prob": 0.0} if args.no_generic else None,
+                        docs=docs, questions=questions)
+    except IngestError as exc:
+        raise SystemExit(f"hiermem build: {exc}") from None
     if out["result"]:
         from training.evaluate import markdown
 
