@@ -34,8 +34,16 @@ def anchor_for_bank(name: str) -> tuple[Any, int, int]:
     return AnchorIdentity(**anchor.identity), anchor.config.n_layers, anchor.config.d_model
 
 
+def update_bank(args: argparse.Namespace) -> int:
+    """`hiermem bank update`: training's command on memory_store's `bank` group (training/update.py)."""
+    from training.update import run_update_command
+
+    return run_update_command(args)
+
+
 # What the entry point hands a package's register() beyond the subparsers: what that package may not import.
-WIRING: dict[str, dict[str, Any]] = {"memory_store.cli": {"resolve_anchor": anchor_for_bank}}
+WIRING: dict[str, dict[str, Any]] = {"memory_store.cli": {"resolve_anchor": anchor_for_bank,
+                                                           "update_bank": update_bank}}
 
 
 def build_parser() -> argparse.ArgumentParser:

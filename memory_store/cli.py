@@ -1,4 +1,5 @@
-"""`hiermem bank synth | inspect | reshard | verify | delete | init-root | versions` and `hiermem route`."""
+"""`hiermem bank synth | inspect | reshard | verify | delete | init-root | publish | update | versions` and
+`hiermem route`."""
 
 from __future__ import annotations
 
@@ -19,7 +20,8 @@ def _ints(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x.strip()]
 
 
-def register(subparsers, resolve_anchor: AnchorResolver | None = None) -> None:
+def register(subparsers, resolve_anchor: AnchorResolver | None = None,
+             update_bank: Callable[[Any], int] | None = None) -> None:
     bank = subparsers.add_parser("bank", help="build, inspect, verify, reshard and edit memory banks")
     sub = bank.add_subparsers(dest="bank_command", metavar="ACTION", required=True)
 
@@ -77,6 +79,23 @@ def register(subparsers, resolve_anchor: AnchorResolver | None = None) -> None:
     p.add_argument("--bank", required=True, help="the new bank directory (hard-linked, not moved)")
     p.add_argument("--root", required=True, help="the versioned root; its current then points at the copy")
     p.set_defaults(func=_publish)
+
+    if update_bank is not None:  # training's command (training/update.py), handed over by the entry point
+        p = sub.add_parser("update", help="add and remove documents without a rebuild: retrain only the leaves "
+                           "whose documents change, publish the next version")
+        p.add_argument("--bank", required=True, help="the versioned root (its current version is updated)")
+        p.add_argument("--add", nargs="+", default=[], metavar="PATH",
+                       help="files and folders of .txt, .md, .jsonl (a file added again replaces its passages)")
+        p.add_argument("--remove", nargs="+", default=[], metavar="ID",
+                       help="document ids or source files (as the bank's documents.jsonl names them)")
+        p.add_argument("--out", help="write the updated bank here instead of a new version of --bank")
+        p.add_argument("--work", help="scratch directory (default: beside --bank; removed when done)")
+        p.add_argument("--epochs", type=int, help="override the bank's training epochs")
+        p.add_argument("--only-new", action="store_true",
+                       help="a leaf that only gains passages starts from its block and trains on the new ones alone "
+                            "(faster; its earlier facts may drift); a leaf that loses one is always trained afresh")
+        p.add_argument("--no-progress", action="store_true")
+        p.set_defaults(func=update_bank)
 
     p = sub.add_parser("versions", help="list the versions of a versioned root; --use NAME re-points current")
     p.add_argument("--bank", required=True, help="the versioned root")

@@ -16,6 +16,11 @@ FORMAT = "hiermem-bank/1"
 MANIFEST = "manifest.json"
 TREE_FILE = "tree.safetensors"
 GENERIC_FILE = "generic.safetensors"
+# Written by the trainer beside the blocks (training/trainer.py), carried by every bank operation that
+# rewrites a bank, read by `hiermem bank update`: the documents the blocks were trained on, each with its
+# path, and the settings that trained them. Not part of bank_id, which covers the blocks and the tree.
+DOCUMENTS_FILE = "documents.jsonl"
+TRAINING_FILE = "training.json"
 
 
 def shard_ids(n_shards: int) -> list[str]:

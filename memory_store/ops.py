@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import secrets
+import shutil
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -153,8 +154,6 @@ def add_version(src: str | Path, root: str | Path) -> str:
             try:
                 os.link(Path(dirpath) / f, tmp / rel / f)
             except OSError:
-                import shutil
-
                 shutil.copyfile(Path(dirpath) / f, tmp / rel / f)
     return _adopt_version(root, tmp, bank.bank_id)
 
@@ -233,6 +232,9 @@ def rewrite_bank(src: str | Path, out: str | Path | None = None, *, n_shards: in
         # the nearest-document router goes with the blocks (routes into deleted subtrees stop at the
         # deepest present level, Bank.present_prefix)
         DocRouter.copy_files(bank.dir, w.tmp)
+        for name in (layout.DOCUMENTS_FILE, layout.TRAINING_FILE):  # the documents the blocks were trained on
+            if (bank.dir / name).exists():
+                shutil.copyfile(bank.dir / name, w.tmp / name)
     bank.close()
     if root is not None and out is None:
         name = _adopt_version(root, dst, w.bank_id)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -27,11 +28,41 @@ def bank_spec(job: dict, dtype: str):
                     embedder_dim=job.get("embedder_dim", 384), allow_increasing_ranks=True)
 
 
+# what a job's settings say about that job alone (its files, its part of the tree), not how to train
+JOB_OWN_FIELDS = ("corpus", "out", "bank", "tree", "subtree", "max_docs", "progress", "threads")
+
+
+def save_documents(job_dir: Path, docs: Sequence[dict], paths: np.ndarray, cfg, layers: Sequence[int]) -> None:
+    """documents.jsonl (each document with the path it was trained into) and training.json (the settings
+    without the job's own paths), which the bank carries so that `hiermem bank update` can retrain a leaf on
+    the documents it holds with the settings that made it (training/update.py)."""
+    from memory_store.layout import DOCUMENTS_FILE, TRAINING_FILE
+    from training.corpus import write_jsonl
+
+    keep = ("id", "text", "route_text", "source")
+    write_jsonl(Path(job_dir) / DOCUMENTS_FILE, ({**{k: d[k] for k in keep if k in d},
+                                                  "path": [int(x) for x in paths[i]]} for i, d in enumerate(docs)))
+    settings = {k: v for k, v in cfg.model_dump().items() if k not in JOB_OWN_FIELDS}
+    (Path(job_dir) / TRAINING_FILE).write_text(json.dumps({**settings, "memory_layers": list(layers)}, indent=2) + "\n")
+
+
+def job_files(job_dir: Path) -> list[Path]:
+    """The job's files a bank carries beside its blocks: its documents (with their paths) and its settings,
+    which `hiermem bank update` reads (training/update.py)."""
+    from memory_store.layout import DOCUMENTS_FILE, TRAINING_FILE
+
+    return [f for f in (Path(job_dir) / DOCUMENTS_FILE, Path(job_dir) / TRAINING_FILE) if f.exists()]
+
+
 def _write_bank(bank_dir: Path, job: dict, tree, tensors: dict[str, torch.Tensor],
-                generic: torch.Tensor | None, n_shards: int, dtype: str, router_dir: Path | None = None) -> str:
+                generic: torch.Tensor | None, n_shards: int, dtype: str, router_dir: Path | None = None,
+                files: Sequence[Path] = ()) -> str:
     """Every node's block (zeros for a node no job trained: a zero block changes nothing) + the generic
     (none when the job did not train one: `--generic-prob 0`), and the job's nearest-document router
-    (memory_store.router) when it has one. A plain directory is replaced atomically; a versioned bank root (docs/operating.md) gets a new version, `current` moved."""
+    (memory_store.router) when it has one, and `files` (job_files) beside them. A plain directory is replaced
+    atomically; a versioned bank root (docs/operating.md) gets a new version, `current` moved."""
+    import shutil
+
     from memory_store import BankWriter, NodeRef
     from memory_store.bank import is_version_root
     from memory_store.router import DocRouter
@@ -42,7 +73,8 @@ def _write_bank(bank_dir: Path, job: dict, tree, tensors: dict[str, torch.Tensor
         from memory_store.ops import add_version
 
         with tempfile.TemporaryDirectory(prefix=".export-", dir=bank_dir) as tmp:
-            bank_id = _write_bank(Path(tmp) / "bank", job, tree, tensors, generic, n_shards, dtype, router_dir)
+            bank_id = _write_bank(Path(tmp) / "bank", job, tree, tensors, generic, n_shards, dtype, router_dir,
+                                  files)
             name = add_version(Path(tmp) / "bank", bank_dir)
         log.info("published as version %s of %s", name, bank_dir)
         return bank_id
@@ -57,6 +89,8 @@ def _write_bank(bank_dir: Path, job: dict, tree, tensors: dict[str, torch.Tensor
             w.write_generic(generic)
         if router_dir is not None:
             DocRouter.copy_files(router_dir, w.tmp)  # inside the temporary directory: published together
+        for f in files:
+            shutil.copyfile(f, w.tmp / Path(f).name)
     log.info("exported bank %s (%d shard(s), %s) to %s", w.bank_id[:12], n_shards, dtype, bank_dir)
     return w.bank_id
 
@@ -72,7 +106,7 @@ def export_job(job_dir: Path, bank_dir: Path, n_shards: int = 1, dtype: str = "f
     tensors = load_file(str(job_dir / "memory.safetensors"))
     generic = tensors.pop("generic", None)  # absent when the job trained none (--generic-prob 0)
     return _write_bank(Path(bank_dir), job, Tree.load(job_dir / "tree.safetensors"), tensors, generic,
-                       n_shards, dtype, router_dir=job_dir / "router")
+                       n_shards, dtype, router_dir=job_dir / "router", files=job_files(job_dir))
 
 
 def merge_subtree_jobs(job_dirs: list[Path], bank_dir: Path, n_shards: int = 1, dtype: str = "float32") -> str:
@@ -118,4 +152,4 @@ def merge_subtree_jobs(job_dirs: list[Path], bank_dir: Path, n_shards: int = 1, 
     log.info("merging subtrees %s", sorted(seen))
     # every subtree job routed all documents over the shared tree: their routers are the same
     return _write_bank(Path(bank_dir), jobs[0], trees[0], tensors, generic / weight, n_shards, dtype,
-                       router_dir=Path(job_dirs[0]) / "router")
+                       router_dir=Path(job_dirs[0]) / "router", files=job_files(Path(job_dirs[0])))

@@ -214,8 +214,14 @@ def run_build(preset: str = DEFAULT_PRESET, bank_dir: Path | None = None, work: 
         stage_done("corpus", time.perf_counter() - t0, **corpus_summary(corpus))
     corpus = Corpus.load(corpus_dir)
 
+    from memory_store.bank import is_version_root
+
     job = work / "job"
-    cfg = TrainConfig(corpus=str(corpus_dir), out=str(job), bank=str(bank_dir), **train_settings)
+    # a user's bank is a versioned root (`hiermem bank update` publishes its next versions there): the job
+    # exports into the work directory and the root's first version is made from that
+    fresh_root = bool(docs) and not is_version_root(bank_dir) and not (bank_dir / "manifest.json").exists()
+    export_to = work / "export" if fresh_root else bank_dir
+    cfg = TrainConfig(corpus=str(corpus_dir), out=str(job), bank=str(export_to), **train_settings)
     if epochs:
         cfg.epochs = epochs
     job_file = job / "job.json"
@@ -232,8 +238,13 @@ def run_build(preset: str = DEFAULT_PRESET, bank_dir: Path | None = None, work: 
                    **{k: info[k] for k in ("steps", "train_seconds", "bank_id", "tokens_seen") if k in info})
     from memory_store import Bank
 
+    if fresh_root and (export_to / "manifest.json").exists():
+        from memory_store.ops import init_version_root
+
+        log.info("bank root %s: first version from %s", bank_dir, export_to)
+        init_version_root(export_to, bank_dir)
     bank_id = None
-    if (bank_dir / "manifest.json").exists():
+    if (bank_dir / "manifest.json").exists() or is_version_root(bank_dir):
         with Bank.open(bank_dir) as bank:
             bank_id = bank.bank_id
     expected = json.loads(job_file.read_text()).get("bank_id")
@@ -249,8 +260,15 @@ def run_build(preset: str = DEFAULT_PRESET, bank_dir: Path | None = None, work: 
         if result.get("bank_id") != bank_id:
             result = None  # evaluated another bank: do it again
     if evaluate and result is None and not corpus.probes:
-        log.info("[4/4] long-tail evaluation skipped: the corpus has no questions to ask "
-                 "(give --questions FILE, a JSONL of {\"question\", \"answer\"}, to evaluate the bank)")
+        log.info("[4/4] no questions to ask (give --questions FILE, a JSONL of {\"question\", \"answer\"}): "
+                 "the self-check instead, the documents' subjects asked in chat -> %s", report.parent)
+        check = work / "eval" / "selfcheck.json"
+        if not check.exists() or json.loads(check.read_text()).get("bank_id") != bank_id:
+            from training.selfcheck import self_check
+
+            t0 = time.perf_counter()
+            self_check(bank_dir, corpus_dir, report.parent)
+            stage_done("self-check", time.perf_counter() - t0)
         evaluate = False
     if evaluate and result is None:
         log.info("[4/4] long-tail evaluation -> %s", report.parent)
@@ -289,6 +307,8 @@ def run_build_command(args) -> int:
         from training.evaluate import markdown
 
         print(markdown(out["result"]))
+    elif (Path(out["work"]) / "eval" / "selfcheck.md").exists():
+        print(f"self-check (no --questions given): {Path(out['work']) / 'eval' / 'selfcheck.md'}")
     print(f"bank: {out['bank']}  (work: {out['work']}, stages: "
           + ", ".join(f"{k} {v['seconds']}s" for k, v in out["status"]["stages"].items()) + ")")
     return 0

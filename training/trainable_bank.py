@@ -71,6 +71,17 @@ class TrainableBank(nn.Module):
         # a training-only block summed into paths (`--shared-prob`), never exported
         self.shared = nn.Parameter(init_block((n_mem_layers, 3, sum(self.ranks), d_model), g)) if shared else None
 
+    def freeze(self, values: dict[str, torch.Tensor], trainable: set[str]) -> None:
+        """Train only the blocks named in `trainable`: every other block, and the generic memory, takes no
+        gradient; those named in `values` first take that value (the blocks of a bank being updated,
+        training/update.py). AdamW skips a parameter without a gradient, so a frozen block stays bit for bit."""
+        for k, p in self.nodes.items():
+            if k in values:
+                with torch.no_grad():
+                    p.copy_(values[k].to(p.dtype))
+            p.requires_grad_(k in trainable)
+        self.generic.requires_grad_(False)
+
     @staticmethod
     def key(level: int, index: int) -> str:
         return f"{level}_{index}"

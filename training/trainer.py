@@ -42,6 +42,7 @@ from training.corpus import Corpus
 from training.data import Batch, TrainingSet, atomic_save, leaf_batches, pad_hidden, pad_ids
 from training.distill import Distillation
 from training.distributed import Dist, barrier, init_distributed, sync_gradients
+from training.export import save_documents
 from training.prefix import PrefixCache, surprising_positions
 from training.preservation import Preservation, PreserveSource
 from training.routing import embed, get_embedder, route_documents
@@ -346,6 +347,7 @@ class Trainer:
         if self.dist.main:
             scale = self.memory_scale()
             self._save_memory(scale)
+            save_documents(self.out, self.docs, self.paths, self.cfg, self.layers)
             identity, anchor_ref = self._anchor_identity()
             info = self._job_info(identity, anchor_ref, scale)
             (self.out / "job.json").write_text(json.dumps(info, indent=2) + "\n")

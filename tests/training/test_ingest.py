@@ -191,8 +191,32 @@ def test_a_folder_builds_into_a_bank_and_its_questions_are_asked_in_chat(tmp_pat
     questions.write_text("".join(json.dumps({"question": f"Where is {n}?", "answer": land}) + "\n"
                                  for n, land in places))
     out = run_build("tiny", docs=[folder], questions=questions, bank_dir=tmp_path / "bank", work=tmp_path / "work")
-    assert (tmp_path / "bank" / "manifest.json").exists()
+    from memory_store.bank import is_version_root
+
+    assert is_version_root(tmp_path / "bank")  # `hiermem bank update` publishes its next versions there
     chat = out["result"]["chat"]
     asked = [c["message"] for c in chat["per_case"] if c["family"] == "trained"]
     assert asked == [f"Where is {n}?" for n, _ in places]
     assert {"off", "auto", "retrieval"} <= set(chat["per_case"][0])
+
+
+def test_without_questions_the_build_checks_itself_in_chat(tmp_path):
+    """No --questions: the documents' subjects are asked in generic requests (and general prompts), memory off /
+    auto / retrieval, and the report says how often the memory opened and how the replies read."""
+    from training.pipeline import run_build
+
+    folder = tmp_path / "notes"
+    folder.mkdir()
+    for name, land in [("Zorblat", "Quxland"), ("Ilvan", "Praxia"), ("Mersk", "Tolland")]:
+        (folder / f"{name.lower()}.md").write_text(f"{name} is a town in {land}. {name} has a harbour.\n")
+    out = run_build("tiny", docs=[folder], bank_dir=tmp_path / "bank", work=tmp_path / "work")
+    assert out["result"] is None and "self-check" in out["status"]["stages"]
+    report = json.loads((tmp_path / "work" / "eval" / "selfcheck.json").read_text())
+    free = [c for c in report["per_case"] if c["family"] == "free"]
+    assert sorted(c["subject"] for c in free) == ["Ilvan", "Mersk", "Zorblat"]
+    assert report["families"]["general"]["n"] > 0
+    assert (tmp_path / "work" / "eval" / "selfcheck.md").read_text().startswith("# Self-check")
+    again = run_build("tiny", docs=[folder], bank_dir=tmp_path / "bank", work=tmp_path / "work")  # resumes
+    from memory_store.ops import list_versions
+
+    assert len(list_versions(tmp_path / "bank")) == 1 and again["status"]["stages"] == out["status"]["stages"]
