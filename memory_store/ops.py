@@ -12,7 +12,7 @@ import os
 import secrets
 import shutil
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -177,11 +177,15 @@ def list_versions(root: str | Path) -> list[dict[str, Any]]:
 
 
 def rewrite_bank(src: str | Path, out: str | Path | None = None, *, n_shards: int | None = None,
-                 delete: Iterable[NodeRef] = (), zero: Iterable[NodeRef] = (), progress: bool = False) -> str:
+                 delete: Iterable[NodeRef] = (), zero: Iterable[NodeRef] = (), replace: Mapping[NodeRef, Any] | None = None,
+                 documents_from: str | Path | None = None, progress: bool = False) -> str:
     """Copy a bank block by block (verifying every block), optionally to another shard count, with
-    subtrees deleted (absent) or zeroed, into a new directory: `out`, or with `out=None` and `src` a
-    versioned root, a new version that `current` then points at. A plain bank directory is never
-    rewritten in place (shards may be serving it). Returns the new bank_id."""
+    subtrees deleted (absent) or zeroed and single blocks replaced (`replace`: node -> array in the block's
+    shape, e.g. retrained leaves), into a new directory: `out`, or with `out=None` and `src` a versioned root,
+    a new version that `current` then points at. Shard files holding no changed node are hard-linked. The
+    router and the documents the blocks were trained on come from `src`, or from `documents_from` when the
+    documents changed. A plain bank directory is never rewritten in place (shards may be serving it).
+    Returns the new bank_id."""
     root = Path(src) if is_version_root(src) else None
     if out is None and root is None:
         raise BankError(f"{src} is a plain bank directory that running shards may serve: it is never "
@@ -206,7 +210,9 @@ def rewrite_bank(src: str | Path, out: str | Path | None = None, *, n_shards: in
 
         it = tqdm(refs, desc="rewrite", unit="block")
     generic = bank.generic_block()
-    changed = {lv: gone.get(lv, set()) | zeroed.get(lv, set()) for lv in range(1, bank.spec.depth + 1)}
+    replace = {bank.spec.check_ref(r): a for r, a in (replace or {}).items()}
+    changed = {lv: gone.get(lv, set()) | zeroed.get(lv, set()) | {r.index for r in replace if r.level == lv}
+               for lv in range(1, bank.spec.depth + 1)}
     with BankWriter(dst, bank.spec, bank.anchor, bank.tree, n_shards) as w:
         w.deleted = set(bank.deleted_roots) | {bank.spec.check_ref(r) for r in delete}
         # the generic memory is copied as it is: trained before these deletions, it may hold what they held
@@ -223,6 +229,8 @@ def rewrite_bank(src: str | Path, out: str | Path | None = None, *, n_shards: in
             elif ref.index in zeroed.get(ref.level, ()):
                 data = bytes(bank.spec.bytes_per_block(ref.level))
                 w.write_block_bytes(ref, data)
+            elif ref in replace:
+                w.write_block(ref, replace[ref])
             else:
                 view = bank.read_block_bytes(ref, verify=True)
                 w.write_block_bytes(ref, view, crc=bank.block_info(ref).crc32c)
@@ -231,10 +239,11 @@ def rewrite_bank(src: str | Path, out: str | Path | None = None, *, n_shards: in
             w.write_generic(generic)
         # the nearest-document router goes with the blocks (routes into deleted subtrees stop at the
         # deepest present level, Bank.present_prefix)
-        DocRouter.copy_files(bank.dir, w.tmp)
+        carried = Path(documents_from) if documents_from is not None else bank.dir
+        DocRouter.copy_files(carried, w.tmp)
         for name in (layout.DOCUMENTS_FILE, layout.TRAINING_FILE):  # the documents the blocks were trained on
-            if (bank.dir / name).exists():
-                shutil.copyfile(bank.dir / name, w.tmp / name)
+            if (carried / name).exists():
+                shutil.copyfile(carried / name, w.tmp / name)
     bank.close()
     if root is not None and out is None:
         name = _adopt_version(root, dst, w.bank_id)

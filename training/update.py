@@ -15,9 +15,10 @@ which its whole subtree shares). The update
    at the bank's values, so every leaf that got no new passage keeps its block byte for byte; a leaf left
    without documents gets a zero block (which changes nothing);
 5. rebuilds the nearest-document router over the documents and calibrates its gate (training/routing.py);
-6. writes the next bank -- untouched blocks copied, the new leaf blocks, the router, the documents -- as the
-   next version of a versioned root (``current`` moved: a running stack follows it, docs/operating.md) or
-   to ``--out``.
+6. writes the next bank with `memory_store.ops.rewrite_bank` -- shard files without a changed leaf
+   hard-linked, other blocks copied with their checksums verified, the new leaf blocks, the router, the
+   documents -- as the next version of a versioned root (``current`` moved: a running stack follows it,
+   docs/operating.md) or to ``--out``.
 
 A removed passage's text, its words and its index entries are in no file of the new version and its leaf is
 retrained without it. Its level-1 block is not retrained: that block is shared by the subtree's other leaves,
@@ -85,20 +86,16 @@ def removed_indices(docs: list[dict], remove: list[str]) -> set[int]:
 
 def place_new(tree, kept: list[dict], new: list[dict], embed_fn) -> np.ndarray:
     """A path per new document: the most common path of the kept documents in its name group, else the route
-    of the group's new documents' mean embedding down the tree (as `routing.group_paths` does in a build)."""
-    from training.routing import doc_route_texts, group_documents
+    of its group's mean embedding down the tree (`routing.group_paths`, as in a build)."""
+    from training.routing import doc_route_texts, group_documents, group_paths
 
     groups = group_documents([d["text"] for d in kept + new])
-    emb = embed_fn(doc_route_texts(new))
-    paths = np.zeros((len(new), len(tree.branching)), dtype=np.int64)
+    new_groups = np.unique(groups[len(kept):], return_inverse=True)[1]
+    paths = group_paths(tree, embed_fn(doc_route_texts(new)), new_groups)
     for g in np.unique(groups[len(kept):]):
-        members = [i for i in range(len(new)) if groups[len(kept) + i] == g]
         held = [tuple(kept[i]["path"]) for i in range(len(kept)) if groups[i] == g]
         if held:
-            paths[members] = Counter(held).most_common(1)[0][0]
-        else:
-            mean = emb[members].mean(axis=0, keepdims=True)
-            paths[members] = tree.route((mean / max(float(np.linalg.norm(mean)), 1e-12)).astype(np.float32))[0]
+            paths[groups[len(kept):] == g] = Counter(held).most_common(1)[0][0]
     return paths
 
 
@@ -196,8 +193,8 @@ def update_bank(bank_path: str | Path, add: list[str] | None = None, remove: lis
 
     from memory_store import Bank, NodeRef
     from memory_store.bank import is_version_root
+    from memory_store.ops import rewrite_bank
     from training.corpus import write_jsonl
-    from training.export import _write_bank
     from training.routing import embed, get_embedder, make_router
 
     bank_path = Path(bank_path)
@@ -236,25 +233,14 @@ def update_bank(bank_path: str | Path, add: list[str] | None = None, remove: lis
         router.save(work / "router")
         seconds["router"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        write_jsonl(work / DOCUMENTS_FILE, plan.docs)
-        shutil.copyfile(bank.dir / TRAINING_FILE, work / TRAINING_FILE)
-        spec, depth = bank.spec, bank.spec.depth
-        changed = {p[-1] for p in plan.changed_leaves}
-        tensors = {}
-        for level in range(1, depth + 1):
-            for index in range(spec.nodes_at(level)):
-                key, ref = f"{level}_{index}", NodeRef(level, index)
-                if level == depth and index in changed:
-                    tensors[key] = blocks.get(key, torch.zeros(spec.block_shape(level)))
-                elif bank.is_present(ref):
-                    tensors[key] = bank.read_block(ref)
-        job = {"branching": spec.branching, "ranks": spec.ranks, "memory_layers": spec.memory_layers,
-               "n_layers": spec.n_layers, "d_model": spec.d_model, "embedder": spec.embedder_name,
-               "embedder_dim": spec.embedder_dim, "anchor_identity": bank.manifest["anchor"]}
+        write_jsonl(work / "router" / DOCUMENTS_FILE, plan.docs)
+        shutil.copyfile(bank.dir / TRAINING_FILE, work / "router" / TRAINING_FILE)
+        depth = bank.spec.depth
+        leaves = {NodeRef(depth, p[-1]) for p in plan.changed_leaves}
+        replace = {r: blocks.get(f"{r.level}_{r.index}", torch.zeros(bank.spec.block_shape(depth))) for r in leaves}
+        # untouched shard files are hard-linked, every other block copied with its checksum verified
+        bank_id = rewrite_bank(bank_path, out, replace=replace, documents_from=work / "router")
         target = Path(out) if out is not None else bank_path
-        bank_id = _write_bank(target, job, bank.tree, tensors, bank.generic_block(), len(bank.manifest["shards"]),
-                              spec.dtype, router_dir=work / "router",
-                              files=[work / DOCUMENTS_FILE, work / TRAINING_FILE])
         seconds["export"] = time.perf_counter() - t0
     shutil.rmtree(work, ignore_errors=True)
     seconds["total"] = time.perf_counter() - t_all
@@ -268,7 +254,7 @@ def run_update_command(args) -> int:
     try:
         summary = update_bank(args.bank, add=args.add, remove=args.remove, out=args.out, work=args.work,
                               epochs=args.epochs, progress=not args.no_progress, only_new=args.only_new)
-    except (UpdateError, ValueError) as exc:
+    except ValueError as exc:  # UpdateError, IngestError: what the user asked for or gave
         raise SystemExit(f"hiermem bank update: {exc}") from None
     print(json.dumps({k: v for k, v in summary.items() if k not in ("added", "removed")}
                      | {"added": len(summary["added"]), "removed": len(summary["removed"])}, indent=2))

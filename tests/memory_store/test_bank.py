@@ -229,6 +229,26 @@ def test_zeroed_subtree_reads_as_zeros(tmp_path, spec):
     np.testing.assert_array_equal(bank.read_block(NodeRef(2, 2)).numpy(), blocks[NodeRef(2, 2)])
 
 
+def test_rewrite_replaces_single_blocks_and_links_the_rest(tmp_path):
+    """`rewrite_bank(replace=...)` (how `hiermem bank update` writes retrained leaves): the named blocks take
+    the new values, every other block its old bytes, and shard files without a replaced node are linked."""
+    from memory_store.ops import rewrite_bank
+
+    spec = tiny_spec(branching=[2, 3])
+    _, blocks, _ = write_bank(tmp_path / "b", spec, n_shards=2)
+    new = np.full(spec.block_shape(2), 0.5, dtype=np.float32)
+    rewrite_bank(tmp_path / "b", tmp_path / "r", replace={NodeRef(2, 4): new})
+    bank = Bank.open(tmp_path / "r")
+    np.testing.assert_array_equal(bank.read_block(NodeRef(2, 4)).numpy(), new.astype(bank.read_block(NodeRef(2, 4)).numpy().dtype))
+    for ref, block in blocks.items():
+        if ref != NodeRef(2, 4):
+            np.testing.assert_array_equal(bank.read_block(ref).numpy(), block)
+    ino = lambda d, sid, lv: (d / "shards" / sid / f"level-{lv}.safetensors").stat().st_ino  # noqa: E731
+    assert ino(tmp_path / "b", "0", 2) == ino(tmp_path / "r", "0", 2)
+    assert ino(tmp_path / "b", "1", 2) != ino(tmp_path / "r", "1", 2)
+    assert verify_bank(tmp_path / "r").ok
+
+
 def test_bank_id_is_a_content_hash(tmp_path, spec):
     a, _, _ = write_bank(tmp_path / "a", spec, n_shards=1, seed=0)
     b, _, _ = write_bank(tmp_path / "b", spec, n_shards=2, seed=0)
