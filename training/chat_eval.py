@@ -50,6 +50,11 @@ class ChatCase:
     kind: str = "chat"  # "chat": through the chat template; "completion": the text as it is
 
 
+def sample_rows(rows: Sequence[Any], n: int, rng: np.random.Generator) -> list:
+    """At most `n` of `rows`, drawn without replacement by `rng`, kept in their order."""
+    return [rows[i] for i in sorted(rng.choice(len(rows), min(n, len(rows)), replace=False))]
+
+
 def chat_cases(probes: Sequence, general: Sequence[dict] = (), per_family: int = 0, seed: int = 0,
                full_buckets: Sequence[int] = ()) -> list[ChatCase]:
     """The evaluation's cases from a corpus's probes (one per entity, relations with a chat question only).

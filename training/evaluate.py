@@ -212,13 +212,11 @@ def run_chat_eval(model, tok, chat_template, router, embedder, corpus: Corpus, s
                   per_family: int) -> dict:
     """`chat_eval` of the corpus's rarest trained facts and `per_family` cases of each other family (the
     general prompts drawn from the evaluation half), through the hierarchical memory."""
-    from training.chat_eval import chat_cases, chat_eval
+    from training.chat_eval import chat_cases, chat_eval, sample_rows
     from training.corpus_docs import load_general_prompts
     from training.routing import embed
 
-    rng = np.random.default_rng(0)
-    general = load_general_prompts("eval")
-    general = [general[i] for i in sorted(rng.choice(len(general), min(per_family, len(general)), replace=False))]
+    general = sample_rows(load_general_prompts("eval"), per_family, np.random.default_rng(0))
     rarest = max((p.bucket for p in corpus.probes if p.split == "train"), default=0)
     cases = chat_cases(corpus.probes, general=general, per_family=per_family, full_buckets=[rarest])
     report = chat_eval(model, tok, chat_template, router, lambda xs: embed(xs, embedder), corpus.docs,

@@ -36,7 +36,7 @@ def self_check(bank_dir: Path, corpus_dir: Path, out_dir: Path, subjects: int = 
     from lm import load_anchor
     from memory_store import Bank
     from memory_store.router import DocRouter
-    from training.chat_eval import ChatCase, chat_eval, chat_markdown
+    from training.chat_eval import ChatCase, chat_eval, chat_markdown, sample_rows
     from training.chat_forms import FREE_FORMS
     from training.corpus import Corpus
     from training.corpus_docs import load_general_prompts
@@ -47,9 +47,8 @@ def self_check(bank_dir: Path, corpus_dir: Path, out_dir: Path, subjects: int = 
     rng = np.random.default_rng(seed)
     corpus = Corpus.load(corpus_dir)
     names = list(dict.fromkeys(n for n in subject_names(corpus.docs) if n))
-    names = [names[i] for i in sorted(rng.choice(len(names), min(subjects, len(names)), replace=False))]
-    prompts = load_general_prompts("eval")
-    prompts = [prompts[i] for i in sorted(rng.choice(len(prompts), min(general, len(prompts)), replace=False))]
+    names = sample_rows(names, subjects, rng)
+    prompts = sample_rows(load_general_prompts("eval"), general, rng)
     cases = [ChatCase("free", FREE_FORMS[FORMS[i % len(FORMS)]].format(name=n), subject=n) for i, n in enumerate(names)]
     cases += [ChatCase("general", g["text"], kind=g.get("kind", "completion")) for g in prompts]
     with Bank.open(bank_dir) as bank:
