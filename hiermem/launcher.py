@@ -41,15 +41,15 @@ from hiermem.supervisor import ChildSpec, Supervisor
 log = logging.getLogger("hiermem.up")
 
 
-# The preset `hiermem ensure-bank --source demo` (and so scripts/run.sh) builds: the documents corpus, a
-# user's corpus as written (paragraphs in several wordings, no route_text, no preserve file), with its
-# nearest-document routing and calibrated gate (docs/training.md). The preset `facts` stays for the
-# long-tail benchmark of the probe-shaped corpus.
-DEMO_PRESET = "docs"
+# The preset `hiermem ensure-bank --source demo` (and so scripts/run.sh) builds: a fifth of the documents
+# corpus, a user's corpus as written (paragraphs in several wordings, no route_text, no preserve file), with
+# its nearest-document routing and calibrated gate, sized so the first run fits 15 minutes on every CPU seen
+# (docs/training.md, "The demo bank"). The presets `docs` and `facts` stay for the long-tail benchmarks.
+DEMO_PRESET = "demo"
 
 
 def demo_bank() -> Path:
-    """Where `hiermem build --preset docs` puts its bank: `$HIERMEM_HOME/banks/docs`."""
+    """Where `hiermem build --preset demo` puts its bank: `$HIERMEM_HOME/banks/demo`."""
     return home() / "banks" / DEMO_PRESET
 
 
@@ -305,8 +305,8 @@ class EnsureBankSettings(BaseSettings):
     bank: Path = Field(default_factory=demo_bank)
     """Bank directory; nothing is done when its manifest.json exists (or it is a versioned root)."""
     source: Literal["synth", "demo"] = "synth"
-    """synth = random-weight bank for the anchor (seconds); demo = `hiermem build --preset docs --no-eval
-    --no-generic` (trains, about 13 minutes on 2 cores)."""
+    """synth = random-weight bank for the anchor (seconds); demo = `hiermem build --preset demo --no-eval
+    --no-generic` (trains: minutes on 2 cores, docs/training.md "The demo bank")."""
     anchor: str = "smollm2"
     """Anchor the bank is built for (its identity, depth and width): smollm2, tiny or a directory."""
     shards: int = Field(2, ge=1)
@@ -336,8 +336,8 @@ def ensure_bank(s: EnsureBankSettings) -> Path:
     if s.bank.is_dir() and not any(s.bank.iterdir()):
         s.bank.rmdir()  # an empty directory (e.g. made by a volume mount) would block the atomic publish
     if s.source == "demo":
-        # trains on the smollm2 anchor. Left out so that the first run of scripts/run.sh stays within 20
-        # minutes: the evaluation (a later `hiermem build --preset docs` adds it, training and export kept) and
+        # trains on the smollm2 anchor. Left out so that the first run of scripts/run.sh stays within 15
+        # minutes: the evaluation (a later `hiermem build --preset demo` adds it, training and export kept) and
         # the generic memory, the evaluation's same-epochs control, trained in the same forward as the tree's
         # blocks (about a third of the training time). The tree's blocks get the same updates either way.
         argv = _hiermem("build", "--preset", DEMO_PRESET, "--out", str(s.bank), "--no-eval", "--no-generic")

@@ -38,6 +38,14 @@ def measure(m: int = 256, k: int = 576, n: int = 8192, repeats: int = 5) -> dict
     return {"shape": [m, k, n], "float32_s": f32, "bfloat16_s": bf16, "speedup": f32 / max(bf16, 1e-12)}
 
 
+def matmul_flops(dtype: torch.dtype = torch.float32, n: int = 1024, repeats: int = 5) -> float:
+    """Best FLOP/s of an (n, n) @ (n, n) matmul in `dtype` on the current torch threads: the yardstick of
+    training throughput (training/throughput.py)."""
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(n, n, generator=g).to(dtype), torch.randn(n, n, generator=g).to(dtype)
+    return 2 * n ** 3 / max(_best_time(a, b, repeats), 1e-12)
+
+
 PROBE_SHAPE = (16, 576, 1024)  # 1/128 of the flops of the measured shape
 
 

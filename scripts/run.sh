@@ -7,8 +7,8 @@
 #   bash scripts/run.sh "Marie Curie was born in"
 #   bash scripts/run.sh --keep "..."           # leave the stack running afterwards (stop: kill <pid shown>)
 #
-# Bank: the trained demo bank ($HIERMEM_HOME/banks/docs, built by `hiermem build --preset docs --no-eval
-# --no-generic`: memories trained on the built-in documents corpus, about 13 minutes the first time) when
+# Bank: the trained demo bank ($HIERMEM_HOME/banks/demo, built by `hiermem build --preset demo --no-eval
+# --no-generic`: memories trained on a fifth of the built-in documents corpus, minutes the first time) when
 # the training package is installed, else a small synthetic bank for SmolLM2 ($HIERMEM_HOME/banks/synth-smollm2)
 # (the demo build trains, once; if it fails the synthetic bank is used). Override with HIERMEM_RUN_SOURCE=
 # synth|demo, or HIERMEM_RUN_BANK=DIR (built with that source when absent, synth by default).
@@ -27,7 +27,7 @@ PORT="${HIERMEM_UP_PORT:-8000}"
 
 # 1. a bank
 SOURCE="${HIERMEM_RUN_SOURCE:-auto}"
-DEMO="$HOME_DIR/banks/docs"  # hiermem.launcher.demo_bank()
+DEMO="$HOME_DIR/banks/demo"  # hiermem.launcher.demo_bank()
 SYNTH="$HOME_DIR/banks/synth-smollm2"
 BANK="${HIERMEM_RUN_BANK:-}"
 ensure() { python -m hiermem.launcher --log-level WARNING ensure-bank --anchor smollm2 --bank "$1" --source "$2" >/dev/null; }
@@ -73,7 +73,7 @@ grep -E "^(hiermem is up|try:)" "$LOG"
 #    first such fact (in the corpus's order) that the anchor alone gets wrong, found by asking the running
 #    server with memory off -- chosen by the anchor's answer, never by the memory's. Then ask it again with
 #    memory off, so the two answers show what the fetched blocks add.
-PROBES="$HOME_DIR/work/docs/corpus/probes.jsonl"
+PROBES="$HOME_DIR/work/demo/corpus/probes.jsonl"
 COMPARE=0
 if [ -z "$PROMPT" ]; then
   if [ "$BANK" = "$DEMO" ] && [ -f "$PROBES" ]; then

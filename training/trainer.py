@@ -47,6 +47,7 @@ from training.prefix import PrefixCache, surprising_positions
 from training.preservation import Preservation, PreserveSource
 from training.routing import embed, get_embedder, route_documents
 from training.scale import given_scale, job_memory_scale, scaled
+from training.throughput import Throughput
 from training.trainable_bank import TrainableBank
 from training.views import subject_names
 
@@ -120,6 +121,7 @@ class Trainer:
         self.train_seconds = 0.0
         self.tokens_seen = 0
         self.compute = Compute(self.model, cfg.compute_dtype)
+        self.throughput = Throughput(self.compute.dtype)
         self.preservation = self._preservation(corpus.preserve) if cfg.preserve_weight > 0 else None
         self.distillation = self._distillation() if cfg.distill_weight > 0 else None
 
@@ -234,6 +236,8 @@ class Trainer:
             # evaluation, same epochs), in the same forward
             systems = (False, True) if self.rng.random() < self.cfg.generic_prob else (False,)
             losses = self.batch_losses(batch, systems)
+            self.throughput.add_tokens(len(systems) * len(batch.doc_index)
+                                       * max(len(self.data.token_ids[i]) for i in batch.doc_index))
             total = sum(losses, torch.zeros(()))
             stats["loss"] = float(losses[0].detach())
             if keep is not None and rows:  # the tree's blocks only (Preservation.loss)
@@ -265,7 +269,8 @@ class Trainer:
         state = {"memory": self.memory.state_dict(), "optim": self.opt.state_dict(),
                  "sched": self.sched.state_dict(), "epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
                  "global_step": self.global_step, "train_seconds": self.train_seconds,
-                 "tokens_seen": self.tokens_seen, "rng": self.rng.getstate(),
+                 "tokens_seen": self.tokens_seen, "throughput": self.throughput.state_dict(),
+                 "rng": self.rng.getstate(),
                  "config": {**self.cfg.model_dump(), "memory_layers": self.layers}}
         if self.train_anchor:
             state["anchor"] = self.model.state_dict()
@@ -284,6 +289,7 @@ class Trainer:
         self.epoch, self.step_in_epoch = state["epoch"], state["step_in_epoch"]
         self.global_step, self.train_seconds = state["global_step"], state["train_seconds"]
         self.tokens_seen = state.get("tokens_seen", 0)
+        self.throughput.load_state_dict(state.get("throughput", {}))
         if self.dist.world == 1:
             self.rng.setstate(state["rng"])
         log.info("resumed from %s at epoch %d step %d", f, self.epoch, self.step_in_epoch)
@@ -316,7 +322,8 @@ class Trainer:
             while self.step_in_epoch < self.steps_per_epoch:
                 batch = batches[self.step_in_epoch] if self.step_in_epoch < len(batches) else None
                 t0 = time.perf_counter()
-                stats = self.step(batch)
+                with self.throughput.step(self.global_step):
+                    stats = self.step(batch)
                 self.train_seconds += time.perf_counter() - t0
                 self.step_in_epoch += 1
                 self.global_step += 1
@@ -327,7 +334,7 @@ class Trainer:
                                     kl=f"{stats.get('kl', float('nan')):.3f}",
                                     distill=f"{stats.get('distill', float('nan')):.3f}",
                                     generic=f"{stats.get('loss_generic', float('nan')):.3f}",
-                                    tok_s=f"{tok_s:.0f}")
+                                    tok_s=f"{tok_s:.0f}", flops=f"{self.throughput.ratio(self.train_seconds):.0%}")
                 if self.global_step % self.cfg.checkpoint_every == 0:
                     self.checkpoint()
             self.epoch += 1
@@ -388,7 +395,9 @@ class Trainer:
                                       leaf_batches(self.data.paths, self.cfg.batch_size, 0, self.cfg.subtree))),
             "epochs": self.cfg.epochs, "steps": self.global_step, "train_seconds": self.train_seconds,
             "tokens_seen": self.tokens_seen * self.dist.world, "world_size": self.dist.world,
-            "prefix_cache": self.use_prefix, "memory_scale": scale, "done": True,
+            "prefix_cache": self.use_prefix, "memory_scale": scale,
+            # this process's FLOPs and FLOP/s against its threads' matmul yardstick (training/throughput.py)
+            "throughput": self.throughput.summary(self.train_seconds), "done": True,
         }
 
     def _anchor_identity(self) -> tuple[dict, str]:

@@ -45,14 +45,14 @@ def test_demo_source_builds_the_documents_preset_without_evaluation(tmp_path, mo
 
     calls: list[list[str]] = []
     monkeypatch.setattr(subprocess, "run", lambda argv, check: calls.append(argv))
-    bank = tmp_path / "banks" / "docs"
+    bank = tmp_path / "banks" / "demo"
     assert ensure_bank(EnsureBankSettings(bank=bank, source="demo")) == bank
     (argv,) = calls
     assert argv[1:3] == ["-m", "hiermem.cli"]
     args = build_parser().parse_args(argv[3:])
-    assert (args.command, args.preset, args.out, args.no_eval, args.no_generic) == ("build", "docs", str(bank),
+    assert (args.command, args.preset, args.out, args.no_eval, args.no_generic) == ("build", "demo", str(bank),
                                                                                      True, True)
-    assert DEMO_PRESET == "docs" and demo_bank().name == "docs"
+    assert DEMO_PRESET == "demo" and demo_bank().name == "demo"
 
     from training.pipeline import PRESETS
 

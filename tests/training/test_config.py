@@ -70,11 +70,14 @@ def test_build_defaults_to_the_demo_bank_and_refuses_an_unknown_preset(capsys):
     from hiermem.cli import build_parser
     from training.pipeline import DEFAULT_PRESET, PRESETS, run_build
 
-    assert build_parser().parse_args(["build"]).preset == DEFAULT_PRESET == "docs"
+    assert build_parser().parse_args(["build"]).preset == DEFAULT_PRESET == "demo"
     assert build_parser().parse_args(["build", "--preset", "facts"]).preset == "facts"
-    assert "demo" not in PRESETS
+    # the demo is the docs corpus, smaller, with the same (default) training settings
+    assert PRESETS["demo"]["train"] == PRESETS["docs"]["train"] == {}
+    assert PRESETS["demo"]["corpus"]["style"] == PRESETS["docs"]["corpus"]["style"] == "documents"
+    assert sum(PRESETS["demo"]["corpus"]["sizes"].values()) < sum(PRESETS["docs"]["corpus"]["sizes"].values())
     with pytest.raises(SystemExit):
-        build_parser().parse_args(["build", "--preset", "demo"])
-    assert "unknown preset 'demo'" in capsys.readouterr().err
-    with pytest.raises(ValueError, match="unknown preset 'demo'.*facts"):
-        run_build("demo")
+        build_parser().parse_args(["build", "--preset", "nope"])
+    assert "unknown preset 'nope'" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="unknown preset 'nope'.*facts"):
+        run_build("nope")

@@ -131,6 +131,8 @@ def test_exported_bank_round_trips(corpus_dir, tmp_path):
     # the layers --mem-layers chose are the trainer's: the config keeps None, as config.json does, while
     # job.json and the checkpoint record them
     assert cfg.memory_layers is None and info["memory_layers"] == [2, 3]
+    tp = info["throughput"]  # every job reports its FLOPs against the machine's matmul FLOP/s
+    assert tp["train_flops"] > 0 and tp["matmul_flops_per_s"] > 0 and 0 < tp["flops_ratio"] < 10
     assert json.loads((tmp_path / "job" / "config.json").read_text()) == {**cfg.model_dump(), "memory_layers": None}
     ck = torch.load(tmp_path / "job" / "checkpoint.pt", weights_only=False)
     assert ck["config"] == {**cfg.model_dump(), "memory_layers": [2, 3]}

@@ -1,0 +1,35 @@
+"""Training throughput (training/throughput.py): exact FLOPs on the counted steps, scaled by padded tokens."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from training.throughput import Throughput
+
+
+def test_counted_steps_give_exact_flops_and_the_rest_are_scaled_by_their_tokens():
+    tp = Throughput(torch.float32, every=2)
+    assert tp.matmul_flops_per_s > 0
+    a, b = torch.randn(8, 16), torch.randn(16, 4)
+    for index, tokens in enumerate((10, 30, 10)):  # steps 0 and 2 are counted, step 1 only adds its tokens
+        with tp.step(index):
+            tp.add_tokens(tokens)
+            torch.matmul(a, b)
+    assert (tp.counted_flops, tp.counted_tokens, tp.tokens) == (2 * 2 * 8 * 16 * 4, 20, 50)
+    assert tp.flops() == pytest.approx(2 * 8 * 16 * 4 * 50 / 10)
+    s = tp.summary(train_seconds=2.0)
+    assert s["train_flops"] == pytest.approx(tp.flops()) and s["compute_dtype"] == "float32"
+    assert s["flops_ratio"] == pytest.approx(s["achieved_flops_per_s"] / s["matmul_flops_per_s"])
+    again = Throughput(torch.float32)
+    again.load_state_dict(tp.state_dict())  # a resumed job goes on counting where the checkpoint left off
+    assert again.flops() == tp.flops()
+
+
+def test_backward_is_counted_too():
+    tp = Throughput(torch.float32, every=1)
+    w = torch.randn(16, 4, requires_grad=True)
+    with tp.step(0):
+        tp.add_tokens(8)
+        (torch.randn(8, 16) @ w).sum().backward()
+    assert tp.counted_flops == 2 * (2 * 8 * 16 * 4)  # forward + the weight's gradient

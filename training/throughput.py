@@ -1,0 +1,84 @@
+"""Training throughput as a share of what this machine's matmuls can do; every build reports it.
+
+The FLOPs are counted exactly, by torch's `FlopCounterMode` (every matmul and attention product, forward
+and backward), on one training step in `every`, and scaled to all steps by their padded tokens (what the
+matmuls see). Counting every step would put a Python dispatch on every op, about a tenth of a step here;
+one step in 16 costs well under 1%. The yardstick is the best FLOP/s of a 1024^3 matmul in the compute
+dtype on the training's threads, measured before and after training: on a shared host the load moves it,
+and the best of the two is the closer to what the machine can do.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+class Throughput:
+    """FLOPs of a job's training steps (counted on a sample) against the machine's matmul FLOP/s."""
+
+    def __init__(self, dtype: torch.dtype, every: int = 16) -> None:
+        from lm.dtype import matmul_flops
+
+        self.dtype, self.every = dtype, max(1, every)
+        self.counted_flops = 0  # exact FLOPs of the counted steps
+        self.counted_tokens = 0  # their padded tokens
+        self.tokens = 0  # padded tokens of every step
+        self.matmul_flops_per_s = matmul_flops(dtype)
+
+    @contextmanager
+    def step(self, index: int) -> Iterator[None]:
+        """The context of training step `index`: counted when `index` is a multiple of `every`."""
+        if index % self.every:
+            yield
+            return
+        from torch.utils.flop_counter import FlopCounterMode
+
+        counter = FlopCounterMode(display=False)
+        before = self.tokens
+        with counter:
+            yield
+        self.counted_flops += counter.get_total_flops()
+        self.counted_tokens += self.tokens - before
+
+    def add_tokens(self, padded: int) -> None:
+        self.tokens += padded
+
+    def state_dict(self) -> dict:
+        return {"counted_flops": self.counted_flops, "counted_tokens": self.counted_tokens, "tokens": self.tokens}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.counted_flops = int(state.get("counted_flops", 0))
+        self.counted_tokens = int(state.get("counted_tokens", 0))
+        self.tokens = int(state.get("tokens", 0))
+
+    def flops(self) -> float:
+        """FLOPs of every step so far: the counted steps' FLOPs per padded token times all padded tokens."""
+        return self.counted_flops * self.tokens / self.counted_tokens if self.counted_tokens else 0.0
+
+    def ratio(self, train_seconds: float) -> float:
+        """Achieved FLOP/s over the matmul yardstick (for the progress display)."""
+        return self.flops() / max(train_seconds, 1e-9) / max(self.matmul_flops_per_s, 1e-9)
+
+    def summary(self, train_seconds: float) -> dict:
+        """The job.json fields: FLOPs, achieved FLOP/s, the matmul yardstick and their ratio."""
+        from lm.dtype import matmul_flops
+
+        self.matmul_flops_per_s = max(self.matmul_flops_per_s, matmul_flops(self.dtype))
+        flops = self.flops()
+        achieved = flops / train_seconds if train_seconds > 0 else 0.0
+        ratio = achieved / self.matmul_flops_per_s if self.matmul_flops_per_s else 0.0
+        dtype = str(self.dtype).removeprefix("torch.")
+        out = {"train_flops": flops, "achieved_flops_per_s": achieved,
+               "matmul_flops_per_s": self.matmul_flops_per_s,
+               "flops_ratio": ratio, "compute_dtype": dtype,
+               "flops_counted_every": self.every}
+        log.info("training throughput: %.3g FLOP in %.0f s = %.1f GFLOP/s, %.0f%% of this machine's %s matmul "
+                 "(%.1f GFLOP/s)", flops, train_seconds, achieved / 1e9, 100 * ratio, dtype,
+                 self.matmul_flops_per_s / 1e9)
+        return out
