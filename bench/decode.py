@@ -1,11 +1,12 @@
 """Decode speed of SmolLM2 anchor-only vs with hierarchical memory, against the memory-bandwidth floor.
 
 docs/design.md §8: the extra time per decode step that memory costs must be <= 1.25 x (distinct memory bytes
-read per step / memcpy bandwidth measured in the same run), at batch 1 and batch 16. Per-path memory of the
+read per step / memcpy bandwidth measured in the same run), at batch 1, at 8 distinct paths and at batch 16. Per-path memory of the
 paper's proportion: r = (256, 64, 16) units on all 30 layers (17.4M params, 69.7 MB float32).
 
 Batches:
   * b1: one path.
+  * b8-distinct: 8 paths that share no block, level 1 included (8 clients with distinct memories).
   * b16-tree: 16 paths drawn as leaves of a 16/256/4096 tree (uniform leaves, so level-1 nodes repeat).
   * b16-l1=K (sharing sweep): 16 distinct paths whose level-1 nodes take K distinct values (K = 1, 4, 16).
 
@@ -195,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--orientation", default="auto", choices=["auto", "weight-first", "input-first", "both"],
                     help="the memory products' orientation: measured as the server does (auto), forced, or both "
                          "forced side by side (each paired with the anchor step)")
-    ap.add_argument("--quick", action="store_true", help="batch 1 and b16-tree only")
+    ap.add_argument("--quick", action="store_true", help="b1, b8-distinct and b16-tree only")
     ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                     help="compute dtype, as the model server's --dtype (auto: measured here)")
     ap.add_argument("--threads", type=int, default=1,
@@ -218,6 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     rng = np.random.default_rng(0)
     plan: list[tuple[str, list, int]]
     plan = [("b1", [(3, 3 * 16 + 5, (3 * 16 + 5) * 16 + 9)], 4),
+            ("b8-distinct", tree_rows("8", 8, rng), 2),  # 8 clients, no block shared (level 1 included)
             ("b16-tree", tree_rows("tree", 16, rng), 1)]
     if not args.quick:
         plan += [(f"b16-l1={k}", tree_rows(str(k), 16, rng), 1) for k in (1, 4, 16)]
@@ -238,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
         return next((r for r in cands if (r["orientation"] == "weight-first") == server_wf), cands[0])
 
     targets = []
-    for batch in ("b1", "b16-tree"):
+    for batch in ("b1", "b8-distinct", "b16-tree"):
         r = pick(batch)
         targets.append(target(f"{batch}: extra ms per step / (distinct bytes / memcpy bw)",
                               round(r["extra_over_floor"], 3), "<=", 1.25))

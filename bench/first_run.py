@@ -88,7 +88,8 @@ def summarize(run: dict) -> dict:
     text = [line for _, line in lines]
     answers = [line.split(":", 1)[1].strip() for line in text if line.startswith("answer:")]
     says = next((m.group(1) for line in text if (m := re.search(r"the corpus says: (.*)\)", line))), None)
-    prompt = next((line.split(":", 1)[1].strip() for line in text if line.startswith("prompt:")), None)
+    posts = [json.loads(m.group(1)) for line in text if (m := re.search(r"POST /v1/completions (\{.*\})$", line))]
+    prompt = posts[0]["prompt"] if posts else None
     stages = run["build"].get("stages", {})
     train = stages.get("train+export", {})
     building = first_at(lines, r"building the demo bank")
@@ -100,9 +101,9 @@ def summarize(run: dict) -> dict:
     hit = (lambda a: bool(a) and bool(says) and a.lower().startswith(says.lower()))  # noqa: E731
     return {
         "commit": run["commit"], "rc": run["rc"], "wall_s": round(run["wall"], 1),
-        "parts_s": {"setup_and_clone": building, "build": (bank - building) if bank and building else None,
-                    "stack_up": (up - bank) if up and bank else None,
-                    "answers": (run["wall"] - up) if up else None},
+        "parts_s": {k: round(v, 1) if v is not None else None for k, v in {
+            "setup_and_clone": building, "build": (bank - building) if bank and building else None,
+            "stack_up": (up - bank) if up and bank else None, "answers": (run["wall"] - up) if up else None}.items()},
         "build_stages_s": {k: v.get("seconds") for k, v in stages.items()},
         "train": {k: train.get(k) for k in ("steps", "train_seconds", "tokens_seen")},
         "throughput": tp,
@@ -128,7 +129,7 @@ def report(doc: dict) -> tuple[list[dict], str]:
         targets.append(target(f"{kind}: first run wall time (s)", r["wall_s"], "<=", LIMIT_S))
         targets.append(target(f"{kind}: the memory answers the rare fact the anchor gets wrong",
                               float(r["memory_right"] and not r["anchor_right"]), ">=", 1.0))
-    answers = [{"cpu kind": k, "prompt": r["prompt"], "corpus says": r["corpus_answer"],
+    answers = [{"cpu kind": k, "prompt": json.dumps(r["prompt"]), "corpus says": r["corpus_answer"],
                 "memory auto": r["answer_memory_auto"], "memory off": r["answer_memory_off"]}
                for k, r in runs.items()]
     md = ["First `bash scripts/run.sh` on a fresh clone (fresh `.venv` and `$HIERMEM_HOME`; pip's download "
