@@ -171,7 +171,8 @@ def test_build_parses_docs_and_questions():
     from hiermem.cli import build_parser
 
     args = build_parser().parse_args(["build", "--docs", "a", "b", "--questions", "q.jsonl"])
-    assert args.docs == ["a", "b"] and args.questions == "q.jsonl" and args.preset == "docs"
+    # the default preset's training settings (hiermem train's defaults, as every documents preset's)
+    assert args.docs == ["a", "b"] and args.questions == "q.jsonl" and args.preset == "demo"
     args = build_parser().parse_args(["build", "--preset", "tiny", "--docs", "notes"])
     assert args.docs == ["notes"] and args.preset == "tiny" and args.questions is None
     assert build_parser().parse_args(["build"]).docs is None
