@@ -107,7 +107,8 @@ class Runner:
 
 def measure(model, name: str, paths, rounds: int, steps: int, path_bytes: int,
             orientations: dict[str, bool | None]) -> list[dict]:
-    """`orientations`: condition name -> the memory products' orientation (None: measured, as the server does)."""
+    """`orientations`: condition name -> the memory products' orientation (None: measured, as the server does);
+    a name ending in "-unfused" runs the path's blocks from their pools, never concatenated (SlotMemory)."""
     from services.model_server.slot_memory import SlotPools
 
     cfg = model.config
@@ -120,7 +121,7 @@ def measure(model, name: str, paths, rounds: int, steps: int, path_bytes: int,
         pools = SlotPools(list(range(cfg.n_layers)), dtype=model.dtype, d=cfg.d_model, weight_first=wf)
         t0 = time.perf_counter()
         pools.sync(blocks)
-        memory = pools.memory_for(rows_keys, fuse=True)  # as the runner's decode memory
+        memory = pools.memory_for(rows_keys, fuse=not cond.endswith("-unfused"))  # as the runner's decode memory
         assert memory is not None
         distinct_bytes = memory.distinct_nbytes
         build_s[cond] = time.perf_counter() - t0
@@ -149,7 +150,8 @@ def measure(model, name: str, paths, rounds: int, steps: int, path_bytes: int,
         boot = np.median(np.random.default_rng(1).choice(diffs, (2000, diffs.size)), axis=1)
         lo, hi = np.percentile(boot, [2.5, 97.5])
         rows.append({
-            "batch": name, "condition": s, "orientation": "weight-first" if weight_first[s] else "input-first",
+            "batch": name, "condition": s,
+            "orientation": ("weight-first" if weight_first[s] else "input-first") + ("-unfused" if s.endswith("-unfused") else ""),
             "rows": B, "dtype": str(model.dtype).removeprefix("torch."),
             "distinct_l1": len({p[0] for p in paths}), "distinct_blocks": len({(lv, n) for p in paths
                                                                                 for lv, n in enumerate(p)}),
@@ -196,6 +198,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--orientation", default="auto", choices=["auto", "weight-first", "input-first", "both"],
                     help="the memory products' orientation: measured as the server does (auto), forced, or both "
                          "forced side by side (each paired with the anchor step)")
+    ap.add_argument("--compare-unfused", action="store_true",
+                    help="also run each condition without concatenating a path's blocks (SlotMemory's fuse)")
     ap.add_argument("--quick", action="store_true", help="b1, b8-distinct and b16-tree only")
     ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                     help="compute dtype, as the model server's --dtype (auto: measured here)")
@@ -227,6 +231,8 @@ def main(argv: list[str] | None = None) -> int:
         "auto": {"slots": None}, "weight-first": {"slots": True}, "input-first": {"slots": False},
         "both": {"slots-wf": True, "slots-if": False}}
     orientations = choices[args.orientation]
+    if args.compare_unfused:  # beside each condition, the same with a batch-1 path's blocks left in their pools
+        orientations = {**orientations, **{f"{k}-unfused": v for k, v in orientations.items()}}
     rows = []
     for name, paths, more in plan:  # batch 1 steps are cheap: take more of them (less noise)
         rows += measure(model, name, paths, args.rounds * more, args.steps, path_bytes, orientations)
@@ -236,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     server_wf, orientation = measure_orientation(model.dtype, cfg.d_model)  # what the server would run (cached)
 
     def pick(batch):  # the target is judged on the orientation the server would run, where both were measured
-        cands = [r for r in rows if r["batch"] == batch]
+        cands = [r for r in rows if r["batch"] == batch and not r["condition"].endswith("-unfused")]
         return next((r for r in cands if (r["orientation"] == "weight-first") == server_wf), cands[0])
 
     targets = []
