@@ -321,4 +321,8 @@ def run_build_command(args) -> int:
         print(f"self-check (no --questions given): {Path(out['work']) / 'eval' / 'selfcheck.md'}")
     print(f"bank: {out['bank']}  (work: {out['work']}, stages: "
           + ", ".join(f"{k} {v['seconds']}s" for k, v in out["status"]["stages"].items()) + ")")
+    tp = out["status"]["stages"].get("train+export", {}).get("throughput")
+    if tp:  # training/throughput.py
+        print(f"training: {tp['achieved_flops_per_s'] / 1e9:.1f} GFLOP/s, {tp['flops_ratio']:.0%} of this machine's "
+              f"{tp['compute_dtype']} matmul ({tp['matmul_flops_per_s'] / 1e9:.1f} GFLOP/s)")
     return 0

@@ -33,3 +33,19 @@ def test_backward_is_counted_too():
         tp.add_tokens(8)
         (torch.randn(8, 16) @ w).sum().backward()
     assert tp.counted_flops == 2 * (2 * 8 * 16 * 4)  # forward + the weight's gradient
+
+
+def test_a_build_reports_its_training_throughput(tmp_path, capsys):
+    import json
+    from argparse import Namespace
+
+    from training.pipeline import run_build_command
+
+    args = Namespace(preset="tiny", out=str(tmp_path / "bank"), work=str(tmp_path / "work"), epochs=1,
+                     no_eval=True, no_generic=False, docs=None, questions=None)
+    assert run_build_command(args) == 0
+    out = capsys.readouterr().out
+    tp = json.loads((tmp_path / "work" / "build.json").read_text())["stages"]["train+export"]["throughput"]
+    # the compute dtype is measured: float32 here, bfloat16 where its matmuls are clearly faster
+    assert tp["train_flops"] > 0 and tp["compute_dtype"] in ("float32", "bfloat16")
+    assert f"of this machine's {tp['compute_dtype']} matmul" in out
