@@ -223,7 +223,9 @@ def main(argv: list[str] | None = None) -> int:
     rng = np.random.default_rng(0)
     plan: list[tuple[str, list, int]]
     plan = [("b1", [(3, 3 * 16 + 5, (3 * 16 + 5) * 16 + 9)], 4),
-            ("b8-distinct", tree_rows("8", 8, rng), 2),  # 8 clients, no block shared (level 1 included)
+            # 8 clients, no block shared (level 1 included); its own generator, so that the other batches keep
+            # the paths of the runs before it was added
+            ("b8-distinct", tree_rows("8", 8, np.random.default_rng(8)), 2),
             ("b16-tree", tree_rows("tree", 16, rng), 1)]
     if not args.quick:
         plan += [(f"b16-l1={k}", tree_rows(str(k), 16, rng), 1) for k in (1, 4, 16)]

@@ -40,7 +40,9 @@ def main() -> int:
     out = run_build("facts", work=work)
     this_run = time.perf_counter() - t0
     status, r = out["status"], out["result"]
-    first_run = float(status["first_run_seconds"])
+    from training.pipeline import build_wall_seconds
+
+    first_run = build_wall_seconds(status)
     acc = r["accuracy"]
     rare = str(max(r["buckets"]))
     hier_rare = acc["hierarchical"]["train"][rare]

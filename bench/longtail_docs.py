@@ -107,7 +107,9 @@ def main() -> int:
                     eval_dtype=args.eval_dtype)
     this_run = time.perf_counter() - t0
     status, r = out["status"], out["result"]
-    targets = targets_of(r, float(status["first_run_seconds"]))
+    from training.pipeline import build_wall_seconds
+
+    targets = targets_of(r, build_wall_seconds(status))
     stages = [{"stage": k, "seconds": v["seconds"], "load 1m at end": v.get("loadavg_1m_at_end", "")}
               for k, v in status["stages"].items()]
     figures = {"preset": args.preset, "overrides": overrides, "build_status": status, "eval": r,

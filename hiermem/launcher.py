@@ -25,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Literal
@@ -326,10 +327,31 @@ class EnsureBankSettings(BaseSettings):
         return _ints(value)
 
 
+def _set_aside_stale_demo(bank: Path) -> None:
+    """The `demo` preset's name was the facts corpus's until 2026-12-02: a home from before then holds that
+    build under work/demo and banks/demo. Both are renamed (never deleted), so the demo is built afresh."""
+    try:
+        from training.pipeline import stale_preset_work
+    except ImportError:  # no training package: the demo cannot be built here anyway
+        return
+    work = home() / "work" / DEMO_PRESET
+    why = stale_preset_work(DEMO_PRESET, work)
+    if why is None:
+        return
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for path in (work, bank):
+        if path.exists():
+            aside = path.with_name(f"{path.name}.stale-{stamp}")
+            path.rename(aside)
+            log.warning("%s is not a build of the current demo preset (%s): moved to %s", path, why, aside)
+
+
 def ensure_bank(s: EnsureBankSettings) -> Path:
     """Build the bank at `s.bank` unless one is there already; returns its directory."""
     from memory_store.bank import is_version_root
 
+    if s.source == "demo" and s.bank == demo_bank():
+        _set_aside_stale_demo(s.bank)
     if (s.bank / "manifest.json").is_file() or is_version_root(s.bank):
         log.info("bank present at %s: nothing to do", s.bank)
         return s.bank

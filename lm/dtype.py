@@ -38,12 +38,21 @@ def measure(m: int = 256, k: int = 576, n: int = 8192, repeats: int = 5) -> dict
     return {"shape": [m, k, n], "float32_s": f32, "bfloat16_s": bf16, "speedup": f32 / max(bf16, 1e-12)}
 
 
-def matmul_flops(dtype: torch.dtype = torch.float32, n: int = 1024, repeats: int = 5) -> float:
+def matmul_flops(dtype: torch.dtype = torch.float32, n: int = 1024, repeats: int = 5, budget_s: float = 1.0) -> float:
     """Best FLOP/s of an (n, n) @ (n, n) matmul in `dtype` on the current torch threads: the yardstick of
-    training throughput (training/throughput.py)."""
+    training throughput (training/throughput.py). A 256^3 probe comes first; where `repeats` matmuls of n would
+    take more than `budget_s` (bfloat16 forced on a CPU without bfloat16 units crawls), a smaller n is timed."""
     g = torch.Generator().manual_seed(0)
-    a, b = torch.randn(n, n, generator=g).to(dtype), torch.randn(n, n, generator=g).to(dtype)
-    return 2 * n ** 3 / max(_best_time(a, b, repeats), 1e-12)
+
+    def operands(m: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.randn(m, m, generator=g).to(dtype), torch.randn(m, m, generator=g).to(dtype)
+
+    probe = _best_time(*operands(256), 1)
+    while n > 256 and probe * (n / 256) ** 3 * (repeats + 1) > budget_s:
+        n //= 2
+    if n <= 256:
+        return 2 * 256 ** 3 / max(probe, 1e-12)
+    return 2 * n ** 3 / max(_best_time(*operands(n), repeats), 1e-12)
 
 
 PROBE_SHAPE = (16, 576, 1024)  # 1/128 of the flops of the measured shape

@@ -1,4 +1,4 @@
-"""`hiermem build --preset docs|facts|...`: corpus -> tree -> train -> export -> eval in one resumable command.
+"""`hiermem build --preset demo|docs|facts|...`: corpus -> tree -> train -> export -> eval in one resumable command.
 
 Every stage leaves a marker of completion in the work directory, so a second run (or a run after an
 interruption) continues where the first stopped: the corpus is kept, training resumes from its last
@@ -80,6 +80,38 @@ DOCS_CHAT_GENERAL = 16
 """General prompts asked in chat beside a user's questions (`--docs --questions`): is anything else changed?"""
 # `hiermem build` without --preset: the demo bank ($HIERMEM_HOME/banks/demo) that scripts/run.sh serves
 DEFAULT_PRESET = "demo"
+
+
+def build_wall_seconds(status: dict) -> float:
+    """The whole build's wall time from its build.json: the first run, plus the evaluation when the first run
+    left it out (`--no-eval`, as scripts/run.sh builds the demo bank) and a later run added it."""
+    seconds = float(status["first_run_seconds"])
+    if not status.get("first_run_evaluated", True):
+        seconds += float(status["stages"].get("eval", {}).get("seconds", 0.0))
+    return round(seconds, 1)
+
+
+class StaleWork(ValueError):
+    """A preset's work directory holds a build of another corpus."""
+
+
+def stale_preset_work(preset: str, work: Path) -> str | None:
+    """Why `work` holds a build of another corpus than `preset`'s, or None. A build records its preset's corpus
+    spec in build.json; a work directory from before that record is judged by its corpus: the `demo` preset
+    (a documents corpus, no preserve file) took the name that the facts corpus's preset had until 2026-12-02,
+    so an old `$HIERMEM_HOME/work/demo` may hold a facts corpus with its preserve file."""
+    spec = PRESETS[preset]["corpus"]
+    status_file, corpus_dir = Path(work) / "build.json", Path(work) / "corpus"
+    if not (corpus_dir / "probes.jsonl").exists():
+        return None
+    recorded = json.loads(status_file.read_text()).get("preset") if status_file.exists() else None
+    if recorded is not None:
+        if recorded != {"name": preset, "corpus": spec}:
+            return f"it was built from preset {recorded.get('name')!r} with another corpus ({recorded.get('corpus')})"
+        return None
+    if spec.get("style") == "documents" and not spec.get("preserve_ratio") and (corpus_dir / "preserve.jsonl").exists():
+        return "its corpus has a preserve file, which this preset's corpus never has (an older preset of that name)"
+    return None
 
 
 def check_preset(name: str) -> str:
@@ -195,6 +227,9 @@ def run_build(preset: str = DEFAULT_PRESET, bank_dir: Path | None = None, work: 
         status_file.write_text(json.dumps(status, indent=2) + "\n")
 
     corpus_dir = work / "corpus"
+    if not docs and (why := stale_preset_work(preset, work)):
+        raise StaleWork(f"work directory {work} does not hold a build of preset {preset!r}: {why}. Move or delete "
+                         f"it and the bank built from it ({bank_dir}), or give --work and --out")
     train_settings = {**p["train"], **(train_overrides or {})}
     if docs and not questions:  # the generic memory is only the evaluation's control, and nothing is evaluated
         train_settings.setdefault("generic_prob", 0.0)
@@ -220,6 +255,7 @@ def run_build(preset: str = DEFAULT_PRESET, bank_dir: Path | None = None, work: 
         else:
             corpus = build_facts_corpus(**spec)
         corpus.save(corpus_dir)
+        status["preset"] = {"name": preset, "corpus": p["corpus"]}  # stale_preset_work
         stage_done("corpus", time.perf_counter() - t0, **corpus_summary(corpus))
     corpus = Corpus.load(corpus_dir)
 
@@ -295,6 +331,7 @@ def run_build(preset: str = DEFAULT_PRESET, bank_dir: Path | None = None, work: 
         fresh = {"corpus", "train+export"} <= ran and ("eval" in ran or not evaluate)
         status["first_run_seconds"] = round(time.perf_counter() - t_all, 1) if fresh else round(
             sum(s["seconds"] for s in status["stages"].values()), 1)
+        status["first_run_evaluated"] = "eval" in status["stages"]  # not after --no-eval (scripts/run.sh)
     status["bank"] = str(bank_dir)
     status_file.write_text(json.dumps(status, indent=2) + "\n")
     return {"status": status, "result": result, "bank": str(bank_dir), "work": str(work)}
@@ -311,7 +348,7 @@ def run_build_command(args) -> int:
                         epochs=args.epochs, evaluate=not args.no_eval,
                         train_overrides={"generic_prob": 0.0} if args.no_generic else None,
                         docs=docs, questions=questions)
-    except IngestError as exc:
+    except (IngestError, StaleWork) as exc:
         raise SystemExit(f"hiermem build: {exc}") from None
     if out["result"]:
         from training.evaluate import markdown

@@ -1,8 +1,9 @@
 """Training throughput as a share of what this machine's matmuls can do; every build reports it.
 
-The FLOPs are counted exactly, by torch's `FlopCounterMode` (every matmul and attention product, forward
-and backward), on one training step in `every`, and scaled to all steps by their padded tokens (what the
-matmuls see). The counter puts a Python dispatch on every op: a counted step of the demo build took 1.54x
+The FLOPs are an estimate from exact counts: torch's `FlopCounterMode` (every matmul and attention product,
+forward and backward) counts one training step in `every`, and the counts are scaled to all steps by their
+padded tokens (what the anchor's matmuls see; a step's preservation or distillation rows, when on, are
+scaled with them although they do not grow with the batch). The counter puts a Python dispatch on every op: a counted step of the demo build took 1.54x
 an uncounted one here (1.75 s against 1.14 s), so one step in 64 costs under 1% of training. The
 yardstick is the best FLOP/s of a 1024^3 matmul in the compute dtype on the training's threads, measured
 before and after training: on a shared host the load moves it, and the best of the two is the closer to
@@ -14,6 +15,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 
@@ -66,11 +68,21 @@ class Throughput:
         """Achieved FLOP/s over the matmul yardstick (for the progress display)."""
         return self.flops() / max(train_seconds, 1e-9) / max(self.matmul_flops_per_s, 1e-9)
 
-    def summary(self, train_seconds: float) -> dict:
-        """The job.json fields: FLOPs, achieved FLOP/s, the matmul yardstick and their ratio."""
+    def summary(self, train_seconds: float, dist: Any = None) -> dict:
+        """The job.json fields: FLOPs, achieved FLOP/s, the matmul yardstick and their ratio. Under torchrun
+        (`dist.world` > 1) every process must call it: the counts and the processes' yardsticks (each on its
+        own threads) are summed, so the figures are the whole job's against the whole machine's."""
         from lm.dtype import matmul_flops
 
         self.matmul_flops_per_s = max(self.matmul_flops_per_s, matmul_flops(self.dtype))
+        if dist is not None and dist.world > 1:
+            import torch.distributed as tdist
+
+            total = torch.tensor([self.counted_flops, self.counted_tokens, self.tokens, self.matmul_flops_per_s],
+                                 dtype=torch.float64)
+            tdist.all_reduce(total)
+            self.counted_flops, self.counted_tokens, self.tokens = (int(v) for v in total[:3].tolist())
+            self.matmul_flops_per_s = float(total[3])
         flops = self.flops()
         achieved = flops / train_seconds if train_seconds > 0 else 0.0
         ratio = achieved / self.matmul_flops_per_s if self.matmul_flops_per_s else 0.0

@@ -351,12 +351,13 @@ class Trainer:
         job.json (rank 0)."""
         barrier(self.dist)
         info: dict = {}
+        throughput = self.throughput.summary(self.train_seconds, self.dist)  # every process: summed counts
         if self.dist.main:
             scale = self.memory_scale()
             self._save_memory(scale)
             save_documents(self.out, self.docs, self.paths, self.cfg, self.layers)
             identity, anchor_ref = self._anchor_identity()
-            info = self._job_info(identity, anchor_ref, scale)
+            info = self._job_info(identity, anchor_ref, scale, throughput)
             (self.out / "job.json").write_text(json.dumps(info, indent=2) + "\n")
         barrier(self.dist)
         return info
@@ -381,7 +382,7 @@ class Trainer:
         save_file(tensors, str(self.out / "memory.safetensors.tmp"))
         os.replace(self.out / "memory.safetensors.tmp", self.out / "memory.safetensors")
 
-    def _job_info(self, identity: dict, anchor_ref: str, scale: dict) -> dict:
+    def _job_info(self, identity: dict, anchor_ref: str, scale: dict, throughput: dict) -> dict:
         """job.json: what export needs (spec fields, the anchor's identity and where to load it), counts, timings."""
         mc = self.model.config
         return {
@@ -396,8 +397,8 @@ class Trainer:
             "epochs": self.cfg.epochs, "steps": self.global_step, "train_seconds": self.train_seconds,
             "tokens_seen": self.tokens_seen * self.dist.world, "world_size": self.dist.world,
             "prefix_cache": self.use_prefix, "memory_scale": scale,
-            # this process's FLOPs and FLOP/s against its threads' matmul yardstick (training/throughput.py)
-            "throughput": self.throughput.summary(self.train_seconds), "done": True,
+            # the job's FLOPs and FLOP/s against the machine's matmul yardstick (training/throughput.py)
+            "throughput": throughput, "done": True,
         }
 
     def _anchor_identity(self) -> tuple[dict, str]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from hiermem.launcher import EnsureBankSettings, ensure_bank
@@ -35,7 +37,7 @@ def test_rejects_an_unknown_source():
 
 
 def test_demo_source_builds_the_documents_preset_without_evaluation(tmp_path, monkeypatch):
-    """The demo bank (what scripts/run.sh serves) is the `docs` preset, built into the bank directory with the
+    """The demo bank (what scripts/run.sh serves) is the `demo` preset (a fifth of the documents corpus), built into the bank directory with the
     evaluation and the generic control left out so that the first run fits its time budget; the command must
     parse as `hiermem`'s."""
     import subprocess
@@ -58,3 +60,41 @@ def test_demo_source_builds_the_documents_preset_without_evaluation(tmp_path, mo
 
     assert PRESETS[DEMO_PRESET]["corpus"]["style"] == "documents"  # a user's corpus, not the probe-shaped one
     assert "preserve_ratio" not in PRESETS[DEMO_PRESET]["corpus"]  # and no preserve file
+
+
+def test_an_old_facts_build_under_the_demo_name_is_set_aside_and_the_demo_built(tmp_path, monkeypatch):
+    """Until 2026-12-02 the facts corpus's preset was called `demo`: a home from then holds its build under
+    work/demo and banks/demo. ensure-bank renames both (never deletes) and builds the current demo; `hiermem
+    build` refuses such a work directory with a message that names it."""
+    import subprocess
+
+    from hiermem.launcher import demo_bank
+    from training.pipeline import StaleWork, run_build, stale_preset_work
+
+    monkeypatch.setenv("HIERMEM_HOME", str(tmp_path))
+    work, bank = tmp_path / "work" / "demo", demo_bank()
+    (work / "corpus").mkdir(parents=True)
+    for name in ("docs.jsonl", "probes.jsonl", "preserve.jsonl"):  # the facts corpus has a preserve file
+        (work / "corpus" / name).write_text("")
+    bank.mkdir(parents=True)
+    (bank / "manifest.json").write_text("{}")
+    assert "preserve file" in stale_preset_work("demo", work)
+    assert stale_preset_work("facts", work) is None  # the facts preset has one
+    with pytest.raises(StaleWork, match=str(work)):
+        run_build("demo")
+    calls: list[list[str]] = []
+    monkeypatch.setattr(subprocess, "run", lambda argv, check: calls.append(argv))
+    assert ensure_bank(EnsureBankSettings(source="demo")) == bank
+    assert len(calls) == 1 and not work.exists() and not bank.exists()  # set aside, then built
+    aside = sorted(p.name for p in tmp_path.glob("*/*.stale-*"))
+    assert [n.split(".stale-")[0] for n in aside] == ["demo", "demo"]
+    # a build that recorded its preset is judged by the record: the current demo's is not stale
+    from training.pipeline import PRESETS
+
+    (work / "corpus").mkdir(parents=True)
+    (work / "corpus" / "probes.jsonl").write_text("")
+    (work / "build.json").write_text(json.dumps({"stages": {}, "preset": {"name": "demo",
+                                                                           "corpus": PRESETS["demo"]["corpus"]}}))
+    assert stale_preset_work("demo", work) is None
+    (work / "build.json").write_text(json.dumps({"stages": {}, "preset": {"name": "demo", "corpus": {}}}))
+    assert "another corpus" in stale_preset_work("demo", work)

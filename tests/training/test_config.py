@@ -81,3 +81,12 @@ def test_build_defaults_to_the_demo_bank_and_refuses_an_unknown_preset(capsys):
     assert "unknown preset 'nope'" in capsys.readouterr().err
     with pytest.raises(ValueError, match="unknown preset 'nope'.*facts"):
         run_build("nope")
+
+
+def test_the_build_wall_time_adds_an_evaluation_the_first_run_left_out():
+    from training.pipeline import build_wall_seconds
+
+    later = {"first_run_seconds": 500.0, "first_run_evaluated": False, "stages": {"eval": {"seconds": 100.0}}}
+    assert build_wall_seconds(later) == 600.0  # scripts/run.sh built it with --no-eval, `hiermem build` evaluated
+    assert build_wall_seconds({**later, "first_run_evaluated": True}) == 500.0
+    assert build_wall_seconds({"first_run_seconds": 500.0, "stages": {}}) == 500.0  # a build.json from before

@@ -33,6 +33,8 @@ def test_torchrun_two_processes_write_a_loadable_bank(corpus_dir, tmp_path):
 
     job = json.loads((out / "job.json").read_text())
     assert job["world_size"] == 2 and job["steps"] >= 1
+    tp = job["throughput"]  # both processes' counts and yardsticks, summed (a collective every process joins)
+    assert tp["train_flops"] > 0 and tp["matmul_flops_per_s"] > 0 and tp["flops_ratio"] > 0
     # both processes' batches reached the shared memories: some trained block moved off its zero init
     moved = [float(bank.read_block(NodeRef(2, i))[:, 2].abs().sum()) for i in range(4)]
     assert sum(m > 0 for m in moved) >= 2, moved

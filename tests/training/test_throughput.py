@@ -45,7 +45,20 @@ def test_a_build_reports_its_training_throughput(tmp_path, capsys):
                      no_eval=True, no_generic=False, docs=None, questions=None)
     assert run_build_command(args) == 0
     out = capsys.readouterr().out
-    tp = json.loads((tmp_path / "work" / "build.json").read_text())["stages"]["train+export"]["throughput"]
+    status = json.loads((tmp_path / "work" / "build.json").read_text())
+    assert status["first_run_evaluated"] is False  # --no-eval: a later evaluation adds to the build's wall time
+    tp = status["stages"]["train+export"]["throughput"]
     # the compute dtype is measured: float32 here, bfloat16 where its matmuls are clearly faster
     assert tp["train_flops"] > 0 and tp["compute_dtype"] in ("float32", "bfloat16")
     assert f"of this machine's {tp['compute_dtype']} matmul" in out
+
+
+def test_the_matmul_yardstick_shrinks_its_matmul_to_fit_its_time_budget(monkeypatch):
+    from lm import dtype as dt
+
+    sizes = []
+    real = dt._best_time
+    monkeypatch.setattr(dt, "_best_time", lambda a, b, repeats: sizes.append(a.shape[0]) or real(a, b, repeats))
+    assert dt.matmul_flops(torch.float32, budget_s=1e-9) > 0 and sizes == [256]  # the probe only
+    sizes.clear()
+    assert dt.matmul_flops(torch.float32, n=512, budget_s=1e9) > 0 and sizes == [256, 512]
