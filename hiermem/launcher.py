@@ -328,7 +328,7 @@ class EnsureBankSettings(BaseSettings):
 
 
 def _set_aside_stale_demo(bank: Path) -> None:
-    """The `demo` preset's name was the facts corpus's until 2026-12-02: a home from before then holds that
+    """The `demo` preset's name was the facts corpus's until issue 31 renamed it `facts`: an older home holds that
     build under work/demo and banks/demo. Both are renamed (never deleted), so the demo is built afresh."""
     try:
         from training.pipeline import stale_preset_work

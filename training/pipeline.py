@@ -98,7 +98,7 @@ class StaleWork(ValueError):
 def stale_preset_work(preset: str, work: Path) -> str | None:
     """Why `work` holds a build of another corpus than `preset`'s, or None. A build records its preset's corpus
     spec in build.json; a work directory from before that record is judged by its corpus: the `demo` preset
-    (a documents corpus, no preserve file) took the name that the facts corpus's preset had until 2026-12-02,
+    (a documents corpus, no preserve file) took the name that the facts corpus's preset had until issue 31 renamed it,
     so an old `$HIERMEM_HOME/work/demo` may hold a facts corpus with its preserve file."""
     spec = PRESETS[preset]["corpus"]
     status_file, corpus_dir = Path(work) / "build.json", Path(work) / "corpus"
