@@ -47,9 +47,9 @@ PRESETS: dict[str, dict] = {
         "train": {},
     },
     # The bank scripts/run.sh serves: the documents corpus at a fifth of its entities, trained with the same
-    # defaults. Sized so that a fresh clone's first run fits 15 minutes on the slowest CPU seen (an AVX2 EPYC in
-    # float32, where training costs ~1 s per 4 documents; docs/training.md, "The demo bank"). Its
-    # long-tail figures: bench/results/longtail-demo.md; the benchmarks' figures stay on "docs".
+    # defaults. Sized so that a fresh clone's first run fits 15 minutes on the slowest CPU seen, an AVX2 EPYC in
+    # float32 (docs/training.md, "The demo bank"). Its long-tail figures: bench/results/longtail-demo.md; the
+    # benchmarks' figures stay on "docs".
     "demo": {
         "corpus": {"style": "documents", "sizes": {"city_country": 40, "us_city_state": 10, "country_capital": 8,
                                                    "element_number": 6},

@@ -3,11 +3,11 @@
 The FLOPs are an estimate from exact counts: torch's `FlopCounterMode` (every matmul and attention product,
 forward and backward) counts one training step in `every`, and the counts are scaled to all steps by their
 padded tokens (what the anchor's matmuls see; a step's preservation or distillation rows, when on, are
-scaled with them although they do not grow with the batch). The counter puts a Python dispatch on every op: a counted step of the demo build took 1.54x
-an uncounted one here (1.75 s against 1.14 s), so one step in 64 costs under 1% of training. The
-yardstick is the best FLOP/s of a 1024^3 matmul in the compute dtype on the training's threads, measured
-before and after training: on a shared host the load moves it, and the best of the two is the closer to
-what the machine can do.
+scaled with them although they do not grow with the batch). The counter puts a Python dispatch on every op,
+which makes a counted step about half again as long (docs/training.md, "The demo bank"), so only one step
+in 64 is counted. The yardstick is the best FLOP/s of a large matmul in the compute dtype on the training's
+threads (`lm.dtype.matmul_flops`), measured before and after training: on a shared host the load moves it,
+and the best of the two is the closer to what the machine can do.
 """
 
 from __future__ import annotations

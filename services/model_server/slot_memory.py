@@ -43,10 +43,9 @@ import torch.nn.functional as F
 
 from lm.fast import best_time
 
-# The largest concatenated copy a SlotMemory keeps (SlotMemory._fuse). A float32 path of the paper's proportion
-# is 69.7 MB: under the earlier 64 MB cap it ran from its pools, extra time at batch 1 1.34x (1.18x) the byte
-# floor against 1.12x (0.89x) concatenated, side by side in two runs on an AVX2 EPYC (docs/lm.md, "8 clients
-# with distinct memories"). The cap also lets 2-3 rows of bfloat16 paths (34.8 MB each) concatenate now.
+# The largest concatenated copy a SlotMemory keeps (SlotMemory._fuse): above a float32 path of the paper's
+# proportion (69.7 MB), which runs measurably slower from its pools at batch 1 (docs/lm.md, "8 clients with
+# distinct memories"). 2-3 rows of bfloat16 paths fit under it too.
 FUSE_MAX_BYTES = 128 << 20
 
 log = logging.getLogger(__name__)
