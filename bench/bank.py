@@ -177,7 +177,7 @@ def main() -> int:
     figures["bank_id"] = bank.bank_id
     figures["bank_bytes"] = spec.bank_bytes
     figures["bank_params"] = spec.bank_params
-    figures["fetched_bytes"] = spec.fetched_params * spec.bytes_per_param
+    figures["fetched_bytes"] = spec.fetched_bytes
     rng = np.random.default_rng(args.seed)
     samples = {lv: [NodeRef(lv, int(i)) for i in rng.permutation(spec.nodes_at(lv))[:args.samples]]
                for lv in range(1, spec.depth + 1)}

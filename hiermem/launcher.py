@@ -316,8 +316,8 @@ class EnsureBankSettings(BaseSettings):
     """Children per level of a synthetic bank, e.g. 8,8."""
     ranks: Annotated[list[int], NoDecode] = [64, 16]
     """Memory units per level of a synthetic bank, e.g. 64,16."""
-    dtype: Literal["float32", "float16", "bfloat16"] = "float16"
-    """Storage dtype of a synthetic bank."""
+    dtype: Literal["float32", "float16", "bfloat16", "int8"] = "float16"
+    """Storage dtype of a synthetic bank (int8: rows quantized with their own scales)."""
     seed: int = 0
     """Seed of a synthetic bank."""
 

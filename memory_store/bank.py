@@ -54,10 +54,17 @@ class BlockInfo(NamedTuple):
     present: bool
 
 
-def bytes_to_tensor(buf, dtype: str, shape):
-    """Raw bank-dtype bytes -> a torch tensor of that dtype (a copy, so it outlives the mapping)."""
+def bytes_to_tensor(buf, dtype: str, shape, packed: bool = False):
+    """Raw bank-dtype bytes -> a torch tensor of that dtype (a copy, so it outlives the mapping). An int8
+    block comes back dequantized to float32 in its logical `shape`, or with `packed` as it is stored (int8
+    rows with their scales, memory_store/quant.py)."""
     import torch
 
+    if dtype == "int8":
+        from memory_store.quant import packed_shape, unpack_rows
+
+        rows = np.frombuffer(buf, dtype=np.int8).reshape(packed_shape(tuple(shape)))
+        return torch.from_numpy(rows.copy()) if packed else unpack_rows(rows)
     if dtype == "bfloat16":
         arr = np.frombuffer(buf, dtype=np.uint16).copy()
         return torch.from_numpy(arr).view(torch.bfloat16).reshape(shape)
@@ -249,13 +256,16 @@ class Bank:
         for f in files:
             f.release()
 
-    def read_block(self, ref, verify: bool = True):
-        """The block as a torch tensor `[L_mem, 3, r_l, d]` in the bank dtype (a copy)."""
+    def read_block(self, ref, verify: bool = True, packed: bool = False):
+        """The block as a torch tensor `[L_mem, 3, r_l, d]` in the bank dtype (a copy); an int8 bank's block
+        dequantized to float32, or with `packed` as stored (`[L_mem, 3, r_l, d + 4]` int8)."""
         ref = self._ref(ref)
-        return bytes_to_tensor(self.read_block_bytes(ref, verify), self.spec.dtype, self.spec.block_shape(ref.level))
+        return bytes_to_tensor(self.read_block_bytes(ref, verify), self.spec.dtype, self.spec.block_shape(ref.level),
+                               packed=packed)
 
-    def generic_block(self, verify: bool = True):
-        """The generic memory `[L_mem, 3, sum(ranks), d]`, or None when the bank has none."""
+    def generic_block(self, verify: bool = True, packed: bool = False):
+        """The generic memory `[L_mem, 3, sum(ranks), d]`, or None when the bank has none (`packed`: an int8
+        bank's as stored, see `read_block`)."""
         g = self.manifest.get("generic")
         if not g:
             return None
@@ -264,7 +274,7 @@ class Bank:
             view = f.view("generic")
             if verify and crc32c(view) != g["crc32c"]:
                 raise BlockCorrupt(f"{f.path}: generic memory does not match its crc32c")
-            out = bytes_to_tensor(view, self.spec.dtype, self.spec.generic_shape)
+            out = bytes_to_tensor(view, self.spec.dtype, self.spec.generic_shape, packed=packed)
             del view
         finally:
             f.close()

@@ -1,4 +1,4 @@
-"""`hiermem bank synth | inspect | reshard | verify | delete | init-root | publish | update | versions` and
+"""`hiermem bank synth | inspect | reshard | convert | verify | delete | init-root | publish | update | versions` and
 `hiermem route`."""
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ def register(subparsers, resolve_anchor: AnchorResolver | None = None,
     p.add_argument("--layers", default=None, help="'all' or comma-separated anchor layer indices")
     p.add_argument("--n-layers", type=int, help="anchor depth")
     p.add_argument("--d-model", type=int, help="anchor hidden size")
-    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"])
+    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16", "int8"])
     p.add_argument("--embedder-dim", type=int, default=384)
     p.add_argument("--shard-level", type=int, default=1)
     p.add_argument("--shards", type=int, default=1)
@@ -62,6 +62,13 @@ def register(subparsers, resolve_anchor: AnchorResolver | None = None,
     p.add_argument("--shards", type=int, required=True)
     p.add_argument("--out", help=out_help)
     p.set_defaults(func=_reshard)
+
+    p = sub.add_parser("convert", help="write a copy with its blocks in another dtype (int8: each row quantized with "
+                                       "its own scale, about half the bytes of 16-bit blocks): a new bank_id")
+    p.add_argument("--bank", required=True)
+    p.add_argument("--dtype", required=True, choices=["float32", "float16", "bfloat16", "int8"])
+    p.add_argument("--out", help=out_help)
+    p.set_defaults(func=_convert)
 
     p = sub.add_parser("delete", help="write a copy without (or with zeroed) subtrees: a new bank_id")
     p.add_argument("--bank", required=True)
@@ -223,6 +230,16 @@ def _reshard(args) -> int:
     def op() -> None:
         bank_id = reshard(args.bank, args.shards, out=args.out, progress=True)
         print(f"bank_id {bank_id}; {_where(args)}")
+
+    return _run_op(op)
+
+
+def _convert(args) -> int:
+    from memory_store.ops import rewrite_bank
+
+    def op() -> None:
+        bank_id = rewrite_bank(args.bank, args.out, dtype=args.dtype, progress=True)
+        print(f"blocks in {args.dtype}; new bank_id {bank_id}; {_where(args)}")
 
     return _run_op(op)
 

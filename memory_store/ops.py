@@ -21,7 +21,7 @@ from memory_store import layout
 from memory_store.bank import CURRENT, VERSIONS, Bank, is_version_root, resolve_bank_dir
 from memory_store.errors import BankError, BlockCorrupt
 from memory_store.router import DocRouter
-from memory_store.spec import NodeRef
+from memory_store.spec import BankSpec, NodeRef
 from memory_store.writer import BankWriter, _fsync_dir
 
 log = logging.getLogger(__name__)
@@ -178,14 +178,15 @@ def list_versions(root: str | Path) -> list[dict[str, Any]]:
 
 def rewrite_bank(src: str | Path, out: str | Path | None = None, *, n_shards: int | None = None,
                  delete: Iterable[NodeRef] = (), zero: Iterable[NodeRef] = (), replace: Mapping[NodeRef, Any] | None = None,
-                 documents_from: str | Path | None = None, progress: bool = False) -> str:
+                 documents_from: str | Path | None = None, dtype: str | None = None, progress: bool = False) -> str:
     """Copy a bank block by block (verifying every block), optionally to another shard count, with
     subtrees deleted (absent) or zeroed and single blocks replaced (`replace`: node -> array in the block's
     shape, e.g. retrained leaves), into a new directory: `out`, or with `out=None` and `src` a versioned root,
     a new version that `current` then points at. Shard files holding no changed node are hard-linked. The
     router and the documents the blocks were trained on come from `src`, or from `documents_from` when the
-    documents changed. A plain bank directory is never rewritten in place (shards may be serving it).
-    Returns the new bank_id."""
+    documents changed. `dtype`: store the copy's blocks in another dtype (e.g. "int8", quantized row by row,
+    memory_store/quant.py): every block is read as values and written again, a new bank_id. A plain bank
+    directory is never rewritten in place (shards may be serving it). Returns the new bank_id."""
     root = Path(src) if is_version_root(src) else None
     if out is None and root is None:
         raise BankError(f"{src} is a plain bank directory that running shards may serve: it is never "
@@ -201,6 +202,10 @@ def rewrite_bank(src: str | Path, out: str | Path | None = None, *, n_shards: in
         assert root is not None
         dst = root / VERSIONS / f".new-{secrets.token_hex(4)}"
     n_shards = n_shards or len(bank.shard_ids)
+    spec = bank.spec
+    convert = dtype is not None and dtype != spec.dtype
+    if convert:
+        spec = BankSpec(**{**spec.model_dump(), "dtype": dtype})
     gone = _subtree_sets(bank, delete)
     zeroed = _subtree_sets(bank, zero)
     refs = list(_all_refs(bank))
@@ -209,16 +214,16 @@ def rewrite_bank(src: str | Path, out: str | Path | None = None, *, n_shards: in
         from tqdm import tqdm
 
         it = tqdm(refs, desc="rewrite", unit="block")
-    generic = bank.generic_block()
+    generic = bank.generic_block(packed=True)  # an int8 bank's copied byte for byte, not quantized again
     replace = {bank.spec.check_ref(r): a for r, a in (replace or {}).items()}
     changed = {lv: gone.get(lv, set()) | zeroed.get(lv, set()) | {r.index for r in replace if r.level == lv}
                for lv in range(1, bank.spec.depth + 1)}
-    with BankWriter(dst, bank.spec, bank.anchor, bank.tree, n_shards) as w:
+    with BankWriter(dst, spec, bank.anchor, bank.tree, n_shards) as w:
         w.deleted = set(bank.deleted_roots) | {bank.spec.check_ref(r) for r in delete}
         # the generic memory is copied as it is: trained before these deletions, it may hold what they held
         w.generic_predates_deletions = bool(list(delete)) or bool(
             (bank.manifest.get("generic") or {}).get("predates_deletions"))
-        if n_shards == len(bank.shard_ids):
+        if n_shards == len(bank.shard_ids) and not convert:
             _link_untouched(bank, w, changed)
         for ref in it:
             holders = w.holders(ref)
@@ -227,16 +232,17 @@ def rewrite_bank(src: str | Path, out: str | Path | None = None, *, n_shards: in
             if ref.index in gone.get(ref.level, ()) or not bank.is_present(ref):
                 w.mark_absent(ref)
             elif ref.index in zeroed.get(ref.level, ()):
-                data = bytes(bank.spec.bytes_per_block(ref.level))
-                w.write_block_bytes(ref, data)
+                w.write_block_bytes(ref, bytes(spec.bytes_per_block(ref.level)))  # zeros in every dtype
             elif ref in replace:
                 w.write_block(ref, replace[ref])
+            elif convert:
+                w.write_block(ref, bank.read_block(ref, verify=True).float())
             else:
                 view = bank.read_block_bytes(ref, verify=True)
                 w.write_block_bytes(ref, view, crc=bank.block_info(ref).crc32c)
                 del view
         if generic is not None:
-            w.write_generic(generic)
+            w.write_generic(bank.generic_block() if convert else generic)
         # the nearest-document router goes with the blocks (routes into deleted subtrees stop at the
         # deepest present level, Bank.present_prefix)
         carried = Path(documents_from) if documents_from is not None else bank.dir
@@ -297,7 +303,7 @@ def inspect_bank(dir: str | Path) -> dict[str, Any]:
     return {
         "dir": str(bank.dir), "bank_id": bank.bank_id, "anchor": bank.anchor.model_dump(),
         "spec": spec.model_dump(mode="json"), "levels": levels,
-        "fetched_params": spec.fetched_params, "fetched_bytes": spec.fetched_params * spec.bytes_per_param,
+        "fetched_params": spec.fetched_params, "fetched_bytes": spec.fetched_bytes,
         "bank_params": spec.bank_params, "bank_bytes": spec.bank_bytes,
         "shards": [{"id": sid, "owned_subtrees": [str(r) for r in bank.owned_subtrees(sid)]}
                    for sid in bank.shard_ids],

@@ -9,10 +9,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from memory_store.errors import InvalidSpec
 
-DType = Literal["float32", "float16", "bfloat16"]
-BYTES_PER_PARAM: dict[str, int] = {"float32": 4, "float16": 2, "bfloat16": 2}
+DType = Literal["float32", "float16", "bfloat16", "int8"]
+BYTES_PER_PARAM: dict[str, int] = {"float32": 4, "float16": 2, "bfloat16": 2, "int8": 1}
 # safetensors dtype tags
-ST_DTYPE: dict[str, str] = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
+ST_DTYPE: dict[str, str] = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "int8": "I8"}
+ROW_SCALE_BYTES: dict[str, int] = {"int8": 4}
+"""Bytes stored after each row of `d` values: an int8 row's float32 scale (memory_store/quant.py)."""
 
 
 def _describe(exc: ValidationError) -> str:
@@ -142,8 +144,18 @@ class BankSpec(BaseModel):
     def bytes_per_param(self) -> int:
         return BYTES_PER_PARAM[self.dtype]
 
+    @property
+    def row_bytes(self) -> int:
+        """Stored bytes of one row of `d` values (an int8 row carries its scale after it)."""
+        return self.d_model * self.bytes_per_param + ROW_SCALE_BYTES.get(self.dtype, 0)
+
+    def stored_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        """The shape a block of logical `shape` (`[..., d]`) has in the shard files: `[..., d + 4]` int8 for
+        an int8 bank, the same shape otherwise."""
+        return (*shape[:-1], shape[-1] + ROW_SCALE_BYTES[self.dtype]) if self.dtype in ROW_SCALE_BYTES else tuple(shape)
+
     def bytes_per_block(self, level: int) -> int:
-        return self.params_per_block(level) * self.bytes_per_param
+        return self.params_per_block(level) // self.d_model * self.row_bytes
 
     @property
     def fetched_params(self) -> int:
@@ -156,7 +168,12 @@ class BankSpec(BaseModel):
 
     @property
     def bank_bytes(self) -> int:
-        return self.bank_params * self.bytes_per_param
+        return sum(self.bytes_per_block(level) * self.nodes_at(level) for level in range(1, self.depth + 1))
+
+    @property
+    def fetched_bytes(self) -> int:
+        """Stored bytes of one path (one block per level)."""
+        return sum(self.bytes_per_block(level) for level in range(1, self.depth + 1))
 
     @property
     def generic_shape(self) -> tuple[int, int, int, int]:

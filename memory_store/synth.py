@@ -30,8 +30,9 @@ def _pool(spec: BankSpec, rng: np.random.Generator, std: float) -> np.ndarray:
     """One buffer of random values in the bank dtype; every block is a window of it at a random offset,
     so generation costs no arithmetic per block and the build is I/O-bound."""
     n = max(spec.params_per_block(lv) for lv in range(1, spec.depth + 1)) + _POOL_EXTRA
-    vals = rng.standard_normal(n, dtype=np.float32) * np.float32(std)
-    return np.frombuffer(to_bank_bytes(vals, spec, (n,)), dtype=np.uint8).copy()
+    rows = -(-n // spec.d_model)  # whole rows: an int8 row carries its scale (windows start at row bounds)
+    vals = rng.standard_normal((rows, spec.d_model), dtype=np.float32) * np.float32(std)
+    return np.frombuffer(to_bank_bytes(vals, spec, vals.shape), dtype=np.uint8).copy()
 
 
 def synth_bank(out: str | Path, spec: BankSpec, n_shards: int = 1, *, seed: int = 0, std: float = 0.02,
@@ -42,7 +43,7 @@ def synth_bank(out: str | Path, spec: BankSpec, n_shards: int = 1, *, seed: int 
     rng = np.random.default_rng(seed)
     tree = random_tree(list(spec.branching), spec.embedder_dim, seed=seed)
     pool = _pool(spec, rng, std)
-    bpp = spec.bytes_per_param
+    step = spec.row_bytes  # windows start at a row
     bar = None
     if progress:
         from tqdm import tqdm
@@ -51,18 +52,23 @@ def synth_bank(out: str | Path, spec: BankSpec, n_shards: int = 1, *, seed: int 
     with BankWriter(out, spec, anchor, tree, n_shards, overwrite=overwrite) as w:
         for level in range(1, spec.depth + 1):
             nbytes = spec.bytes_per_block(level)
-            starts = rng.integers(0, (len(pool) - nbytes) // bpp, spec.nodes_at(level)) * bpp
+            starts = rng.integers(0, (len(pool) - nbytes) // step, spec.nodes_at(level)) * step
             for index, start in enumerate(starts):
                 w.write_block_bytes(NodeRef(level, index), pool.data[start:start + nbytes])
                 if bar is not None:
                     bar.update(nbytes)
         if generic:
             shape = spec.generic_shape
-            n = int(np.prod(shape)) * bpp
-            start = int(rng.integers(0, (len(pool) - n) // bpp)) * bpp if n < len(pool) else 0
+            n = int(np.prod(shape[:-1])) * step
+            start = int(rng.integers(0, (len(pool) - n) // step)) * step if n < len(pool) else 0
             raw = pool[start:start + n] if n <= len(pool) else np.resize(pool, n)
-            vals = np.frombuffer(raw, dtype=np.uint16 if spec.dtype == "bfloat16" else spec.dtype)
-            w.write_generic(vals.reshape(shape))
+            if spec.dtype == "int8":  # stored rows back to values, which write_generic quantizes again
+                from memory_store.quant import packed_shape, unpack_rows
+
+                w.write_generic(unpack_rows(raw.view(np.int8).reshape(packed_shape(shape))))
+            else:
+                vals = np.frombuffer(raw, dtype=np.uint16 if spec.dtype == "bfloat16" else spec.dtype)
+                w.write_generic(vals.reshape(shape))
     if bar is not None:
         bar.close()
     log.info("synthetic bank %s: %.2f GB, %d shards, bank_id %s", out, spec.bank_bytes / 1e9, n_shards,

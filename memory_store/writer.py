@@ -24,9 +24,21 @@ log = logging.getLogger(__name__)
 def to_bank_bytes(array, spec: BankSpec, shape: tuple[int, ...]) -> memoryview:
     """A block (numpy array or torch tensor) as the bank dtype's raw bytes, C order.
 
-    A numpy uint16 array is taken as raw bfloat16 bits when the bank is bfloat16 (numpy has no bf16)."""
+    A numpy uint16 array is taken as raw bfloat16 bits when the bank is bfloat16 (numpy has no bf16). An int8
+    bank quantizes the block row by row, each row's scale stored after it (an int8 array in the stored shape
+    is taken as already packed)."""
+    if spec.dtype == "int8" and str(array.dtype) in ("int8", "torch.int8"):  # already packed: copied as it is
+        if tuple(array.shape) != spec.stored_shape(tuple(shape)):
+            raise InvalidSpec(f"packed block shape {tuple(array.shape)} does not match the spec's "
+                              f"{spec.stored_shape(tuple(shape))}")
+        raw = array.numpy() if hasattr(array, "numpy") else array
+        return np.ascontiguousarray(raw).data.cast("B")
     if tuple(array.shape) != tuple(shape):
         raise InvalidSpec(f"block shape {tuple(array.shape)} does not match the spec's {tuple(shape)}")
+    if spec.dtype == "int8":  # each row quantized with its own scale (memory_store/quant.py)
+        from memory_store.quant import pack_rows
+
+        return pack_rows(array).data.cast("B")
     if isinstance(array, np.ndarray):
         if spec.dtype == "bfloat16" and array.dtype == np.uint16:
             return np.ascontiguousarray(array).data.cast("B")
@@ -119,7 +131,7 @@ class BankWriter:
             (self.tmp / "shards" / sid).mkdir(parents=True)
             for level in range(1, self.spec.depth + 1):
                 nodes = layout.nodes_in_shard(self.spec, sub, level)
-                shape = self.spec.block_shape(level)
+                shape = self.spec.stored_shape(self.spec.block_shape(level))
                 nbytes = self.spec.bytes_per_block(level)
                 entries = [TensorEntry(layout.tensor_name(i), dt, shape, nbytes) for i in nodes]
                 path = self.tmp / layout.level_file(sid, level)
@@ -199,7 +211,7 @@ class BankWriter:
             raise BankError("BankWriter is not open: use it as a context manager")
         data = to_bank_bytes(array, self.spec, self.spec.generic_shape)
         write_file(self.tmp / layout.GENERIC_FILE,
-                   {"generic": (layout.st_dtype(self.spec), self.spec.generic_shape, data)},
+                   {"generic": (layout.st_dtype(self.spec), self.spec.stored_shape(self.spec.generic_shape), data)},
                    {"format": layout.FORMAT})
         self.generic_crc = crc32c(data)
 

@@ -133,8 +133,8 @@ class TrainConfig(BaseSettings):
     """JSON file of ModelConfig fields: pretrain a new anchor from scratch together with its memories"""
     anchor_lr: float = 1e-3
     """learning rate of the anchor with --train-anchor / --init-anchor"""
-    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
-    """bank dtype on export"""
+    dtype: Literal["float32", "float16", "bfloat16", "int8"] = "float32"
+    """bank dtype on export (int8: each row quantized with its own scale, memory_store/quant.py)"""
     threads: str = "auto"
     """torch threads: "auto" = the cores not busy with other work at start (lm.dtype.pick_threads), at least 1;
     a number; or "keep" (leave torch's setting alone)"""

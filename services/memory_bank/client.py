@@ -52,7 +52,7 @@ FAILOVER_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLIN
                             grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.NOT_FOUND,
                             grpc.StatusCode.CANCELLED})
 MISMATCH_CODES = frozenset({grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.NOT_FOUND})
-TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "int8": torch.int8}
 
 __all__ = ["BankClient", "FetchResult"]
 
@@ -337,5 +337,7 @@ class BankClient:
         if actual != info.crc32c:
             raise AttemptFailed(grpc.StatusCode.DATA_LOSS,
                                  f"block {ref}: crc32c {actual:#010x} != manifest {info.crc32c:#010x}")
-        out.blocks[ref] = raw.view(self._torch_dtype).view(info.shape)
+        # as stored: an int8 block stays packed (rows with their scales; memory_store/quant.py) until the
+        # model server dequantizes it into its slot pools, so its cache holds the smaller bytes
+        out.blocks[ref] = raw.view(self._torch_dtype).view(self.bank.spec.stored_shape(info.shape))
         out.nbytes += raw.numel()

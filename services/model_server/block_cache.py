@@ -1,6 +1,7 @@
 """Block cache: pinned shallow levels + a byte-bounded LRU, one in-flight fetch per node.
 
-Blocks enter in the compute dtype (float32 on CPU). Misses are grouped per shard and each group is
+Blocks enter in the compute dtype (float32 on CPU); an int8 bank's blocks stay packed in the cache (about
+half the bytes of a 16-bit block, memory_store/quant.py) and are dequantized when handed out. Misses are grouped per shard and each group is
 fetched through the fetcher (the bank client), so a request costs at most one RPC per shard; concurrent
 requests for a node that is being fetched wait for that fetch instead of starting another.
 
@@ -24,6 +25,7 @@ from typing import Protocol
 import torch
 
 from memory_store import NodeRef
+from memory_store.quant import unpack_rows
 from services.memory_bank.result import FetchResult
 
 from .metrics import Metrics
@@ -149,7 +151,7 @@ class BlockCache:
                     owned.append(ref)
                 waits[ref] = fut
         if not waits:
-            return out
+            return self._unpacked(out)
         t0 = time.perf_counter()
         if owned:
             self._fetch_owned(owned)
@@ -162,6 +164,13 @@ class BlockCache:
             except Exception as exc:  # the reason travels to the response's memory object
                 out.failed[ref] = str(exc) or type(exc).__name__
         out.fetch_ms = (time.perf_counter() - t0) * 1000.0
+        return self._unpacked(out)
+
+    def _unpacked(self, out: CacheResult) -> CacheResult:
+        """Packed int8 blocks (memory_store/quant.py) dequantized to the compute dtype; others as they are."""
+        for ref, block in out.blocks.items():
+            if block.dtype == torch.int8:
+                out.blocks[ref] = unpack_rows(block, self._dtype)
         return out
 
     def _fetch_owned(self, owned: list[NodeRef]) -> None:
@@ -202,7 +211,8 @@ class BlockCache:
             if block is None:
                 self._resolve_failed([ref], failed.get(ref, f"shard {shard}: block not returned"))
                 continue
-            block = block.to(self._dtype).contiguous()
+            # an int8 block is kept packed (its bytes, about half a 16-bit block's) and dequantized when handed out
+            block = block.contiguous() if block.dtype == torch.int8 else block.to(self._dtype).contiguous()
             with self._lock:
                 self._insert(ref, block)
                 fut = self._inflight.pop(ref, None)

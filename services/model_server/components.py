@@ -67,7 +67,7 @@ class LocalFetcher:
         result = FetchResult()
         for ref in refs:
             try:
-                block = self.bank.read_block(ref)
+                block = self.bank.read_block(ref, packed=True)  # as stored, like the bank client's
             except Exception as exc:  # reported per node, like the bank client
                 result.failed[ref] = f"{type(exc).__name__}: {exc}"
                 continue

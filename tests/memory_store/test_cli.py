@@ -105,3 +105,21 @@ def test_paper_preset_is_made_for_the_served_anchor(tmp_path, capsys):
               "--out", str(tmp_path / "d")], resolve)
     with pytest.raises(SystemExit, match="needs the `hiermem` command"):  # memory_store alone cannot load it
         main(["bank", "synth", "--preset", "paper-smollm2", *small, "--out", str(tmp_path / "e")])
+
+
+def test_convert_to_int8_and_synth_an_int8_bank(tmp_path, capsys):
+    from memory_store import NodeRef
+
+    from .conftest import tiny_spec, write_bank
+
+    write_bank(tmp_path / "f16", tiny_spec(dtype="float16"))
+    assert main(["bank", "convert", "--bank", str(tmp_path / "f16"), "--dtype", "int8", "--out",
+                 str(tmp_path / "q")]) == 0
+    assert "blocks in int8" in capsys.readouterr().out
+    q = Bank.open(tmp_path / "q")
+    assert q.spec.dtype == "int8" and q.read_block(NodeRef(2, 5)).shape == (2, 3, 2, 8)
+    assert main(["bank", "synth", "--out", str(tmp_path / "s"), "--branching", "2,2", "--ranks", "4,2", "--layers",
+                 "all", "--n-layers", "2", "--d-model", "16", "--dtype", "int8"]) == 0
+    s = Bank.open(tmp_path / "s")
+    assert s.spec.dtype == "int8" and s.read_block(NodeRef(2, 3)).abs().max() > 0 and s.generic_block() is not None
+    assert main(["bank", "verify", "--bank", str(tmp_path / "s")]) == 0

@@ -24,7 +24,7 @@ def test_derived_sizes_of_the_paper_bank():
     (dict(memory_layers=[0, 3]), "outside the anchor's layers"),
     (dict(memory_layers=[2, 0]), "strictly increasing"),
     (dict(memory_layers=[]), "at least one"),
-    (dict(dtype="int8"), "dtype"),
+    (dict(dtype="int4"), "dtype"),
     (dict(branching=[2, 0]), "branching"),
     (dict(shard_level=3), "shard_level"),
     (dict(d_model=0), "positive"),

@@ -154,3 +154,20 @@ def test_a_verified_replica_that_goes_silent_leaves_time_to_fail_over(shards, ba
     assert all(r.failed == {} and same_as_bank(bank, r.blocks) for r in results), [r.failed for r in results]
     assert sum(r.failovers for r in results) == 1  # the silent one is asked last after that
     assert max(elapsed) < 1.8, elapsed
+
+
+def test_an_int8_bank_is_served_packed_and_counts_its_smaller_bytes(tmp_path):
+    from memory_store import Bank
+    from tests.integration.procs import build_test_bank
+    from tests.services.memory_bank.conftest import running_shards
+
+    q = Bank.open(build_test_bank(tmp_path / "q", dtype="int8"))
+    f16 = Bank.open(build_test_bank(tmp_path / "f16", dtype="float16"))
+    refs = path_refs((1, 6, 27))
+    with running_shards(q.dir, chunk_bytes=4096) as (addresses, _), BankClient(q, static_addresses=addresses) as c:
+        result = c.fetch(refs)
+    assert result.failed == {}
+    for r in refs:
+        assert torch.equal(result.blocks[r], q.read_block(r, packed=True))  # rows with their scales, byte for byte
+    assert result.nbytes == sum(q.block_info(r).nbytes for r in refs)
+    assert result.nbytes < 0.6 * sum(f16.block_info(r).nbytes for r in refs)

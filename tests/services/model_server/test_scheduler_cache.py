@@ -130,3 +130,23 @@ def test_failed_fetch_is_reported_and_retried_later():
     assert NodeRef(1, 1) in got.failed and not got.blocks
     fetcher.down.clear()
     assert NodeRef(1, 1) in cache.get_many([NodeRef(1, 1)]).blocks
+
+
+def test_an_int8_banks_blocks_stay_packed_in_the_cache_and_come_out_dequantized(tmp_path):
+    from memory_store import Bank
+    from services.model_server.components import LocalFetcher
+    from tests.integration.procs import build_test_bank
+
+    bank = Bank.open(build_test_bank(tmp_path / "q", dtype="int8"))
+    cache = BlockCache(LocalFetcher(bank), capacity_bytes=1 << 20, shard_of=bank.shard_of)
+    path = [NodeRef(1, 2), NodeRef(2, 9), NodeRef(3, 37)]
+    got = cache.get_many(path, count=False)
+    for ref in path:
+        assert got.blocks[ref].dtype == torch.float32 and torch.equal(got.blocks[ref], bank.read_block(ref))
+    # the cache counts the stored bytes: d int8 values and a float32 scale per row, about a quarter of float32
+    stored = sum(bank.block_info(r).nbytes for r in path)
+    assert cache.lru_bytes == stored < sum(b.numel() * 4 for b in got.blocks.values()) / 3
+    again = cache.get_many(path)
+    assert again.hits == 3 and all(torch.equal(again.blocks[r], got.blocks[r]) for r in path)
+    bf16 = BlockCache(LocalFetcher(bank), capacity_bytes=1 << 20, dtype=torch.bfloat16)
+    assert bf16.get_many(path[:1]).blocks[path[0]].dtype == torch.bfloat16
