@@ -78,6 +78,9 @@ def main() -> int:
                     help="run the evaluation's anchor as the model server does in this dtype (lm/fast.py)")
     ap.add_argument("--threads", default=None, help="torch threads for training (default: the preset's, auto = "
                                                    "the cores the 1-minute load leaves free)")
+    ap.add_argument("--chat", type=int, default=0, metavar="N",
+                    help="also the chat evaluation (training/chat_eval.py): every rarest-bucket trained fact and N "
+                         "cases of each other family")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=JSON",
                     help="override one of the preset's training settings, e.g. --set 'memory_layers=[4, 8]' "
                          "or --set seed=1 (repeatable; for measuring a setting before it enters the preset)")
@@ -104,7 +107,7 @@ def main() -> int:
     out = run_build(args.preset, work=work, bank_dir=work / "bank", epochs=args.epochs,
                     rag=tuple(int(k) for k in args.rag.split(",") if k),
                     train_overrides=overrides or None,
-                    eval_dtype=args.eval_dtype)
+                    eval_dtype=args.eval_dtype, chat=args.chat)
     this_run = time.perf_counter() - t0
     status, r = out["status"], out["result"]
     from training.pipeline import build_wall_seconds
@@ -122,6 +125,7 @@ def main() -> int:
                   + (f" --epochs {args.epochs}" if args.epochs else "") + f" --rag {args.rag}"
                   + (f" --threads {args.threads}" if args.threads else "")
                   + (f" --eval-dtype {args.eval_dtype}" if args.eval_dtype != "float32" else "")
+                  + (f" --chat {args.chat}" if args.chat else "")
                   + "".join(f" --set '{item}'" for item in args.set) + (" --fresh" if args.fresh else ""))
     png = work / "eval" / "longtail.png"
     if png.exists():

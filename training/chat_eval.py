@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from training.chat_forms import CHAT_QUESTIONS, FREE_FORMS
+from training.chat_forms import CHAT_QUESTIONS, FREE_FORMS, VALIDATION_FORMS, VALIDATION_QUESTIONS
 from training.corpus import USER_RELATION
 
 log = logging.getLogger(__name__)
@@ -56,7 +56,7 @@ def sample_rows(rows: Sequence[Any], n: int, rng: np.random.Generator) -> list:
 
 
 def chat_cases(probes: Sequence, general: Sequence[dict] = (), per_family: int = 0, seed: int = 0,
-               full_buckets: Sequence[int] = ()) -> list[ChatCase]:
+               full_buckets: Sequence[int] = (), validation: bool = False) -> list[ChatCase]:
     """The evaluation's cases from a corpus's probes (one per entity, relations with a chat question only).
 
     Args:
@@ -64,11 +64,14 @@ def chat_cases(probes: Sequence, general: Sequence[dict] = (), per_family: int =
         per_family: at most this many trained, free-form and held-out cases each (0: all), drawn seeded.
         full_buckets: popularity buckets whose trained facts are all asked (as chat questions), beside the
             draw from the other buckets (e.g. the rarest, which the targets are about).
+        validation: ask in the validation wordings (`chat_forms.VALIDATION_QUESTIONS` / `VALIDATION_FORMS`),
+            on which settings are chosen, instead of the test wordings.
     """
+    questions, forms = (VALIDATION_QUESTIONS, VALIDATION_FORMS) if validation else (CHAT_QUESTIONS, FREE_FORMS)
     rng = np.random.default_rng(seed)
     firsts: dict[tuple[str, str], Any] = {}
     for p in probes:
-        if p.split in ("train", "heldout") and p.relation in CHAT_QUESTIONS and p.entity:
+        if p.split in ("train", "heldout") and p.relation in questions and p.entity:
             firsts.setdefault((p.split, p.entity), p)
 
     def draw(rows: list) -> list:
@@ -81,11 +84,11 @@ def chat_cases(probes: Sequence, general: Sequence[dict] = (), per_family: int =
     heldout = [p for (s, _), p in firsts.items() if s == "heldout"]
     full = [p for p in trained if p.bucket in full_buckets]
     asked = full + draw([p for p in trained if p.bucket not in full_buckets])
-    out = [ChatCase("trained", CHAT_QUESTIONS[p.relation].format(name=p.entity), p.entity, p.answer, p.bucket)
+    out = [ChatCase("trained", questions[p.relation].format(name=p.entity), p.entity, p.answer, p.bucket)
            for p in asked]
-    out += [ChatCase("free", FREE_FORMS[i % len(FREE_FORMS)].format(name=p.entity), p.entity, p.answer, p.bucket)
+    out += [ChatCase("free", forms[i % len(forms)].format(name=p.entity), p.entity, p.answer, p.bucket)
             for i, p in enumerate(draw(trained))]
-    out += [ChatCase("heldout", CHAT_QUESTIONS[p.relation].format(name=p.entity), p.entity, p.answer, p.bucket)
+    out += [ChatCase("heldout", questions[p.relation].format(name=p.entity), p.entity, p.answer, p.bucket)
             for p in draw(heldout)]
     # a user's own questions (`hiermem build --docs --questions`): asked as they are written
     out += [ChatCase("trained", p.prompt, answer=p.answer, bucket=p.bucket)
@@ -123,9 +126,13 @@ def names_subject(reply: str, subject: str) -> tuple[bool, bool]:
 
 
 def score(case: ChatCase, reply: str) -> dict:
+    """The reply's marks; `good`: what a client wants of an answer, in one mark -- the answer contained (where
+    the case has one), no repeated 4-gram, and the subject intact if the reply names it."""
     named, intact = names_subject(reply, case.subject)
-    return {"contained": contains_answer(reply, case.answer) if case.answer else None,
-            "repeated": repeats_4gram(reply), "named": named, "intact": intact}
+    contained = contains_answer(reply, case.answer) if case.answer else None
+    repeated = repeats_4gram(reply)
+    return {"contained": contained, "repeated": repeated, "named": named, "intact": intact,
+            "good": contained is not False and not repeated and (intact or not named)}
 
 
 # ---- generating ------------------------------------------------------------------------------------------
@@ -222,6 +229,7 @@ def summarize_chat(rows: Sequence[dict], samples: int = 8) -> dict:
                 "contained": _rate([r[s]["contained"] for r in rs]),
                 "repeated": _rate([r[s]["repeated"] for r in rs]),
                 "intact": _rate([r[s]["intact"] for r in named]), "n_named": len(named),
+                "good": _rate([r[s].get("good") for r in rs]),
                 "unchanged": _rate([r[s]["reply"] == r["off"]["reply"] for r in rs])}
         out["families"][name] = fam
         if not name.startswith("trained, bucket"):
@@ -236,11 +244,12 @@ def chat_markdown(report: dict) -> str:
 
     lines = [f"### Chat replies ({report['n_tokens']} greedy tokens through the chat template)", "",
              "| family | n | memory used | system | answer contained | repeated 4-gram | subject intact "
-             "(of replies naming it) | unchanged from off |", "|---|---|---|---|---|---|---|---|"]
+             "(of replies naming it) | good (all three) | unchanged from off |", "|---|---|---|---|---|---|---|---|---|"]
     for name, fam in report["families"].items():
         for s, v in fam["systems"].items():
             lines.append(f"| {name} | {fam['n']} | {pct(fam['memory_used'])} | {s} | {pct(v['contained'])} | "
-                         f"{pct(v['repeated'])} | {pct(v['intact'])} (n = {v['n_named']}) | {pct(v['unchanged'])} |")
+                         f"{pct(v['repeated'])} | {pct(v['intact'])} (n = {v['n_named']}) | {pct(v.get('good'))} | "
+                         f"{pct(v['unchanged'])} |")
     for name, rows in report["samples"].items():
         lines += ["", f"#### Sample replies: {name}", "", "| message | memory | off | auto | retrieval |",
                   "|---|---|---|---|---|"]

@@ -5,6 +5,9 @@
   (training/routing.py). They name no relation, so they fit any corpus.
 * ``CHAT_QUESTIONS`` (per relation of the built-in corpora) and ``FREE_FORMS``: the chat evaluation's
   wordings (training/chat_eval.py). Nothing is calibrated or trained on them.
+* ``VALIDATION_QUESTIONS`` and ``VALIDATION_FORMS``: a third family of the same two kinds, on which training
+  settings are chosen (`bench/chat_mix.py`: the distillation mix) so that the test wordings above stay unseen
+  by every choice.
 * ``OUTSIDE_SUBJECTS``: well-known things a bank of long-tail documents normally does not hold; filled into
   the calibration forms they are negatives (a prompt about something else must get no memory). A subject
   that shares a word with the bank's documents is dropped (`outside_subjects`).
@@ -30,6 +33,20 @@ CHAT_QUESTIONS: dict[str, str] = {
     "element_number": "What is the atomic number of {name}?",
     "airport_country": "In which country is the airport with IATA code {name}?",
 }
+
+VALIDATION_QUESTIONS: dict[str, str] = {
+    "city_country": "In what country would I find {name}?",
+    "us_city_state": "{name} is in which state of the USA?",
+    "country_capital": "Which city is the capital of {name}?",
+    "element_number": "How many protons does an atom of {name} have?",
+    "airport_country": "The airport coded {name} is in which country?",
+}
+
+VALIDATION_FORMS: tuple[str, ...] = (
+    "Give me a short overview of {name}.",
+    "What is {name} like? I know nothing about it.",
+    "My friend just got back from {name}. What can you tell me about the place?",
+)
 
 FREE_FORMS: tuple[str, ...] = (
     "Tell me about {name}.",

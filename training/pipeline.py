@@ -56,6 +56,12 @@ PRESETS: dict[str, dict] = {
                    "heldout_fraction": 0.2, "heldout_extra": 0.75},
         "train": {},
     },
+    # Airports named by IATA codes (training/corpus_codes.py): a corpus of another shape that no setting was
+    # chosen on, trained with the same defaults (the chat evaluation's second corpus, issue 28).
+    "airports": {
+        "corpus": {"style": "airports", "n_trained": 100, "n_heldout": 50},
+        "train": {},
+    },
     # The facts corpus with its preserve file removed: the same pipeline as "docs" (document router, gate,
     # derived preservation) on single-sentence documents, for comparison with the facts preset.
     "facts-nopreserve": {
@@ -114,11 +120,29 @@ def stale_preset_work(preset: str, work: Path) -> str | None:
     return None
 
 
+def preset_corpus(spec: dict):
+    """The corpus a preset's corpus spec describes (its "style": facts, documents or airports)."""
+    spec = dict(spec)
+    style = spec.pop("style", "facts")
+    if style == "documents":
+        from training.corpus_docs import build_documents_corpus
+
+        return build_documents_corpus(**spec)
+    if style == "airports":
+        from training.corpus_codes import build_airports_corpus
+
+        return build_airports_corpus(**spec)
+    from training.corpus import build_facts_corpus
+
+    return build_facts_corpus(**spec)
+
+
 def check_preset(name: str) -> str:
     """`name` when it is a preset; a ValueError naming the presets otherwise."""
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; the presets are {', '.join(PRESETS)} "
-                         f"(facts: the probe-shaped facts corpus; docs: the documents corpus; demo: the bank scripts/run.sh serves)")
+                         f"(facts: the probe-shaped facts corpus; docs: the documents corpus; demo: the bank scripts/run.sh serves; "
+                         f"airports: airports named by IATA codes)")
     return name
 
 
@@ -200,10 +224,13 @@ def docs_corpus_stage(work: Path, docs: Sequence[str | Path], questions: str | P
 def run_build(preset: str = DEFAULT_PRESET, bank_dir: Path | None = None, work: Path | None = None,
               epochs: int | None = None, evaluate: bool = True, rag: tuple[int, ...] = (),
               train_overrides: dict | None = None, eval_dtype: str = "float32",
-              docs: Sequence[str | Path] | None = None, questions: str | Path | None = None) -> dict:
+              docs: Sequence[str | Path] | None = None, questions: str | Path | None = None,
+              chat: int | None = None) -> dict:
     """Build a bank: from `preset`'s corpus, or with `docs` from the user's files and folders (`questions`: a
-    JSONL of {"question", "answer"} to evaluate on), trained with `preset`'s settings either way."""
-    from training.corpus import Corpus, build_facts_corpus, corpus_summary
+    JSONL of {"question", "answer"} to evaluate on), trained with `preset`'s settings either way. `chat`: the
+    evaluation's chat cases per family (`hiermem eval longtail --chat`; default: none for a preset, the
+    general prompts beside a user's questions)."""
+    from training.corpus import Corpus, corpus_summary
 
     p = PRESETS[check_preset(preset)]
     if questions and not docs:
@@ -247,13 +274,7 @@ def run_build(preset: str = DEFAULT_PRESET, bank_dir: Path | None = None, work: 
     elif not (corpus_dir / "probes.jsonl").exists():
         log.info("[1/4] corpus -> %s", corpus_dir)
         t0 = time.perf_counter()
-        spec = dict(p["corpus"])
-        if spec.pop("style", "facts") == "documents":
-            from training.corpus_docs import build_documents_corpus
-
-            corpus = build_documents_corpus(**spec)
-        else:
-            corpus = build_facts_corpus(**spec)
+        corpus = preset_corpus(p["corpus"])
         corpus.save(corpus_dir)
         status["preset"] = {"name": preset, "corpus": p["corpus"]}  # stale_preset_work
         stage_done("corpus", time.perf_counter() - t0, **corpus_summary(corpus))
@@ -303,8 +324,8 @@ def run_build(preset: str = DEFAULT_PRESET, bank_dir: Path | None = None, work: 
     report = work / "eval" / "longtail.json"
     if report.exists():
         result = json.loads(report.read_text())
-        if result.get("bank_id") != bank_id:
-            result = None  # evaluated another bank: do it again
+        if result.get("bank_id") != bank_id or (chat and "chat" not in result):
+            result = None  # evaluated another bank, or without the chat replies asked for now: do it again
     if evaluate and result is None and not corpus.probes:
         log.info("[4/4] no questions to ask (give --questions FILE, a JSONL of {\"question\", \"answer\"}): "
                  "the self-check instead, the documents' subjects asked in chat -> %s", report.parent)
@@ -324,7 +345,7 @@ def run_build(preset: str = DEFAULT_PRESET, bank_dir: Path | None = None, work: 
         result = evaluate_longtail(bank_dir, corpus_dir, anchor=cfg.anchor, out_dir=report.parent,
                                    hidden_lookup=job_hidden_lookup(job, corpus.docs), rag=rag, dtype=eval_dtype,
                                    # a user's questions are also asked in chat, beside general prompts
-                                   chat=DOCS_CHAT_GENERAL if docs else 0)
+                                   chat=chat if chat is not None else DOCS_CHAT_GENERAL if docs else 0)
         stage_done("eval", time.perf_counter() - t0)
     status["last_run_seconds"] = round(time.perf_counter() - t_all, 1)
     if "first_run_seconds" not in status:  # the whole first run (process start-up aside), or its stages' sum

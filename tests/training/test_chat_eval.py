@@ -27,8 +27,14 @@ def test_a_looping_reply_and_a_mangled_subject_are_caught():
     assert names_subject("North Nevada is a city in Nevada.", "North Las Vegas") == (True, False)
     s = score(ChatCase("trained", "Which US state is DeBary in?", "DeBary", "Florida"),
               "DeBary is in florida.")
-    assert s == {"contained": True, "repeated": False, "named": True, "intact": True}
+    assert s == {"contained": True, "repeated": False, "named": True, "intact": True, "good": True}
     assert score(ChatCase("general", "Hi"), "Hello!")["contained"] is None
+    assert score(ChatCase("general", "Hi"), "Hello!")["good"]  # no answer to miss
+    case = ChatCase("trained", "Which US state is Amarillo in?", "Amarillo", "Texas")
+    assert not score(case, "Amar is a city in the state of Texas.")["good"]  # mangled
+    assert not score(case, "Amarillo is in Texas. It is in Texas. It is in Texas.")["good"]  # loops
+    assert not score(case, "Amarillo is in Oklahoma.")["good"]  # wrong
+    assert score(case, "It is in Texas.")["good"]  # does not name it: nothing to mangle
 
 
 def test_cases_cover_every_family_once_per_entity(docs_corpus):
@@ -45,6 +51,27 @@ def test_cases_cover_every_family_once_per_entity(docs_corpus):
     rarest = {p.entity for p in corpus.probes if p.split == "train" and p.bucket == 5}
     asked = {c.subject for c in few if c.family == "trained"}
     assert rarest <= asked and len(asked - rarest) <= 3 and sum(c.family == "free" for c in few) <= 3
+
+
+def test_validation_cases_ask_the_same_subjects_in_wordings_no_test_or_training_prompt_uses(docs_corpus):
+    from training.chat_forms import (
+        CALIBRATION_FORMS,
+        CHAT_QUESTIONS,
+        FREE_FORMS,
+        VALIDATION_FORMS,
+        VALIDATION_QUESTIONS,
+    )
+    from training.corpus import Corpus
+
+    corpus = Corpus.load(docs_corpus)
+    test, valid = chat_cases(corpus.probes), chat_cases(corpus.probes, validation=True)
+    assert [(c.family, c.subject, c.answer) for c in test] == [(c.family, c.subject, c.answer) for c in valid]
+    assert set(VALIDATION_QUESTIONS) == set(CHAT_QUESTIONS)
+    others = [f.split("{name}")[0] for f in (*CHAT_QUESTIONS.values(), *FREE_FORMS, *CALIBRATION_FORMS)]
+    for c in valid:
+        assert not any(c.message.startswith(f) for f in others if f), c.message
+    assert {c.message for c in valid}.isdisjoint(c.message for c in test)
+    assert {c.message.replace(c.subject, "{name}") for c in valid if c.family == "free"} <= set(VALIDATION_FORMS)
 
 
 @pytest.fixture(scope="module")

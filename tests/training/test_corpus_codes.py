@@ -18,3 +18,11 @@ def test_airports_are_asked_by_their_codes_and_held_out_codes_occur_in_no_docume
     words = {w.strip("(),.") for w in text.split()}
     assert not any(p.entity in words for p in held)
     assert build_airports_corpus(n_trained=12, n_heldout=6, seed=1).docs == c.docs  # seeded
+
+
+def test_the_airports_preset_builds_this_corpus():
+    from training.pipeline import PRESETS, preset_corpus
+
+    spec = {**PRESETS["airports"]["corpus"], "n_trained": 12, "n_heldout": 6, "seed": 1}
+    assert preset_corpus(spec).docs == build_airports_corpus(n_trained=12, n_heldout=6, seed=1).docs
+    assert PRESETS["airports"]["train"] == {}  # trained with the defaults every preset shares
