@@ -8,7 +8,7 @@ at EOS, a stop sequence, or max_new_tokens.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -222,7 +222,8 @@ class Decoded:
 
 @torch.no_grad()
 def greedy_decode(model: Transformer, prompts: Sequence[Sequence[int]], n_tokens: int, eos: set[int],
-                  memory_for=None, top_k: int = 0, batch: int = 16) -> list[Decoded]:
+                  memory_for=None, top_k: int = 0, batch: int = 16,
+                  on_batch: Callable[[int], None] | None = None) -> list[Decoded]:
     """Greedy continuations of up to `n_tokens` tokens, cut at EOS, `batch` prompts decoded together: each
     prefilled into its own KV slot, then one step for all rows at their own lengths.
 
@@ -230,6 +231,7 @@ def greedy_decode(model: Transformer, prompts: Sequence[Sequence[int]], n_tokens
         memory_for: rows -> the FFN memory of those prompts (indices into `prompts`, in order), or None for
             the anchor alone; called once per row for its prefill and once per batch for the decode steps.
         top_k: also keep the top-k distribution at every decided position (e.g. distillation targets).
+        on_batch: called with the number of prompts of each batch once it is decoded (a progress display).
     """
     out: list[Decoded] = []
     for s in range(0, len(prompts), batch):
@@ -263,4 +265,6 @@ def greedy_decode(model: Transformer, prompts: Sequence[Sequence[int]], n_tokens
                 break
             last = model(nxt[:, None], cache=cache, slots=slots, memory=memory)[:, -1]
         out += got
+        if on_batch is not None:
+            on_batch(len(group))
     return out

@@ -41,6 +41,7 @@ import torch
 from training.chat_eval import repeats_4gram
 from training.data import Batch, atomic_save, pad_hidden
 from training.prefix import prefix_hidden
+from training.progress import task
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +89,7 @@ def _render(tok, chat_template: str | None, p: DistillPrompt, document: str | No
 
 @torch.no_grad()
 def teacher_targets(model, tok, chat_template: str | None, docs: Sequence[dict], prompts: Sequence[DistillPrompt],
-                    n_tokens: int, top_k: int, batch: int = 16) -> list[dict | None]:
+                    n_tokens: int, top_k: int, batch: int = 16, progress: bool = False) -> list[dict | None]:
     """Per prompt: the student's token ids (prompt + the teacher's greedy continuation, cut at EOS, and for
     a text prefix at the end of its sentence), where the continuation starts, and the teacher's top-k token
     ids and log-probabilities at each continuation position (the distributions the student is held to).
@@ -98,7 +99,8 @@ def teacher_targets(model, tok, chat_template: str | None, docs: Sequence[dict],
     eos = default_eos_ids(model, tok)
     t_ids = [tok(_render(tok, chat_template, p, docs[p.doc]["text"]), add_special_tokens=False)["input_ids"]
              for p in prompts]
-    decoded = greedy_decode(model, t_ids, n_tokens, eos, top_k=top_k, batch=batch)
+    with task("distillation teacher", len(t_ids), "prompt", enabled=progress) as bar:
+        decoded = greedy_decode(model, t_ids, n_tokens, eos, top_k=top_k, batch=batch, on_batch=bar.update)
     out: list[dict | None] = []
     for p, d in zip(prompts, decoded, strict=True):
         cont = d.tokens
@@ -149,7 +151,7 @@ class Distillation:
         t0 = time.perf_counter()
         prompts = distill_prompts(self.docs, self.names, seed=self.seed)
         got = teacher_targets(self.model, self.tokenizer, self.chat_template, self.docs, prompts, self.n_tokens,
-                              self.top_k)
+                              self.top_k, progress=progress)
         prompts = [p for p, r in zip(prompts, got, strict=True) if r is not None]
         rows = [r for r in got if r is not None]
         hidden = prefix_hidden(self.model, [r["ids"] for r in rows], self.layer, progress=progress)

@@ -163,7 +163,11 @@ def evaluate_longtail(bank_dir: Path, corpus_dir: Path, anchor: str | None = Non
             sources["hierarchical_deleted"] = BlockSource(Bank.open(tmp / "bank"))
         correct, fallbacks, seconds = {}, {}, {}
         systems = [s for s in SYSTEMS if s == "anchor" or s in sources]
+        from training.progress import task
+
+        bar = task("eval", len(systems) + len(rag) + int(general) + int(bool(chat)), "part", enabled=progress)
         for s in systems:
+            bar.set_postfix_str(s)
             t0 = time.perf_counter()
             correct[s], fallbacks[s] = greedy_correct(model, tok, items, hidden, l0, s, sources, layers,
                                                       batch_size)
@@ -172,6 +176,7 @@ def evaluate_longtail(bank_dir: Path, corpus_dir: Path, anchor: str | None = Non
                      correct[s][[it.probe.split == "train" for it in items]].mean(),
                      correct[s][[it.probe.split == "heldout" for it in items]].mean()
                      if any(it.probe.split == "heldout" for it in items) else float("nan"), seconds[s])
+            bar.update()
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     result = summarize(items, correct, delete)
@@ -182,17 +187,24 @@ def evaluate_longtail(bank_dir: Path, corpus_dir: Path, anchor: str | None = Non
                                      "calibration": router.calibration}
     cost = {"hierarchical": {"extra_prompt_tokens": 0.0, "ms_per_probe": 1000 * seconds["hierarchical"] / len(items)}}
     if rag:
+        bar.set_postfix_str("retrieval")
         for k, (c, extra, sec) in rag_eval(model, tok, items, corpus.docs, embedder, rag, l0, layers,
                                            batch_size).items():
             correct[f"rag{k}"] = c
             cost[f"rag{k}"] = {"extra_prompt_tokens": extra, "ms_per_probe": 1000 * sec / len(items)}
         result.update({k: v for k, v in summarize(items, correct, delete).items() if k == "accuracy"})
+        bar.update(len(rag))
     result["cost"] = cost
     if general:
+        bar.set_postfix_str("general prompts")
         result["general"] = general_use(model, tok, a.chat_template, bank, router, embedder, sources, layers)
+        bar.update()
     if chat:
+        bar.set_postfix_str("chat replies")
         result["chat"] = run_chat_eval(model, tok, a.chat_template, router, embedder, corpus, sources, layers,
                                        chat)
+        bar.update()
+    bar.close()
     result["per_probe"] = [
         {"prompt": it.probe.prompt, "answer": it.probe.answer, "split": it.probe.split, "bucket": it.probe.bucket,
          "relation": it.probe.relation, "path": list(it.path), "reached": reached_fact(it, fact_paths),

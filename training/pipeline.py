@@ -229,8 +229,21 @@ def run_build(preset: str = DEFAULT_PRESET, bank_dir: Path | None = None, work: 
     """Build a bank: from `preset`'s corpus, or with `docs` from the user's files and folders (`questions`: a
     JSONL of {"question", "answer"} to evaluate on), trained with `preset`'s settings either way. `chat`: the
     evaluation's chat cases per family (`hiermem eval longtail --chat`; default: none for a preset, the
-    general prompts beside a user's questions)."""
+    general prompts beside a user's questions). Every stage reports on one progress line
+    (training/progress.py) unless the training settings turn progress off."""
+    from training.progress import build_display
+
+    settings = {**PRESETS[check_preset(preset)]["train"], **(train_overrides or {})}
+    with build_display(enabled=bool(settings.get("progress", TrainConfig().progress))):
+        return _run_build(preset, bank_dir, work, epochs, evaluate, rag, train_overrides, eval_dtype, docs, questions,
+                          chat)
+
+
+def _run_build(preset: str, bank_dir: Path | None, work: Path | None, epochs: int | None, evaluate: bool,
+               rag: tuple[int, ...], train_overrides: dict | None, eval_dtype: str,
+               docs: Sequence[str | Path] | None, questions: str | Path | None, chat: int | None) -> dict:
     from training.corpus import Corpus, corpus_summary
+    from training.progress import task
 
     p = PRESETS[check_preset(preset)]
     if questions and not docs:
@@ -319,7 +332,9 @@ def run_build(preset: str = DEFAULT_PRESET, bank_dir: Path | None = None, work: 
         log.info("[3/4] export -> %s (training done in %s)", bank_dir, job)
         from training.export import export_job
 
-        bank_id = export_job(job, bank_dir, n_shards=cfg.shards, dtype=cfg.dtype)
+        with task("export", 1, "bank", enabled=cfg.progress) as bar:
+            bank_id = export_job(job, bank_dir, n_shards=cfg.shards, dtype=cfg.dtype)
+            bar.update()
     result = None
     report = work / "eval" / "longtail.json"
     if report.exists():

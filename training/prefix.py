@@ -19,6 +19,7 @@ from typing import cast
 import torch
 
 from training.data import atomic_save, loss_targets, pad_hidden, pad_ids
+from training.progress import task
 
 log = logging.getLogger(__name__)
 
@@ -30,16 +31,14 @@ def prefix_hidden(model, token_ids: Sequence[Sequence[int]], layer: int, batch_s
     order = sorted(range(len(token_ids)), key=lambda i: len(token_ids[i]))
     out: dict[int, torch.Tensor] = {}
     starts = range(0, len(order), batch_size)
-    if progress:
-        from tqdm import tqdm
-
-        starts = tqdm(starts, desc=f"prefix cache (layers 0..{layer - 1})", unit="batch")
-    for s in starts:
-        idx = order[s:s + batch_size]
-        ids, _ = pad_ids([token_ids[i] for i in idx])
-        h = model.hidden_at(ids, layer)  # (B, T, d)
-        for b, i in enumerate(idx):
-            out[i] = h[b, :len(token_ids[i])].clone()
+    with task(f"prefix states (layers 0..{layer - 1})", len(starts), "batch", enabled=progress) as bar:
+        for s in starts:
+            idx = order[s:s + batch_size]
+            ids, _ = pad_ids([token_ids[i] for i in idx])
+            h = model.hidden_at(ids, layer)  # (B, T, d)
+            for b, i in enumerate(idx):
+                out[i] = h[b, :len(token_ids[i])].clone()
+            bar.update()
     return [out[i] for i in range(len(token_ids))]
 
 

@@ -60,7 +60,7 @@ def choose_scale(accuracy: dict[float, float]) -> float:
 
 def calibrate_memory_scale(model, tokenizer, probes: Sequence, paths: Sequence[Sequence[int]], layers: list[int],
                            get_block: Callable[[int, int], torch.Tensor], generic: torch.Tensor | None,
-                           grid: Sequence[float] = GRID) -> dict:
+                           grid: Sequence[float] = GRID, progress: bool = False) -> dict:
     """Validation exact match of the tree's blocks and of the generic memory at each scale of `grid`.
 
     Args:
@@ -79,14 +79,18 @@ def calibrate_memory_scale(model, tokenizer, probes: Sequence, paths: Sequence[S
         hidden = prefix_hidden(model, [it.ids for it in items], l0, progress=False)
     acc: dict[float, float] = {}
     gacc: dict[float, float] = {}
-    for s in grid:
-        c, _ = greedy_correct(model, tokenizer, items, hidden, l0, "hierarchical",
-                              {"hierarchical": _ScaledSource(get_block, s)}, layers)
-        acc[float(s)] = float(c.mean())
-        if generic is not None:
-            c, _ = greedy_correct(model, tokenizer, items, hidden, l0, "generic", {"generic": scaled(generic, s)},
-                                  layers)
-            gacc[float(s)] = float(c.mean())
+    from training.progress import task
+
+    with task("output scale", len(grid), "scale", enabled=progress) as bar:
+        for s in grid:
+            c, _ = greedy_correct(model, tokenizer, items, hidden, l0, "hierarchical",
+                                  {"hierarchical": _ScaledSource(get_block, s)}, layers)
+            acc[float(s)] = float(c.mean())
+            if generic is not None:
+                c, _ = greedy_correct(model, tokenizer, items, hidden, l0, "generic", {"generic": scaled(generic, s)},
+                                      layers)
+                gacc[float(s)] = float(c.mean())
+            bar.update()
     s, gs, seconds = choose_scale(acc), choose_scale(gacc) if gacc else 1.0, round(time.perf_counter() - t0, 1)
     log.info("memory scale %.2f (valid %.1f%% vs %.1f%% at 1.0), generic %.2f, on %d valid probes in %.0fs",
              s, 100 * acc[s], 100 * acc.get(1.0, float("nan")), gs, len(items), seconds)
@@ -108,7 +112,7 @@ def given_scale(text: str) -> float:
 def job_memory_scale(setting: str, *, subtree: int | None, docs: Sequence[dict], probes: Sequence,
                      doc_paths: Sequence[Sequence[int]], model, tokenizer, layers: list[int],
                      get_block: Callable[[int, int], torch.Tensor], generic: torch.Tensor | None,
-                     autocast: Callable[[], AbstractContextManager]) -> dict:
+                     autocast: Callable[[], AbstractContextManager], progress: bool = False) -> dict:
     """The output scales a training job folds into its saved blocks: `setting` (``--memory-scale``) when it is a
     number; with "auto", chosen on the corpus's ``valid`` probes through their facts' paths (`doc_paths`: the
     path of each of `docs`), 1.0 for a subtree job, whose blocks are merged with others', and for a corpus
@@ -123,5 +127,5 @@ def job_memory_scale(setting: str, *, subtree: int | None, docs: Sequence[dict],
                 "source": "subtree job" if subtree is not None else "no valid probes"}
     with autocast():
         out = calibrate_memory_scale(model, tokenizer, valid, [doc_paths[index[p.doc_ids[0]]] for p in valid],
-                                     layers, get_block, generic)
+                                     layers, get_block, generic, progress=progress)
     return {**out, "source": "valid probes"}

@@ -312,11 +312,10 @@ class Trainer:
             self.compute.restore_weights(saved)
 
     def _loop(self) -> dict:
-        bar = None
-        if self.cfg.progress and self.dist.main:
-            from tqdm import tqdm
+        from training.progress import task
 
-            bar = tqdm(total=self.total_steps, initial=self.global_step, desc="train", unit="step")
+        bar = task("train", self.total_steps, "step", initial=self.global_step,
+                   enabled=self.cfg.progress and self.dist.main)
         while self.epoch < self.cfg.epochs:
             batches = self._my_batches(self.epoch)
             while self.step_in_epoch < self.steps_per_epoch:
@@ -327,21 +326,19 @@ class Trainer:
                 self.train_seconds += time.perf_counter() - t0
                 self.step_in_epoch += 1
                 self.global_step += 1
-                if bar is not None:
-                    bar.update(1)
-                    tok_s = self.tokens_seen * self.dist.world / max(self.train_seconds, 1e-9)
-                    bar.set_postfix(epoch=self.epoch, loss=f"{stats.get('loss', float('nan')):.3f}",
-                                    kl=f"{stats.get('kl', float('nan')):.3f}",
-                                    distill=f"{stats.get('distill', float('nan')):.3f}",
-                                    generic=f"{stats.get('loss_generic', float('nan')):.3f}",
-                                    tok_s=f"{tok_s:.0f}", flops=f"{self.throughput.ratio(self.train_seconds):.0%}")
+                tok_s = self.tokens_seen * self.dist.world / max(self.train_seconds, 1e-9)
+                bar.set_postfix_str(
+                    f"epoch={self.epoch}, loss={stats.get('loss', float('nan')):.3f}, "
+                    f"kl={stats.get('kl', float('nan')):.3f}, distill={stats.get('distill', float('nan')):.3f}, "
+                    f"generic={stats.get('loss_generic', float('nan')):.3f}, tok_s={tok_s:.0f}, "
+                    f"flops={self.throughput.ratio(self.train_seconds):.0%}")
+                bar.update(1)
                 if self.global_step % self.cfg.checkpoint_every == 0:
                     self.checkpoint()
             self.epoch += 1
             self.step_in_epoch = 0
             self.checkpoint()
-        if bar is not None:
-            bar.close()
+        bar.close()
         return self.finish()
 
     # -- the job's outputs -----------------------------------------------------------------------------------
@@ -368,7 +365,7 @@ class Trainer:
                                 doc_paths=self.paths, model=self.model, tokenizer=self.tokenizer, layers=self.layers,
                                 get_block=self.memory.block,
                                 generic=self.memory.generic.detach() if self.cfg.generic_prob > 0 else None,
-                                autocast=self.compute.autocast)
+                                autocast=self.compute.autocast, progress=self.cfg.progress and self.dist.main)
 
     def _save_memory(self, scale: dict) -> None:
         """memory.safetensors: the tree's blocks ("<level>_<index>") and, when trained, "generic"."""
