@@ -214,7 +214,9 @@ def rewrite_bank(src: str | Path, out: str | Path | None = None, *, n_shards: in
         from tqdm import tqdm
 
         it = tqdm(refs, desc="rewrite", unit="block")
-    generic = bank.generic_block(packed=True)  # an int8 bank's copied byte for byte, not quantized again
+    # as stored when the dtype stays (an int8 bank's copied byte for byte, not quantized again), as values when
+    # it changes (written again in the new dtype)
+    generic = bank.generic_block(packed=not convert)
     replace = {bank.spec.check_ref(r): a for r, a in (replace or {}).items()}
     changed = {lv: gone.get(lv, set()) | zeroed.get(lv, set()) | {r.index for r in replace if r.level == lv}
                for lv in range(1, bank.spec.depth + 1)}
@@ -242,7 +244,7 @@ def rewrite_bank(src: str | Path, out: str | Path | None = None, *, n_shards: in
                 w.write_block_bytes(ref, view, crc=bank.block_info(ref).crc32c)
                 del view
         if generic is not None:
-            w.write_generic(bank.generic_block() if convert else generic)
+            w.write_generic(generic)
         # the nearest-document router goes with the blocks (routes into deleted subtrees stop at the
         # deepest present level, Bank.present_prefix)
         carried = Path(documents_from) if documents_from is not None else bank.dir

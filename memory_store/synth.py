@@ -62,10 +62,8 @@ def synth_bank(out: str | Path, spec: BankSpec, n_shards: int = 1, *, seed: int 
             n = int(np.prod(shape[:-1])) * step
             start = int(rng.integers(0, (len(pool) - n) // step)) * step if n < len(pool) else 0
             raw = pool[start:start + n] if n <= len(pool) else np.resize(pool, n)
-            if spec.dtype == "int8":  # stored rows back to values, which write_generic quantizes again
-                from memory_store.quant import packed_shape, unpack_rows
-
-                w.write_generic(unpack_rows(raw.view(np.int8).reshape(packed_shape(shape))))
+            if spec.dtype == "int8":  # packed rows (values + scales), which the writer takes as stored
+                w.write_generic(raw.view(np.int8).reshape(spec.stored_shape(shape)))
             else:
                 vals = np.frombuffer(raw, dtype=np.uint16 if spec.dtype == "bfloat16" else spec.dtype)
                 w.write_generic(vals.reshape(shape))
